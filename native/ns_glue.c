@@ -1,0 +1,957 @@
+/* x2ssh netstack glue around lwIP 2.1.3. See ns_glue.h for the theory of operation. */
+#define _GNU_SOURCE
+#include "ns_glue.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "lwip/init.h"
+#include "lwip/ip.h"
+#include "lwip/ip4.h"
+#include "lwip/ip6.h"
+#include "lwip/netif.h"
+#include "lwip/pbuf.h"
+#include "lwip/priv/tcp_priv.h"
+#include "lwip/tcp.h"
+#include "lwip/timeouts.h"
+
+#define NS_MAX_PACKET 65535
+#define NS_IDX_BITS 22
+#define NS_IDX_MASK ((1u << NS_IDX_BITS) - 1)
+
+enum { FLOW_PENDING = 1, FLOW_ACCEPTED = 2, FLOW_CLOSED = 3 };
+enum {
+    F_RX_EOF = 1,          /* app sent FIN */
+    F_TX_SHUT = 2,         /* we sent FIN */
+    F_READABLE_SENT = 4,   /* a READABLE event is outstanding until the rx queue empties */
+    F_WANT_WRITABLE = 8,   /* a write was short: emit WRITABLE when the send buffer drains */
+};
+
+typedef struct {
+    uint8_t family;
+    uint8_t src[16], dst[16]; /* src: the app; dst: its original destination */
+    uint16_t sport, dport;    /* host byte order */
+} ns_tuple;
+
+typedef struct ns_flow {
+    uint32_t id;
+    uint8_t state, flags, in_hash;
+    struct tcp_pcb *pcb;
+    struct pbuf *rx;          /* received, not yet read */
+    size_t read_unacked;      /* read by the consumer, window not yet reopened */
+    uint8_t *syn;             /* the held SYN while pending */
+    uint16_t syn_len;
+    ns_tuple key;
+    struct ns_flow *hnext;
+} ns_flow;
+
+static struct {
+    int open, lwip_ready, out_fd, manual_clock, max_flows;
+    uint64_t now_ms;
+    uint8_t ext_id;
+    struct netif netif;
+    struct tcp_pcb **listeners;     /* one per destination port, created on first accept */
+    ns_flow **slots;                /* flow table indexed by id & NS_IDX_MASK */
+    uint32_t nslots, *free_idx, nfree, gen;
+    ns_flow **buckets;              /* 4-tuple hash: SYN dedupe for pending and attached flows */
+    uint32_t nbuckets, hcount;
+    ns_flow *accepting;             /* the flow whose SYN is being fed to lwIP by ns_tcp_accept */
+    ns_event *events;
+    size_t nevents, cap_events;
+    uint8_t *arena, *out;
+    size_t arena_len, arena_cap, out_len, out_cap;
+    ns_stats st;
+    uint8_t scratch[NS_MAX_PACKET + 64];
+    uint8_t rxbuf[NS_MAX_PACKET + 64];
+} G;
+
+/* ---- platform hooks used by lwIP (arch/cc.h, lwipopts.h) ---- */
+
+void ns_platform_assert(const char *msg, int line, const char *file) {
+    fprintf(stderr, "x2ssh netstack: lwIP assertion failed: %s (%s:%d)\n", msg, file, line);
+    fflush(stderr);
+    abort();
+}
+
+void ns_diag(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("lwip: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+}
+
+uint32_t ns_rand32(void) {
+    uint32_t r = 0;
+    if (getrandom(&r, sizeof r, GRND_NONBLOCK) != sizeof r) {
+        r = (uint32_t)random();
+    }
+    return r;
+}
+
+/* libc allocations with a size header, so the bytes lwIP holds can be counted (leak tests). */
+#define NS_MEM_HDR 16
+void *ns_mem_malloc(size_t size) {
+    uint8_t *p = malloc(size + NS_MEM_HDR);
+    if (!p) return NULL;
+    *(size_t *)p = size;
+    G.st.mem_in_use += size;
+    return p + NS_MEM_HDR;
+}
+void ns_mem_free(void *ptr) {
+    if (!ptr) return;
+    uint8_t *p = (uint8_t *)ptr - NS_MEM_HDR;
+    G.st.mem_in_use -= *(size_t *)p;
+    free(p);
+}
+void *ns_mem_calloc(size_t count, size_t size) {
+    if (size && count > SIZE_MAX / size) return NULL;
+    void *p = ns_mem_malloc(count * size);
+    if (p) memset(p, 0, count * size);
+    return p;
+}
+
+u32_t sys_now(void) {
+    if (G.manual_clock) return (u32_t)G.now_ms;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (u32_t)((uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u);
+}
+
+/* ---- small helpers ---- */
+
+static int grow(void **buf, size_t *cap, size_t need, size_t elem) {
+    if (need <= *cap) return 0;
+    size_t ncap = *cap ? *cap : 64;
+    while (ncap < need) ncap *= 2;
+    void *n = realloc(*buf, ncap * elem);
+    if (!n) return -1;
+    *buf = n;
+    *cap = ncap;
+    return 0;
+}
+
+static uint16_t rd16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+static void wr16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+
+static uint32_t csum_add(uint32_t sum, const uint8_t *p, size_t len) {
+    while (len > 1) { sum += (uint32_t)((p[0] << 8) | p[1]); p += 2; len -= 2; }
+    if (len) sum += (uint32_t)(p[0] << 8);
+    return sum;
+}
+static uint16_t csum_fold(uint32_t sum) {
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+/* Transport checksum over the pseudo header plus segment (checksum field included as it is). */
+static uint16_t l4_csum(int family, const uint8_t *src, const uint8_t *dst, uint8_t proto,
+                        const uint8_t *seg, size_t len) {
+    size_t alen = family == 4 ? 4 : 16;
+    uint32_t sum = csum_add(0, src, alen);
+    sum = csum_add(sum, dst, alen);
+    sum += proto;
+    sum += (uint32_t)(len & 0xffff) + (uint32_t)(len >> 16);
+    sum = csum_add(sum, seg, len);
+    return csum_fold(sum);
+}
+
+/* ---- events and output ---- */
+
+static ns_event *push_event(uint32_t type, uint32_t flow) {
+    if (grow((void **)&G.events, &G.cap_events, G.nevents + 1, sizeof(ns_event))) return NULL;
+    ns_event *e = &G.events[G.nevents++];
+    memset(e, 0, sizeof *e);
+    e->type = type;
+    e->flow = flow;
+    return e;
+}
+
+static void fill_addrs(ns_event *e, const ns_tuple *t) {
+    e->family = t->family;
+    memcpy(e->src, t->src, 16);
+    memcpy(e->dst, t->dst, 16);
+    e->sport = t->sport;
+    e->dport = t->dport;
+}
+
+static void emit(const uint8_t *pkt, size_t len) {
+    if (G.out_fd >= 0) {
+        ssize_t n = write(G.out_fd, pkt, len);
+        if (n != (ssize_t)len) { G.st.dropped_output++; return; }
+    } else {
+        if (grow((void **)&G.out, &G.out_cap, G.out_len + len + 4, 1)) { G.st.dropped_output++; return; }
+        uint32_t l = (uint32_t)len;
+        memcpy(G.out + G.out_len, &l, 4);
+        memcpy(G.out + G.out_len + 4, pkt, len);
+        G.out_len += len + 4;
+    }
+    G.st.packets_out++;
+    G.st.bytes_out += len;
+}
+
+static err_t emit_pbuf(struct pbuf *p) {
+    if (p->next == NULL) {
+        emit(p->payload, p->len);
+    } else {
+        u16_t n = pbuf_copy_partial(p, G.scratch, p->tot_len, 0);
+        emit(G.scratch, n);
+    }
+    return ERR_OK;
+}
+
+static err_t netif_out4(struct netif *n, struct pbuf *p, const ip4_addr_t *a) {
+    (void)n; (void)a;
+    return emit_pbuf(p);
+}
+static err_t netif_out6(struct netif *n, struct pbuf *p, const ip6_addr_t *a) {
+    (void)n; (void)a;
+    return emit_pbuf(p);
+}
+static err_t netif_init_cb(struct netif *n) {
+    n->name[0] = 'x';
+    n->name[1] = 's';
+    n->output = netif_out4;
+    n->output_ip6 = netif_out6;
+    return ERR_OK;
+}
+
+/* ---- flow table and 4-tuple hash ---- */
+
+static uint32_t tuple_hash(const ns_tuple *t) {
+    uint32_t h = 2166136261u;
+    const uint8_t *b = (const uint8_t *)t;
+    for (size_t i = 0; i < sizeof *t; i++) { h ^= b[i]; h *= 16777619u; }
+    return h;
+}
+
+static void hash_insert(ns_flow *f) {
+    if (G.hcount + 1 > G.nbuckets) {
+        uint32_t nb = G.nbuckets ? G.nbuckets * 2 : 1024;
+        ns_flow **b = calloc(nb, sizeof *b);
+        if (!b) return; /* keep the old table; dedupe degrades, nothing breaks */
+        for (uint32_t i = 0; i < G.nbuckets; i++) {
+            ns_flow *x = G.buckets[i];
+            while (x) {
+                ns_flow *nx = x->hnext;
+                uint32_t j = tuple_hash(&x->key) & (nb - 1);
+                x->hnext = b[j];
+                b[j] = x;
+                x = nx;
+            }
+        }
+        free(G.buckets);
+        G.buckets = b;
+        G.nbuckets = nb;
+    }
+    uint32_t j = tuple_hash(&f->key) & (G.nbuckets - 1);
+    f->hnext = G.buckets[j];
+    G.buckets[j] = f;
+    f->in_hash = 1;
+    G.hcount++;
+}
+
+static void hash_remove(ns_flow *f) {
+    if (!f->in_hash) return;
+    ns_flow **pp = &G.buckets[tuple_hash(&f->key) & (G.nbuckets - 1)];
+    while (*pp && *pp != f) pp = &(*pp)->hnext;
+    if (*pp) *pp = f->hnext;
+    f->in_hash = 0;
+    G.hcount--;
+}
+
+static ns_flow *hash_find(const ns_tuple *t) {
+    if (!G.nbuckets) return NULL;
+    for (ns_flow *x = G.buckets[tuple_hash(t) & (G.nbuckets - 1)]; x; x = x->hnext) {
+        if (memcmp(&x->key, t, sizeof *t) == 0) return x;
+    }
+    return NULL;
+}
+
+static ns_flow *flow_get(uint32_t id) {
+    uint32_t idx = id & NS_IDX_MASK;
+    if (idx >= G.nslots) return NULL;
+    ns_flow *f = G.slots[idx];
+    return (f && f->id == id) ? f : NULL;
+}
+
+static ns_flow *flow_new(const ns_tuple *key) {
+    uint32_t idx;
+    if (G.nfree) {
+        idx = G.free_idx[--G.nfree];
+    } else {
+        if (G.nslots >= NS_IDX_MASK) return NULL;
+        size_t cap = G.nslots, fcap = G.nslots;
+        if (grow((void **)&G.slots, &cap, G.nslots + 1, sizeof(ns_flow *))) return NULL;
+        if (grow((void **)&G.free_idx, &fcap, cap, sizeof(uint32_t))) return NULL;
+        /* grow() doubled the capacity: remember the spare slots as free ones */
+        for (uint32_t i = (uint32_t)cap; i-- > G.nslots + 1;) {
+            G.slots[i] = NULL;
+            G.free_idx[G.nfree++] = i;
+        }
+        idx = G.nslots;
+        G.nslots = (uint32_t)cap;
+    }
+    ns_flow *f = calloc(1, sizeof *f);
+    if (!f) { G.free_idx[G.nfree++] = idx; return NULL; }
+    G.gen = (G.gen + 1) & ((1u << (32 - NS_IDX_BITS)) - 1);
+    if (G.gen == 0) G.gen = 1;
+    f->id = (G.gen << NS_IDX_BITS) | idx;
+    f->key = *key;
+    G.slots[idx] = f;
+    G.st.flows_live++;
+    return f;
+}
+
+static void rx_free(ns_flow *f) {
+    if (f->rx) { pbuf_free(f->rx); f->rx = NULL; }
+}
+
+/* Forget the pcb: no lwIP callback will reach this flow again. */
+static void detach_pcb(ns_flow *f) {
+    if (f->pcb) {
+        tcp_arg(f->pcb, NULL);
+        tcp_recv(f->pcb, NULL);
+        tcp_sent(f->pcb, NULL);
+        tcp_err(f->pcb, NULL);
+        f->pcb = NULL;
+    }
+}
+
+static void flow_free(ns_flow *f) {
+    hash_remove(f);
+    rx_free(f);
+    free(f->syn);
+    if (f->state == FLOW_PENDING) G.st.flows_pending--;
+    G.slots[f->id & NS_IDX_MASK] = NULL;
+    G.free_idx[G.nfree++] = f->id & NS_IDX_MASK;
+    G.st.flows_live--;
+    free(f);
+}
+
+/* ---- lwIP callbacks: record, never call out ---- */
+
+static err_t on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err) {
+    ns_flow *f = arg;
+    (void)err;
+    if (!f) {
+        if (p) { tcp_recved(pcb, p->tot_len); pbuf_free(p); }
+        return ERR_OK;
+    }
+    if (!p) {
+        if (!(f->flags & F_RX_EOF)) {
+            f->flags |= F_RX_EOF;
+            push_event(NS_EV_TCP_EOF, f->id);
+        }
+        return ERR_OK;
+    }
+    if (f->rx) pbuf_cat(f->rx, p); else f->rx = p;
+    if (!(f->flags & F_READABLE_SENT)) {
+        f->flags |= F_READABLE_SENT;
+        push_event(NS_EV_TCP_READABLE, f->id);
+    }
+    return ERR_OK;
+}
+
+static int send_room(const struct tcp_pcb *pcb) {
+    return tcp_sndbuf(pcb) >= TCP_SND_BUF / 4 && tcp_sndqueuelen(pcb) < TCP_SND_QUEUELEN / 2;
+}
+
+static err_t on_sent(void *arg, struct tcp_pcb *pcb, u16_t len) {
+    ns_flow *f = arg;
+    (void)len;
+    if (f && (f->flags & F_WANT_WRITABLE) && send_room(pcb)) {
+        f->flags &= (uint8_t)~F_WANT_WRITABLE;
+        push_event(NS_EV_TCP_WRITABLE, f->id);
+    }
+    return ERR_OK;
+}
+
+static void on_err(void *arg, err_t err) {
+    ns_flow *f = arg;
+    if (!f) return;
+    f->pcb = NULL; /* already freed by lwIP */
+    hash_remove(f);
+    rx_free(f);
+    f->state = FLOW_CLOSED;
+    ns_event *e = push_event(NS_EV_TCP_CLOSED, f->id);
+    if (e) {
+        e->err = err == ERR_RST ? NS_CLOSED_RESET
+               : err == ERR_ABRT ? NS_CLOSED_TIMEOUT
+               : err == ERR_CLSD ? NS_CLOSED_NORMAL : NS_CLOSED_ERROR;
+    }
+}
+
+static err_t on_accept(void *arg, struct tcp_pcb *newpcb, err_t err) {
+    (void)arg; (void)newpcb; (void)err;
+    return ERR_OK; /* the flow was attached at SYN time (on_passive_open) */
+}
+
+static err_t on_passive_open(u8_t id, struct tcp_pcb_listen *lpcb, struct tcp_pcb *npcb) {
+    (void)id; (void)lpcb;
+    ns_flow *f = G.accepting;
+    if (!f || f->pcb) return ERR_ABRT; /* a SYN we did not hand over: never accept it */
+    f->pcb = npcb;
+    tcp_arg(npcb, f);
+    tcp_recv(npcb, on_recv);
+    tcp_sent(npcb, on_sent);
+    tcp_err(npcb, on_err);
+    tcp_nagle_disable(npcb);
+    return ERR_OK;
+}
+
+static const struct tcp_ext_arg_callbacks ext_callbacks = {NULL, on_passive_open};
+
+static struct tcp_pcb *listener_for(uint16_t port) {
+    if (G.listeners[port]) return G.listeners[port];
+    struct tcp_pcb *pcb = tcp_new_ip_type(IPADDR_TYPE_ANY);
+    if (!pcb) return NULL;
+    if (tcp_bind(pcb, IP_ANY_TYPE, port) != ERR_OK) { tcp_abort(pcb); return NULL; }
+    tcp_ext_arg_set_callbacks(pcb, G.ext_id, &ext_callbacks);
+    err_t err;
+    struct tcp_pcb *l = tcp_listen_with_backlog_and_err(pcb, 255, &err);
+    if (!l) { tcp_abort(pcb); return NULL; }
+    tcp_arg(l, NULL);
+    tcp_accept(l, on_accept);
+    G.listeners[port] = l;
+    G.st.listeners++;
+    return l;
+}
+
+/* ---- input path ---- */
+
+typedef struct {
+    int family;
+    const uint8_t *src, *dst;
+    uint8_t proto;
+    const uint8_t *l4;
+    size_t l4len, total;
+} ns_ip;
+
+/* Validate the IP header; 0 on success. Fragments, options we cannot follow and lies about lengths are
+ * rejected here so lwIP only ever sees well-formed TCP. */
+static int parse_ip(const uint8_t *pkt, size_t len, ns_ip *ip) {
+    if (len < 1) return -1;
+    int v = pkt[0] >> 4;
+    if (v == 4) {
+        if (len < 20) return -1;
+        size_t ihl = (size_t)(pkt[0] & 0x0f) * 4;
+        size_t tot = rd16(pkt + 2);
+        if (ihl < 20 || tot < ihl || tot > len) return -1;
+        if (csum_fold(csum_add(0, pkt, ihl)) != 0) return -2;
+        if ((rd16(pkt + 6) & 0x3fff) != 0) return -3; /* MF or offset: a fragment */
+        ip->family = 4;
+        ip->src = pkt + 12;
+        ip->dst = pkt + 16;
+        ip->proto = pkt[9];
+        ip->l4 = pkt + ihl;
+        ip->l4len = tot - ihl;
+        ip->total = tot;
+        return 0;
+    }
+    if (v == 6) {
+        if (len < 40) return -1;
+        size_t plen = rd16(pkt + 4);
+        if (plen + 40 > len) return -1;
+        ip->family = 6;
+        ip->src = pkt + 8;
+        ip->dst = pkt + 24;
+        ip->proto = pkt[6];
+        ip->l4 = pkt + 40;
+        ip->l4len = plen;
+        ip->total = plen + 40;
+        if (ip->proto == 44) return -3; /* fragment header */
+        return 0;
+    }
+    return -1;
+}
+
+static int addr_unusable(const ns_ip *ip) {
+    if (ip->family == 4) {
+        uint8_t d0 = ip->dst[0];
+        /* multicast, broadcast, "this network" */
+        return d0 >= 224 || d0 == 0 || (ip->src[0] >= 224);
+    }
+    static const uint8_t zero[16];
+    return ip->dst[0] == 0xff || ip->src[0] == 0xff || memcmp(ip->dst, zero, 16) == 0;
+}
+
+static void tuple_from(const ns_ip *ip, uint16_t sport, uint16_t dport, ns_tuple *t) {
+    memset(t, 0, sizeof *t);
+    t->family = (uint8_t)ip->family;
+    size_t alen = ip->family == 4 ? 4 : 16;
+    memcpy(t->src, ip->src, alen);
+    memcpy(t->dst, ip->dst, alen);
+    t->sport = sport;
+    t->dport = dport;
+}
+
+/* Hand a TCP packet to lwIP as if it were addressed to us. */
+static void lwip_feed(const uint8_t *pkt, const ns_ip *ip) {
+    struct pbuf *p = pbuf_alloc(PBUF_RAW, (u16_t)ip->total, PBUF_RAM);
+    if (!p) { G.st.dropped_other++; return; }
+    memcpy(p->payload, pkt, ip->total);
+    if (ip->family == 4) {
+        ip4_addr_t a;
+        memcpy(&a.addr, ip->dst, 4);
+        ip_addr_copy_from_ip4(G.netif.ip_addr, a);
+    } else {
+        memcpy(ip_2_ip6(&G.netif.ip6_addr[0])->addr, ip->dst, 16);
+    }
+    G.netif.input(p, &G.netif);
+}
+
+/* A RST|ACK answering a SYN (or any segment without a connection) for a refused flow. */
+static void send_rst_for(const uint8_t *pkt, const ns_ip *ip) {
+    const uint8_t *th = ip->l4;
+    size_t thl = (size_t)(th[12] >> 4) * 4;
+    uint32_t seq = ((uint32_t)th[4] << 24) | ((uint32_t)th[5] << 16) | ((uint32_t)th[6] << 8) | th[7];
+    uint8_t flags = th[13];
+    uint32_t seglen = (uint32_t)(ip->l4len - thl) + ((flags & 0x02) ? 1 : 0) + ((flags & 0x01) ? 1 : 0);
+    uint32_t ack = seq + seglen;
+    (void)pkt;
+    uint8_t *o = G.scratch;
+    size_t hl = ip->family == 4 ? 20 : 40, alen = ip->family == 4 ? 4 : 16;
+    memset(o, 0, hl + 20);
+    uint8_t *t = o + hl;
+    if (ip->family == 4) {
+        o[0] = 0x45;
+        wr16(o + 2, (uint16_t)(hl + 20));
+        o[8] = 64;
+        o[9] = 6;
+        memcpy(o + 12, ip->dst, 4);
+        memcpy(o + 16, ip->src, 4);
+        wr16(o + 10, csum_fold(csum_add(0, o, 20)));
+    } else {
+        o[0] = 0x60;
+        wr16(o + 4, 20);
+        o[6] = 6;
+        o[7] = 64;
+        memcpy(o + 8, ip->dst, 16);
+        memcpy(o + 24, ip->src, 16);
+    }
+    memcpy(t, th + 2, 2);
+    memcpy(t + 2, th, 2);
+    t[8] = (uint8_t)(ack >> 24); t[9] = (uint8_t)(ack >> 16); t[10] = (uint8_t)(ack >> 8); t[11] = (uint8_t)ack;
+    t[12] = 5 << 4;
+    t[13] = 0x14; /* RST|ACK */
+    wr16(t + 16, l4_csum(ip->family, o + (ip->family == 4 ? 12 : 8), o + (ip->family == 4 ? 16 : 24), 6, t, 20));
+    (void)alen;
+    emit(o, hl + 20);
+}
+
+static void input_tcp(const uint8_t *pkt, const ns_ip *ip) {
+    const uint8_t *th = ip->l4;
+    if (ip->l4len < 20) { G.st.dropped_malformed++; return; }
+    size_t thl = (size_t)(th[12] >> 4) * 4;
+    if (thl < 20 || thl > ip->l4len) { G.st.dropped_malformed++; return; }
+    uint8_t flags = th[13];
+    if (rd16(th) == 0 || rd16(th + 2) == 0) { G.st.dropped_malformed++; return; }
+    if ((flags & 0x16) != 0x02) { lwip_feed(pkt, ip); return; } /* not a bare SYN: lwIP decides */
+    if (l4_csum(ip->family, ip->src, ip->dst, 6, th, ip->l4len) != 0) { G.st.dropped_checksum++; return; }
+    ns_tuple key;
+    tuple_from(ip, rd16(th), rd16(th + 2), &key);
+    ns_flow *f = hash_find(&key);
+    if (f) {
+        if (f->state != FLOW_PENDING) lwip_feed(pkt, ip); /* a retransmitted SYN: lwIP answers again */
+        return;                                           /* still deciding: the app will retry */
+    }
+    if (G.st.flows_live >= (uint64_t)G.max_flows || !(f = flow_new(&key))) {
+        G.st.tcp_over_limit++;
+        send_rst_for(pkt, ip);
+        return;
+    }
+    f->syn = malloc(ip->total);
+    if (!f->syn) { flow_free(f); send_rst_for(pkt, ip); return; }
+    memcpy(f->syn, pkt, ip->total);
+    f->syn_len = (uint16_t)ip->total;
+    f->state = FLOW_PENDING;
+    G.st.flows_pending++;
+    hash_insert(f);
+    ns_event *e = push_event(NS_EV_TCP_CONNECT, f->id);
+    if (e) fill_addrs(e, &key);
+}
+
+static void input_udp(const ns_ip *ip) {
+    const uint8_t *u = ip->l4;
+    if (ip->l4len < 8) { G.st.dropped_malformed++; return; }
+    size_t ulen = rd16(u + 4);
+    if (ulen < 8 || ulen > ip->l4len) { G.st.dropped_malformed++; return; }
+    uint16_t ck = rd16(u + 6);
+    if (ip->family == 6 && ck == 0) { G.st.dropped_checksum++; return; } /* mandatory in IPv6 */
+    if (ck != 0 && l4_csum(ip->family, ip->src, ip->dst, 17, u, ulen) != 0) {
+        G.st.dropped_checksum++;
+        return;
+    }
+    size_t plen = ulen - 8;
+    if (grow((void **)&G.arena, &G.arena_cap, G.arena_len + plen + 1, 1)) { G.st.dropped_other++; return; }
+    ns_tuple t;
+    tuple_from(ip, rd16(u), rd16(u + 2), &t);
+    ns_event *e = push_event(NS_EV_UDP, 0);
+    if (!e) { G.st.dropped_other++; return; }
+    fill_addrs(e, &t);
+    e->off = (uint32_t)G.arena_len;
+    e->len = (uint32_t)plen;
+    memcpy(G.arena + G.arena_len, u + 8, plen);
+    G.arena_len += plen;
+    G.st.udp_in++;
+}
+
+int ns_input(const uint8_t *pkt, size_t len) {
+    if (!G.open) return NS_ESTATE;
+    G.st.packets_in++;
+    G.st.bytes_in += len;
+    ns_ip ip;
+    int r = parse_ip(pkt, len, &ip);
+    if (r == -2) { G.st.dropped_checksum++; return 0; }
+    if (r == -3) { G.st.dropped_fragment++; return 0; }
+    if (r < 0) { G.st.dropped_malformed++; return 0; }
+    if (addr_unusable(&ip)) { G.st.dropped_other++; return 0; }
+    switch (ip.proto) {
+    case 6: input_tcp(pkt, &ip); break;
+    case 17: input_udp(&ip); break;
+    case 1: case 58: G.st.dropped_icmp++; break; /* no fake pings: we cannot reach the destination */
+    default: G.st.dropped_other++; break;
+    }
+    return 0;
+}
+
+int ns_pump(int fd, int max_packets) {
+    int n = 0;
+    while (n < max_packets) {
+        ssize_t r = read(fd, G.rxbuf, sizeof G.rxbuf);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            return n ? n : -errno;
+        }
+        if (r == 0) break;
+        ns_input(G.rxbuf, (size_t)r);
+        n++;
+    }
+    return n;
+}
+
+/* ---- timers ---- */
+
+void ns_timers(void) {
+    if (G.open) sys_check_timeouts();
+}
+
+uint32_t ns_next_timer_ms(void) {
+    return sys_timeouts_sleeptime();
+}
+
+/* ---- event and output queues ---- */
+
+size_t ns_events(const ns_event **events, const uint8_t **arena) {
+    *events = G.events;
+    *arena = G.arena;
+    return G.nevents;
+}
+
+void ns_events_clear(void) {
+    G.nevents = 0;
+    G.arena_len = 0;
+}
+
+size_t ns_out_take(const uint8_t **buf) {
+    *buf = G.out;
+    return G.out_len;
+}
+
+void ns_out_clear(void) { G.out_len = 0; }
+
+/* ---- TCP operations ---- */
+
+/* A pcb left behind by a released flow (TIME_WAIT, LAST_ACK...) with this 4-tuple would swallow a new
+ * SYN: free it first. */
+static void drop_stale_pcb(const ns_tuple *k) {
+    struct tcp_pcb *lists[2] = {tcp_tw_pcbs, tcp_active_pcbs};
+    for (int i = 0; i < 2; i++) {
+        for (struct tcp_pcb *p = lists[i]; p; p = p->next) {
+            if (p->callback_arg == NULL && p->remote_port == k->sport && p->local_port == k->dport &&
+                IP_GET_TYPE(&p->remote_ip) == (k->family == 4 ? IPADDR_TYPE_V4 : IPADDR_TYPE_V6)) {
+                const void *ra = k->family == 4 ? (const void *)ip_2_ip4(&p->remote_ip)
+                                                : (const void *)ip_2_ip6(&p->remote_ip);
+                const void *la = k->family == 4 ? (const void *)ip_2_ip4(&p->local_ip)
+                                                : (const void *)ip_2_ip6(&p->local_ip);
+                size_t alen = k->family == 4 ? 4 : 16;
+                if (memcmp(ra, k->src, alen) == 0 && memcmp(la, k->dst, alen) == 0) {
+                    tcp_abort(p);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+int ns_tcp_accept(uint32_t id) {
+    ns_flow *f = flow_get(id);
+    if (!f) return NS_ENOFLOW;
+    if (f->state != FLOW_PENDING) return NS_ESTATE;
+    ns_ip ip;
+    parse_ip(f->syn, f->syn_len, &ip);
+    f->state = FLOW_ACCEPTED;
+    G.st.flows_pending--;
+    if (!listener_for(f->key.dport)) {
+        send_rst_for(f->syn, &ip);
+        goto fail;
+    }
+    drop_stale_pcb(&f->key);
+    G.accepting = f;
+    lwip_feed(f->syn, &ip);
+    G.accepting = NULL;
+    if (!f->pcb) { /* lwIP could not take it (out of memory): the app gets a RST, not a hang */
+        send_rst_for(f->syn, &ip);
+        goto fail;
+    }
+    free(f->syn);
+    f->syn = NULL;
+    return NS_OK;
+fail:
+    free(f->syn);
+    f->syn = NULL;
+    f->state = FLOW_CLOSED;
+    hash_remove(f);
+    ns_event *e = push_event(NS_EV_TCP_CLOSED, f->id);
+    if (e) e->err = NS_CLOSED_ERROR;
+    return NS_EMEM;
+}
+
+int ns_tcp_refuse(uint32_t id) {
+    ns_flow *f = flow_get(id);
+    if (!f) return NS_ENOFLOW;
+    if (f->state != FLOW_PENDING) return NS_ESTATE;
+    ns_ip ip;
+    parse_ip(f->syn, f->syn_len, &ip);
+    send_rst_for(f->syn, &ip);
+    G.st.tcp_refused++;
+    flow_free(f);
+    return NS_OK;
+}
+
+int ns_tcp_write(uint32_t id, const uint8_t *data, size_t len) {
+    ns_flow *f = flow_get(id);
+    if (!f) return NS_ENOFLOW;
+    if (f->state != FLOW_ACCEPTED || !f->pcb) return NS_ECLOSED;
+    if (f->flags & F_TX_SHUT) return NS_ESTATE;
+    size_t done = 0;
+    while (done < len) {
+        size_t room = tcp_sndbuf(f->pcb);
+        if (room == 0 || tcp_sndqueuelen(f->pcb) >= TCP_SND_QUEUELEN - 4) break;
+        size_t chunk = len - done;
+        if (chunk > room) chunk = room;
+        if (chunk > 0xffff) chunk = 0xffff;
+        u8_t more = (done + chunk < len) ? TCP_WRITE_FLAG_MORE : 0;
+        if (tcp_write(f->pcb, data + done, (u16_t)chunk, TCP_WRITE_FLAG_COPY | more) != ERR_OK) break;
+        done += chunk;
+    }
+    if (done) tcp_output(f->pcb);
+    if (done < len) f->flags |= F_WANT_WRITABLE;
+    return (int)(done > 0x7fffffff ? 0x7fffffff : done);
+}
+
+int ns_tcp_read(uint32_t id, uint8_t *buf, size_t maxlen) {
+    ns_flow *f = flow_get(id);
+    if (!f) return NS_ENOFLOW;
+    if (maxlen > 0x7fffffff) maxlen = 0x7fffffff;
+    size_t n = 0;
+    while (f->rx && n < maxlen) {
+        size_t want = maxlen - n;
+        if (want > 0xffff) want = 0xffff;
+        u16_t got = pbuf_copy_partial(f->rx, buf + n, (u16_t)want, 0);
+        if (!got) break;
+        f->rx = pbuf_free_header(f->rx, got);
+        n += got;
+    }
+    f->read_unacked += n;
+    if (!f->rx) f->flags &= (uint8_t)~F_READABLE_SENT;
+    return (int)n;
+}
+
+int ns_tcp_ack(uint32_t id, size_t len) {
+    ns_flow *f = flow_get(id);
+    if (!f) return NS_ENOFLOW;
+    if (len > f->read_unacked) len = f->read_unacked;
+    f->read_unacked -= len;
+    if (!f->pcb) return NS_OK;
+    while (len) {
+        u16_t chunk = len > 0xffff ? 0xffff : (u16_t)len;
+        tcp_recved(f->pcb, chunk);
+        len -= chunk;
+    }
+    return NS_OK;
+}
+
+int ns_tcp_shutdown(uint32_t id) {
+    ns_flow *f = flow_get(id);
+    if (!f) return NS_ENOFLOW;
+    if (f->state != FLOW_ACCEPTED || !f->pcb) return NS_ECLOSED;
+    if (f->flags & F_TX_SHUT) return NS_OK;
+    if (tcp_shutdown(f->pcb, 0, 1) != ERR_OK) return NS_EMEM;
+    f->flags |= F_TX_SHUT;
+    return NS_OK;
+}
+
+int ns_tcp_close(uint32_t id, int abort_it) {
+    ns_flow *f = flow_get(id);
+    if (!f) return NS_ENOFLOW;
+    if (f->state == FLOW_PENDING) return ns_tcp_refuse(id);
+    struct tcp_pcb *pcb = f->pcb;
+    if (pcb) {
+        /* Whatever was received but not passed on is dropped with the flow; reopen the window for it so
+         * tcp_close does not turn a graceful close into a RST. */
+        size_t pending = f->read_unacked + (f->rx ? f->rx->tot_len : 0);
+        rx_free(f);
+        f->read_unacked = 0;
+        detach_pcb(f);
+        if (abort_it) {
+            tcp_abort(pcb);
+        } else {
+            while (pending) {
+                u16_t chunk = pending > 0xffff ? 0xffff : (u16_t)pending;
+                tcp_recved(pcb, chunk);
+                pending -= chunk;
+            }
+            if (tcp_close(pcb) != ERR_OK) tcp_abort(pcb);
+        }
+    }
+    flow_free(f);
+    return NS_OK;
+}
+
+size_t ns_tcp_sndbuf(uint32_t id) {
+    ns_flow *f = flow_get(id);
+    return (f && f->pcb) ? tcp_sndbuf(f->pcb) : 0;
+}
+
+/* ---- UDP replies ---- */
+
+int ns_udp_send(int family, const uint8_t *src, uint16_t sport, const uint8_t *dst, uint16_t dport,
+                const uint8_t *payload, size_t len) {
+    if (!G.open) return NS_ESTATE;
+    if (family != 4 && family != 6) return NS_EINVAL;
+    size_t hl = family == 4 ? 20 : 40;
+    if (len + 8 + hl > (size_t)G.netif.mtu || len + 8 > 0xffff) return NS_ETOOBIG;
+    uint8_t *o = G.scratch;
+    memset(o, 0, hl + 8);
+    uint8_t *u = o + hl;
+    const uint8_t *s, *d;
+    if (family == 4) {
+        o[0] = 0x45;
+        wr16(o + 2, (uint16_t)(hl + 8 + len));
+        wr16(o + 4, (uint16_t)ns_rand32());
+        o[8] = 64;
+        o[9] = 17;
+        memcpy(o + 12, src, 4);
+        memcpy(o + 16, dst, 4);
+        wr16(o + 10, csum_fold(csum_add(0, o, 20)));
+        s = o + 12;
+        d = o + 16;
+    } else {
+        o[0] = 0x60;
+        wr16(o + 4, (uint16_t)(8 + len));
+        o[6] = 17;
+        o[7] = 64;
+        memcpy(o + 8, src, 16);
+        memcpy(o + 24, dst, 16);
+        s = o + 8;
+        d = o + 24;
+    }
+    wr16(u, sport);
+    wr16(u + 2, dport);
+    wr16(u + 4, (uint16_t)(8 + len));
+    memcpy(u + 8, payload, len);
+    uint16_t ck = l4_csum(family, s, d, 17, u, 8 + len);
+    wr16(u + 6, ck == 0 ? 0xffff : ck);
+    emit(o, hl + 8 + len);
+    G.st.udp_out++;
+    return NS_OK;
+}
+
+/* ---- lifecycle ---- */
+
+int ns_version(void) { return NS_ABI_VERSION; }
+
+int ns_open(int mtu, int max_flows) {
+    if (G.open) return NS_ESTATE;
+    if (mtu < 1280 || mtu > NS_MAX_PACKET || max_flows < 1) return NS_EINVAL;
+    if (!G.lwip_ready) {
+        lwip_init();
+        G.ext_id = tcp_ext_arg_alloc_id();
+        G.lwip_ready = 1;
+    }
+    G.listeners = calloc(65536, sizeof *G.listeners);
+    if (!G.listeners) return NS_EMEM;
+    G.out_fd = -1;
+    G.max_flows = max_flows;
+    ip4_addr_t any4 = {0}, mask = {0};
+    if (!netif_add(&G.netif, &any4, &mask, &any4, NULL, netif_init_cb, ip_input)) return NS_EMEM;
+    G.netif.mtu = (u16_t)mtu;
+    G.netif.mtu6 = (u16_t)mtu;
+    ip6_addr_t six;
+    memset(&six, 0, sizeof six);
+    six.addr[0] = PP_HTONL(0xfd000000ul);
+    six.addr[3] = PP_HTONL(1ul);
+    netif_ip6_addr_set(&G.netif, 0, &six);
+    netif_ip6_addr_set_state(&G.netif, 0, IP6_ADDR_VALID);
+    netif_set_default(&G.netif);
+    netif_set_link_up(&G.netif);
+    netif_set_up(&G.netif);
+    G.open = 1;
+    return NS_OK;
+}
+
+void ns_close(void) {
+    if (!G.open) return;
+    for (uint32_t i = 0; i < G.nslots; i++) {
+        if (G.slots[i]) {
+            ns_flow *f = G.slots[i];
+            if (f->pcb) { struct tcp_pcb *p = f->pcb; detach_pcb(f); tcp_abort(p); }
+            f->state = FLOW_CLOSED;
+            flow_free(f);
+        }
+    }
+    /* Released flows may have left pcbs finishing their close in lwIP: end them too. */
+    while (tcp_active_pcbs) tcp_abort(tcp_active_pcbs);
+    while (tcp_tw_pcbs) tcp_abort(tcp_tw_pcbs);
+    for (uint32_t port = 0; port < 65536; port++) {
+        if (G.listeners[port]) tcp_close(G.listeners[port]);
+    }
+    free(G.listeners);
+    G.listeners = NULL;
+    G.st.listeners = 0;
+    netif_remove(&G.netif);
+    free(G.slots); free(G.free_idx); free(G.buckets);
+    G.slots = NULL; G.free_idx = NULL; G.buckets = NULL;
+    G.nslots = G.nfree = G.nbuckets = G.hcount = 0;
+    free(G.events); free(G.arena); free(G.out);
+    G.events = NULL; G.arena = NULL; G.out = NULL;
+    G.nevents = G.cap_events = G.arena_len = G.arena_cap = G.out_len = G.out_cap = 0;
+    uint64_t mem = G.st.mem_in_use;
+    memset(&G.st, 0, sizeof G.st);
+    G.st.mem_in_use = mem;
+    G.open = 0;
+}
+
+void ns_set_output_fd(int fd) { G.out_fd = fd; }
+
+void ns_set_clock(int manual, uint64_t now_ms) {
+    G.manual_clock = manual;
+    G.now_ms = now_ms;
+}
+
+void ns_get_stats(ns_stats *s) {
+    *s = G.st;
+    uint64_t a = 0, t = 0;
+    for (struct tcp_pcb *p = tcp_active_pcbs; p; p = p->next) a++;
+    for (struct tcp_pcb *p = tcp_tw_pcbs; p; p = p->next) t++;
+    s->pcbs_active = a;
+    s->pcbs_time_wait = t;
+}

@@ -1,0 +1,113 @@
+/*
+ * x2ssh netstack: the C core between raw IP packets and lwIP.
+ *
+ * Theory of operation. Packets come in one at a time (ns_input) or in batches straight from a TUN fd
+ * (ns_pump). The glue validates each one; UDP is parsed here and becomes an event; ICMP, fragments and
+ * anything else is dropped and counted; TCP goes to lwIP. A SYN for a new 4-tuple is held back: the
+ * glue records a pending flow and emits NS_EV_TCP_CONNECT, and lwIP sees the SYN only when the consumer
+ * calls ns_tcp_accept (or the app gets a RST from ns_tcp_refuse). To accept any destination the glue
+ * writes the packet's destination into the single netif's address just before lwIP's input (never
+ * netif_set_addr, which kills pcbs); listeners are created per destination port on first accept.
+ *
+ * lwIP callbacks never call Python: they only append compact records to an event array that Python
+ * drains after each batch. Received TCP data stays in lwIP pbufs until read; the receive window opens
+ * only when the consumer acknowledges bytes it has passed on (ns_tcp_ack). Output packets go straight to
+ * the TUN fd when one is set, otherwise into a queue drained by ns_out_take (the sans-IO mode).
+ *
+ * All functions must be called from one thread. lwIP has global state: one stack per process.
+ */
+#ifndef X2SSH_NS_GLUE_H
+#define X2SSH_NS_GLUE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define NS_ABI_VERSION 1
+
+enum ns_event_type {
+    NS_EV_TCP_CONNECT = 1,  /* a new SYN waits for ns_tcp_accept / ns_tcp_refuse; addresses filled */
+    NS_EV_TCP_READABLE = 2, /* received data waits in ns_tcp_read */
+    NS_EV_TCP_EOF = 3,      /* the app sent FIN (after all its data) */
+    NS_EV_TCP_WRITABLE = 4, /* a short ns_tcp_write may be retried: the send buffer drained */
+    NS_EV_TCP_CLOSED = 5,   /* the connection is gone (err says why); release with ns_tcp_close */
+    NS_EV_UDP = 6,          /* a datagram: addresses filled, payload at arena + off, len bytes */
+};
+
+/* Reasons carried by NS_EV_TCP_CLOSED. */
+enum ns_close_reason {
+    NS_CLOSED_NORMAL = 0,   /* both sides finished */
+    NS_CLOSED_RESET = 1,    /* the app sent RST */
+    NS_CLOSED_TIMEOUT = 2,  /* retransmissions gave up */
+    NS_CLOSED_ERROR = 3,    /* any other lwIP error */
+};
+
+/* Results of calls (negative: error). */
+enum ns_result {
+    NS_OK = 0,
+    NS_ENOFLOW = -1,    /* unknown or already released flow id */
+    NS_ESTATE = -2,     /* not allowed in the flow's state (e.g. accept twice, write after shutdown) */
+    NS_ECLOSED = -3,    /* the connection is gone */
+    NS_EMEM = -4,       /* out of memory */
+    NS_ETOOBIG = -5,    /* a datagram that does not fit the MTU */
+    NS_EINVAL = -6,     /* bad argument */
+};
+
+typedef struct {
+    uint32_t type;
+    uint32_t flow;
+    int32_t err;
+    uint32_t off;
+    uint32_t len;
+    uint16_t sport;
+    uint16_t dport;
+    uint8_t family;     /* 4 or 6 */
+    uint8_t pad[3];
+    uint8_t src[16];
+    uint8_t dst[16];
+} ns_event;
+
+typedef struct {
+    uint64_t packets_in, bytes_in, packets_out, bytes_out;
+    uint64_t dropped_malformed, dropped_checksum, dropped_fragment, dropped_icmp, dropped_other;
+    uint64_t dropped_output, udp_in, udp_out, tcp_refused, tcp_over_limit;
+    uint64_t flows_live, flows_pending, pcbs_active, pcbs_time_wait, listeners, mem_in_use;
+} ns_stats;
+
+int ns_version(void);
+/* Open the (single) stack; mtu bounds the packets we emit and the MSS we advertise. */
+int ns_open(int mtu, int max_flows);
+void ns_close(void);
+/* -1: queue output for ns_out_take; otherwise write every output packet to this fd. */
+void ns_set_output_fd(int fd);
+/* Manual clock for deterministic tests: when set, lwIP's time is now_ms instead of CLOCK_MONOTONIC. */
+void ns_set_clock(int manual, uint64_t now_ms);
+
+int ns_input(const uint8_t *packet, size_t len);
+/* Read up to max_packets from a non-blocking fd and feed them; returns packets read, or -errno. */
+int ns_pump(int fd, int max_packets);
+
+void ns_timers(void);
+uint32_t ns_next_timer_ms(void);
+
+size_t ns_events(const ns_event **events, const uint8_t **arena);
+void ns_events_clear(void);
+/* Queued output (sans-IO mode): a buffer of [u32 length][bytes] records, valid until ns_out_clear. */
+size_t ns_out_take(const uint8_t **buf);
+void ns_out_clear(void);
+
+int ns_tcp_accept(uint32_t flow);
+int ns_tcp_refuse(uint32_t flow);
+int ns_tcp_write(uint32_t flow, const uint8_t *data, size_t len);
+int ns_tcp_read(uint32_t flow, uint8_t *buf, size_t maxlen);
+int ns_tcp_ack(uint32_t flow, size_t len);
+int ns_tcp_shutdown(uint32_t flow);
+/* Release a flow: graceful close (FIN) unless abort (RST); a flow already gone is just freed. */
+int ns_tcp_close(uint32_t flow, int abort);
+size_t ns_tcp_sndbuf(uint32_t flow);
+
+int ns_udp_send(int family, const uint8_t *src, uint16_t sport, const uint8_t *dst, uint16_t dport,
+                const uint8_t *payload, size_t len);
+
+void ns_get_stats(ns_stats *stats);
+
+#endif /* X2SSH_NS_GLUE_H */

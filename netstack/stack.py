@@ -1,0 +1,333 @@
+"""The sans-IO TCP/IP stack: raw IP packets in, events and packets out.
+
+Theory of operation. ``Stack`` wraps the native core (lwIP plus our C glue). Feed it packets with
+``receive_packet`` (or let the C pump read a TUN fd with ``pump``), then drain ``events()``. Packets to
+deliver back to the apps either go straight to the fd given to ``set_output_fd`` or wait in
+``packets_to_send()``. Time is lwIP's: call ``handle_timer`` when ``timer_deadline`` says so; tests can run
+the clock by hand (``clock="manual"``) for deterministic retransmission and TIME_WAIT behaviour.
+
+A TCP connection starts as a ``TcpConnectRequest``: nothing has been answered yet, so the consumer can
+first open its upstream (an SSH channel) and then ``accept`` (the handshake completes) or ``refuse`` (the
+app gets a RST at once). Received bytes stay in the stack until read; the app's receive window reopens
+only when the consumer calls ``ack`` for bytes it has handed on, which is what bounds memory per flow.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from netstack._loader import load
+from netstack.errors import FlowClosedError, LocalProtocolError, NetstackError, StackBusyError
+from netstack.events import (
+    Address,
+    CloseReason,
+    Event,
+    TcpClosed,
+    TcpConnectRequest,
+    TcpDataReceived,
+    TcpEndOfStream,
+    TcpWritable,
+    UdpDatagram,
+)
+
+ffi, lib = load()
+
+READ_CHUNK = 256 * 1024
+_FAMILY = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
+_ERRORS = {
+    lib.NS_ENOFLOW: "flow already released",
+    lib.NS_ESTATE: "not allowed in the flow's state",
+    lib.NS_ECLOSED: "connection is gone",
+    lib.NS_EMEM: "out of memory",
+    lib.NS_ETOOBIG: "datagram does not fit the MTU",
+    lib.NS_EINVAL: "invalid argument",
+}
+
+
+def _raise(code: int, what: str) -> None:
+    message = f"{what}: {_ERRORS.get(code, f'error {code}')}"
+    if code in (lib.NS_ENOFLOW, lib.NS_ECLOSED):
+        raise FlowClosedError(message)
+    if code in (lib.NS_ESTATE, lib.NS_EINVAL, lib.NS_ETOOBIG):
+        raise LocalProtocolError(message)
+    raise NetstackError(message)
+
+
+def _address(family: int, raw: Any, port: int) -> Address:
+    af, size = _FAMILY[family]
+    return socket.inet_ntop(af, bytes(ffi.buffer(raw, size))), port
+
+
+def _packed(host: str) -> tuple[int, bytes]:
+    try:
+        return 4, socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        try:
+            return 6, socket.inet_pton(socket.AF_INET6, host)
+        except OSError:
+            raise LocalProtocolError(f"not an IP address: {host!r}") from None
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Settings fixed for the life of a stack.
+
+    ``mtu`` bounds every packet the stack emits and the MSS it advertises (match the TUN's MTU);
+    ``max_flows`` caps live TCP flows (pending ones included): SYNs beyond it are answered with a RST.
+    """
+
+    mtu: int = 16000
+    max_flows: int = 65536
+
+
+class TcpFlow:
+    """One TCP connection from an app, addressed by its original 4-tuple.
+
+    ``src`` is the app's address and port, ``dst`` the destination it connected to. Every method raises
+    ``FlowClosedError`` once the connection is gone, and ``LocalProtocolError`` on misuse.
+    """
+
+    __slots__ = ("_stack", "closed", "dst", "eof_received", "id", "src", "user_data")
+
+    def __init__(self, stack: Stack, flow_id: int, src: Address, dst: Address) -> None:
+        self._stack = stack
+        self.id = flow_id
+        self.src = src
+        self.dst = dst
+        self.closed = False
+        self.eof_received = False
+        self.user_data: Any = None  # free for the consumer (e.g. its channel)
+
+    def __repr__(self) -> str:
+        return f"<TcpFlow {self.id:#x} {self.src[0]}:{self.src[1]} -> {self.dst[0]}:{self.dst[1]}>"
+
+    def _check(self, rc: int, what: str) -> int:
+        if rc < 0:
+            _raise(rc, what)
+        return rc
+
+    def accept(self) -> None:
+        """Complete the app's handshake (SYN-ACK)."""
+        self._check(lib.ns_tcp_accept(self.id), "accept")
+
+    def refuse(self) -> None:
+        """Answer the app's SYN with a RST and release the flow."""
+        self._check(lib.ns_tcp_refuse(self.id), "refuse")
+        self._stack._forget(self)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Queue bytes for the app; returns how many were taken (0 when the send buffer is full).
+
+        After a short write a ``TcpWritable`` event says when to try again.
+        """
+        if not data:
+            return 0
+        return self._check(lib.ns_tcp_write(self.id, ffi.from_buffer("uint8_t[]", data), len(data)), "write")
+
+    def read(self, max_bytes: int = READ_CHUNK) -> bytes:
+        """Take up to ``max_bytes`` received bytes (b"" when none wait). Acknowledge them with ``ack``."""
+        buf = self._stack._read_buf
+        n = self._check(lib.ns_tcp_read(self.id, buf, min(max_bytes, READ_CHUNK)), "read")
+        return ffi.buffer(buf, n)[:] if n else b""
+
+    def ack(self, nbytes: int) -> None:
+        """Say that ``nbytes`` read bytes were handed on: the app's receive window reopens by that much."""
+        self._check(lib.ns_tcp_ack(self.id, nbytes), "ack")
+
+    def shutdown(self) -> None:
+        """Half-close: send FIN after the queued bytes; the app may still send."""
+        self._check(lib.ns_tcp_shutdown(self.id), "shutdown")
+
+    def close(self) -> None:
+        """Release the flow gracefully (FIN); unread bytes are dropped. Safe to call twice."""
+        if not self.closed:
+            lib.ns_tcp_close(self.id, 0)
+            self._stack._forget(self)
+
+    def abort(self) -> None:
+        """Release the flow with a RST to the app. Safe to call twice."""
+        if not self.closed:
+            lib.ns_tcp_close(self.id, 1)
+            self._stack._forget(self)
+
+    @property
+    def send_buffer_free(self) -> int:
+        """Bytes ``write`` would take right now."""
+        return int(lib.ns_tcp_sndbuf(self.id))
+
+
+class Stack:
+    """A user-space TCP/IP stack for every destination, driven by packets and time.
+
+    lwIP keeps global state, so one ``Stack`` can be open per process; ``close()`` (or a ``with``
+    block) frees it for the next one.
+    """
+
+    _open = False
+
+    def __init__(self, config: StackConfig | None = None, *, clock: Literal["monotonic", "manual"] = "monotonic"):
+        if Stack._open:
+            raise StackBusyError("another netstack.Stack is open in this process; close it first")
+        self.config = config or StackConfig()
+        rc = lib.ns_open(self.config.mtu, self.config.max_flows)
+        if rc < 0:
+            _raise(rc, f"open (mtu={self.config.mtu}, max_flows={self.config.max_flows})")
+        Stack._open = True
+        self._closed = False
+        self._manual = clock == "manual"
+        self._now_ms = 0
+        lib.ns_set_clock(1 if self._manual else 0, 0)
+        self._flows: dict[int, TcpFlow] = {}
+        self._read_buf = ffi.new("uint8_t[]", READ_CHUNK)
+        self._ev_ptr = ffi.new("const ns_event **")
+        self._arena_ptr = ffi.new("const uint8_t **")
+        self._out_ptr = ffi.new("const uint8_t **")
+
+    # -- lifecycle --
+
+    def close(self) -> None:
+        """Abort every flow (RST) and free the stack."""
+        if self._closed:
+            return
+        for flow in self._flows.values():
+            flow.closed = True
+        self._flows.clear()
+        lib.ns_close()
+        self._closed = True
+        Stack._open = False
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- packets in and out --
+
+    def receive_packet(self, packet: bytes | bytearray | memoryview) -> None:
+        """Feed one raw IPv4 or IPv6 packet from the apps. Malformed packets are dropped and counted."""
+        if packet:
+            lib.ns_input(ffi.from_buffer("uint8_t[]", packet), len(packet))
+
+    def pump(self, fd: int, max_packets: int = 256) -> int:
+        """Read and feed up to ``max_packets`` packets from a non-blocking fd (a TUN device) in C."""
+        rc = lib.ns_pump(fd, max_packets)
+        if rc < 0:
+            raise OSError(-rc, f"reading the TUN device: {os.strerror(-rc)}")
+        return rc
+
+    def set_output_fd(self, fd: int | None) -> None:
+        """Write output packets straight to ``fd`` (a TUN device), or queue them when None."""
+        lib.ns_set_output_fd(-1 if fd is None else fd)
+
+    def packets_to_send(self) -> list[bytes]:
+        """Queued output packets (when no output fd is set), oldest first."""
+        n = lib.ns_out_take(self._out_ptr)
+        if not n:
+            return []
+        raw = ffi.buffer(self._out_ptr[0], n)[:]
+        lib.ns_out_clear()
+        packets, pos = [], 0
+        while pos < n:
+            length = int.from_bytes(raw[pos : pos + 4], "little")
+            packets.append(raw[pos + 4 : pos + 4 + length])
+            pos += 4 + length
+        return packets
+
+    def udp_send(self, src: Address, dst: Address, payload: bytes) -> None:
+        """Deliver a datagram to an app: it appears to come from ``src`` and is addressed to ``dst``."""
+        fam_s, raw_s = _packed(src[0])
+        fam_d, raw_d = _packed(dst[0])
+        if fam_s != fam_d:
+            raise LocalProtocolError(f"address families differ: {src[0]} -> {dst[0]}")
+        rc = lib.ns_udp_send(
+            fam_s,
+            ffi.from_buffer("uint8_t[]", raw_s),
+            src[1],
+            ffi.from_buffer("uint8_t[]", raw_d),
+            dst[1],
+            ffi.from_buffer("uint8_t[]", payload),
+            len(payload),
+        )
+        if rc < 0:
+            _raise(rc, f"udp_send of {len(payload)} bytes")
+
+    # -- events --
+
+    def events(self) -> list[Event]:
+        """Everything that happened since the last call, in order."""
+        n = lib.ns_events(self._ev_ptr, self._arena_ptr)
+        if not n:
+            return []
+        evs, arena, flows = self._ev_ptr[0], self._arena_ptr[0], self._flows
+        out: list[Event] = []
+        for i in range(n):
+            ev = evs[i]
+            kind = ev.type
+            if kind == lib.NS_EV_TCP_READABLE:
+                flow = flows.get(ev.flow)
+                if flow is not None:
+                    out.append(TcpDataReceived(flow))
+            elif kind == lib.NS_EV_UDP:
+                out.append(
+                    UdpDatagram(
+                        _address(ev.family, ev.src, ev.sport),
+                        _address(ev.family, ev.dst, ev.dport),
+                        ffi.buffer(arena + ev.off, ev.len)[:],
+                    )
+                )
+            elif kind == lib.NS_EV_TCP_CONNECT:
+                flow = TcpFlow(self, ev.flow, _address(ev.family, ev.src, ev.sport), _address(ev.family, ev.dst, ev.dport))
+                flows[ev.flow] = flow
+                out.append(TcpConnectRequest(flow))
+            else:
+                flow = flows.get(ev.flow)
+                if flow is None:
+                    continue  # released by the consumer earlier in this batch
+                if kind == lib.NS_EV_TCP_EOF:
+                    flow.eof_received = True
+                    out.append(TcpEndOfStream(flow))
+                elif kind == lib.NS_EV_TCP_WRITABLE:
+                    out.append(TcpWritable(flow))
+                elif kind == lib.NS_EV_TCP_CLOSED:
+                    lib.ns_tcp_close(flow.id, 1)  # the pcb is gone: this only frees the slot
+                    self._forget(flow)
+                    out.append(TcpClosed(flow, CloseReason(ev.err)))
+        lib.ns_events_clear()
+        return out
+
+    def _forget(self, flow: TcpFlow) -> None:
+        flow.closed = True
+        self._flows.pop(flow.id, None)
+
+    # -- time --
+
+    def handle_timer(self, now: float | None = None) -> None:
+        """Run lwIP's due timers. With the manual clock, ``now`` (seconds) sets the time first."""
+        if self._manual:
+            if now is None:
+                raise LocalProtocolError("a manual-clock stack needs `now` in handle_timer")
+            self._now_ms = int(now * 1000)
+            lib.ns_set_clock(1, self._now_ms)
+        lib.ns_timers()
+
+    def timer_deadline(self) -> float | None:
+        """Seconds until ``handle_timer`` is due, or None when no timer is pending."""
+        ms = lib.ns_next_timer_ms()
+        return None if ms == 0xFFFFFFFF else ms / 1000.0
+
+    # -- introspection --
+
+    @property
+    def flows(self) -> dict[int, TcpFlow]:
+        """Live flows by id (pending ones included)."""
+        return self._flows
+
+    def stats(self) -> dict[str, int]:
+        """Counters: packets and bytes each way, drops by reason, live flows and pcbs, bytes lwIP holds."""
+        st = ffi.new("ns_stats *")
+        lib.ns_get_stats(st)
+        return {name: int(getattr(st, name)) for name, _ in ffi.typeof("ns_stats").fields}
