@@ -5,6 +5,7 @@ setuptools runs it through ``cffi_modules`` (see setup.py); ``python native/buil
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -70,9 +71,14 @@ LWIP_CORE = [
 ]
 
 
-def make_ffi() -> FFI:
+def make_ffi(absolute: bool = False) -> FFI:
+    """Describe the extension; setuptools insists on paths relative to the checkout's top."""
     src = lwip_source() / "src"
-    rel = str
+    top = HERE.parent
+
+    def rel(path: Path) -> str:
+        return str(path) if absolute else os.path.relpath(path, top)
+
     ffi = FFI()
     ffi.cdef(CDEF)
     ffi.set_source(
@@ -85,10 +91,11 @@ def make_ffi() -> FFI:
     return ffi
 
 
-ffibuilder = make_ffi()
-
 if __name__ == "__main__":
-    import os
-
-    os.chdir(HERE.parent)
-    ffibuilder.compile(tmpdir=str(HERE / "_build"), verbose=False)
+    # In-place build for development: the extension lands in netstack/.
+    built = make_ffi(absolute=True).compile(tmpdir=str(HERE / "_build"))
+    target = HERE.parent / "netstack" / Path(built).name
+    os.replace(built, target)
+    print(target)
+else:
+    ffibuilder = make_ffi()

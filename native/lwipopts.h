@@ -79,6 +79,8 @@ void *ns_mem_calloc(size_t count, size_t size);
 #define TCP_LISTEN_BACKLOG              0
 #define LWIP_TCP_PCB_NUM_EXT_ARGS       1   /* passive_open hook: attach a flow to its pcb at SYN time */
 #define TCP_MSL                         1000UL  /* TIME_WAIT = 2 s: the peer is the local kernel */
+#define TCP_MAXRTX                      7   /* give up on a silent local app after ~6 min, not 40 */
+#define TCP_SYNMAXRTX                   4
 #define TCP_TMR_INTERVAL                250
 #define LWIP_DISABLE_TCP_SANITY_CHECKS  1   /* large MSS and windows overflow the u16 sanity checks */
 #define PBUF_POOL_SIZE                  4   /* the pool is unused: every pbuf is PBUF_RAM */

@@ -358,8 +358,11 @@ static err_t on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err) 
     return ERR_OK;
 }
 
+/* tcp_sndbuf() clamps to 16 bits; with window scaling the real free space is snd_buf. */
+static size_t sndbuf_free(const struct tcp_pcb *pcb) { return pcb->snd_buf; }
+
 static int send_room(const struct tcp_pcb *pcb) {
-    return tcp_sndbuf(pcb) >= TCP_SND_BUF / 4 && tcp_sndqueuelen(pcb) < TCP_SND_QUEUELEN / 2;
+    return sndbuf_free(pcb) >= TCP_SND_BUF / 4 && tcp_sndqueuelen(pcb) < TCP_SND_QUEUELEN / 2;
 }
 
 static err_t on_sent(void *arg, struct tcp_pcb *pcb, u16_t len) {
@@ -743,7 +746,7 @@ int ns_tcp_write(uint32_t id, const uint8_t *data, size_t len) {
     if (f->flags & F_TX_SHUT) return NS_ESTATE;
     size_t done = 0;
     while (done < len) {
-        size_t room = tcp_sndbuf(f->pcb);
+        size_t room = sndbuf_free(f->pcb);
         if (room == 0 || tcp_sndqueuelen(f->pcb) >= TCP_SND_QUEUELEN - 4) break;
         size_t chunk = len - done;
         if (chunk > room) chunk = room;
@@ -828,7 +831,7 @@ int ns_tcp_close(uint32_t id, int abort_it) {
 
 size_t ns_tcp_sndbuf(uint32_t id) {
     ns_flow *f = flow_get(id);
-    return (f && f->pcb) ? tcp_sndbuf(f->pcb) : 0;
+    return (f && f->pcb) ? sndbuf_free(f->pcb) : 0;
 }
 
 /* ---- UDP replies ---- */

@@ -1,0 +1,323 @@
+"""TCP through the sans-IO netstack, driven by scapy-made packets from scripted app endpoints."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
+
+from netstack import (
+    CloseReason,
+    FlowClosedError,
+    LocalProtocolError,
+    Stack,
+    StackBusyError,
+    StackConfig,
+    TcpClosed,
+    TcpConnectRequest,
+    TcpDataReceived,
+    TcpEndOfStream,
+    TcpWritable,
+)
+from tests.unit.tcp_peer import TcpPeer, deliver
+
+
+@pytest.fixture
+def stack():
+    s = Stack(StackConfig(mtu=16000), clock="manual")
+    yield s
+    s.close()
+
+
+def connect(stack: Stack, peer: TcpPeer, accept: bool = True):
+    peer.syn()
+    events = stack.events()
+    assert len(events) == 1 and isinstance(events[0], TcpConnectRequest)
+    flow = events[0].flow
+    if accept:
+        flow.accept()
+        deliver(stack, [peer])
+        assert peer.got_synack
+    return flow
+
+
+def drain(flow, stack: Stack) -> bytes:
+    data = bytearray()
+    while chunk := flow.read():
+        data += chunk
+        flow.ack(len(chunk))
+    return bytes(data)
+
+
+unicast_v4 = st.ip_addresses(v=4).filter(lambda a: not (a.is_multicast or a.is_reserved or a.packed[0] == 0))
+unicast_v6 = st.ip_addresses(v=6).filter(lambda a: not (a.is_multicast or a.is_unspecified))
+
+
+@settings(max_examples=40, deadline=None)
+@given(dst=st.one_of(unicast_v4, unicast_v6), port=st.integers(1, 65535))
+def test_handshake_to_any_destination(dst, port):
+    with Stack(clock="manual") as stack:
+        src = "198.18.0.2" if dst.version == 4 else "fd58:3278:7373:1::2"
+        peer = TcpPeer(stack, src, str(dst), dport=port)
+        flow = connect(stack, peer)
+        assert flow.src == (src, peer.sport)
+        assert ipaddress.ip_address(flow.dst[0]) == dst and flow.dst[1] == port
+        peer.send(b"hello")
+        deliver(stack, [peer])
+        stack.events()
+        assert flow.read() == b"hello"
+        flow.abort()
+        deliver(stack, [peer])
+        assert peer.got_rst
+
+
+@pytest.mark.parametrize(
+    "src,dst", [("198.18.0.2", "198.19.7.9"), ("fd58:3278:7373:1::2", "fd58:3278:7373:2::9")]
+)
+def test_data_both_ways_byte_exact(stack, src, dst):
+    peer = TcpPeer(stack, src, dst, dport=443)
+    flow = connect(stack, peer)
+    upload = os.urandom(200_000)
+    peer.send(upload)
+    deliver(stack, [peer])
+    assert any(isinstance(e, TcpDataReceived) for e in stack.events())
+    assert drain(flow, stack) == upload
+
+    download = os.urandom(300_000)
+    sent = 0
+    for _ in range(200):
+        if sent < len(download):
+            sent += flow.write(download[sent:])
+        deliver(stack, [peer])
+        stack.events()
+        if len(peer.received) == len(download):
+            break
+    assert bytes(peer.received) == download
+
+
+def test_half_close_app_fin_then_data_still_flows_to_app(stack):
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+    flow = connect(stack, peer)
+    peer.send(b"request")
+    peer.fin()
+    deliver(stack, [peer])
+    kinds = [type(e) for e in stack.events()]
+    assert kinds == [TcpDataReceived, TcpEndOfStream]
+    assert drain(flow, stack) == b"request"
+    assert flow.eof_received
+    # The other direction is still open: the reply arrives after the app's FIN.
+    assert flow.write(b"response") == 8
+    deliver(stack, [peer])
+    assert bytes(peer.received) == b"response"
+    flow.shutdown()
+    deliver(stack, [peer])
+    assert peer.got_fin
+    events = stack.events()
+    assert [type(e) for e in events] == [TcpClosed] and events[0].reason is CloseReason.NORMAL
+
+
+def test_half_close_our_fin_then_app_keeps_sending(stack):
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+    flow = connect(stack, peer)
+    flow.write(b"bye")
+    flow.shutdown()
+    deliver(stack, [peer])
+    assert peer.got_fin and bytes(peer.received) == b"bye"
+    with pytest.raises(LocalProtocolError):
+        flow.write(b"more")
+    peer.send(b"late data")
+    deliver(stack, [peer])
+    assert drain(flow, stack) == b"late data"
+    peer.fin()
+    deliver(stack, [peer])
+    assert any(isinstance(e, TcpEndOfStream) for e in stack.events())
+    flow.close()
+    assert not peer.got_rst
+
+
+def test_rst_from_app_closes_flow(stack):
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+    flow = connect(stack, peer)
+    peer.rst()
+    events = stack.events()
+    assert [type(e) for e in events] == [TcpClosed]
+    assert events[0].reason is CloseReason.RESET and flow.closed
+    with pytest.raises(FlowClosedError):
+        flow.write(b"x")
+
+
+def test_abort_sends_rst_to_app(stack):
+    peer = TcpPeer(stack, "fd58:3278:7373:1::2", "fd58:3278:7373:2::2")
+    flow = connect(stack, peer)
+    flow.abort()
+    deliver(stack, [peer])
+    assert peer.got_rst and flow.closed
+    assert stack.stats()["flows_live"] == 0
+
+
+def test_deferred_accept_holds_syn_and_ignores_retransmits(stack):
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+    peer.syn()
+    (request,) = stack.events()
+    assert stack.packets_to_send() == []  # nothing answered while the consumer decides
+    peer.syn()  # the app retransmits its SYN
+    assert stack.events() == [] and stack.packets_to_send() == []
+    request.flow.accept()
+    deliver(stack, [peer])
+    assert peer.got_synack
+    with pytest.raises(LocalProtocolError):
+        request.flow.accept()
+
+
+def test_deferred_accept_then_refuse_gives_rst(stack):
+    peer = TcpPeer(stack, "fd58:3278:7373:1::2", "fd58:3278:7373:2::7", dport=25)
+    flow = connect(stack, peer, accept=False)
+    flow.refuse()
+    deliver(stack, [peer])
+    assert peer.got_rst and not peer.got_synack
+    assert stack.stats()["flows_live"] == 0
+    assert stack.stats()["tcp_refused"] == 1
+
+
+def test_receive_window_closes_until_consumer_acks(stack):
+    """Backpressure app -> consumer: unacknowledged bytes shrink the window the app sees to zero."""
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2", mss=8000)
+    flow = connect(stack, peer)
+    windows = []
+    data = os.urandom(4 * 1024 * 1024)
+    sent = 0
+    for _ in range(2000):
+        peer.send(data[sent : sent + 64000], segment=8000)
+        sent += 64000
+        for raw in stack.packets_to_send():
+            windows.append(IP(raw)[TCP].window)
+        stack.events()
+        if windows and windows[-1] == 0:
+            break
+    assert windows[-1] == 0, "the window never closed although nothing was acknowledged"
+    received = 0
+    while chunk := flow.read():
+        received += len(chunk)
+    assert received <= 1024 * 1024 + 64000  # bounded by TCP_WND, not by what the app sent
+    flow.ack(received)
+    update = [IP(raw)[TCP].window for raw in stack.packets_to_send()]
+    assert update and update[-1] > 0, "acknowledging bytes must reopen the window"
+
+
+def test_short_write_then_writable_event(stack):
+    """Backpressure consumer -> app: a full send buffer takes less, and a TcpWritable says when to retry."""
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2", mss=8000)
+    peer.auto_ack = False
+    flow = connect(stack, peer)
+    big = os.urandom(4 * 1024 * 1024)
+    taken = flow.write(big)
+    assert 0 < taken < len(big)
+    assert flow.write(big[taken:]) == 0
+    writable = False
+    for _ in range(500):  # the app reads and acknowledges; the send buffer drains
+        deliver(stack, [peer])
+        peer.ack_now()
+        if any(isinstance(e, TcpWritable) for e in stack.events()):
+            writable = True
+            break
+    assert writable
+    assert bytes(peer.received) == big[: len(peer.received)]
+    assert flow.write(big[taken:]) > 0
+
+
+def test_two_thousand_concurrent_flows_leave_nothing_behind(stack):
+    base = stack.stats()["mem_in_use"]
+    peers, flows = [], []
+    for i in range(2000):
+        dst = f"198.19.{i // 250}.{i % 250 + 1}" if i % 2 else f"fd58:3278:7373:2::{i:x}"
+        src = "198.18.0.2" if i % 2 else "fd58:3278:7373:1::2"
+        peer = TcpPeer(stack, src, dst, sport=10000 + i, dport=1000 + i % 7)
+        peer.syn()
+        (request,) = stack.events()
+        request.flow.accept()
+        peers.append(peer)
+        flows.append(request.flow)
+    by_port = {p.sport: p for p in peers}
+
+    def pump():
+        for raw in stack.packets_to_send():
+            pkt = IPv6(raw) if raw[0] >> 4 == 6 else IP(raw)
+            by_port[pkt[TCP].dport].handle(raw)
+
+    pump()
+    assert all(p.got_synack for p in peers)
+    assert stack.stats()["flows_live"] == 2000
+    for peer, flow in zip(peers, flows, strict=True):
+        peer.send(b"ping")
+        flow.write(b"pong")
+    pump()
+    stack.events()
+    for peer, flow in zip(peers, flows, strict=True):
+        assert flow.read() == b"ping"
+        flow.ack(4)
+        assert bytes(peer.received) == b"pong"
+        peer.fin()
+        flow.close()
+    pump()
+    stack.events()
+    for t in range(1, 40):  # run the clock past TIME_WAIT
+        stack.handle_timer(t * 0.25)
+        pump()
+    stats = stack.stats()
+    assert stats["flows_live"] == 0 and stats["pcbs_active"] == 0 and stats["pcbs_time_wait"] == 0
+    assert stats["mem_in_use"] <= base + 4096 * stats["listeners"], stats
+
+
+def test_syn_beyond_flow_limit_is_reset():
+    with Stack(StackConfig(max_flows=3), clock="manual") as stack:
+        peers = [TcpPeer(stack, "198.18.0.2", "198.19.0.2", sport=30000 + i) for i in range(5)]
+        for p in peers:
+            p.syn()
+        assert len(stack.events()) == 3
+        deliver(stack, peers)
+        assert [p.got_rst for p in peers] == [False, False, False, True, True]
+        assert stack.stats()["tcp_over_limit"] == 2
+
+
+def test_retransmission_timeout_reports_closed():
+    with Stack(clock="manual") as stack:
+        peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+        peer.auto_ack = False
+        flow = connect(stack, peer)
+        flow.write(b"never acknowledged")
+        events = []
+        for t in range(1, 2000):
+            stack.handle_timer(t * 0.25)
+            stack.packets_to_send()
+            events += stack.events()
+            if events:
+                break
+        assert [type(e) for e in events] == [TcpClosed]
+        assert events[0].reason is CloseReason.TIMEOUT
+
+
+def test_only_one_stack_per_process(stack):
+    with pytest.raises(StackBusyError):
+        Stack()
+
+
+def test_random_order_of_many_small_writes_stays_byte_exact(stack):
+    rng = random.Random(7)
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+    flow = connect(stack, peer)
+    expected = bytearray()
+    for _ in range(300):
+        chunk = os.urandom(rng.randint(1, 3000))
+        assert flow.write(chunk) == len(chunk)
+        expected += chunk
+        if rng.random() < 0.3:
+            deliver(stack, [peer])
+    deliver(stack, [peer])
+    assert bytes(peer.received) == bytes(expected)
