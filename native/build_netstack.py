@@ -1,6 +1,7 @@
 """cffi builder for ``netstack._native``: our glue plus the lwIP 2.1.3 core, compiled as one extension.
 
-setuptools runs it through ``cffi_modules`` (see setup.py); ``python native/build_netstack.py`` builds in place.
+setuptools runs it through ``cffi_modules`` (see setup.py); ``python native/build_netstack.py`` builds in
+place.
 """
 
 from __future__ import annotations
@@ -62,12 +63,31 @@ void ns_get_stats(ns_stats *stats);
 """
 
 LWIP_CORE = [
-    "core/init.c", "core/def.c", "core/inet_chksum.c", "core/ip.c", "core/mem.c", "core/memp.c",
-    "core/netif.c", "core/pbuf.c", "core/stats.c", "core/sys.c", "core/tcp.c", "core/tcp_in.c",
-    "core/tcp_out.c", "core/timeouts.c",
-    "core/ipv4/ip4.c", "core/ipv4/ip4_addr.c", "core/ipv4/ip4_frag.c",
-    "core/ipv6/ip6.c", "core/ipv6/ip6_addr.c", "core/ipv6/ip6_frag.c", "core/ipv6/icmp6.c",
-    "core/ipv6/nd6.c", "core/ipv6/mld6.c", "core/ipv6/inet6.c", "core/ipv6/ethip6.c",
+    "core/init.c",
+    "core/def.c",
+    "core/inet_chksum.c",
+    "core/ip.c",
+    "core/mem.c",
+    "core/memp.c",
+    "core/netif.c",
+    "core/pbuf.c",
+    "core/stats.c",
+    "core/sys.c",
+    "core/tcp.c",
+    "core/tcp_in.c",
+    "core/tcp_out.c",
+    "core/timeouts.c",
+    "core/ipv4/ip4.c",
+    "core/ipv4/ip4_addr.c",
+    "core/ipv4/ip4_frag.c",
+    "core/ipv6/ip6.c",
+    "core/ipv6/ip6_addr.c",
+    "core/ipv6/ip6_frag.c",
+    "core/ipv6/icmp6.c",
+    "core/ipv6/nd6.c",
+    "core/ipv6/mld6.c",
+    "core/ipv6/inet6.c",
+    "core/ipv6/ethip6.c",
 ]
 
 

@@ -131,7 +131,9 @@ def lwip_source() -> Path:
     cached = CACHE / ORIG_TARBALL
     if not cached.is_file():
         if shutil.which("apt-get") is None:
-            raise LwipSourceError("lwIP source not found: set LWIP_SRC, or run on Debian so apt-get can fetch it")
+            raise LwipSourceError(
+                "lwIP source not found: set LWIP_SRC, or run on Debian so apt-get can fetch it"
+            )
         with tempfile.TemporaryDirectory(prefix="lwip-apt-") as tmp:
             shutil.copy(_apt_fetch(Path(tmp)), cached)
     return _unpack(cached, tree)

@@ -23,5 +23,7 @@ def load() -> tuple[Any, Any]:
         raise NativeCoreMissing(f"netstack's native core is not built ({exc}); {BUILD_HINT}") from exc
     abi = lib.ns_version()
     if abi != EXPECTED_ABI:
-        raise NativeCoreMissing(f"netstack's native core is stale (ABI {abi}, need {EXPECTED_ABI}); {BUILD_HINT}")
+        raise NativeCoreMissing(
+            f"netstack's native core is stale (ABI {abi}, need {EXPECTED_ABI}); {BUILD_HINT}"
+        )
     return ffi, lib

@@ -168,7 +168,9 @@ class Stack:
 
     _open = False
 
-    def __init__(self, config: StackConfig | None = None, *, clock: Literal["monotonic", "manual"] = "monotonic"):
+    def __init__(
+        self, config: StackConfig | None = None, *, clock: Literal["monotonic", "manual"] = "monotonic"
+    ):
         if Stack._open:
             raise StackBusyError("another netstack.Stack is open in this process; close it first")
         self.config = config or StackConfig()
@@ -280,7 +282,12 @@ class Stack:
                     )
                 )
             elif kind == lib.NS_EV_TCP_CONNECT:
-                flow = TcpFlow(self, ev.flow, _address(ev.family, ev.src, ev.sport), _address(ev.family, ev.dst, ev.dport))
+                flow = TcpFlow(
+                    self,
+                    ev.flow,
+                    _address(ev.family, ev.src, ev.sport),
+                    _address(ev.family, ev.dst, ev.dport),
+                )
                 flows[ev.flow] = flow
                 out.append(TcpConnectRequest(flow))
             else:

@@ -9,7 +9,6 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 

@@ -1,0 +1,347 @@
+"""asyncio adapter: attach a :class:`~netstack.Stack` to a TUN file descriptor.
+
+``TunStack`` reads packets in C (``Stack.pump``) when the fd is readable, lets the stack write its output
+straight back to the fd, keeps lwIP's timers armed with ``loop.call_at``, and turns events into calls:
+``on_tcp(flow)`` for each new connection (accept it with ``TunStack.accept`` — possibly later, once an
+upstream is ready — or ``flow.refuse()``), ``on_udp(datagram)`` for each UDP datagram. An accepted flow
+gets an asyncio-style transport (:class:`TcpTransport`) driving an :class:`asyncio.Protocol`, with flow
+control both ways: ``pause_reading`` leaves bytes in the stack so the app's receive window closes, and
+``pause_writing``/``resume_writing`` tell the protocol when the app stops/starts taking bytes.
+
+Example — echo every TCP connection that arrives on a TUN device::
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport): self.transport = transport
+        def data_received(self, data): self.transport.write(data)
+        def eof_received(self): self.transport.write_eof()
+
+    tun = TunStack(fd, on_tcp=lambda flow: tun.accept(flow, Echo))
+    tun.start()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from netstack.errors import FlowClosedError
+from netstack.events import (
+    CloseReason,
+    TcpClosed,
+    TcpConnectRequest,
+    TcpDataReceived,
+    TcpEndOfStream,
+    TcpWritable,
+    UdpDatagram,
+)
+from netstack.stack import Stack, StackConfig, TcpFlow
+
+log = logging.getLogger(__name__)
+
+PUMP_BATCH = 256
+WRITE_HIGH = 1024 * 1024
+WRITE_LOW = 256 * 1024
+
+
+class ConnectionResetByApp(ConnectionResetError):
+    """The app reset the connection (or it timed out) while it was in use."""
+
+
+class TcpTransport(asyncio.Transport):
+    """The asyncio face of one accepted TCP flow."""
+
+    def __init__(self, tun: TunStack, flow: TcpFlow, protocol: asyncio.BaseProtocol) -> None:
+        super().__init__({"peername": flow.src, "sockname": flow.dst})
+        self._tun = tun
+        self._flow = flow
+        self._protocol: Any = protocol
+        self._buffer = bytearray()
+        self._reading_paused = False
+        self._data_waiting = False
+        self._eof_waiting = False
+        self._eof_to_send = False
+        self._closing = False
+        self._lost = False
+        self._writing_paused = False
+        self._high, self._low = WRITE_HIGH, WRITE_LOW
+
+    @property
+    def flow(self) -> TcpFlow:
+        return self._flow
+
+    # -- reading (app -> protocol) --
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        if self._reading_paused:
+            self._reading_paused = False
+            if self._data_waiting or self._eof_waiting:
+                self._tun._loop.call_soon(self._deliver)
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused
+
+    def _deliver(self) -> None:
+        flow = self._flow
+        if self._lost or flow.closed:
+            return
+        while not self._reading_paused:
+            data = flow.read()
+            if not data:
+                self._data_waiting = False
+                break
+            self._protocol.data_received(data)
+            if flow.closed:
+                return
+            flow.ack(len(data))  # handed on: reopen the app's window
+        else:
+            self._data_waiting = True
+        if self._eof_waiting and not self._data_waiting and not self._reading_paused:
+            self._eof_waiting = False
+            self._protocol.eof_received()
+        self._tun._kick()
+
+    # -- writing (protocol -> app) --
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._eof_to_send or self._lost:
+            return
+        if not data:
+            return
+        if not self._buffer:
+            try:
+                taken = self._flow.write(data)
+            except FlowClosedError:
+                return
+            if taken == len(data):
+                self._tun._kick()
+                return
+            data = memoryview(data)[taken:]
+        self._buffer += data
+        self._tun._kick()
+        if not self._writing_paused and len(self._buffer) > self._high:
+            self._writing_paused = True
+            self._protocol.pause_writing()
+
+    def _flush(self) -> None:
+        if self._buffer and not self._flow.closed:
+            taken = self._flow.write(self._buffer)
+            del self._buffer[:taken]
+        if self._writing_paused and len(self._buffer) <= self._low:
+            self._writing_paused = False
+            self._protocol.resume_writing()
+        if not self._buffer:
+            if self._eof_to_send:
+                self._eof_to_send = False
+                self._flow.shutdown()
+            if self._closing and not self._lost:
+                self._release(abort=False)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._lost or self._closing:
+            return
+        if self._buffer:
+            self._eof_to_send = True
+        else:
+            try:
+                self._flow.shutdown()
+            except FlowClosedError:
+                return
+        self._tun._kick()
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = WRITE_HIGH if high is None else high
+        self._low = self._high // 4 if low is None else low
+
+    # -- ending --
+
+    def is_closing(self) -> bool:
+        return self._closing or self._lost
+
+    def close(self) -> None:
+        """Send what is buffered, then FIN and release the flow."""
+        if self._closing or self._lost:
+            return
+        self._closing = True
+        if not self._buffer:
+            self._release(abort=False)
+
+    def abort(self) -> None:
+        """Reset the app's connection at once."""
+        if not self._lost:
+            self._release(abort=True)
+
+    def _release(self, abort: bool) -> None:
+        self._buffer.clear()
+        if abort:
+            self._flow.abort()
+        else:
+            self._flow.close()
+        self._tun._kick()
+        self._connection_lost(None)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._tun._transports.pop(self._flow.id, None)
+        self._tun._loop.call_soon(self._protocol.connection_lost, exc)
+
+    def _closed_by_stack(self, reason: CloseReason) -> None:
+        exc = (
+            None
+            if reason is CloseReason.NORMAL
+            else ConnectionResetByApp(f"connection {reason.name.lower()}")
+        )
+        self._connection_lost(exc)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+
+class TunStack:
+    """Drive a netstack ``Stack`` from a TUN fd on the running asyncio loop."""
+
+    def __init__(
+        self,
+        fd: int,
+        stack: Stack | None = None,
+        *,
+        config: StackConfig | None = None,
+        on_tcp: Callable[[TcpFlow], None] | None = None,
+        on_udp: Callable[[UdpDatagram], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.fd = fd
+        self.stack = stack or Stack(config)
+        self.on_tcp = on_tcp or (lambda flow: flow.refuse())
+        self.on_udp = on_udp or (lambda datagram: None)
+        self._loop = loop or asyncio.get_running_loop()
+        self._transports: dict[int, TcpTransport] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._kicked = False
+        self._started = False
+
+    def start(self) -> None:
+        """Start reading the fd; output goes straight to it."""
+        self.stack.set_output_fd(self.fd)
+        self._loop.add_reader(self.fd, self._on_readable)
+        self._started = True
+        self._arm_timer()
+
+    def close(self) -> None:
+        """Stop reading, reset every flow and free the stack."""
+        if self._started:
+            self._loop.remove_reader(self.fd)
+            self._started = False
+        if self._timer:
+            self._timer.cancel()
+        for transport in list(self._transports.values()):
+            transport._connection_lost(ConnectionAbortedError("netstack closed"))
+        self._transports.clear()
+        self.stack.close()
+
+    def accept(self, flow: TcpFlow, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> TcpTransport:
+        """Complete the app's handshake and wire the flow to a new protocol."""
+        protocol = protocol_factory()
+        transport = TcpTransport(self, flow, protocol)
+        flow.accept()
+        self._transports[flow.id] = transport
+        protocol.connection_made(transport)
+        self._kick()
+        return transport
+
+    def udp_send(self, src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> None:
+        """Deliver a datagram to an app (see ``Stack.udp_send``)."""
+        self.stack.udp_send(src, dst, payload)
+
+    @property
+    def transports(self) -> dict[int, TcpTransport]:
+        return self._transports
+
+    # -- the loop's side --
+
+    def _on_readable(self) -> None:
+        try:
+            for _ in range(8):  # bounded, so other callbacks get their turn under load
+                n = self.stack.pump(self.fd, PUMP_BATCH)
+                self._dispatch()
+                if n < PUMP_BATCH:
+                    break
+        except OSError as exc:
+            log.error("TUN read failed: %s", exc)
+        self._arm_timer()
+
+    def _kick(self) -> None:
+        """Operations outside a batch may queue events or start lwIP timers: handle them soon."""
+        if not self._kicked:
+            self._kicked = True
+            self._loop.call_soon(self._after_ops)
+
+    def _after_ops(self) -> None:
+        self._kicked = False
+        self._dispatch()
+        self._arm_timer()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.stack.handle_timer()
+        self._dispatch()
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        delay = self.stack.timer_deadline() if not self.stack._closed else None
+        if delay is None:
+            return
+        when = self._loop.time() + delay
+        if self._timer is not None:
+            if self._timer.when() <= when + 0.001:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _dispatch(self) -> None:
+        for event in self.stack.events():
+            try:
+                self._handle(event)
+            except Exception:  # one misbehaving protocol must not take the others down
+                log.exception("error while handling %s", type(event).__name__)
+
+    def _handle(self, event: object) -> None:
+        if isinstance(event, TcpDataReceived):
+            transport = self._transports.get(event.flow.id)
+            if transport is not None:
+                transport._deliver()
+        elif isinstance(event, UdpDatagram):
+            self.on_udp(event)
+        elif isinstance(event, TcpConnectRequest):
+            self.on_tcp(event.flow)
+        elif isinstance(event, TcpWritable):
+            transport = self._transports.get(event.flow.id)
+            if transport is not None:
+                transport._flush()
+        elif isinstance(event, TcpEndOfStream):
+            transport = self._transports.get(event.flow.id)
+            if transport is not None:
+                transport._eof_waiting = True
+                transport._deliver()
+        elif isinstance(event, TcpClosed):
+            transport = self._transports.get(event.flow.id)
+            if transport is not None:
+                transport._closed_by_stack(event.reason)
