@@ -1,0 +1,396 @@
+"""Sans-IO codec of the x2ssh agent protocol (see PROTOCOL.md), shared by the client and the agent.
+
+Theory of operation: bytes go into `Decoder.feed()`, which returns every complete frame as a small
+immutable object; `encode()` (or the fast `encode_datagram()`) turns a frame back into bytes. Nothing
+here touches sockets, time or asyncio. Malformed input from the peer raises `ProtocolError` with a
+reason; misuse by the caller (a bad address string, a payload that is too large) raises `ValueError`.
+
+Stdlib only and Python 3.8 compatible: this module runs on the SSH server inside the agent zipapp.
+"""
+
+from __future__ import annotations
+
+import hmac
+import socket
+import struct
+from typing import List, NamedTuple, Optional, Tuple, Union
+
+PROTOCOL_VERSION = 1
+MIN_VERSION = 1
+MAX_VERSION = 1
+
+MAGIC = b"X2SA"
+TOKEN_SIZE = 32
+MAX_PAYLOAD = 65535
+MAX_SOFTWARE = 255
+MAX_ERROR_MESSAGE = 1024
+_MAX_ADDRESS = 1 + 16 + 2
+MAX_BODY = 4 + _MAX_ADDRESS + MAX_PAYLOAD
+HEADER_SIZE = 5
+
+# Frame types.
+HELLO = 0x01
+WELCOME = 0x02
+OPEN_FLOW = 0x10
+DATAGRAM = 0x11
+CLOSE_FLOW = 0x12
+KEEPALIVE = 0x20
+ERROR = 0x21
+GOODBYE = 0x22
+
+# Address kinds.
+ADDR_NONE = 0x00
+ADDR_IPV4 = 0x04
+ADDR_IPV6 = 0x06
+ADDR_SERVER_RESOLVER = 0x52
+
+# CLOSE_FLOW reasons.
+CLOSE_NORMAL = 0
+CLOSE_IDLE = 1
+CLOSE_LIMIT = 2
+CLOSE_SOCKET_ERROR = 3
+CLOSE_NO_RESOLVER = 4
+
+# ERROR codes.
+ERR_BAD_FRAME = 1
+ERR_UNSUPPORTED_VERSION = 2
+ERR_UNEXPECTED_FRAME = 3
+ERR_INTERNAL = 4
+
+Address = Tuple[str, int]
+
+#: Destination meaning "the server's own resolver" (first nameserver of its /etc/resolv.conf, port 53).
+SERVER_RESOLVER: Address = ("server-resolver", 53)
+
+_HEADER = struct.Struct("!IB")
+_U32 = struct.Struct("!I")
+_U16 = struct.Struct("!H")
+_HELLO_FIXED = struct.Struct("!4sBB")
+_WELCOME_FIXED = struct.Struct("!BI")
+_CLOSE = struct.Struct("!IB")
+_KEEPALIVE = struct.Struct("!IB")
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that break the protocol; `reason` says how, `code` is the ERROR code to send."""
+
+    def __init__(self, reason: str, code: int = ERR_BAD_FRAME) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class Hello(NamedTuple):
+    min_version: int
+    max_version: int
+    token: bytes
+
+
+class Welcome(NamedTuple):
+    version: int
+    max_flows: int
+    software: str
+
+
+class OpenFlow(NamedTuple):
+    flow_id: int
+    destination: Address
+
+
+class Datagram(NamedTuple):
+    flow_id: int
+    peer: Optional[Address]
+    payload: bytes
+
+
+class CloseFlow(NamedTuple):
+    flow_id: int
+    reason: int
+
+
+class Keepalive(NamedTuple):
+    nonce: int
+    is_reply: bool
+
+
+class Error(NamedTuple):
+    code: int
+    message: str
+
+
+class Goodbye(NamedTuple):
+    pass
+
+
+Frame = Union[Hello, Welcome, OpenFlow, Datagram, CloseFlow, Keepalive, Error, Goodbye]
+
+
+# --- addresses ---------------------------------------------------------------------------------------
+
+
+def encode_address(address: Optional[Address]) -> bytes:
+    """Encode an address; None is NONE, SERVER_RESOLVER is the special resolver destination."""
+    if address is None:
+        return b"\x00"
+    if address == SERVER_RESOLVER:
+        return bytes((ADDR_SERVER_RESOLVER,))
+    host, port = address
+    if not 0 < port < 65536:
+        raise ValueError("port out of range: %r" % (port,))
+    host = host.split("%", 1)[0]  # a link-local scope id has no meaning on the other end
+    try:
+        if ":" in host:
+            return b"\x06" + socket.inet_pton(socket.AF_INET6, host) + _U16.pack(port)
+        return b"\x04" + socket.inet_pton(socket.AF_INET, host) + _U16.pack(port)
+    except OSError:
+        raise ValueError("not an IP address: %r" % (host,)) from None
+
+
+def _decode_address(body: bytes, offset: int) -> Tuple[Optional[Address], int]:
+    if offset >= len(body):
+        raise ProtocolError("truncated address")
+    kind = body[offset]
+    offset += 1
+    if kind == ADDR_NONE:
+        return None, offset
+    if kind == ADDR_SERVER_RESOLVER:
+        return SERVER_RESOLVER, offset
+    if kind == ADDR_IPV4:
+        size, family = 4, socket.AF_INET
+    elif kind == ADDR_IPV6:
+        size, family = 16, socket.AF_INET6
+    else:
+        raise ProtocolError("bad address kind 0x%02x" % kind)
+    end = offset + size + 2
+    if end > len(body):
+        raise ProtocolError("truncated address")
+    host = socket.inet_ntop(family, body[offset : offset + size])
+    (port,) = _U16.unpack_from(body, offset + size)
+    if port == 0:
+        raise ProtocolError("address with port 0")
+    return (host, port), end
+
+
+# --- encoding ----------------------------------------------------------------------------------------
+
+
+def _frame(frame_type: int, body: bytes) -> bytes:
+    return _HEADER.pack(len(body), frame_type) + body
+
+
+def _check_flow_id(flow_id: int) -> None:
+    if not 0 < flow_id <= 0xFFFFFFFF:
+        raise ValueError("flow id out of range: %r" % (flow_id,))
+
+
+def encode_datagram(flow_id: int, payload: bytes, peer: Optional[Address] = None) -> bytes:
+    """Encode a DATAGRAM frame (the hot path: no frame object needed)."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError("payload of %d bytes exceeds %d" % (len(payload), MAX_PAYLOAD))
+    _check_flow_id(flow_id)
+    address = encode_address(peer)
+    return _HEADER.pack(4 + len(address) + len(payload), DATAGRAM) + _U32.pack(flow_id) + address + payload
+
+
+def encode(frame: Frame) -> bytes:
+    """Encode any frame object to bytes (header included)."""
+    if isinstance(frame, Datagram):
+        return encode_datagram(frame.flow_id, frame.payload, frame.peer)
+    if isinstance(frame, OpenFlow):
+        _check_flow_id(frame.flow_id)
+        if frame.destination is None:
+            raise ValueError("OPEN_FLOW needs a destination")
+        return _frame(OPEN_FLOW, _U32.pack(frame.flow_id) + encode_address(frame.destination))
+    if isinstance(frame, CloseFlow):
+        _check_flow_id(frame.flow_id)
+        return _frame(CLOSE_FLOW, _CLOSE.pack(frame.flow_id, frame.reason))
+    if isinstance(frame, Keepalive):
+        return _frame(KEEPALIVE, _KEEPALIVE.pack(frame.nonce, 1 if frame.is_reply else 0))
+    if isinstance(frame, Hello):
+        if len(frame.token) != TOKEN_SIZE:
+            raise ValueError("token must be %d bytes" % TOKEN_SIZE)
+        return _frame(HELLO, _HELLO_FIXED.pack(MAGIC, frame.min_version, frame.max_version) + frame.token)
+    if isinstance(frame, Welcome):
+        software = frame.software.encode("utf-8")[:MAX_SOFTWARE]
+        return _frame(WELCOME, _WELCOME_FIXED.pack(frame.version, frame.max_flows) + software)
+    if isinstance(frame, Error):
+        message = frame.message.encode("utf-8")[:MAX_ERROR_MESSAGE]
+        return _frame(ERROR, _U16.pack(frame.code) + message)
+    if isinstance(frame, Goodbye):
+        return _frame(GOODBYE, b"")
+    raise TypeError("not a frame: %r" % (frame,))
+
+
+# --- decoding ----------------------------------------------------------------------------------------
+
+
+def _flow_id(body: bytes, name: str) -> int:
+    if len(body) < 4:
+        raise ProtocolError("truncated %s frame" % name)
+    (flow_id,) = _U32.unpack_from(body, 0)
+    if flow_id == 0:
+        raise ProtocolError("flow id 0 is reserved")
+    return flow_id
+
+
+def _decode_body(frame_type: int, body: bytes) -> Frame:
+    if frame_type == DATAGRAM:
+        flow_id = _flow_id(body, "DATAGRAM")
+        peer, offset = _decode_address(body, 4)
+        if peer == SERVER_RESOLVER:
+            raise ProtocolError("DATAGRAM peer cannot be the server resolver")
+        if len(body) - offset > MAX_PAYLOAD:
+            raise ProtocolError("oversized datagram payload")
+        return Datagram(flow_id, peer, body[offset:])
+    if frame_type == OPEN_FLOW:
+        flow_id = _flow_id(body, "OPEN_FLOW")
+        destination, offset = _decode_address(body, 4)
+        if destination is None:
+            raise ProtocolError("OPEN_FLOW without destination")
+        if offset != len(body):
+            raise ProtocolError("trailing bytes in OPEN_FLOW frame")
+        return OpenFlow(flow_id, destination)
+    if frame_type == CLOSE_FLOW:
+        if len(body) != _CLOSE.size:
+            raise ProtocolError("bad CLOSE_FLOW length %d" % len(body))
+        flow_id = _flow_id(body, "CLOSE_FLOW")
+        return CloseFlow(flow_id, body[4])
+    if frame_type == KEEPALIVE:
+        if len(body) != _KEEPALIVE.size:
+            raise ProtocolError("bad KEEPALIVE length %d" % len(body))
+        nonce, is_reply = _KEEPALIVE.unpack(body)
+        if is_reply > 1:
+            raise ProtocolError("bad KEEPALIVE reply flag %d" % is_reply)
+        return Keepalive(nonce, bool(is_reply))
+    if frame_type == HELLO:
+        if len(body) < _HELLO_FIXED.size:
+            raise ProtocolError("truncated HELLO frame")
+        magic, min_version, max_version = _HELLO_FIXED.unpack_from(body, 0)
+        if magic != MAGIC:
+            raise ProtocolError("bad HELLO magic")
+        if min_version == 0 or min_version > max_version:
+            raise ProtocolError("bad version range %d..%d" % (min_version, max_version))
+        token = body[_HELLO_FIXED.size :]
+        if len(token) != TOKEN_SIZE:
+            raise ProtocolError("bad token length %d" % len(token))
+        return Hello(min_version, max_version, token)
+    if frame_type == WELCOME:
+        if len(body) < _WELCOME_FIXED.size:
+            raise ProtocolError("truncated WELCOME frame")
+        if len(body) > _WELCOME_FIXED.size + MAX_SOFTWARE:
+            raise ProtocolError("oversized WELCOME frame")
+        version, max_flows = _WELCOME_FIXED.unpack_from(body, 0)
+        software = body[_WELCOME_FIXED.size :].decode("utf-8", "replace")
+        return Welcome(version, max_flows, software)
+    if frame_type == ERROR:
+        if len(body) < 2:
+            raise ProtocolError("truncated ERROR frame")
+        if len(body) > 2 + MAX_ERROR_MESSAGE:
+            raise ProtocolError("oversized ERROR frame")
+        (code,) = _U16.unpack_from(body, 0)
+        return Error(code, body[2:].decode("utf-8", "replace"))
+    if frame_type == GOODBYE:
+        if body:
+            raise ProtocolError("trailing bytes in GOODBYE frame")
+        return Goodbye()
+    raise ProtocolError("unknown frame type 0x%02x" % frame_type)
+
+
+class Decoder:
+    """Turns a byte stream into frames. After a ProtocolError the decoder stays failed."""
+
+    def __init__(self) -> None:
+        self._chunks: List[bytes] = []
+        self._size = 0
+        # Bytes needed before parsing can make progress: received chunks are joined only then, so a
+        # peer dribbling a large frame byte by byte costs linear, not quadratic, copying.
+        self._need = HEADER_SIZE
+        self._error: Optional[ProtocolError] = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return self._size
+
+    def feed(self, data: bytes) -> List[Frame]:
+        """Add received bytes; return every frame now complete (possibly none)."""
+        if self._error is not None:
+            raise self._error
+        if data:
+            self._chunks.append(bytes(data))
+            self._size += len(data)
+        if self._size < self._need:
+            return []
+        buffer = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        frames: List[Frame] = []
+        offset = 0
+        end = len(buffer)
+        need = HEADER_SIZE
+        try:
+            while end - offset >= HEADER_SIZE:
+                length, frame_type = _HEADER.unpack_from(buffer, offset)
+                limit = _MAX_BODY_BY_TYPE.get(frame_type)
+                if limit is None:
+                    raise ProtocolError("unknown frame type 0x%02x" % frame_type)
+                if length > limit:
+                    raise ProtocolError("oversized frame: %d bytes for type 0x%02x" % (length, frame_type))
+                body_start = offset + HEADER_SIZE
+                if end - body_start < length:
+                    need = HEADER_SIZE + length
+                    break
+                frames.append(_decode_body(frame_type, buffer[body_start : body_start + length]))
+                offset = body_start + length
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+        rest = buffer[offset:] if offset else buffer
+        self._chunks = [rest] if rest else []
+        self._size = len(rest)
+        self._need = need
+        return frames
+
+    def eof(self) -> None:
+        """The stream ended: raise ProtocolError if it ended inside a frame."""
+        if self._error is not None:
+            raise self._error
+        if self._size:
+            self._error = ProtocolError("truncated frame at end of stream")
+            raise self._error
+
+
+# Largest body each frame type may have: checked on the header, before any body byte is buffered.
+_MAX_BODY_BY_TYPE = {
+    HELLO: _HELLO_FIXED.size + TOKEN_SIZE,
+    WELCOME: _WELCOME_FIXED.size + MAX_SOFTWARE,
+    OPEN_FLOW: 4 + _MAX_ADDRESS,
+    DATAGRAM: MAX_BODY,
+    CLOSE_FLOW: _CLOSE.size,
+    KEEPALIVE: _KEEPALIVE.size,
+    ERROR: 2 + MAX_ERROR_MESSAGE,
+    GOODBYE: 0,
+}
+
+
+# --- handshake helpers -------------------------------------------------------------------------------
+
+
+def negotiate_version(hello: Hello) -> int:
+    """Return the highest version both sides speak, or raise ProtocolError(UNSUPPORTED_VERSION)."""
+    high = min(hello.max_version, MAX_VERSION)
+    if high < max(hello.min_version, MIN_VERSION):
+        raise ProtocolError(
+            "no common version: peer speaks %d..%d, agent %d..%d"
+            % (hello.min_version, hello.max_version, MIN_VERSION, MAX_VERSION),
+            ERR_UNSUPPORTED_VERSION,
+        )
+    return high
+
+
+def token_matches(expected: bytes, presented: bytes) -> bool:
+    """Constant-time token comparison."""
+    return hmac.compare_digest(expected, presented)
+
+
+def is_dns_destination(destination: Address) -> bool:
+    """True for destinations that get the short DNS idle timeout."""
+    return destination == SERVER_RESOLVER or destination[1] == 53

@@ -1,0 +1,283 @@
+"""Client side of UDP: maps the apps' datagrams onto agent flows and the agent's replies back to the apps.
+
+Theory of operation (sans-IO): the netstack hands every outgoing UDP datagram to `datagram_from_app()`.
+A flow is keyed by the app's (source, destination) pair; the first datagram of a flow assigns a flow id
+and opens it on the agent, later ones only send. Replies arrive through `datagram_from_agent()` with the
+address they came from and are handed to `send_to_app(src=that address, dst=the app's address)`, so a
+reply from another port still reaches the app. Datagrams to a tunnel DNS address are sent to the real
+resolver (the server's own by default) and their replies appear to come from the tunnel DNS address.
+
+Idle flows expire after `idle_timeout` (`dns_idle_timeout` for port 53): the caller drives time through
+`expire(now)` and `next_deadline()`. Flows live in two recency-ordered dicts (DNS and others), so both
+calls only look at the oldest flows. Nothing is queued here: without an agent, beyond the flow cap or when
+the agent link pushes back, a datagram is dropped and counted in `stats.drops`.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from agent.protocol import MAX_PAYLOAD, SERVER_RESOLVER
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+SendToApp = Callable[[Address, Address, bytes], None]
+
+__all__ = ["SERVER_RESOLVER", "AgentLink", "DnsOverride", "UdpRelay", "UdpRelaySettings", "UdpRelayStats"]
+
+
+class AgentLink(Protocol):
+    """What the relay needs from an agent connection (`x2ssh.agent_deploy.AgentHandle` implements it)."""
+
+    def set_receiver(self, receiver: UdpRelay | None) -> None: ...
+    def open_flow(self, flow_id: int, destination: Address) -> None: ...
+    def send_datagram(self, flow_id: int, payload: bytes) -> bool: ...
+    def close_flow(self, flow_id: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class UdpRelaySettings:
+    """Limits of the relay; keep the timeouts equal to the agent's so both ends expire flows alike."""
+
+    idle_timeout: float = 60.0
+    dns_idle_timeout: float = 10.0
+    max_flows: int = 1024
+
+
+@dataclass(frozen=True)
+class DnsOverride:
+    """Send datagrams for `tunnel_addresses` to `upstream` instead.
+
+    `tunnel_addresses`: the DNS addresses the client's resolver is pointed at, e.g.
+    ``("100.100.83.53", 53)`` and ``("fd78:7832:7373::53", 53)``. `upstream`: `SERVER_RESOLVER` (the
+    server's own resolver, `--vpn-dns remote`) or an explicit ``(address, port)`` (`--vpn-dns ADDR`).
+    """
+
+    tunnel_addresses: tuple[Address, ...]
+    upstream: Address = SERVER_RESOLVER
+
+    def __post_init__(self) -> None:
+        # Canonical address text, so lookups match what the netstack reports.
+        canonical = tuple((str(ipaddress.ip_address(host)), port) for host, port in self.tunnel_addresses)
+        object.__setattr__(self, "tunnel_addresses", canonical)
+
+
+@dataclass
+class UdpRelayStats:
+    """Counters; `drops` maps a reason to a count."""
+
+    flows_opened: int = 0
+    flows_expired: int = 0
+    flows_closed_by_agent: int = 0
+    datagrams_to_agent: int = 0
+    bytes_to_agent: int = 0
+    datagrams_to_app: int = 0
+    bytes_to_app: int = 0
+    drops: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+class _Flow:
+    __slots__ = ("app", "destination", "dns", "flow_id", "key", "last_active", "reply_source")
+
+    def __init__(self, flow_id: int, key: tuple[Address, Address], destination: Address, dns: bool) -> None:
+        self.flow_id = flow_id
+        self.key = key
+        self.app = key[0]
+        self.destination = destination  # what the agent sends to (the real resolver for DNS overrides)
+        self.reply_source: Address | None = None  # fixed source for replies (the tunnel DNS address)
+        self.dns = dns
+        self.last_active = 0.0
+
+
+class UdpRelay:
+    """Relays the apps' UDP datagrams through an agent link; see the module docstring."""
+
+    def __init__(
+        self,
+        send_to_app: SendToApp,
+        settings: UdpRelaySettings | None = None,
+        dns_override: DnsOverride | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._send_to_app = send_to_app
+        self.settings = settings or UdpRelaySettings()
+        self.dns_override = dns_override
+        self._tunnel_dns = frozenset(dns_override.tunnel_addresses) if dns_override else frozenset()
+        self._clock = clock
+        self.stats = UdpRelayStats()
+        self._agent: AgentLink | None = None
+        self._by_key: dict[tuple[Address, Address], _Flow] = {}
+        self._by_id: dict[int, _Flow] = {}
+        self._recency: dict[bool, collections.OrderedDict[_Flow, None]] = {
+            True: collections.OrderedDict(),
+            False: collections.OrderedDict(),
+        }
+        self._next_id = 1
+
+    # --- agent link -----------------------------------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        return self._agent is not None
+
+    @property
+    def flow_count(self) -> int:
+        return len(self._by_id)
+
+    def attach(self, agent: AgentLink) -> None:
+        """Use `agent` from now on (flows of a previous agent are forgotten)."""
+        if self._agent is not None:
+            self.detach()
+        self._agent = agent
+        agent.set_receiver(self)
+
+    def detach(self) -> None:
+        """Forget the agent and every flow: its sockets are gone with it."""
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            agent.set_receiver(None)
+        self._by_key.clear()
+        self._by_id.clear()
+        for recency in self._recency.values():
+            recency.clear()
+
+    def agent_lost(self, reason: str) -> None:
+        """Called by the agent link when its connection ends."""
+        log.warning("UDP agent lost: %s; UDP datagrams are dropped until it is back", reason)
+        self.detach()
+
+    # --- app -> agent ---------------------------------------------------------------------------------
+
+    def datagram_from_app(self, src: Address, dst: Address, payload: bytes) -> None:
+        """A datagram an app sent from `src` to `dst` (as seen by the netstack)."""
+        agent = self._agent
+        stats = self.stats
+        if agent is None:
+            stats.drops["no_agent"] += 1
+            return
+        if len(payload) > MAX_PAYLOAD:
+            stats.drops["oversized"] += 1
+            return
+        key = (src, dst)
+        flow = self._by_key.get(key)
+        if flow is None:
+            flow = self._open(agent, key)
+            if flow is None:
+                return
+        else:
+            self._recency[flow.dns].move_to_end(flow)
+        flow.last_active = self._clock()
+        if agent.send_datagram(flow.flow_id, payload):
+            stats.datagrams_to_agent += 1
+            stats.bytes_to_agent += len(payload)
+        else:
+            stats.drops["agent_backpressure"] += 1
+
+    def _open(self, agent: AgentLink, key: tuple[Address, Address]) -> _Flow | None:
+        if len(self._by_id) >= self.settings.max_flows:
+            self.stats.drops["flow_limit"] += 1
+            return None
+        dst = key[1]
+        reply_source = None
+        destination = dst
+        if dst in self._tunnel_dns:
+            assert self.dns_override is not None
+            destination = self.dns_override.upstream
+            reply_source = dst
+        dns = destination == SERVER_RESOLVER or destination[1] == 53
+        flow = _Flow(self._allocate_id(), key, destination, dns)
+        flow.reply_source = reply_source
+        self._by_key[key] = flow
+        self._by_id[flow.flow_id] = flow
+        self._recency[dns][flow] = None
+        self.stats.flows_opened += 1
+        agent.open_flow(flow.flow_id, destination)
+        return flow
+
+    def _allocate_id(self) -> int:
+        # Ids grow monotonically so a reply to a just-closed flow never lands on a new one;
+        # after 2**32 - 1 flows they wrap, skipping ids still in use.
+        while True:
+            flow_id = self._next_id
+            self._next_id = flow_id + 1 if flow_id < 0xFFFFFFFF else 1
+            if flow_id not in self._by_id:
+                return flow_id
+
+    # --- agent -> app ---------------------------------------------------------------------------------
+
+    def datagram_from_agent(self, flow_id: int, source: Address, payload: bytes) -> None:
+        """A reply the agent received for `flow_id` from `source`."""
+        flow = self._by_id.get(flow_id)
+        if flow is None:
+            self.stats.drops["unknown_flow"] += 1
+            return
+        flow.last_active = self._clock()
+        self._recency[flow.dns].move_to_end(flow)
+        self.stats.datagrams_to_app += 1
+        self.stats.bytes_to_app += len(payload)
+        self._send_to_app(flow.reply_source or source, flow.app, payload)
+
+    def flow_closed_by_agent(self, flow_id: int, reason: int) -> None:
+        """The agent closed a flow (idle, limit, socket error): forget it; the next datagram reopens."""
+        flow = self._by_id.get(flow_id)
+        if flow is None:
+            return
+        log.debug(
+            "agent closed UDP flow %d (%s -> %s), reason %d", flow_id, flow.app, flow.destination, reason
+        )
+        self.stats.flows_closed_by_agent += 1
+        self._forget(flow)
+
+    # --- time -----------------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When `expire()` next has work to do (clock units), or None without flows."""
+        deadlines = [
+            next(iter(self._recency[dns])).last_active + self._timeout(dns)
+            for dns in (True, False)
+            if self._recency[dns]
+        ]
+        return min(deadlines) if deadlines else None
+
+    def expire(self, now: float) -> int:
+        """Close flows idle since their timeout; return how many."""
+        expired = 0
+        for dns in (True, False):
+            recency = self._recency[dns]
+            timeout = self._timeout(dns)
+            while recency:
+                flow = next(iter(recency))
+                if flow.last_active + timeout > now:
+                    break
+                self._forget(flow)
+                expired += 1
+                if self._agent is not None:
+                    self._agent.close_flow(flow.flow_id)
+        self.stats.flows_expired += expired
+        return expired
+
+    def close_all(self) -> None:
+        """Close every flow on the agent (e.g. before a clean shutdown)."""
+        for flow in list(self._by_id.values()):
+            self._forget(flow)
+            if self._agent is not None:
+                self._agent.close_flow(flow.flow_id)
+
+    def flows(self) -> Iterable[tuple[int, Address, Address]]:
+        """(flow id, app address, destination) of every open flow, for status views."""
+        return [(f.flow_id, f.app, f.destination) for f in self._by_id.values()]
+
+    def _timeout(self, dns: bool) -> float:
+        return self.settings.dns_idle_timeout if dns else self.settings.idle_timeout
+
+    def _forget(self, flow: _Flow) -> None:
+        self._by_key.pop(flow.key, None)
+        self._by_id.pop(flow.flow_id, None)
+        self._recency[flow.dns].pop(flow, None)
