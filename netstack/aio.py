@@ -285,7 +285,10 @@ class TunStack:
                 if n < PUMP_BATCH:
                     break
         except OSError as exc:
-            log.error("TUN read failed: %s", exc)
+            # The device is gone (deleted, or the fd detached): stop reading instead of spinning.
+            log.error("TUN read failed, no longer reading it: %s", exc)
+            self._loop.remove_reader(self.fd)
+            self._started = False
         self._arm_timer()
 
     def _kick(self) -> None:

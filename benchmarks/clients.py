@@ -1,0 +1,246 @@
+"""Measurement clients the harness runs inside a namespace (stdlib only; one JSON object on stdout).
+
+    python3 clients.py http-rate --host H --port P --path /1k.bin --concurrency 50 --duration 5
+    python3 clients.py rr --host H --port P --count 2000 --size 64
+    python3 clients.py dns --server S --name lab.test --count 1000
+    python3 clients.py idle-flows --host H --port P --count 1000 --hold 3
+
+Latencies are reported as percentiles computed here (the raw per-request samples would be huge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import socket
+import struct
+import sys
+import time
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of `values`; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def _raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# -- HTTP connection rate ----------------------------------------------------------------------------------
+
+
+async def _one_request(host: str, port: int, request: bytes) -> float:
+    """One short request on a new connection; returns time to first response byte (s)."""
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        first = await reader.read(1)
+        if not first:
+            raise ConnectionError("closed before any response byte")
+        ttfb = time.perf_counter() - start
+        head = first + await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise ConnectionError(head.split(b"\r\n", 1)[0].decode("latin-1"))
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        await reader.readexactly(length)
+        return ttfb
+    finally:
+        writer.close()
+
+
+async def http_rate(host: str, port: int, path: str, concurrency: int, duration: float) -> dict:
+    netloc = f"[{host}]" if ":" in host else host
+    request = f"GET {path} HTTP/1.1\r\nHost: {netloc}\r\nConnection: close\r\n\r\n".encode()
+    ttfbs: list[float] = []
+    errors: list[str] = []
+    deadline = time.perf_counter() + duration
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            try:
+                ttfbs.append(await asyncio.wait_for(_one_request(host, port, request), 10))
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                errors.append(type(exc).__name__ + ": " + str(exc))
+                await asyncio.sleep(0.01)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    return {
+        "requests": len(ttfbs),
+        "errors": len(errors),
+        "first_errors": sorted(set(errors))[:5],
+        "elapsed_s": elapsed,
+        "rate_per_s": len(ttfbs) / elapsed if elapsed else 0.0,
+        "ttfb_p50_ms": _ms(percentile(ttfbs, 50)),
+        "ttfb_p99_ms": _ms(percentile(ttfbs, 99)),
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+# -- request/response over one connection ------------------------------------------------------------------
+
+
+def request_response(host: str, port: int, count: int, size: int) -> dict:
+    payload = os.urandom(size)
+    samples: list[float] = []
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            start = time.perf_counter()
+            sock.sendall(payload)
+            got = b""
+            while len(got) < size:
+                chunk = sock.recv(size - len(got))
+                if not chunk:
+                    raise ConnectionError("echo server closed the connection")
+                got += chunk
+            samples.append(time.perf_counter() - start)
+            if got != payload:
+                raise ValueError("echo returned different bytes")
+    return {
+        "count": len(samples),
+        "p50_us": percentile(samples, 50) * 1e6,
+        "p99_us": percentile(samples, 99) * 1e6,
+    }
+
+
+# -- DNS lookups -------------------------------------------------------------------------------------------
+
+
+def _dns_query(ident: int, name: str, qtype: int) -> bytes:
+    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.strip(".").split("."))
+    return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + labels + b"\x00" + struct.pack("!HH", qtype, 1)
+
+
+def dns_lookups(server: str, name: str, count: int, timeout: float) -> dict:
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    samples: list[float] = []
+    failures = 0
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect((server, 53))
+        for i in range(count):
+            ident = (i * 7919 + 1) & 0xFFFF
+            start = time.perf_counter()
+            sock.send(_dns_query(ident, name, 1))
+            try:
+                while True:
+                    reply = sock.recv(4096)
+                    if len(reply) >= 12 and struct.unpack("!H", reply[:2])[0] == ident:
+                        break
+            except OSError:
+                failures += 1
+                continue
+            rcode = reply[3] & 0x0F
+            answers = struct.unpack("!H", reply[6:8])[0]
+            if rcode != 0 or answers == 0:
+                failures += 1
+                continue
+            samples.append(time.perf_counter() - start)
+    return {
+        "count": count,
+        "answered": len(samples),
+        "failures": failures,
+        "p50_ms": _ms(percentile(samples, 50)),
+        "p99_ms": _ms(percentile(samples, 99)),
+    }
+
+
+# -- idle flows --------------------------------------------------------------------------------------------
+
+
+async def idle_flows(host: str, port: int, count: int, hold: float, parallel: int) -> dict:
+    """Open `count` echo connections (each proven alive with a 1-byte echo), hold them, close them."""
+    gate = asyncio.Semaphore(parallel)
+    streams: list[asyncio.StreamWriter] = []
+    errors: list[str] = []
+
+    async def open_one() -> None:
+        async with gate:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 20)
+                writer.write(b"x")
+                await writer.drain()
+                if await asyncio.wait_for(reader.readexactly(1), 20) != b"x":
+                    raise ValueError("wrong echo")
+                streams.append(writer)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                errors.append(type(exc).__name__ + ": " + str(exc))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(open_one() for _ in range(count)))
+    opened_in = time.perf_counter() - start
+    sys.stderr.write(f"holding {len(streams)} flows\n")
+    await asyncio.sleep(hold)
+    for writer in streams:
+        writer.close()
+    return {
+        "requested": count,
+        "opened": len(streams),
+        "failed": len(errors),
+        "first_errors": sorted(set(errors))[:5],
+        "open_s": opened_in,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="kind", required=True)
+    p = sub.add_parser("http-rate")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--path", default="/1k.bin")
+    p.add_argument("--concurrency", type=int, default=50)
+    p.add_argument("--duration", type=float, default=5.0)
+    p = sub.add_parser("rr")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--count", type=int, default=2000)
+    p.add_argument("--size", type=int, default=64)
+    p = sub.add_parser("dns")
+    p.add_argument("--server", required=True)
+    p.add_argument("--name", default="lab.test")
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--timeout", type=float, default=1.0)
+    p = sub.add_parser("idle-flows")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--count", type=int, default=1000)
+    p.add_argument("--hold", type=float, default=3.0)
+    p.add_argument("--parallel", type=int, default=200)
+    args = parser.parse_args(argv)
+    _raise_fd_limit()
+    if args.kind == "http-rate":
+        result = asyncio.run(http_rate(args.host, args.port, args.path, args.concurrency, args.duration))
+    elif args.kind == "rr":
+        result = request_response(args.host, args.port, args.count, args.size)
+    elif args.kind == "dns":
+        result = dns_lookups(args.server, args.name, args.count, args.timeout)
+    else:
+        result = asyncio.run(idle_flows(args.host, args.port, args.count, args.hold, args.parallel))
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()

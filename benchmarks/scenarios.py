@@ -1,0 +1,364 @@
+"""Benchmark scenarios: each measures one workload through one transport and returns metric values.
+
+A scenario never asserts on time: it returns numbers (or raises `ScenarioError` saying what went wrong),
+and the harness decides how to report them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from benchmarks.env import BenchEnv
+from benchmarks.procstat import ResourceMeter, descendants
+from benchmarks.transports import LOSS, SCALE, TCP, UDP, Endpoint, Transport
+
+log = logging.getLogger(__name__)
+
+CLIENTS_SCRIPT = Path(__file__).with_name("clients.py")
+GB = 1e9
+
+
+class ScenarioError(RuntimeError):
+    """A measurement could not be taken (tool failed, transport broke); the message says why."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    label: str
+    unit: str
+    better: str  # "higher" or "lower"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sizes and durations of one harness run (`quick()` for the smoke run, `full()` otherwise)."""
+
+    repeats: int
+    iperf_seconds: int
+    http_seconds: float
+    http_concurrency: int
+    rr_count: int
+    dns_count: int
+    udp_rates: tuple[str, ...]
+    udp_seconds: int
+    scale_counts: tuple[int, ...]
+    scale_hold: float
+    download_size: int
+    netem: str
+
+    @classmethod
+    def full(cls) -> Settings:
+        return cls(
+            repeats=3, iperf_seconds=8, http_seconds=5.0, http_concurrency=50, rr_count=2000, dns_count=1000,
+            udp_rates=("50M", "200M"), udp_seconds=5, scale_counts=(1000, 10000), scale_hold=3.0,
+            download_size=20 * 1024 * 1024, netem="delay 50ms loss 1%",
+        )  # fmt: skip
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            repeats=1, iperf_seconds=2, http_seconds=2.0, http_concurrency=50, rr_count=300, dns_count=200,
+            udp_rates=("50M",), udp_seconds=2, scale_counts=(200,), scale_hold=1.0,
+            download_size=2 * 1024 * 1024, netem="delay 50ms loss 1%",
+        )  # fmt: skip
+
+
+Values = dict[str, tuple[float | None, dict[str, Any]]]
+
+
+class Scenario:
+    name: ClassVar[str]
+    requires: ClassVar[str]
+    description: ClassVar[str]
+
+    def metrics(self, settings: Settings) -> list[Metric]:
+        raise NotImplementedError
+
+    def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
+        raise NotImplementedError
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+
+
+def _run_json(env: BenchEnv, ns: str, argv: list[str], timeout: float) -> dict:
+    done = env.lab.run(ns, argv, timeout=timeout)
+    try:
+        data = json.loads(done.stdout) if done.stdout.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ScenarioError(f"{argv[0]}: unparsable output: {done.stdout[-300:]!r}") from exc
+    if done.returncode != 0:
+        reason = data.get("error") if isinstance(data, dict) else None
+        raise ScenarioError(f"{Path(argv[0]).name} exited {done.returncode}: {reason or done.stderr[-500:]}")
+    return data
+
+
+def _client(env: BenchEnv, ep: Endpoint, args: list[str], timeout: float) -> dict:
+    return _run_json(env, ep.ns, [sys.executable, str(CLIENTS_SCRIPT), *args], timeout)
+
+
+def _iperf3(env: BenchEnv, ep: Endpoint, args: list[str], seconds: int) -> dict:
+    argv = [
+        "iperf3",
+        "-c",
+        ep.host,
+        "-p",
+        str(ep.port),
+        "-t",
+        str(seconds),
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ]
+    for attempt in (1, 2):
+        try:
+            return _run_json(env, ep.ns, [*argv, *args], timeout=seconds + 40)
+        except ScenarioError as exc:
+            if attempt == 2 or "busy" not in str(exc):
+                raise
+            log.warning("iperf3 server busy; restarting it")
+            env.restart_iperf3()
+    raise AssertionError("unreachable")
+
+
+def _server_pids(env: BenchEnv) -> list[int]:
+    return descendants(env.sshd.pid) if env.sshd.pid else []
+
+
+@contextmanager
+def _metered(env: BenchEnv, transport: Transport) -> Iterator[tuple[ResourceMeter, ResourceMeter] | None]:
+    """CPU/RSS meters for the transport's client processes and sshd's sessions (None for `direct`)."""
+    if not transport.client_pids():
+        yield None
+        return
+    with ResourceMeter(transport.client_pids) as client, ResourceMeter(lambda: _server_pids(env)) as server:
+        yield client, server
+
+
+# -- scenarios ---------------------------------------------------------------------------------------------
+
+
+class IperfTcp(Scenario):
+    """iperf3 TCP throughput (Mbit/s) with CPU seconds per GB moved on the client and the server side."""
+
+    requires = TCP
+
+    def __init__(self, name: str, label: str, reverse: bool, flows: int) -> None:
+        self.name = name
+        self.label = label
+        self.reverse = reverse
+        self.flows = flows
+        self.description = label
+
+    def metrics(self, settings: Settings) -> list[Metric]:
+        return [
+            Metric(self.name, self.label, "Mbit/s", "higher"),
+            Metric(f"{self.name}-cpu-client", f"{self.label}: client CPU", "s/GB", "lower"),
+            Metric(f"{self.name}-cpu-server", f"{self.label}: server CPU", "s/GB", "lower"),
+        ]
+
+    def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
+        ep = transport.reach("iperf3")
+        args = (["-R"] if self.reverse else []) + (["-P", str(self.flows)] if self.flows > 1 else [])
+        with _metered(env, transport) as meters:
+            data = _iperf3(env, ep, args, settings.iperf_seconds)
+        received = data["end"]["sum_received"]
+        moved_gb = received["bytes"] / GB
+        extra = {
+            "bytes": received["bytes"],
+            "retransmits": data["end"].get("sum_sent", {}).get("retransmits"),
+        }
+        values: Values = {self.name: (received["bits_per_second"] / 1e6, extra)}
+        client_cpu = server_cpu = None
+        if meters is not None and moved_gb > 0:
+            client_cpu = meters[0].cpu_seconds / moved_gb
+            server_cpu = meters[1].cpu_seconds / moved_gb
+        values[f"{self.name}-cpu-client"] = (client_cpu, {})
+        values[f"{self.name}-cpu-server"] = (server_cpu, {})
+        return values
+
+
+class HttpRate(Scenario):
+    name = "http-rate"
+    requires = TCP
+    description = "short HTTP requests (new connection each), 50 concurrent clients"
+
+    def metrics(self, settings: Settings) -> list[Metric]:
+        return [
+            Metric("http-rate", f"HTTP requests/s, {settings.http_concurrency} clients", "req/s", "higher"),
+            Metric("http-ttfb-p50", "HTTP time to first byte p50", "ms", "lower"),
+            Metric("http-ttfb-p99", "HTTP time to first byte p99", "ms", "lower"),
+        ]
+
+    def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
+        ep = transport.reach("http")
+        args = [
+            "http-rate", "--host", ep.host, "--port", str(ep.port), "--path", "/1k.bin",
+            "--concurrency", str(settings.http_concurrency), "--duration", str(settings.http_seconds),
+        ]  # fmt: skip
+        data = _client(env, ep, args, timeout=settings.http_seconds + 60)
+        if not data["requests"]:
+            raise ScenarioError(f"no request succeeded: {data['first_errors']}")
+        extra = {"requests": data["requests"], "errors": data["errors"], "first_errors": data["first_errors"]}
+        return {
+            "http-rate": (data["rate_per_s"], extra),
+            "http-ttfb-p50": (data["ttfb_p50_ms"], {}),
+            "http-ttfb-p99": (data["ttfb_p99_ms"], {}),
+        }
+
+
+class RequestResponse(Scenario):
+    name = "rr-latency"
+    requires = TCP
+    description = "64-byte request/response over one open connection"
+
+    def metrics(self, settings: Settings) -> list[Metric]:
+        return [
+            Metric("rr-p50", "request/response p50 (64 B, one connection)", "µs", "lower"),
+            Metric("rr-p99", "request/response p99 (64 B, one connection)", "µs", "lower"),
+        ]
+
+    def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
+        ep = transport.reach("echo")
+        args = ["rr", "--host", ep.host, "--port", str(ep.port), "--count", str(settings.rr_count)]
+        data = _client(env, ep, args, timeout=120)
+        return {"rr-p50": (data["p50_us"], {"count": data["count"]}), "rr-p99": (data["p99_us"], {})}
+
+
+class LossyDownload(Scenario):
+    name = "loss-download"
+    requires = LOSS
+    description = "download under netem delay/loss on the path's first link (both directions)"
+
+    def metrics(self, settings: Settings) -> list[Metric]:
+        size_mb = settings.download_size / (1024 * 1024)
+        label = f"{size_mb:g} MiB download, netem {settings.netem} (each way)"
+        return [Metric("loss-download", label, "s", "lower")]
+
+    def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
+        ep = transport.reach("http")
+        out = env.log_dir / f"download-{transport.name}.bin"
+        url = f"http://{ep.host}:{ep.port}/{env.download_file}"
+        links = transport.lossy_links()
+        try:
+            for link_ns, dev in links:
+                env.lab.netem(link_ns, dev, settings.netem)
+            done = env.lab.run(
+                ep.ns,
+                ["curl", "-sS", "--fail", "--max-time", "600", "-o", str(out), "-w", "%{time_total}", url],
+                timeout=660,
+            )
+        finally:
+            for link_ns, dev in links:
+                env.lab.clear_netem(link_ns, dev)
+        if done.returncode != 0:
+            raise ScenarioError(f"curl exited {done.returncode}: {done.stderr.strip()[-300:]}")
+        digest = hashlib.sha256(out.read_bytes()).hexdigest()
+        out.unlink()
+        if digest != env.download_sha256:
+            raise ScenarioError("downloaded bytes differ from the served file")
+        return {"loss-download": (float(done.stdout.strip()), {"bytes": env.download_size})}
+
+
+class UdpRates(Scenario):
+    name = "udp"
+    requires = UDP
+    description = "iperf3 -u at fixed offered rates (1200-byte datagrams)"
+
+    def metrics(self, settings: Settings) -> list[Metric]:
+        metrics = []
+        for rate in settings.udp_rates:
+            metrics += [
+                Metric(f"udp-{rate}-loss", f"UDP offered {rate}bit/s: loss", "%", "lower"),
+                Metric(f"udp-{rate}-recv", f"UDP offered {rate}bit/s: received", "Mbit/s", "higher"),
+            ]
+        return metrics
+
+    def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
+        ep = transport.reach("iperf3")
+        values: Values = {}
+        for rate in settings.udp_rates:
+            data = _iperf3(env, ep, ["-u", "-b", rate, "-l", "1200"], settings.udp_seconds)
+            total = data["end"]["sum"]
+            extra = {"packets": total.get("packets"), "lost": total.get("lost_packets")}
+            values[f"udp-{rate}-loss"] = (total["lost_percent"], extra)
+            received = data["end"].get("sum_received", total)
+            values[f"udp-{rate}-recv"] = (received["bits_per_second"] / 1e6, {})
+        return values
+
+
+class DnsLatency(Scenario):
+    name = "dns"
+    requires = UDP
+    description = "sequential A lookups of lab.test against the target's dnsmasq"
+
+    def metrics(self, settings: Settings) -> list[Metric]:
+        return [
+            Metric("dns-p50", f"DNS lookup p50 ({settings.dns_count} lookups)", "ms", "lower"),
+            Metric("dns-p99", f"DNS lookup p99 ({settings.dns_count} lookups)", "ms", "lower"),
+        ]
+
+    def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
+        ep = transport.reach("dns")
+        data = _client(env, ep, ["dns", "--server", ep.host, "--count", str(settings.dns_count)], timeout=300)
+        if not data["answered"]:
+            raise ScenarioError(f"no DNS answer in {data['count']} lookups")
+        extra = {"answered": data["answered"], "failures": data["failures"]}
+        return {"dns-p50": (data["p50_ms"], extra), "dns-p99": (data["p99_ms"], {})}
+
+
+class IdleFlows(Scenario):
+    name = "scale"
+    requires = SCALE
+    description = "many idle TCP flows held open through the VPN: memory of the VPN process"
+
+    def metrics(self, settings: Settings) -> list[Metric]:
+        metrics = []
+        for n in settings.scale_counts:
+            metrics += [
+                Metric(f"scale-{n}-opened", f"{n} idle flows: flows open", "flows", "higher"),
+                Metric(f"scale-{n}-rss", f"{n} idle flows: peak RSS of transport", "MiB", "lower"),
+                Metric(f"scale-{n}-per-flow", f"{n} idle flows: RSS growth per flow", "KiB", "lower"),
+            ]
+        return metrics
+
+    def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
+        ep = transport.reach("echo")
+        values: Values = {}
+        for n in settings.scale_counts:
+            with ResourceMeter(transport.client_pids) as meter:
+                before = meter.peak_rss_kib
+                args = ["idle-flows", "--host", ep.host, "--port", str(ep.port), "--count", str(n)]
+                args += ["--hold", str(settings.scale_hold)]
+                data = _client(env, ep, args, timeout=600)
+            opened = data["opened"]
+            growth = (meter.peak_rss_kib - before) / opened if opened else None
+            extra = {"failed": data["failed"], "first_errors": data["first_errors"], "open_s": data["open_s"]}
+            values[f"scale-{n}-opened"] = (float(opened), extra)
+            values[f"scale-{n}-rss"] = (meter.peak_rss_kib / 1024, {"rss_before_kib": before})
+            values[f"scale-{n}-per-flow"] = (growth, {})
+        return values
+
+
+def all_scenarios() -> list[Scenario]:
+    """Every scenario, in the order the harness runs them."""
+    return [
+        IperfTcp("tcp-up", "TCP 1 flow upload", reverse=False, flows=1),
+        IperfTcp("tcp-down", "TCP 1 flow download", reverse=True, flows=1),
+        IperfTcp("tcp-8flows", "TCP 8 flows download", reverse=True, flows=8),
+        HttpRate(),
+        RequestResponse(),
+        LossyDownload(),
+        UdpRates(),
+        DnsLatency(),
+        IdleFlows(),
+    ]

@@ -1,0 +1,310 @@
+"""One VPN run: connect, bring the tunnel up, carry traffic, heal the connection, and undo everything.
+
+Order matters and is the whole safety story:
+  1. connect and authenticate SSH first — a bad host, key or password fails before anything changes;
+  2. every host change (TUN, routes, DNS) is journaled before it is made, so a crash is undone by
+     `x2ssh --vpn-cleanup` or the next start;
+  3. the SSH server (and ProxyJump hops) keep their original path, so the tunnel never carries itself;
+  4. on a lost connection routes and DNS stay in place (nothing leaks out of the tunnel), new TCP flows wait
+     for the next connection within a bound, and the flows that were open are reset;
+  5. on exit (signal, --retry-max reached, fatal error) the journal is unwound in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+
+import asyncssh
+
+from netstack import LocalProtocolError, StackConfig, UdpDatagram
+from netstack.aio import TunStack
+from x2ssh.agent_deploy import AgentHandle, AgentSettings, AgentUnavailable, deploy_agent
+from x2ssh.dns import DnsConfigurator, resolver_addresses
+from x2ssh.dns_over_tcp import DnsOverTcp, server_resolver
+from x2ssh.errors import SshConnectError, X2sshError
+from x2ssh.routing import LinuxRouting, plan_routes
+from x2ssh.settings import Settings
+from x2ssh.ssh_connect import bypass_addresses, connect_ssh
+from x2ssh.state import StateJournal, journal_path
+from x2ssh.status import Snapshot, StatusView
+from x2ssh.tcp_bridge import TcpBridge
+from x2ssh.tun import DNS_V4, DNS_V6, TunDevice, open_tun
+from x2ssh.udp_relay import DnsOverride, UdpRelay, UdpRelaySettings
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+TUNNEL_DNS = {str(DNS_V4), str(DNS_V6)}
+STATUS_INTERVAL = 1.0
+AGENT_RETRY_DELAY = 5.0
+
+
+async def run_vpn(settings: Settings) -> int:
+    """Run the VPN until a signal or a final failure; returns the process exit code."""
+    return await VpnSession(settings).run()
+
+
+class VpnSession:
+    """Owns the connection, the TUN and netstack, the bridge, the UDP relay and the host changes."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.journal: StateJournal | None = None  # created once the connection is up: nothing before
+        self.conn: asyncssh.SSHClientConnection | None = None
+        self.tun: TunDevice | None = None
+        self.tun_stack: TunStack | None = None
+        self.bridge = TcpBridge(self._stack, rewrite=self._rewrite_dns)
+        remote_dns = settings.vpn_dns == "remote"
+        override = DnsOverride(((str(DNS_V4), 53), (str(DNS_V6), 53))) if remote_dns else None
+        self.relay = UdpRelay(self._udp_to_app, UdpRelaySettings(), dns_override=override)
+        self.dns_tcp = DnsOverTcp(lambda: self.conn, self._udp_to_app, self._dns_upstream)
+        self.agent: AgentHandle | None = None
+        self.agent_unavailable: str | None = None
+        self.server_dns: str | None = None
+        self.state = "connecting"
+        self.status = StatusView()
+        self.errors: list[str] = []
+        self._stop = asyncio.Event()
+        self._signal = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- the whole run --
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            conn = await connect_ssh(self.settings)
+            try:
+                await self._bring_up(conn)
+                return await self._serve(conn)
+            finally:
+                await self._tear_down()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("%s received: restoring routes and DNS", signal.Signals(sig).name)
+        self._signal = sig
+        self._stop.set()
+
+    async def _bring_up(self, conn: asyncssh.SSHClientConnection) -> None:
+        s = self.settings
+        self.journal = StateJournal(journal_path(s.state_dir, s.vpn_tun))
+        bypass = await bypass_addresses(s, conn)
+        server = conn.get_extra_info("peername")
+        self.server_label = f"{s.host or s.destination} ({server[0] if server else '?'})"
+        self.tun = await asyncio.to_thread(open_tun, s.vpn_tun, s.vpn_mtu, journal=self.journal)
+        self.tun_stack = TunStack(
+            self.tun.fd,
+            config=StackConfig(mtu=s.vpn_mtu),
+            on_tcp=self.bridge.on_tcp,
+            on_udp=self._on_udp,
+        )
+        self.tun_stack.start()
+        routing = LinuxRouting()
+        plan = await asyncio.to_thread(
+            plan_routes, self.tun.name, bypass, list(s.vpn_exclude), routing.lookup_original
+        )
+        await asyncio.to_thread(routing.apply, plan, self.journal)
+        servers = resolver_addresses(s.vpn_dns)
+        if servers:
+            dns = DnsConfigurator(self.tun.name)
+            await asyncio.to_thread(dns.apply, servers, self.journal)
+        self._attach(conn)
+        self.state = "up"
+        log.info(
+            "VPN up: %s via %s; bypassing %s; DNS %s",
+            self.tun.name,
+            self.server_label,
+            ", ".join(map(str, bypass)) or "nothing",
+            ", ".join(map(str, servers)) or "unchanged",
+        )
+        self.status.start()
+        self._spawn(self._status_loop())
+
+    def _attach(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
+        self.bridge.set_connection(conn)
+        self._spawn(self._agent_loop(conn))
+
+    async def _serve(self, conn: asyncssh.SSHClientConnection) -> int:
+        while True:
+            closed = asyncio.ensure_future(conn.wait_closed())
+            stop = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({closed, stop}, return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            stop.cancel()
+            if self._stop.is_set():
+                return 128 + self._signal if self._signal else 0
+            self._detach("SSH connection lost")
+            new = await self._reconnect()
+            if new is None:
+                return 1 if not self._stop.is_set() else 128 + self._signal
+            conn = new
+            self._attach(conn)
+            self.state = "up"
+            log.info("reconnected to %s", self.server_label)
+
+    def _detach(self, why: str) -> None:
+        log.warning("%s: open flows are reset; new ones wait for the next connection", why)
+        self.errors.append(f"{time.strftime('%H:%M:%S')} {why}")
+        self.conn = None
+        self.bridge.set_connection(None)
+        if self.agent is not None:
+            self.relay.detach()
+            self.agent = None
+
+    async def _reconnect(self) -> asyncssh.SSHClientConnection | None:
+        s = self.settings
+        delay = s.retry_initial
+        attempt = 0
+        while s.retry_max is None or attempt < s.retry_max:
+            attempt += 1
+            self.state = f"reconnecting (attempt {attempt})"
+            try:
+                return await connect_ssh(s)
+            except SshConnectError as exc:
+                log.warning("reconnect attempt %d failed: %s", attempt, exc.message)
+            if s.retry_max is not None and attempt >= s.retry_max:
+                break
+            wait = min(delay, s.retry_max_delay) * random.uniform(0.8, 1.2)
+            self.state = f"reconnecting (attempt {attempt}, next in {wait:.0f} s)"
+            log.info("%s", self.state)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), wait)
+            if self._stop.is_set():
+                return None
+            delay *= 2
+        log.error("giving up after %d reconnect attempts (--retry-max)", attempt)
+        return None
+
+    async def _tear_down(self) -> None:
+        self.state = "stopping"
+        self.status.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        self.bridge.close()
+        self.dns_tcp.close()
+        if self.tun_stack is not None:
+            self.tun_stack.close()  # resets every app connection while the routes still point at us
+            self.tun_stack = None
+        if self.journal is not None:
+            try:
+                await asyncio.to_thread(self.journal.undo_all)  # DNS, routes, TUN record: reverse order
+            except X2sshError as exc:
+                log.error("%s", exc.message)
+        if self.agent is not None:
+            agent, self.agent = self.agent, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(agent.close(), 10)
+        if self.tun is not None:
+            self.tun.close()
+        if self.conn is not None:
+            self.conn.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.conn.wait_closed(), 5)
+        log.info("VPN down: routes and DNS restored")
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- UDP --
+
+    def _on_udp(self, datagram: UdpDatagram) -> None:
+        if self.agent is None and datagram.dst[1] == 53 and self.settings.vpn_dns != "off":
+            self.dns_tcp.query(datagram.src, datagram.dst, datagram.payload)
+            return
+        self.relay.datagram_from_app(datagram.src, datagram.dst, datagram.payload)
+
+    def _udp_to_app(self, src: Address, dst: Address, payload: bytes) -> None:
+        if self.tun_stack is None:
+            return
+        try:
+            self.tun_stack.udp_send(src, dst, payload)
+        except LocalProtocolError as exc:
+            log.debug("UDP reply of %d bytes not delivered: %s", len(payload), exc)
+
+    async def _agent_loop(self, conn: asyncssh.SSHClientConnection) -> None:
+        """Keep a UDP agent attached for as long as `conn` lives; re-deploy when it dies."""
+        settings = AgentSettings()
+        while self.conn is conn and not conn.is_closed():
+            try:
+                agent = await deploy_agent(conn, settings)
+            except AgentUnavailable as exc:
+                if self.agent_unavailable != exc.reason:
+                    log.warning("UDP agent unavailable: %s", exc.reason)
+                self.agent_unavailable = exc.reason
+                return
+            except (asyncssh.Error, OSError) as exc:
+                log.warning("UDP agent deployment failed: %s", exc)
+                await asyncio.sleep(AGENT_RETRY_DELAY)
+                continue
+            if self.conn is not conn:
+                await agent.close()
+                return
+            self.agent_unavailable = None
+            self.agent = agent
+            self.relay.attach(agent)
+            await agent.wait_closed()
+            if self.agent is agent:
+                self.relay.detach()
+                self.agent = None
+                if self.conn is conn and not conn.is_closed():
+                    log.warning("UDP agent connection lost; re-deploying")
+                    await asyncio.sleep(1)
+
+    # -- DNS --
+
+    def _dns_upstream(self, dst: Address) -> Address:
+        if dst[0] in TUNNEL_DNS:
+            return (self.server_dns or "127.0.0.1", 53)
+        return dst
+
+    def _rewrite_dns(self, dst: Address) -> Address:
+        """TCP to the tunnel DNS address (DNS over TCP from apps) goes to the real resolver."""
+        if dst[0] in TUNNEL_DNS and self.settings.vpn_dns == "remote":
+            return (self.server_dns or "127.0.0.1", dst[1])
+        return dst
+
+    # -- status --
+
+    async def _status_loop(self) -> None:
+        while True:
+            if self.conn is not None and self.server_dns is None and self.settings.vpn_dns == "remote":
+                self.server_dns = await server_resolver(self.conn)
+            self.relay.expire(time.monotonic())
+            self.status.update(self.snapshot())
+            await asyncio.sleep(STATUS_INTERVAL)
+
+    def snapshot(self) -> Snapshot:
+        b = self.bridge.stats
+        r = self.relay.stats
+        udp_mode = "agent" if self.agent else ("DNS over TCP" if self.agent_unavailable else "starting")
+        return Snapshot(
+            state=self.state,
+            server=getattr(self, "server_label", ""),
+            tcp_active=b.active,
+            tcp_opened=b.opened,
+            tcp_refused=b.refused,
+            tcp_failed=b.failed,
+            udp_flows=self.relay.flow_count,
+            udp_mode=udp_mode,
+            bytes_up=b.bytes_up + r.bytes_to_agent,
+            bytes_down=b.bytes_down + r.bytes_to_app,
+            drops=sum(r.drops.values()),
+            errors=list(self.errors),
+        )
+
+    def _stack(self) -> TunStack:
+        assert self.tun_stack is not None
+        return self.tun_stack

@@ -1,0 +1,120 @@
+"""Open the SSH connection the way OpenSSH would, and find the addresses that must bypass the tunnel.
+
+asyncssh reads ~/.ssh/config (or `-F`), identity files, the ssh-agent and ProxyJump itself; this module only
+maps x2ssh's settings onto its options and turns its exceptions into x2ssh's user-facing errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from typing import Any
+
+import asyncssh
+
+from x2ssh.errors import SshAuthFailed, SshConnectError, SshHostKeyRejected, SshHostUnreachable
+from x2ssh.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# AES-GCM first: with AES-NI it is the cheapest cipher per byte, and bulk throughput is what a VPN needs.
+PREFERRED_CIPHERS = (
+    "aes128-gcm@openssh.com",
+    "aes256-gcm@openssh.com",
+    "chacha20-poly1305@openssh.com",
+    "aes128-ctr",
+    "aes256-ctr",
+)
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for `asyncssh.connect` that mirror the command line and `-o` options."""
+    opts: dict[str, Any] = {
+        "encryption_algs": list(PREFERRED_CIPHERS),
+        "keepalive_interval": settings.keepalive_interval or 0,
+        "keepalive_count_max": settings.keepalive_count_max,
+    }
+    if settings.port is not None:
+        opts["port"] = settings.port
+    if settings.user is not None:
+        opts["username"] = settings.user
+    if settings.identities:
+        opts["client_keys"] = list(settings.identities)
+    if settings.ssh_config is not None:
+        opts["config"] = [str(settings.ssh_config)]
+    if settings.jump:
+        opts["tunnel"] = ",".join(settings.jump)
+    known_hosts = settings.ssh_option("UserKnownHostsFile")
+    strict = (settings.ssh_option("StrictHostKeyChecking") or "yes").lower()
+    if strict in ("no", "off"):
+        opts["known_hosts"] = None  # the user asked for it explicitly, as with OpenSSH
+    elif known_hosts:
+        opts["known_hosts"] = [p for p in known_hosts.split() if p.lower() != "none"] or None
+    timeout = settings.ssh_option("ConnectTimeout")
+    opts["connect_timeout"] = float(timeout) if timeout else 15.0
+    if (settings.ssh_option("IdentitiesOnly") or "").lower() == "yes":
+        opts["agent_path"] = None
+    return opts
+
+
+async def connect_ssh(settings: Settings) -> asyncssh.SSHClientConnection:
+    """Connect and authenticate, or raise an `SshConnectError` subclass with a message for people."""
+    host = settings.host or settings.destination or ""
+    target = f"{settings.user + '@' if settings.user else ''}{host}"
+    try:
+        return await asyncssh.connect(host, **connect_options(settings))
+    except asyncssh.HostKeyNotVerifiable as exc:
+        raise SshHostKeyRejected(
+            f"{target}: the server's host key is unknown or has changed ({exc.reason}); refusing to connect. "
+            "Check the key and add it to known_hosts (ssh-keyscan / ssh once interactively)."
+        ) from None
+    except asyncssh.PermissionDenied as exc:
+        raise SshAuthFailed(f"{target}: authentication failed ({exc.reason})") from None
+    except asyncssh.DisconnectError as exc:
+        raise SshConnectError(f"{target}: the server closed the connection: {exc.reason}") from None
+    except (TimeoutError, OSError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or "timed out")
+        raise SshHostUnreachable(f"{target}: cannot reach the SSH server: {reason}") from None
+    except asyncssh.Error as exc:
+        raise SshConnectError(f"{target}: {exc}") from None
+
+
+def peer_address(conn: asyncssh.SSHClientConnection) -> IpAddress | None:
+    """The address our TCP connection actually goes to: the server, or the first ProxyJump hop."""
+    peer = conn.get_extra_info("peername")
+    while peer is None and (tunnel := getattr(conn, "_tunnel", None)) is not None:
+        conn = tunnel  # through a jump host: the socket belongs to the first hop
+        peer = conn.get_extra_info("peername")
+    if not peer:
+        return None
+    return ipaddress.ip_address(str(peer[0]).split("%")[0])
+
+
+async def bypass_addresses(settings: Settings, conn: asyncssh.SSHClientConnection) -> list[IpAddress]:
+    """Every address that must keep its original path: the connected peer plus each ProxyJump hop."""
+    found: list[IpAddress] = []
+    first = peer_address(conn)
+    if first is not None:
+        found.append(first)
+    loop = asyncio.get_running_loop()
+    for hop in settings.jump:
+        name = hop.rsplit("@", 1)[-1]
+        name = (
+            name[1:].split("]")[0]
+            if name.startswith("[")
+            else name.rsplit(":", 1)[0]
+            if name.count(":") == 1
+            else name
+        )
+        try:
+            infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except OSError:
+            continue  # an ssh_config alias only asyncssh can resolve: the first hop is covered by the peer
+        for info in infos:
+            addr = ipaddress.ip_address(info[4][0].split("%")[0])
+            if addr not in found:
+                found.append(addr)
+    return found

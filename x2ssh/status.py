@@ -1,0 +1,107 @@
+"""What people see while the VPN runs: a live `rich` panel on a terminal, periodic log lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+log = logging.getLogger("x2ssh")
+
+
+@dataclass
+class Snapshot:
+    """Everything the status view shows, taken once per refresh by the session."""
+
+    state: str = "connecting"
+    server: str = ""
+    tcp_active: int = 0
+    tcp_opened: int = 0
+    tcp_refused: int = 0
+    tcp_failed: int = 0
+    udp_flows: int = 0
+    udp_mode: str = "off"
+    bytes_up: int = 0
+    bytes_down: int = 0
+    drops: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def human_rate(bytes_per_s: float) -> str:
+    return f"{bytes_per_s * 8 / 1e6:.1f} Mbit/s"
+
+
+class StatusView:
+    """Renders snapshots: `update(snapshot)` as often as you like; rates are computed between updates."""
+
+    LOG_INTERVAL = 60.0
+
+    def __init__(self, live: bool | None = None) -> None:
+        self._live_enabled = sys.stderr.isatty() if live is None else live
+        self._live: Live | None = None
+        self._last: tuple[float, int, int] | None = None
+        self._rates = (0.0, 0.0)
+        self._last_log = 0.0
+
+    def start(self) -> None:
+        if self._live_enabled:
+            self._live = Live(self._render(Snapshot()), console=Console(stderr=True), refresh_per_second=2)
+            self._live.start()
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    def update(self, snap: Snapshot) -> None:
+        now = time.monotonic()
+        if self._last is not None and now > self._last[0]:
+            dt = now - self._last[0]
+            self._rates = ((snap.bytes_up - self._last[1]) / dt, (snap.bytes_down - self._last[2]) / dt)
+        self._last = (now, snap.bytes_up, snap.bytes_down)
+        if self._live is not None:
+            self._live.update(self._render(snap))
+        elif now - self._last_log >= self.LOG_INTERVAL:
+            self._last_log = now
+            log.info("status: %s", self.line(snap))
+
+    def line(self, snap: Snapshot) -> str:
+        up, down = self._rates
+        return (
+            f"{snap.state}, tcp {snap.tcp_active} open "
+            f"({snap.tcp_opened} total, {snap.tcp_refused} refused), "
+            f"udp {snap.udp_flows} flows ({snap.udp_mode}), up {human_bytes(snap.bytes_up)} "
+            f"({human_rate(up)}), down {human_bytes(snap.bytes_down)} ({human_rate(down)})"
+        )
+
+    def _render(self, snap: Snapshot) -> Table:
+        up, down = self._rates
+        table = Table(title=f"x2ssh — {snap.server}", show_header=False, expand=False)
+        table.add_column(style="bold")
+        table.add_column()
+        colour = "green" if snap.state == "up" else "yellow"
+        table.add_row("connection", f"[{colour}]{snap.state}[/{colour}]")
+        table.add_row(
+            "TCP flows", f"{snap.tcp_active} open, {snap.tcp_opened} opened, {snap.tcp_refused} refused"
+        )
+        table.add_row("UDP", f"{snap.udp_flows} flows via {snap.udp_mode}")
+        table.add_row("upload", f"{human_bytes(snap.bytes_up)}  {human_rate(up)}")
+        table.add_row("download", f"{human_bytes(snap.bytes_down)}  {human_rate(down)}")
+        errors = snap.tcp_failed + snap.drops
+        table.add_row("errors", f"{errors} ({snap.tcp_failed} channel failures, {snap.drops} drops)")
+        for message in snap.errors[-3:]:
+            table.add_row("", f"[red]{message}[/red]")
+        return table

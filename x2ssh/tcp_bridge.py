@@ -1,0 +1,236 @@
+"""Splice each TCP flow from the netstack onto an SSH `direct-tcpip` channel to its original destination.
+
+Theory of operation. A new flow arrives as a pending SYN. The bridge opens a channel to the flow's
+destination first and only then accepts the flow (the app's handshake completes); a refused or failed
+open refuses the flow, so the app sees a RST at once. From then on two small protocols face each other:
+
+    app <-> TcpTransport (netstack) <-> _AppSide ... _ChannelSide <-> SSHTCPChannel <-> sshd <-> destination
+
+Bytes are passed on as they come; flow control is wired end to end: when the channel's send buffer is full
+asyncssh calls `pause_writing`, and the bridge stops reading from the app (its TCP window closes); when the
+app does not take bytes fast enough, the netstack transport calls `pause_writing` and the bridge stops
+reading the channel (its SSH window closes). Half-close maps FIN <-> EOF in both directions; a reset on
+either side aborts the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+
+from netstack import TcpFlow
+from netstack.aio import TcpTransport, TunStack
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+CHANNEL_WINDOW = 4 * 1024 * 1024
+CHANNEL_MAX_PACKET = 256 * 1024  # sshd caps what it sends at its own limit; larger costs nothing
+
+
+@dataclass
+class BridgeStats:
+    """Counters for the status view."""
+
+    opened: int = 0
+    refused: int = 0
+    failed: int = 0
+    active: int = 0
+    bytes_up: int = 0  # app -> server
+    bytes_down: int = 0  # server -> app
+
+
+class _ChannelSide(asyncssh.SSHTCPSession):
+    """Receives from the SSH channel; feeds the app."""
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        link = self._link
+        link.stats.bytes_down += len(data)
+        if link.app is not None:
+            link.app.write(data)
+        else:  # the server spoke first, before the app's handshake was accepted
+            link.early.append(data)
+
+    def eof_received(self) -> bool:
+        if self._link.app is not None:
+            self._link.app.write_eof()
+        else:
+            self._link.early.append(None)
+        return True  # keep the channel half-open: the app may still send
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._link.channel_closed(exc)
+
+    def pause_writing(self) -> None:
+        if self._link.app is not None:
+            self._link.app.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._link.app is not None:
+            self._link.app.resume_reading()
+
+
+class _AppSide(asyncio.Protocol):
+    """Receives from the app (through the netstack); feeds the channel."""
+
+    def __init__(self, link: _Link) -> None:
+        self._link = link
+
+    def data_received(self, data: bytes) -> None:
+        link = self._link
+        link.stats.bytes_up += len(data)
+        link.channel.write(data)
+
+    def eof_received(self) -> None:
+        self._link.channel.write_eof()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._link.app_closed(exc)
+
+    def pause_writing(self) -> None:
+        self._link.channel.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._link.channel.resume_reading()
+
+
+class _Link:
+    """One flow and its channel."""
+
+    __slots__ = ("app", "channel", "done", "early", "stats")
+
+    def __init__(self, stats: BridgeStats) -> None:
+        self.stats = stats
+        self.channel: Any = None
+        self.app: TcpTransport | None = None
+        self.done = False
+        self.early: list[bytes | None] = []  # channel data (None: EOF) that came before the accept
+
+    def attach(self, app: TcpTransport) -> None:
+        self.app = app
+        for item in self.early:
+            if item is None:
+                app.write_eof()
+            else:
+                app.write(item)
+        self.early.clear()
+
+    def channel_closed(self, exc: Exception | None) -> None:
+        if self.app is not None and not self.app.is_closing():
+            if exc is None:
+                self.app.close()  # after what is buffered: FIN, then the flow is released
+            else:
+                self.app.abort()
+        self._finish()
+
+    def app_closed(self, exc: Exception | None) -> None:
+        if self.channel is not None:
+            if exc is None:
+                self.channel.close()
+            else:
+                self.channel.abort()
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.stats.active -= 1
+
+
+class TcpBridge:
+    """Turns netstack TCP flows into SSH channels. `connection` may be swapped on reconnect."""
+
+    def __init__(
+        self,
+        tun: Callable[[], TunStack],
+        rewrite: Callable[[Address], Address] | None = None,
+        open_timeout: float = 15.0,
+    ) -> None:
+        self._tun = tun
+        self._rewrite = rewrite or (lambda addr: addr)
+        self._open_timeout = open_timeout
+        self.connection: asyncssh.SSHClientConnection | None = None
+        self.connection_ready = asyncio.Event()
+        self.stats = BridgeStats()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._links: set[_Link] = set()
+
+    def on_tcp(self, flow: TcpFlow) -> None:
+        """Netstack callback for a new connection request (the app's SYN is held meanwhile)."""
+        task = asyncio.get_running_loop().create_task(self._open(flow))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open(self, flow: TcpFlow) -> None:
+        host, port = self._rewrite(flow.dst)
+        link = _Link(self.stats)
+        try:
+            conn = await self._wait_for_connection()
+            channel, _ = await asyncio.wait_for(
+                conn.create_connection(
+                    lambda: _ChannelSide(link),
+                    host,
+                    port,
+                    flow.src[0],
+                    flow.src[1],
+                    window=CHANNEL_WINDOW,
+                    max_pktsize=CHANNEL_MAX_PACKET,
+                ),
+                self._open_timeout,
+            )
+        except asyncssh.ChannelOpenError as exc:
+            self.stats.refused += 1
+            log.debug("%s:%d refused by the server: %s", host, port, exc.reason)
+            self._refuse(flow)
+            return
+        except (TimeoutError, OSError, asyncssh.Error, ConnectionError) as exc:
+            self.stats.failed += 1
+            log.debug("%s:%d: channel failed: %s", host, port, exc)
+            self._refuse(flow)
+            return
+        if flow.closed:  # the app gave up (or the stack closed) while the channel was opening
+            channel.close()
+            return
+        link.channel = channel
+        self.stats.opened += 1
+        self.stats.active += 1
+        try:
+            link.attach(self._tun().accept(flow, lambda: _AppSide(link)))
+        except Exception as exc:  # the flow vanished between the check and the accept
+            log.debug("accept failed for %r: %s", flow, exc)
+            channel.abort()
+            link._finish()
+
+    async def _wait_for_connection(self) -> asyncssh.SSHClientConnection:
+        if self.connection is None:
+            await asyncio.wait_for(self.connection_ready.wait(), self._open_timeout)
+        assert self.connection is not None
+        return self.connection
+
+    @staticmethod
+    def _refuse(flow: TcpFlow) -> None:
+        if not flow.closed:
+            try:
+                flow.refuse()
+            except Exception as exc:  # already released by the stack
+                log.debug("refuse failed for %r: %s", flow, exc)
+
+    def set_connection(self, conn: asyncssh.SSHClientConnection | None) -> None:
+        """Use `conn` for new flows; None makes new flows wait (bounded) for the next one."""
+        self.connection = conn
+        if conn is None:
+            self.connection_ready.clear()
+        else:
+            self.connection_ready.set()
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
