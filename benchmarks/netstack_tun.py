@@ -147,7 +147,7 @@ async def _serve_socket(port: int) -> dict:
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(handle, host="::", port=port)
+    server = await asyncio.start_server(handle, host=None, port=port)  # every address, v4 and v6
     loop = asyncio.get_running_loop()
     stdin_closed = loop.create_future()
     loop.add_reader(0, lambda: stdin_closed.done() or (os.read(0, 1024) or stdin_closed.set_result(None)))
@@ -259,6 +259,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         out = _hold(args.host, args.port, args.flows)
     print(json.dumps(out), flush=True)
+    failed = [f["error"] for f in out.get("flows", []) if "error" in f]
+    if failed:
+        sys.exit(f"{len(failed)} flow(s) failed: {failed[0]}")
 
 
 if __name__ == "__main__":

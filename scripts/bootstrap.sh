@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3 python3-venv python3-dev gcc make openssh-server openssh-client curl dnsutils iperf3
+APT_PACKAGES=(python3 python3-venv python3-dev gcc libc6-dev openssh-server openssh-client curl dnsutils iperf3
               dnsmasq-base tcpdump iproute2 sshuttle xz-utils ca-certificates procps psmisc)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
