@@ -16,8 +16,8 @@ from x2ssh.status import Snapshot, StatusView, human_bytes
 def test_connect_options_follow_the_command_line():
     s = parse_args(
         [
-            "--vpn", "-p", "2222", "-l", "alice", "-i", "/k1", "-i", "/k2", "-F", "/cfg", "-J", "j1,bob@j2:2200",
-            "-o", "UserKnownHostsFile=/kh", "-o", "ConnectTimeout=7", "host.example",
+            "--vpn", "-p", "2222", "-l", "alice", "-i", "/k1", "-i", "/k2", "-F", "/cfg",
+            "-J", "j1,bob@j2:2200", "-o", "UserKnownHostsFile=/kh", "-o", "ConnectTimeout=7", "host.example",
         ]
     )  # fmt: skip
     opts = connect_options(s)
