@@ -66,6 +66,7 @@ class VpnSession:
         self.agent: AgentHandle | None = None
         self.agent_unavailable: str | None = None
         self.server_dns: str | None = None
+        self.endpoint: tuple[str, int] | None = None
         self.state = "connecting"
         self.status = StatusView()
         self.errors: list[str] = []
@@ -100,6 +101,8 @@ class VpnSession:
         self.journal = StateJournal(journal_path(s.state_dir, s.vpn_tun))
         bypass = await bypass_addresses(s, conn)
         server = conn.get_extra_info("peername")
+        # Reconnect to this address: the name cannot be resolved while the tunnel (and its DNS) is down.
+        self.endpoint = (str(server[0]), int(server[1])) if server else None
         self.server_label = f"{s.host or s.destination} ({server[0] if server else '?'})"
         self.tun = await asyncio.to_thread(open_tun, s.vpn_tun, s.vpn_mtu, journal=self.journal)
         self.tun_stack = TunStack(
@@ -170,7 +173,7 @@ class VpnSession:
             attempt += 1
             self.state = f"reconnecting (attempt {attempt})"
             try:
-                return await connect_ssh(s)
+                return await connect_ssh(s, self.endpoint)
             except SshConnectError as exc:
                 log.warning("reconnect attempt %d failed: %s", attempt, exc.message)
             if s.retry_max is not None and attempt >= s.retry_max:

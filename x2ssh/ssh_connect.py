@@ -60,12 +60,27 @@ def connect_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
-async def connect_ssh(settings: Settings) -> asyncssh.SSHClientConnection:
-    """Connect and authenticate, or raise an `SshConnectError` subclass with a message for people."""
+async def connect_ssh(
+    settings: Settings, endpoint: tuple[str, int] | None = None
+) -> asyncssh.SSHClientConnection:
+    """Connect and authenticate, or raise an `SshConnectError` subclass with a message for people.
+
+    With `endpoint` the TCP connection goes to that address and port instead of resolving the host name
+    again: while the tunnel is down, the name could only be resolved through the tunnel itself. The name
+    still selects ssh_config settings and the known_hosts entry.
+    """
     host = settings.host or settings.destination or ""
     target = f"{settings.user + '@' if settings.user else ''}{host}"
+    options = connect_options(settings)
     try:
-        return await asyncssh.connect(host, **connect_options(settings))
+        if endpoint is not None and not settings.jump:
+            options["sock"] = await _connected_socket(endpoint, options["connect_timeout"])
+        try:
+            return await asyncssh.connect(host, **options)
+        except BaseException:
+            if "sock" in options:
+                options["sock"].close()
+            raise
     except asyncssh.HostKeyNotVerifiable as exc:
         raise SshHostKeyRejected(
             f"{target}: the server's host key is unknown or has changed ({exc.reason}); refusing to connect. "
@@ -80,6 +95,18 @@ async def connect_ssh(settings: Settings) -> asyncssh.SSHClientConnection:
         raise SshHostUnreachable(f"{target}: cannot reach the SSH server: {reason}") from None
     except asyncssh.Error as exc:
         raise SshConnectError(f"{target}: {exc}") from None
+
+
+async def _connected_socket(endpoint: tuple[str, int], timeout: float) -> socket.socket:
+    family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, endpoint), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def peer_address(conn: asyncssh.SSHClientConnection) -> IpAddress | None:
