@@ -266,6 +266,10 @@ class AgentHandle:
         self._closed = asyncio.Event()
         self._closing = False
         self._keepalive_replies = 0
+        # Frames written in one event-loop turn (a netstack batch) leave as one channel write: far fewer
+        # SSH packets than one per datagram.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     # --- AgentLink ------------------------------------------------------------------------------------
 
@@ -280,10 +284,10 @@ class AgentHandle:
         chan = self._chan
         if chan is None or self._closed.is_set():
             return False
-        if chan.get_write_buffer_size() > self.settings.max_write_buffer:
+        if chan.get_write_buffer_size() + self._pending_bytes > self.settings.max_write_buffer:
             self.drops["write_buffer_full"] += 1
             return False
-        chan.write(p.encode_datagram(flow_id, payload))
+        self._write(p.encode_datagram(flow_id, payload))
         return True
 
     def close_flow(self, flow_id: int) -> None:
@@ -310,6 +314,7 @@ class AgentHandle:
         self._closing = True
         if self._chan is not None and not self._closed.is_set():
             self._write(p.encode(p.Goodbye()))
+            self._flush()
             self._chan.write_eof()
         try:
             await asyncio.wait_for(self.process.wait(), self.settings.close_timeout)
@@ -325,6 +330,16 @@ class AgentHandle:
         self.version, self.max_flows, self.software = welcome.version, welcome.max_flows, welcome.software
 
     def _write(self, data: bytes) -> None:
+        if self._chan is not None and not self._closed.is_set():
+            if not self._pending:
+                asyncio.get_running_loop().call_soon(self._flush)
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+
+    def _flush(self) -> None:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
         if self._chan is not None and not self._closed.is_set():
             self._chan.write(data)
 
