@@ -292,7 +292,11 @@ class VpnSession:
     def snapshot(self) -> Snapshot:
         b = self.bridge.stats
         r = self.relay.stats
-        udp_mode = "agent" if self.agent else ("DNS over TCP" if self.agent_unavailable else "starting")
+        udp_mode = (
+            "via agent"
+            if self.agent
+            else ("DNS over TCP only" if self.agent_unavailable else "agent starting")
+        )
         return Snapshot(
             state=self.state,
             server=getattr(self, "server_label", ""),

@@ -32,6 +32,18 @@ class Snapshot:
     errors: list[str] = field(default_factory=list)
 
 
+class _ConsoleHandler(logging.Handler):
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self._console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._console.print(self.format(record), markup=False, highlight=False)
+        except Exception:
+            self.handleError(record)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -60,11 +72,34 @@ class StatusView:
         if self._live_enabled:
             self._live = Live(self._render(Snapshot()), console=Console(stderr=True), refresh_per_second=2)
             self._live.start()
+            self._route_logs_through(self._live.console)
 
     def stop(self) -> None:
         if self._live is not None:
             self._live.stop()
             self._live = None
+            root = logging.getLogger()
+            for handler in self._moved:
+                root.addHandler(handler)
+            if self._via_live is not None:
+                root.removeHandler(self._via_live)
+
+    _moved: tuple[logging.Handler, ...] = ()
+    _via_live: logging.Handler | None = None
+
+    def _route_logs_through(self, console: Console) -> None:
+        """Log lines printed beside a live display tear it apart: print them above it instead."""
+        root = logging.getLogger()
+        moved = [h for h in root.handlers if isinstance(h, logging.StreamHandler) and h.stream is sys.stderr]
+        if not moved:
+            return
+        via_live = _ConsoleHandler(console)
+        via_live.setFormatter(moved[0].formatter)
+        via_live.setLevel(moved[0].level)
+        for handler in moved:
+            root.removeHandler(handler)
+        root.addHandler(via_live)
+        self._moved, self._via_live = tuple(moved), via_live
 
     def update(self, snap: Snapshot) -> None:
         now = time.monotonic()
@@ -97,7 +132,7 @@ class StatusView:
         table.add_row(
             "TCP flows", f"{snap.tcp_active} open, {snap.tcp_opened} opened, {snap.tcp_refused} refused"
         )
-        table.add_row("UDP", f"{snap.udp_flows} flows via {snap.udp_mode}")
+        table.add_row("UDP", f"{snap.udp_flows} flows ({snap.udp_mode})")
         table.add_row("upload", f"{human_bytes(snap.bytes_up)}  {human_rate(up)}")
         table.add_row("download", f"{human_bytes(snap.bytes_down)}  {human_rate(down)}")
         errors = snap.tcp_failed + snap.drops
