@@ -62,6 +62,7 @@ class AgentConfig:
         connect_timeout: float = 30.0,
         zipapp_path: Optional[str] = None,
         resolv_conf: str = RESOLV_CONF,
+        client_silence_timeout: float = 60.0,
     ) -> None:
         self.directory = directory
         self.idle_timeout = idle_timeout
@@ -71,6 +72,9 @@ class AgentConfig:
         self.connect_timeout = connect_timeout
         self.zipapp_path = zipapp_path
         self.resolv_conf = resolv_conf
+        # x2ssh sends KEEPALIVEs; a client that says nothing for this long is behind a dead link (sshd may
+        # never notice a silently cut connection), so the agent stops instead of lingering.
+        self.client_silence_timeout = client_silence_timeout
 
     @property
     def socket_path(self) -> str:
@@ -146,6 +150,7 @@ class ClientConnection:
         self.out_bytes = 0
         self.writing = False
         self.closed = False
+        self.last_rx = accepted_at
 
 
 class Agent:
@@ -237,6 +242,9 @@ class Agent:
             if not client.authenticated and now - client.accepted_at > HANDSHAKE_TIMEOUT:
                 log.warning("dropping a connection that sent no HELLO within %g s", HANDSHAKE_TIMEOUT)
                 self._drop_client(client)
+            elif client.authenticated and now - client.last_rx > self.config.client_silence_timeout:
+                silence = self.config.client_silence_timeout
+                self.stop("client silent for %g s: its SSH session is gone" % silence)
         self._flush_dirty()
 
     # --- stdin, signals, listener -------------------------------------------------------------------
@@ -286,6 +294,7 @@ class Agent:
         except OSError as exc:
             log.info("client connection lost: %s", exc)
             data = b""
+        client.last_rx = self._clock()
         try:
             if not data:
                 client.decoder.eof()
@@ -671,6 +680,7 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[argparse.Namespace, AgentConf
     parser.add_argument("--max-flows", type=int, default=1024)
     parser.add_argument("--max-queue-bytes", type=int, default=256 * 1024)
     parser.add_argument("--connect-timeout", type=float, default=30.0)
+    parser.add_argument("--client-silence-timeout", type=float, default=60.0)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--resolv-conf", default=RESOLV_CONF, help=argparse.SUPPRESS)  # tests only
     args = parser.parse_args(argv)
@@ -683,6 +693,7 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[argparse.Namespace, AgentConf
         connect_timeout=args.connect_timeout,
         zipapp_path=os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None,
         resolv_conf=args.resolv_conf,
+        client_silence_timeout=args.client_silence_timeout,
     )
     return args, config
 

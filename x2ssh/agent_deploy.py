@@ -131,6 +131,8 @@ class AgentSettings:
     max_flows: int = 1024
     max_queue_bytes: int = 256 * 1024
     connect_timeout: float = 30.0  # the agent exits when no client has connected by then
+    keepalive_interval: float = 15.0  # the client proves it is alive this often ...
+    client_silence_timeout: float = 60.0  # ... and the agent exits after this much silence
     python_candidates: tuple[str, ...] = ("python3", "/usr/bin/python3", "python")
     probe_timeout: float = 15.0
     start_timeout: float = 20.0
@@ -150,6 +152,8 @@ class AgentSettings:
             str(self.max_queue_bytes),
             "--connect-timeout",
             str(self.connect_timeout),
+            "--client-silence-timeout",
+            str(self.client_silence_timeout),
             "--log-level",
             self.log_level,
         ]

@@ -258,13 +258,24 @@ class VpnSession:
             self.agent_unavailable = None
             self.agent = agent
             self.relay.attach(agent)
-            await agent.wait_closed()
+            await self._keep_agent_alive(agent, settings.keepalive_interval)
             if self.agent is agent:
                 self.relay.detach()
                 self.agent = None
                 if self.conn is conn and not conn.is_closed():
                     log.warning("UDP agent connection lost; re-deploying")
                     await asyncio.sleep(1)
+
+    @staticmethod
+    async def _keep_agent_alive(agent: AgentHandle, interval: float) -> None:
+        """Until the agent link closes, tell the agent we are alive (it exits after a silent period)."""
+        nonce = 0
+        while not agent.closed:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(agent.wait_closed(), interval)
+            if not agent.closed:
+                nonce += 1
+                agent.send_keepalive(nonce)
 
     # -- DNS --
 

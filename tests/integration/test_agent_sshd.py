@@ -325,6 +325,17 @@ def test_stdin_eof_means_session_gone(local_agent: LocalAgent) -> None:
     assert conn.at_eof()
 
 
+@pytest.mark.parametrize("local_agent", [("--client-silence-timeout", "1")], indirect=True)
+def test_exits_when_its_client_falls_silent(local_agent: LocalAgent) -> None:
+    """A silently cut link: sshd keeps the session, nothing arrives; the agent must not linger."""
+    conn = local_agent.connect()
+    conn.send(p.Keepalive(1, False))
+    assert conn.expect(p.Keepalive).is_reply
+    assert local_agent.wait_exit() == 0
+    assert "client silent" in local_agent.stderr()
+    assert not local_agent.directory.exists()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_signals_clean_up(local_agent: LocalAgent, signum: int) -> None:
     local_agent.connect()
