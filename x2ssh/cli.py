@@ -89,6 +89,10 @@ def _run_vpn(settings: Settings) -> int:
     check_tun_device()
     cleanup(settings.state_dir)  # leftovers of a run that was killed; refuses if another x2ssh is live
     check_tun_name_free(settings.vpn_tun)
+    if settings.vpn_kill_switch:  # fail before anything changes when nftables cannot do it
+        from x2ssh.killswitch import KillSwitch
+
+        KillSwitch(settings.vpn_tun, [], settings.vpn_exclude).check()
     from x2ssh import session  # imported late: it pulls in asyncssh and the native netstack
 
     received: list[int] = []

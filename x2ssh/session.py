@@ -27,9 +27,10 @@ from x2ssh.agent_deploy import AgentHandle, AgentSettings, AgentUnavailable, dep
 from x2ssh.dns import DnsConfigurator, resolver_addresses
 from x2ssh.dns_over_tcp import DnsOverTcp, server_resolver
 from x2ssh.errors import SshConnectError, X2sshError
+from x2ssh.killswitch import KillSwitch
 from x2ssh.routing import LinuxRouting, plan_routes
 from x2ssh.settings import Settings
-from x2ssh.ssh_connect import bypass_addresses, connect_ssh
+from x2ssh.ssh_connect import bypass_addresses, connect_ssh, peer_endpoint
 from x2ssh.state import StateJournal, journal_path
 from x2ssh.status import Snapshot, StatusView
 from x2ssh.tcp_bridge import TcpBridge
@@ -67,6 +68,7 @@ class VpnSession:
         self.agent_unavailable: str | None = None
         self.server_dns: str | None = None
         self.endpoint: tuple[str, int] | None = None
+        self.kill_switch: KillSwitch | None = None
         self.state = "connecting"
         self.status = StatusView()
         self.errors: list[str] = []
@@ -121,6 +123,13 @@ class VpnSession:
         if servers:
             dns = DnsConfigurator(self.tun.name)
             await asyncio.to_thread(dns.apply, servers, self.journal)
+        if s.vpn_kill_switch:
+            ssh_endpoint = peer_endpoint(conn)
+            self.kill_switch = KillSwitch(
+                self.tun.name, [ssh_endpoint] if ssh_endpoint else [], list(s.vpn_exclude)
+            )
+            await asyncio.to_thread(self.kill_switch.apply, self.journal)
+            log.info("kill switch on: only the SSH connection and excluded prefixes bypass the tunnel")
         self._attach(conn)
         self.state = "up"
         log.info(
@@ -152,6 +161,8 @@ class VpnSession:
             if new is None:
                 return 1 if not self._stop.is_set() else 128 + self._signal
             conn = new
+            if self.kill_switch is not None and (ssh_endpoint := peer_endpoint(conn)) is not None:
+                await asyncio.to_thread(self.kill_switch.update, [ssh_endpoint])
             self._attach(conn)
             self.state = "up"
             log.info("reconnected to %s", self.server_label)

@@ -109,15 +109,21 @@ async def _connected_socket(endpoint: tuple[str, int], timeout: float) -> socket
     return sock
 
 
-def peer_address(conn: asyncssh.SSHClientConnection) -> IpAddress | None:
-    """The address our TCP connection actually goes to: the server, or the first ProxyJump hop."""
+def peer_endpoint(conn: asyncssh.SSHClientConnection) -> tuple[IpAddress, int] | None:
+    """Where our TCP connection actually goes: the server, or the first ProxyJump hop (address, port)."""
     peer = conn.get_extra_info("peername")
     while peer is None and (tunnel := getattr(conn, "_tunnel", None)) is not None:
         conn = tunnel  # through a jump host: the socket belongs to the first hop
         peer = conn.get_extra_info("peername")
     if not peer:
         return None
-    return ipaddress.ip_address(str(peer[0]).split("%")[0])
+    return ipaddress.ip_address(str(peer[0]).split("%")[0]), int(peer[1])
+
+
+def peer_address(conn: asyncssh.SSHClientConnection) -> IpAddress | None:
+    """The address our TCP connection actually goes to."""
+    endpoint = peer_endpoint(conn)
+    return endpoint[0] if endpoint else None
 
 
 async def bypass_addresses(settings: Settings, conn: asyncssh.SSHClientConnection) -> list[IpAddress]:

@@ -221,9 +221,10 @@ class StateJournal:
 
 def default_undoers() -> dict[str, Undo]:
     """The undo function of every change kind x2ssh records (imported lazily: they need pyroute2 etc.)."""
-    from x2ssh import dns, routing, tun
+    from x2ssh import dns, killswitch, routing, tun
 
     return {
+        killswitch.KILL_SWITCH_RECORD: killswitch.undo_killswitch_record,
         routing.ROUTE_RECORD: routing.undo_route_record,
         dns.RESOLV_CONF_RECORD: dns.undo_resolv_conf_record,
         dns.RESOLVED_RECORD: dns.undo_resolved_record,
