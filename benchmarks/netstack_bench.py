@@ -1,6 +1,6 @@
 """netstack alone: kernel TCP -> TUN -> netstack -> Python sink, beside the kernel's veth path (as root).
 
-`python -m benchmarks.netstack_bench [--repeats 3] [--bytes N] [--idle 10000] [--mtu 16000]`
+`python -m benchmarks.netstack_bench [--repeats 3] [--bytes N] [--idle 10000] [--mtu 65535]`
 
 Both paths use the same client (benchmarks.netstack_tun client) and a Python sink; runs are interleaved so
 noise hits both alike. Reports Gbit/s (median and spread) for 1 and 8 flows, the ratio netstack/veth, and
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bytes", type=int, default=2_000_000_000)
     parser.add_argument("--idle", type=int, default=10_000)
-    parser.add_argument("--mtu", type=int, default=16000)
+    parser.add_argument("--mtu", type=int, default=65535)
     parser.add_argument("--out", type=Path, default=TOP / "benchmarks" / "results" / "netstack.json")
     args = parser.parse_args(argv)
     console = Console()

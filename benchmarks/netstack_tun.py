@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve")
     serve.add_argument("--mode", choices=("echo", "sink", "hold"), default="echo")
-    serve.add_argument("--mtu", type=int, default=16000)
+    serve.add_argument("--mtu", type=int, default=65535)
     sock = sub.add_parser("serve-socket")
     sock.add_argument("--port", type=int, default=5001)
     client = sub.add_parser("client")

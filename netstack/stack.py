@@ -79,7 +79,7 @@ class StackConfig:
     ``max_flows`` caps live TCP flows (pending ones included): SYNs beyond it are answered with a RST.
     """
 
-    mtu: int = 16000
+    mtu: int = 65535
     max_flows: int = 65536
 
 

@@ -28,7 +28,7 @@ IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 DnsSetting = Literal["remote", "off"] | IPv4Address | IPv6Address
 
-DEFAULT_MTU = 16000
+DEFAULT_MTU = 65535  # largest the TUN takes: fewer, larger segments (benchmarks/netstack_bench.py)
 MIN_MTU = 1280  # the IPv6 minimum: below it the TUN could not carry IPv6 at all
 MAX_MTU = 65535
 DEFAULT_TUN = "x2ssh0"

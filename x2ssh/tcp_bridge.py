@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 CHANNEL_WINDOW = 2 * 1024 * 1024  # per-flow memory bound towards the app, with the 1 MiB write buffer
-CHANNEL_MAX_PACKET = 256 * 1024  # sshd caps what it sends at its own limit; larger costs nothing
+CHANNEL_MAX_PACKET = 32 * 1024  # sshd queues up to this per busy channel per round: its buffer caps the total
 
 
 @dataclass

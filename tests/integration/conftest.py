@@ -13,6 +13,7 @@ import pytest
 from benchmarks.lab import Lab, cleanup_stale
 from benchmarks.services import TargetServices, start_target_services
 from benchmarks.sshd import SshServer
+from tests.integration.vpn_runner import NetSnapshot, VpnLauncher, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +36,22 @@ def lab_services(lab: Lab) -> TargetServices:
     """HTTP (1k.bin, big.bin = 100 MiB), TCP/UDP echo, iperf3, dnsmasq (target and server side); stopped
     with the lab. See benchmarks/services.py."""
     return start_target_services(lab)
+
+
+# -- x2ssh --vpn in the lab (appended for the VPN end-to-end tests; see tests/integration/vpn_runner.py) -----
+
+
+@pytest.fixture(scope="module")
+def client_baseline(lab: Lab) -> NetSnapshot:
+    """The client namespace's routes, rules, links and resolv.conf before any x2ssh ran in this module."""
+    return snapshot(lab)
+
+
+@pytest.fixture
+def vpn_launcher(lab: Lab, client_baseline: NetSnapshot) -> Iterator[VpnLauncher]:
+    """`vpn_launcher.start(server, *options)`; the baseline snapshot is taken before the first start."""
+    launcher = VpnLauncher(lab)
+    try:
+        yield launcher
+    finally:
+        launcher.stop_all()

@@ -17,7 +17,7 @@ def test_defaults():
     s = vpn("host.example")
     assert s.vpn and not s.vpn_cleanup
     assert (s.destination, s.host, s.user, s.port) == ("host.example", "host.example", None, None)
-    assert s.vpn_mtu == DEFAULT_MTU == 16000
+    assert s.vpn_mtu == DEFAULT_MTU == 65535
     assert s.vpn_tun == "x2ssh0"
     assert s.vpn_dns == "remote"
     assert s.vpn_exclude == () and s.identities == () and s.jump == () and s.ssh_options == ()
