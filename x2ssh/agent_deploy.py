@@ -376,6 +376,7 @@ class AgentHandle:
         except p.ProtocolError as exc:
             log.error("protocol error from the UDP agent: %s; closing the agent connection", exc.reason)
             self._write(p.encode(p.Error(exc.code, exc.reason)))
+            self._flush()  # the agent should learn why before the channel closes
             self._shutdown(f"protocol error: {exc.reason}")
 
     def _handle_frame(self, frame: p.Frame) -> None:
