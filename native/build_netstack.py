@@ -7,6 +7,7 @@ place.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,51 +17,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fetch_lwip import lwip_source  # noqa: E402
 
-# Keep in step with ns_glue.h (cffi cannot read the header's preprocessor lines).
-CDEF = """
-#define NS_ABI_VERSION 1
-enum ns_event_type { NS_EV_TCP_CONNECT = 1, NS_EV_TCP_READABLE = 2, NS_EV_TCP_EOF = 3,
-                     NS_EV_TCP_WRITABLE = 4, NS_EV_TCP_CLOSED = 5, NS_EV_UDP = 6 };
-enum ns_close_reason { NS_CLOSED_NORMAL = 0, NS_CLOSED_RESET = 1, NS_CLOSED_TIMEOUT = 2,
-                       NS_CLOSED_ERROR = 3 };
-enum ns_result { NS_OK = 0, NS_ENOFLOW = -1, NS_ESTATE = -2, NS_ECLOSED = -3, NS_EMEM = -4,
-                 NS_ETOOBIG = -5, NS_EINVAL = -6 };
-typedef struct {
-    uint32_t type; uint32_t flow; int32_t err; uint32_t off; uint32_t len;
-    uint16_t sport; uint16_t dport; uint8_t family; uint8_t pad[3];
-    uint8_t src[16]; uint8_t dst[16];
-} ns_event;
-typedef struct {
-    uint64_t packets_in, bytes_in, packets_out, bytes_out;
-    uint64_t dropped_malformed, dropped_checksum, dropped_fragment, dropped_icmp, dropped_other;
-    uint64_t dropped_output, udp_in, udp_out, tcp_refused, tcp_over_limit;
-    uint64_t flows_live, flows_pending, pcbs_active, pcbs_time_wait, listeners, mem_in_use;
-} ns_stats;
-int ns_version(void);
-int ns_open(int mtu, int max_flows);
-void ns_close(void);
-void ns_set_output_fd(int fd);
-void ns_set_clock(int manual, uint64_t now_ms);
-int ns_input(const uint8_t *packet, size_t len);
-int ns_pump(int fd, int max_packets);
-void ns_timers(void);
-uint32_t ns_next_timer_ms(void);
-size_t ns_events(const ns_event **events, const uint8_t **arena);
-void ns_events_clear(void);
-size_t ns_out_take(const uint8_t **buf);
-void ns_out_clear(void);
-int ns_tcp_accept(uint32_t flow);
-int ns_tcp_refuse(uint32_t flow);
-int ns_tcp_write(uint32_t flow, const uint8_t *data, size_t len);
-int ns_tcp_read(uint32_t flow, uint8_t *buf, size_t maxlen);
-int ns_tcp_ack(uint32_t flow, size_t len);
-int ns_tcp_shutdown(uint32_t flow);
-int ns_tcp_close(uint32_t flow, int abort);
-size_t ns_tcp_sndbuf(uint32_t flow);
-int ns_udp_send(int family, const uint8_t *src, uint16_t sport, const uint8_t *dst, uint16_t dport,
-                const uint8_t *payload, size_t len);
-void ns_get_stats(ns_stats *stats);
-"""
+
+def cdef_from_header(header: Path) -> str:
+    """ns_glue.h is the one declaration of the API: cffi gets it without comments and preprocessor lines
+    (integer #defines are kept: cffi understands those)."""
+    text = re.sub(r"/\*.*?\*/", "", header.read_text(), flags=re.S)
+    lines = [line.split("//")[0] for line in text.splitlines()]
+    kept = [
+        line for line in lines if not line.lstrip().startswith("#") or re.match(r"#define \w+ \d+$", line)
+    ]
+    return "\n".join(line for line in kept if not re.match(r"#define X2SSH_", line))
+
 
 LWIP_CORE = [
     "core/init.c",
@@ -100,7 +67,7 @@ def make_ffi(absolute: bool = False) -> FFI:
         return str(path) if absolute else os.path.relpath(path, top)
 
     ffi = FFI()
-    ffi.cdef(CDEF)
+    ffi.cdef(cdef_from_header(HERE / "ns_glue.h"))
     ffi.set_source(
         "netstack._native",
         '#include "ns_glue.h"',
@@ -115,6 +82,8 @@ if __name__ == "__main__":
     # In-place build for development: the extension lands in netstack/.
     built = make_ffi(absolute=True).compile(tmpdir=str(HERE / "_build"))
     target = HERE.parent / "netstack" / Path(built).name
+    for stale in target.parent.glob("_native*.so"):  # one extension only: Python would pick either
+        stale.unlink()
     os.replace(built, target)
     print(target)
 else:

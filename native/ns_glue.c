@@ -481,7 +481,10 @@ static int addr_unusable(const ns_ip *ip) {
         return d0 >= 224 || d0 == 0 || (ip->src[0] >= 224);
     }
     static const uint8_t zero[16];
-    return ip->dst[0] == 0xff || ip->src[0] == 0xff || memcmp(ip->dst, zero, 16) == 0;
+    static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    /* multicast, unspecified, and IPv4-mapped addresses (never valid on the wire, RFC 4291 2.5.5.2) */
+    return ip->dst[0] == 0xff || ip->src[0] == 0xff || memcmp(ip->dst, zero, 16) == 0 ||
+           memcmp(ip->dst, mapped, 12) == 0 || memcmp(ip->src, mapped, 12) == 0;
 }
 
 static void tuple_from(const ns_ip *ip, uint16_t sport, uint16_t dport, ns_tuple *t) {

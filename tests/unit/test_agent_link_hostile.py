@@ -81,7 +81,7 @@ def test_malformed_frames_close_the_link_not_the_process(garbage: bytes, caplog)
 
 def test_valid_replies_still_flow_before_the_garbage() -> None:
     async def scenario() -> None:
-        handle, chan, relay, delivered = await _handle()
+        handle, _chan, relay, delivered = await _handle()
         relay.datagram_from_app(("198.18.0.2", 5000), ("198.19.0.2", 7), b"ping")
         flow_id = next(iter(relay.flows()))[0]
         reply = p.encode_datagram(flow_id, b"pong", ("198.19.0.2", 7))

@@ -56,7 +56,7 @@ def drain(flow, stack: Stack) -> bytes:
 
 
 unicast_v4 = st.ip_addresses(v=4).filter(lambda a: not (a.is_multicast or a.is_reserved or a.packed[0] == 0))
-unicast_v6 = st.ip_addresses(v=6).filter(lambda a: not (a.is_multicast or a.is_unspecified))
+unicast_v6 = st.ip_addresses(v=6).filter(lambda a: not (a.is_multicast or a.is_unspecified or a.ipv4_mapped))
 
 
 @settings(max_examples=40, deadline=None)

@@ -112,6 +112,7 @@ def test_fragments_are_dropped(stack):
         bytes(IP(src="198.18.0.2", dst="198.19.0.2") / UDP(len=3)),  # UDP length too short
         bytes(IP(src="198.18.0.2", dst="255.255.255.255") / TCP(flags="S")),  # broadcast
         bytes(IPv6(src="fd58::2", dst="ff02::1") / TCP(flags="S")),  # multicast
+        bytes(IPv6(src="fd58::2", dst="::ffff:198.19.0.2") / TCP(flags="S")),  # IPv4-mapped
         os.urandom(70_000),  # larger than any IP packet
     ],
 )
