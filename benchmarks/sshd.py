@@ -77,6 +77,7 @@ class SshServer:
         self.host_key = self.workdir / "ssh_host_ed25519_key"
         self.client_key = self.workdir / "client_ed25519"
         self.authorized_keys = self.workdir / "authorized_keys"
+        self.session_home = self.workdir / "home"  # HOME of the sessions (see _write_files)
         self.known_hosts = self.workdir / "known_hosts"
         self.ssh_config = self.workdir / "ssh_config"
         self.log_path = self.workdir / "sshd.log"
@@ -213,6 +214,10 @@ class SshServer:
 
     def _write_files(self) -> None:
         listen = "\n".join(f"ListenAddress {addr}" for addr in self._addresses())
+        # Sessions get a home of their own: this machine's root dotfiles (pyenv init in ~/.bashrc) are not
+        # the lab server's, and a session killed in the middle of `pyenv rehash` leaves a lock that stalls
+        # every later session of the machine for 60 s.
+        self.session_home.mkdir(parents=True, exist_ok=True)
         defaults = f"""\
 Port {self.port}
 {listen}
@@ -235,6 +240,7 @@ X11Forwarding no
 MaxSessions 1000
 MaxStartups 1000:30:2000
 Subsystem sftp internal-sftp
+SetEnv HOME={self.session_home}
 """
         extra = self.extra_config.strip()
         if extra and any(line.strip().lower().startswith("match ") for line in extra.splitlines()):
