@@ -102,9 +102,9 @@ class VpnSession:
         s = self.settings
         self.journal = StateJournal(journal_path(s.state_dir, s.vpn_tun))
         bypass = await bypass_addresses(s, conn)
-        server = conn.get_extra_info("peername")
+        server = peer_endpoint(conn)
         # Reconnect to this address: the name cannot be resolved while the tunnel (and its DNS) is down.
-        self.endpoint = (str(server[0]), int(server[1])) if server else None
+        self.endpoint = (str(server[0]), server[1]) if server else None
         self.server_label = f"{s.host or s.destination} ({server[0] if server else '?'})"
         self.tun = await asyncio.to_thread(open_tun, s.vpn_tun, s.vpn_mtu, journal=self.journal)
         self.tun_stack = TunStack(

@@ -45,8 +45,6 @@ def connect_options(settings: Settings) -> dict[str, Any]:
         opts["client_keys"] = list(settings.identities)
     if settings.ssh_config is not None:
         opts["config"] = [str(settings.ssh_config)]
-    if settings.jump:
-        opts["tunnel"] = ",".join(settings.jump)
     known_hosts = settings.ssh_option("UserKnownHostsFile")
     strict = (settings.ssh_option("StrictHostKeyChecking") or "yes").lower()
     if strict in ("no", "off"):
@@ -73,14 +71,21 @@ async def connect_ssh(
     target = f"{settings.user + '@' if settings.user else ''}{host}"
     options = connect_options(settings)
     try:
-        if endpoint is not None and not settings.jump:
+        if settings.jump:
+            options["tunnel"] = await _connect_hops(settings.jump, options)
+        elif endpoint is not None:
             options["sock"] = await _connected_socket(endpoint, options["connect_timeout"])
         try:
-            return await asyncssh.connect(host, **options)
+            conn = await asyncssh.connect(host, **options)
         except BaseException:
             if "sock" in options:
                 options["sock"].close()
+            if "tunnel" in options:
+                options["tunnel"].close()
             raise
+        if "tunnel" in options:
+            conn.set_tunnel(options["tunnel"])  # closing the connection closes the hops too
+        return conn
     except asyncssh.HostKeyNotVerifiable as exc:
         raise SshHostKeyRejected(
             f"{target}: the server's host key is unknown or has changed ({exc.reason}); refusing to connect. "
@@ -95,6 +100,45 @@ async def connect_ssh(
         raise SshHostUnreachable(f"{target}: cannot reach the SSH server: {reason}") from None
     except asyncssh.Error as exc:
         raise SshConnectError(f"{target}: {exc}") from None
+
+
+def parse_hop(hop: str) -> tuple[str | None, str, int | None]:
+    """`[user@]host[:port]` (IPv6 as `[addr]:port`) -> (user, host, port)."""
+    user, _, rest = hop.rpartition("@")
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port = int(tail[1:]) if tail.startswith(":") else None
+    elif rest.count(":") == 1:
+        host, port_text = rest.split(":")
+        port = int(port_text)
+    else:
+        host, port = rest, None
+    return user or None, host, port
+
+
+async def _connect_hops(jumps: tuple[str, ...], options: dict[str, Any]) -> asyncssh.SSHClientConnection:
+    """Connect through each ProxyJump hop in turn with the user's keys and known_hosts (asyncssh's own
+    string form would verify hops against the defaults only)."""
+    shared = {k: v for k, v in options.items() if k not in ("port", "username", "tunnel", "sock")}
+    conn: asyncssh.SSHClientConnection | None = None
+    try:
+        for hop in jumps:
+            user, host, port = parse_hop(hop)
+            extra: dict[str, Any] = {"tunnel": conn} if conn is not None else {}
+            if user:
+                extra["username"] = user
+            if port:
+                extra["port"] = port
+            hop_conn = await asyncssh.connect(host, **shared, **extra)
+            if conn is not None:
+                hop_conn.set_tunnel(conn)
+            conn = hop_conn
+    except BaseException:
+        if conn is not None:
+            conn.close()
+        raise
+    assert conn is not None
+    return conn
 
 
 async def _connected_socket(endpoint: tuple[str, int], timeout: float) -> socket.socket:
@@ -112,10 +156,10 @@ async def _connected_socket(endpoint: tuple[str, int], timeout: float) -> socket
 def peer_endpoint(conn: asyncssh.SSHClientConnection) -> tuple[IpAddress, int] | None:
     """Where our TCP connection actually goes: the server, or the first ProxyJump hop (address, port)."""
     peer = conn.get_extra_info("peername")
-    while peer is None and (tunnel := getattr(conn, "_tunnel", None)) is not None:
+    while not (peer and peer[0]) and (tunnel := getattr(conn, "_tunnel", None)) is not None:
         conn = tunnel  # through a jump host: the socket belongs to the first hop
         peer = conn.get_extra_info("peername")
-    if not peer:
+    if not (peer and peer[0]):
         return None
     return ipaddress.ip_address(str(peer[0]).split("%")[0]), int(peer[1])
 
@@ -134,14 +178,7 @@ async def bypass_addresses(settings: Settings, conn: asyncssh.SSHClientConnectio
         found.append(first)
     loop = asyncio.get_running_loop()
     for hop in settings.jump:
-        name = hop.rsplit("@", 1)[-1]
-        name = (
-            name[1:].split("]")[0]
-            if name.startswith("[")
-            else name.rsplit(":", 1)[0]
-            if name.count(":") == 1
-            else name
-        )
+        name = parse_hop(hop)[1]
         try:
             infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)
         except OSError:

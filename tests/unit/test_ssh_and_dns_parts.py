@@ -9,7 +9,7 @@ import pytest
 
 from x2ssh.dns_over_tcp import parse_nameserver
 from x2ssh.settings import parse_args
-from x2ssh.ssh_connect import PREFERRED_CIPHERS, connect_options
+from x2ssh.ssh_connect import PREFERRED_CIPHERS, connect_options, parse_hop
 from x2ssh.status import Snapshot, StatusView, human_bytes
 
 
@@ -24,7 +24,7 @@ def test_connect_options_follow_the_command_line():
     assert opts["port"] == 2222 and opts["username"] == "alice"
     assert opts["client_keys"] == ["/k1", "/k2"]
     assert opts["config"] == [str(Path("/cfg"))]
-    assert opts["tunnel"] == "j1,bob@j2:2200"
+    assert "tunnel" not in opts  # hops are connected one by one with these same options
     assert opts["known_hosts"] == ["/kh"]
     assert opts["connect_timeout"] == 7.0
     assert opts["encryption_algs"][0] == PREFERRED_CIPHERS[0]
@@ -66,3 +66,17 @@ def test_human_bytes():
     assert human_bytes(512) == "512 B"
     assert human_bytes(1536) == "1.5 KiB"
     assert human_bytes(5 * 1024**4) == "5.0 TiB"
+
+
+@pytest.mark.parametrize(
+    "hop,expected",
+    [
+        ("jump", (None, "jump", None)),
+        ("bob@jump:2200", ("bob", "jump", 2200)),
+        ("bob@[fd58::1]:2222", ("bob", "fd58::1", 2222)),
+        ("[fd58::1]", (None, "fd58::1", None)),
+        ("fd58::1", (None, "fd58::1", None)),
+    ],
+)
+def test_parse_hop(hop, expected):
+    assert parse_hop(hop) == expected
