@@ -83,7 +83,7 @@ class VpnSession:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
-            conn = await connect_ssh(self.settings)
+            conn = self.conn = await connect_ssh(self.settings)
             try:
                 await self._bring_up(conn)
                 return await self._serve(conn)
@@ -124,10 +124,7 @@ class VpnSession:
             dns = DnsConfigurator(self.tun.name)
             await asyncio.to_thread(dns.apply, servers, self.journal)
         if s.vpn_kill_switch:
-            ssh_endpoint = peer_endpoint(conn)
-            self.kill_switch = KillSwitch(
-                self.tun.name, [ssh_endpoint] if ssh_endpoint else [], list(s.vpn_exclude)
-            )
+            self.kill_switch = KillSwitch(self.tun.name, [server] if server else [], list(s.vpn_exclude))
             await asyncio.to_thread(self.kill_switch.apply, self.journal)
             log.info("kill switch on: only the SSH connection and excluded prefixes bypass the tunnel")
         self._attach(conn)
