@@ -341,11 +341,16 @@ class AgentHandle:
             self._pending_bytes += len(data)
 
     def _flush(self) -> None:
+        if not self._pending:
+            return  # already flushed (close() flushes at once)
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
         if self._chan is not None and not self._closed.is_set():
-            self._chan.write(data)
+            try:
+                self._chan.write(data)
+            except (BrokenPipeError, asyncssh.Error) as exc:  # the channel closed under us
+                self._shutdown(f"agent channel closed: {exc}")
 
     def _shutdown(self, reason: str) -> None:
         if self._closed.is_set():
