@@ -14,10 +14,12 @@ from typing import Any
 
 import asyncssh
 
+from x2ssh import asyncssh_tuning
 from x2ssh.errors import SshAuthFailed, SshConnectError, SshHostKeyRejected, SshHostUnreachable
 from x2ssh.settings import Settings
 
 log = logging.getLogger(__name__)
+asyncssh_tuning.install()
 
 # AES-GCM first: with AES-NI it is the cheapest cipher per byte, and bulk throughput is what a VPN needs.
 PREFERRED_CIPHERS = (
@@ -85,6 +87,7 @@ async def connect_ssh(
             raise
         if "tunnel" in options:
             conn.set_tunnel(options["tunnel"])  # closing the connection closes the hops too
+        asyncssh_tuning.coalesce_sends(conn)
         return conn
     except asyncssh.HostKeyNotVerifiable as exc:
         raise SshHostKeyRejected(
