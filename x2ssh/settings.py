@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="x2ssh",
         usage="x2ssh --vpn [options] DESTINATION\n       x2ssh --vpn-cleanup",
-        description="A full-tunnel VPN over plain SSH: every TCP connection (IPv4 and IPv6) of this machine "
-        "leaves from the SSH server. Needs root or CAP_NET_ADMIN.",
+        description="A full-tunnel VPN over plain SSH: every TCP connection and UDP datagram (IPv4 and IPv6) "
+        "of this machine leaves from the SSH server. Needs root or CAP_NET_ADMIN.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
