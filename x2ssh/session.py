@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import signal
 import time
+from pathlib import Path
 
 import asyncssh
 
@@ -28,7 +30,8 @@ from x2ssh.dns import DnsConfigurator, resolver_addresses
 from x2ssh.dns_over_tcp import DnsOverTcp, server_resolver
 from x2ssh.errors import SshConnectError, X2sshError
 from x2ssh.killswitch import KillSwitch
-from x2ssh.routing import LinuxRouting, plan_routes
+from x2ssh.resolve_outside import nameservers, resolve_outside
+from x2ssh.routing import LinuxRouting, OriginalPath, PlannedRoute, RoutePlan, plan_routes
 from x2ssh.settings import Settings
 from x2ssh.ssh_connect import bypass_addresses, connect_ssh, peer_endpoint
 from x2ssh.state import StateJournal, journal_path
@@ -69,6 +72,9 @@ class VpnSession:
         self.server_dns: str | None = None
         self.endpoint: tuple[str, int] | None = None
         self.kill_switch: KillSwitch | None = None
+        self.routing: LinuxRouting | None = None
+        self.server_path: OriginalPath | None = None  # how the server was reached before the VPN
+        self.original_nameservers: list[str] = []
         self.state = "connecting"
         self.status = StatusView()
         self.errors: list[str] = []
@@ -114,11 +120,17 @@ class VpnSession:
             on_udp=self._on_udp,
         )
         self.tun_stack.start()
-        routing = LinuxRouting()
+        routing = self.routing = LinuxRouting()
+        if server:
+            self.server_path = await asyncio.to_thread(routing.lookup_original, server[0])
         plan = await asyncio.to_thread(
             plan_routes, self.tun.name, bypass, list(s.vpn_exclude), routing.lookup_original
         )
         await asyncio.to_thread(routing.apply, plan, self.journal)
+        try:  # kept to find the server again if it moves while the tunnel (and its DNS) is down
+            self.original_nameservers = nameservers(Path("/etc/resolv.conf").read_text())
+        except OSError:
+            self.original_nameservers = []
         servers = resolver_addresses(s.vpn_dns)
         if servers:
             dns = DnsConfigurator(self.tun.name)
@@ -181,6 +193,7 @@ class VpnSession:
             attempt += 1
             self.state = f"reconnecting (attempt {attempt})"
             try:
+                await self._follow_server_address()
                 return await connect_ssh(s, self.endpoint)
             except SshConnectError as exc:
                 log.warning("reconnect attempt %d failed: %s", attempt, exc.message)
@@ -196,6 +209,31 @@ class VpnSession:
             delay *= 2
         log.error("giving up after %d reconnect attempts (--retry-max)", attempt)
         return None
+
+    async def _follow_server_address(self) -> None:
+        """If the server's name now resolves elsewhere, pin the new address outside the tunnel and use it."""
+        s = self.settings
+        host = s.host or s.destination or ""
+        if s.jump or self.endpoint is None or self.server_path is None or self.tun is None:
+            return
+        try:
+            ipaddress.ip_address(host)
+            return  # an address never moves
+        except ValueError:
+            pass
+        found = await resolve_outside(host, self.original_nameservers, self.server_path.dev)
+        current = ipaddress.ip_address(self.endpoint[0])
+        if not found or current in found:
+            return
+        new = next((a for a in found if a.version == current.version), found[0])
+        path = self.server_path
+        plan = RoutePlan((PlannedRoute(ipaddress.ip_network(new), path.dev, path.gateway, "server"),))
+        assert self.routing is not None and self.journal is not None
+        await asyncio.to_thread(self.routing.apply, plan, self.journal)
+        if self.kill_switch is not None:
+            await asyncio.to_thread(self.kill_switch.update, [(new, self.endpoint[1])])
+        log.info("%s now resolves to %s (was %s): its route outside the tunnel follows", host, new, current)
+        self.endpoint = (str(new), self.endpoint[1])
 
     async def _tear_down(self) -> None:
         self.state = "stopping"
