@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
 import logging
 import random
@@ -41,11 +42,19 @@ from x2ssh.tun import DNS_V4, DNS_V6, TunDevice, open_tun
 from x2ssh.udp_relay import DnsOverride, UdpRelay, UdpRelaySettings
 
 log = logging.getLogger(__name__)
+_libc = ctypes.CDLL(None)
 
 Address = tuple[str, int]
 TUNNEL_DNS = {str(DNS_V4), str(DNS_V6)}
 STATUS_INTERVAL = 1.0
 AGENT_RETRY_DELAY = 5.0
+
+
+def release_free_memory() -> None:
+    """Return freed heap pages to the system (glibc keeps them otherwise; a no-op elsewhere)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 async def run_vpn(settings: Settings) -> int:
@@ -339,7 +348,12 @@ class VpnSession:
     # -- status --
 
     async def _status_loop(self) -> None:
+        busy = False
         while True:
+            active = self.bridge.stats.active + self.relay.flow_count
+            if busy and active == 0:
+                release_free_memory()  # a burst of flows is over: give its buffers back to the system
+            busy = active > 0
             if self.conn is not None and self.server_dns is None and self.settings.vpn_dns == "remote":
                 self.server_dns = await server_resolver(self.conn)
             self.relay.expire(time.monotonic())

@@ -427,7 +427,7 @@ def test_thousand_concurrent_flows_byte_exact_and_memory_returns(
         done = lab.run(lab.client, argv, timeout=200)
     assert done.returncode == 0, f"{done.stderr[-3000:]}{vpn.describe()}"
     report = json.loads(done.stdout)
-    bound = 3 * baseline + 100 * 1024
+    bound = baseline + 32 * 1024  # "near its baseline": the flows' buffers are given back once they close
     wait_until(lambda: vpn.rss_kib() <= bound, timeout=20, interval=0.5)
     after = vpn.rss_kib()
     numbers = {"baseline_kib": baseline, "peak_kib": meter.peak_rss_kib, "after_kib": after, **report}
