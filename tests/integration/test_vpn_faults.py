@@ -8,7 +8,6 @@ budget. Recovery times and memory numbers are recorded as junit properties (`--j
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
@@ -16,12 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from benchmarks.lab import Lab
-from benchmarks.procstat import ResourceMeter, descendants
+from benchmarks.procstat import ResourceMeter
 from benchmarks.services import HttpService, TargetServices, start_http
 from benchmarks.sshd import SshServer
 from tests.integration.vpn_runner import (
@@ -32,6 +30,8 @@ from tests.integration.vpn_runner import (
     VpnProcess,
     agent_processes,
     curl,
+    kill_connection,
+    kill_pids,
     pid_alive,
     run_cleanup,
     snapshot,
@@ -210,30 +210,6 @@ def recovers_within(lab: Lab, services: TargetServices, since: float, bound: flo
 def assert_restored(before: NetSnapshot, lab: Lab, vpn: VpnProcess) -> None:
     after = snapshot(lab)
     assert after == before, f"client namespace not restored:\n{before.differences(after)}{vpn.describe()}"
-
-
-def kill_connection(server: SshServer) -> None:
-    """SIGKILL the per-connection sshd processes (children of the listener): the SSH connection dies as if
-    the server side crashed. Their own children (session shells, the agent) are left to notice by
-    themselves: a shell SIGKILLed inside root's ~/.bashrc would leave pyenv's rehash lock behind and stall
-    every later SSH session on this machine for a minute."""
-    assert server.pid is not None
-    connections = [pid for pid in descendants(server.pid) if _parent(pid) == server.pid]
-    assert connections, "no sshd connection process to kill"
-    kill_pids(connections)
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def kill_pids(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 # -- the SSH connection fails -------------------------------------------------------------------------------

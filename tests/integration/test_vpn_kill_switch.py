@@ -3,15 +3,13 @@ on the client's own link that is not the SSH port cannot be reached; on exit the
 
 from __future__ import annotations
 
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from benchmarks.lab import Lab
 from benchmarks.services import TargetServices
-from tests.integration.vpn_runner import VpnLauncher, curl, wait_until
+from tests.integration.vpn_runner import VpnLauncher, curl, kill_connection, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -56,13 +54,7 @@ def test_kill_switch_blocks_the_link_also_while_reconnecting(
         refuse = "add table ip cut\nadd chain ip cut in { type filter hook input priority 0; }\n"
         refuse += f"add rule ip cut in tcp dport {server.port} reject with tcp reset\n"
         lab.run(lab.server, ["nft", "-f", "-"], input=refuse, check=True)
-        for pid in lab.run(lab.server, ["ip", "netns", "pids", lab.server]).stdout.split():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-            except FileNotFoundError:
-                continue
-            if cmdline.startswith(b"sshd: root@"):
-                subprocess.run(["kill", "-9", pid], check=False)
+        kill_connection(server)
         assert wait_until(lambda: "reconnect attempt" in vpn.output, 20), vpn.describe()
         still = probe(lab, server_addr, SIDE_PORT)
         assert still in ("EHOSTUNREACH", "EACCES", "EPERM", "timeout"), f"leaked while reconnecting: {still}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,6 +15,7 @@ from tests.integration.vpn_runner import (
     NetSnapshot,
     VpnProcess,
     curl,
+    kill_connection,
     route_get,
     snapshot,
     state_dir_for,
@@ -59,13 +59,7 @@ def test_reconnect_follows_the_server_to_its_new_address(
         refuse = "add table ip moved\nadd chain ip moved in { type filter hook input priority 0; }\n"
         refuse += f"add rule ip moved in ip daddr {OLD} tcp dport {server.port} reject with tcp reset\n"
         lab.run(lab.server, ["nft", "-f", "-"], input=refuse, check=True)
-        for pid in lab.run(lab.server, ["ip", "netns", "pids", lab.server]).stdout.split():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
-            except FileNotFoundError:
-                continue  # a process that has ended meanwhile (the `ip` command itself)
-            if cmdline.startswith(b"sshd: root@"):
-                subprocess.run(["kill", "-9", pid], check=False)
+        kill_connection(server)
         moved_at = time.monotonic()
         assert wait_until(lambda: "reconnected" in vpn.output, 30), vpn.describe()
         assert f"now resolves to {NEW}" in vpn.output, vpn.describe()

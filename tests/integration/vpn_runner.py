@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from benchmarks.lab import Lab
-from benchmarks.procstat import rss_kib
+from benchmarks.procstat import descendants, rss_kib
 from benchmarks.sshd import SshServer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -453,3 +453,30 @@ def udp_echo(
     if done.returncode != 0:
         raise RuntimeError(f"udp echo probe failed: {done.stderr.strip()}")
     return {int(k): v for k, v in json.loads(done.stdout).items()}
+
+
+# -- faults ------------------------------------------------------------------------------------------------
+
+
+def kill_connection(server: SshServer) -> None:
+    """SIGKILL the per-connection sshd processes (children of the listener): the SSH connection dies as if
+    the server side crashed. Their own children (session shells, the agent) are left to notice by
+    themselves: a shell SIGKILLed inside root's ~/.bashrc would leave pyenv's rehash lock behind and stall
+    every later SSH session on this machine for a minute."""
+    assert server.pid is not None
+    connections = [pid for pid in descendants(server.pid) if _parent(pid) == server.pid]
+    assert connections, "no sshd connection process to kill"
+    kill_pids(connections)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
