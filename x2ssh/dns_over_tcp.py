@@ -8,30 +8,19 @@ address it asked, so the app never learns about the detour.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import struct
 from collections.abc import Callable
 
 import asyncssh
 
+from x2ssh.resolve_outside import nameservers
+
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 QUERY_TIMEOUT = 5.0
 MAX_INFLIGHT = 256
-
-
-def parse_nameserver(resolv_conf: str) -> str | None:
-    """The first usable `nameserver` address of a resolv.conf text."""
-    for line in resolv_conf.splitlines():
-        fields = line.split("#", 1)[0].split()
-        if len(fields) >= 2 and fields[0] == "nameserver":
-            try:
-                return str(ipaddress.ip_address(fields[1].split("%")[0]))
-            except ValueError:
-                continue
-    return None
 
 
 async def server_resolver(conn: asyncssh.SSHClientConnection, timeout: float = 10.0) -> str:
@@ -42,7 +31,7 @@ async def server_resolver(conn: asyncssh.SSHClientConnection, timeout: float = 1
     except (TimeoutError, asyncssh.Error, OSError) as exc:
         log.warning("cannot read the server's /etc/resolv.conf (%s); using 127.0.0.1", exc)
         return "127.0.0.1"
-    return parse_nameserver(text) or "127.0.0.1"
+    return next(iter(nameservers(text)), "127.0.0.1")
 
 
 class DnsOverTcp:

@@ -71,11 +71,11 @@ class VpnSession:
         self.conn: asyncssh.SSHClientConnection | None = None
         self.tun: TunDevice | None = None
         self.tun_stack: TunStack | None = None
-        self.bridge = TcpBridge(self._stack, rewrite=self._rewrite_dns)
+        self.bridge = TcpBridge(self._stack, rewrite=self._real_dns)
         remote_dns = settings.vpn_dns == "remote"
         override = DnsOverride(((str(DNS_V4), 53), (str(DNS_V6), 53))) if remote_dns else None
         self.relay = UdpRelay(self._udp_to_app, UdpRelaySettings(), dns_override=override)
-        self.dns_tcp = DnsOverTcp(lambda: self.conn, self._udp_to_app, self._dns_upstream)
+        self.dns_tcp = DnsOverTcp(lambda: self.conn, self._udp_to_app, self._real_dns)
         self.agent: AgentHandle | None = None
         self.agent_unavailable: str | None = None
         self.server_dns: str | None = None
@@ -334,13 +334,9 @@ class VpnSession:
 
     # -- DNS --
 
-    def _dns_upstream(self, dst: Address) -> Address:
-        if dst[0] in TUNNEL_DNS:
-            return (self.server_dns or "127.0.0.1", 53)
-        return dst
-
-    def _rewrite_dns(self, dst: Address) -> Address:
-        """TCP to the tunnel DNS address (DNS over TCP from apps) goes to the real resolver."""
+    def _real_dns(self, dst: Address) -> Address:
+        """Where DNS sent to the tunnel's own DNS address really goes (TCP from apps, and the DNS-over-TCP
+        fallback): the server's resolver with `--vpn-dns remote`; anything else goes where it was sent."""
         if dst[0] in TUNNEL_DNS and self.settings.vpn_dns == "remote":
             return (self.server_dns or "127.0.0.1", dst[1])
         return dst

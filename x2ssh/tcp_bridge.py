@@ -161,7 +161,6 @@ class TcpBridge:
         self.connection_ready = asyncio.Event()
         self.stats = BridgeStats()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._links: set[_Link] = set()
 
     def on_tcp(self, flow: TcpFlow) -> None:
         """Netstack callback for a new connection request (the app's SYN is held meanwhile)."""
