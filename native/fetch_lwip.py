@@ -105,7 +105,7 @@ def _unpack(tarball: Path, dest: Path) -> Path:
         )
     staging = Path(tempfile.mkdtemp(prefix="lwip-", dir=dest.parent))
     with tarfile.open(tarball) as tar:
-        tar.extractall(staging, filter="data")
+        tar.extractall(staging, members=_checked_members(tar, staging))
     roots = [p for p in staging.iterdir() if _is_tree(p)]
     if not roots:
         raise LwipSourceError(f"{tarball.name} does not contain an lwIP source tree")
@@ -114,6 +114,24 @@ def _unpack(tarball: Path, dest: Path) -> Path:
     roots[0].rename(dest)
     shutil.rmtree(staging)
     return dest
+
+
+def _checked_members(tar: tarfile.TarFile, dest: Path) -> list[tarfile.TarInfo]:
+    """Only plain files and directories that land inside `dest`, without special permission bits.
+
+    Python 3.11.2 (Debian 12) predates `extractall(filter=...)`, so the same checks are made here.
+    """
+    root = dest.resolve()
+    members = []
+    for member in tar.getmembers():
+        target = (root / member.name).resolve()
+        if member.name.startswith("/") or not target.is_relative_to(root):
+            raise LwipSourceError(f"refusing tar member outside the tree: {member.name!r}")
+        if not (member.isfile() or member.isdir()):
+            continue  # links and devices: an lwIP tree needs none
+        member.mode &= 0o755
+        members.append(member)
+    return members
 
 
 def lwip_source() -> Path:

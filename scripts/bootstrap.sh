@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc libc6-dev openssh-server openssh-client curl dnsutils iperf3
-              dnsmasq-base tcpdump iproute2 sshuttle xz-utils ca-certificates procps psmisc)
+              dnsmasq-base tcpdump iproute2 sshuttle xz-utils ca-certificates procps psmisc nftables sudo
+              apache2-utils)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,7 +19,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PY=${PYTHON:-python3}
+# Debian's own interpreter: a python3 from elsewhere on PATH (pyenv, /usr/local) could hide what a fresh
+# machine hits.
+PY=${PYTHON:-/usr/bin/python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
