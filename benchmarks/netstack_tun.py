@@ -103,7 +103,7 @@ class _Hold(asyncio.Protocol):
 async def _serve(mode: str, mtu: int) -> dict:
     from netstack import StackConfig
     from netstack.aio import TunStack
-    from x2ssh.tun import open_tun
+    from x2ssh.host.linux.tun import open_tun
 
     tun = await asyncio.to_thread(
         open_tun, "nsbench0", mtu, ipaddress.ip_interface(TUN_V4), ipaddress.ip_interface(TUN_V6)

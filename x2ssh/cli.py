@@ -14,9 +14,9 @@ import sys
 import traceback
 from types import FrameType
 
-from x2ssh.cleanup import cleanup
 from x2ssh.errors import UsageError, X2sshError
-from x2ssh.preflight import check_privileges, check_tun_device, check_tun_name_free
+from x2ssh.host.cleanup import cleanup
+from x2ssh.host.preflight import check_privileges, check_tun_device, check_tun_name_free
 from x2ssh.settings import Settings, build_parser, parse_args
 
 log = logging.getLogger("x2ssh")
@@ -90,7 +90,7 @@ def _run_vpn(settings: Settings) -> int:
     cleanup(settings.state_dir)  # leftovers of a run that was killed; refuses if another x2ssh is live
     check_tun_name_free(settings.vpn_tun)
     if settings.vpn_kill_switch:  # fail before anything changes when nftables cannot do it
-        from x2ssh.killswitch import KillSwitch
+        from x2ssh.host.linux.firewall import KillSwitch
 
         KillSwitch(settings.vpn_tun, [], settings.vpn_exclude).check()
     from x2ssh import session  # imported late: it pulls in asyncssh and the native netstack

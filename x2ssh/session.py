@@ -26,20 +26,20 @@ import asyncssh
 
 from netstack import LocalProtocolError, StackConfig, UdpDatagram
 from netstack.aio import TunStack
-from x2ssh.agent_deploy import AgentHandle, AgentSettings, AgentUnavailable, deploy_agent
-from x2ssh.dns import DnsConfigurator, resolver_addresses
-from x2ssh.dns_over_tcp import DnsOverTcp, server_resolver
+from x2ssh.agent_client.deploy import AgentHandle, AgentSettings, AgentUnavailable, deploy_agent
 from x2ssh.errors import SshConnectError, X2sshError
-from x2ssh.killswitch import KillSwitch
-from x2ssh.resolve_outside import nameservers, resolve_outside
-from x2ssh.routing import LinuxRouting, OriginalPath, PlannedRoute, RoutePlan, plan_routes
+from x2ssh.flows.dns_over_tcp import DnsOverTcp, server_resolver
+from x2ssh.flows.tcp_bridge import TcpBridge
+from x2ssh.flows.udp_relay import DnsOverride, UdpRelay, UdpRelaySettings
+from x2ssh.host.journal import StateJournal, journal_path
+from x2ssh.host.linux.dns import DnsConfigurator, resolver_addresses
+from x2ssh.host.linux.firewall import KillSwitch
+from x2ssh.host.linux.routes import LinuxRouting, OriginalPath, PlannedRoute, RoutePlan, plan_routes
+from x2ssh.host.linux.tun import DNS_V4, DNS_V6, TunDevice, open_tun
 from x2ssh.settings import Settings
-from x2ssh.ssh_connect import bypass_addresses, connect_ssh, peer_endpoint
-from x2ssh.state import StateJournal, journal_path
+from x2ssh.ssh.connect import bypass_addresses, connect_ssh, peer_endpoint
+from x2ssh.ssh.resolve_outside import nameservers, resolve_outside
 from x2ssh.status import Snapshot, StatusView
-from x2ssh.tcp_bridge import TcpBridge
-from x2ssh.tun import DNS_V4, DNS_V6, TunDevice, open_tun
-from x2ssh.udp_relay import DnsOverride, UdpRelay, UdpRelaySettings
 
 log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(None)

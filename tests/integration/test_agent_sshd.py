@@ -414,8 +414,8 @@ class AppSide:
 
 @needs_sshd
 def test_deploy_echo_sizes_and_clean_close(sshd, echo: UdpEcho) -> None:
-    from x2ssh.agent_deploy import deploy_agent
-    from x2ssh.udp_relay import UdpRelay
+    from x2ssh.agent_client.deploy import deploy_agent
+    from x2ssh.flows.udp_relay import UdpRelay
 
     async def main() -> str:
         async with await connect(sshd) as conn:
@@ -443,8 +443,8 @@ def test_deploy_echo_sizes_and_clean_close(sshd, echo: UdpEcho) -> None:
 
 @needs_sshd
 def test_fifty_concurrent_flows_and_replies_from_other_ports(sshd) -> None:
-    from x2ssh.agent_deploy import deploy_agent
-    from x2ssh.udp_relay import UdpRelay
+    from x2ssh.agent_client.deploy import deploy_agent
+    from x2ssh.flows.udp_relay import UdpRelay
 
     servers = [UdpEcho(), UdpEcho(other_port=True)]
 
@@ -479,7 +479,7 @@ def test_fifty_concurrent_flows_and_replies_from_other_ports(sshd) -> None:
 
 @needs_sshd
 def test_agent_exits_by_itself_when_the_ssh_connection_drops(sshd) -> None:
-    from x2ssh.agent_deploy import deploy_agent
+    from x2ssh.agent_client.deploy import deploy_agent
 
     async def main() -> str:
         conn = await connect(sshd)
@@ -496,7 +496,7 @@ def test_agent_exits_by_itself_when_the_ssh_connection_drops(sshd) -> None:
 
 @needs_sshd
 def test_stale_directory_of_a_killed_agent_is_removed_by_the_next_deploy(sshd) -> None:
-    from x2ssh.agent_deploy import deploy_agent
+    from x2ssh.agent_client.deploy import deploy_agent
 
     async def main() -> None:
         async with await connect(sshd) as conn:
@@ -516,7 +516,7 @@ def test_stale_directory_of_a_killed_agent_is_removed_by_the_next_deploy(sshd) -
 @needs_sshd
 def test_server_without_python3_gives_agent_unavailable(tmp_path: Path) -> None:
     from benchmarks.sshd import SshServer
-    from x2ssh.agent_deploy import AgentUnavailable, deploy_agent
+    from x2ssh.agent_client.deploy import AgentUnavailable, deploy_agent
 
     async def main(server) -> AgentUnavailable:
         async with await connect(server) as conn:

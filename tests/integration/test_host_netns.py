@@ -30,10 +30,10 @@ SCENARIO = r"""
 import json, os, signal, subprocess, sys
 from ipaddress import ip_address, ip_network
 from pathlib import Path
-from x2ssh.dns import DnsConfigurator
-from x2ssh.routing import LinuxRouting, plan_routes
-from x2ssh.state import StateJournal, journal_path
-from x2ssh.tun import DNS_V4, open_tun
+from x2ssh.host.linux.dns import DnsConfigurator
+from x2ssh.host.linux.routes import LinuxRouting, plan_routes
+from x2ssh.host.journal import StateJournal, journal_path
+from x2ssh.host.linux.tun import DNS_V4, open_tun
 
 mode, state_dir, netns_resolv, tun_name = sys.argv[1:5]
 here, bound = os.stat("/etc/resolv.conf"), os.stat(netns_resolv)
@@ -69,8 +69,8 @@ print(json.dumps({"undone": journal.undo_all()}), flush=True)
 NAME_TAKEN = r"""
 import sys
 from x2ssh.errors import TunNameTaken
-from x2ssh.preflight import check_tun_name_free
-from x2ssh.tun import open_tun
+from x2ssh.host.preflight import check_tun_name_free
+from x2ssh.host.linux.tun import open_tun
 for check in (lambda: check_tun_name_free(sys.argv[1]), lambda: open_tun(sys.argv[1], 1500)):
     try:
         check()

@@ -62,8 +62,8 @@ SCENARIO = r"""
 import errno, json, os, signal, socket, subprocess, sys, threading
 from ipaddress import ip_address as A, ip_network as N
 from pathlib import Path
-from x2ssh.killswitch import KillSwitch
-from x2ssh.state import StateJournal, journal_path
+from x2ssh.host.linux.firewall import KillSwitch
+from x2ssh.host.journal import StateJournal, journal_path
 
 mode, state_dir, tun, peer_ns = sys.argv[1:5]
 timeout = float(sys.argv[5])
@@ -140,7 +140,7 @@ print(json.dumps({"undone": undone, "after": probes()}), flush=True)
 CLEANUP = r"""
 import json, sys
 from pathlib import Path
-from x2ssh.cleanup import cleanup
+from x2ssh.host.cleanup import cleanup
 print(json.dumps(cleanup(Path(sys.argv[1]))))
 """
 

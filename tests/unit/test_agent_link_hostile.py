@@ -9,8 +9,8 @@ import struct
 import pytest
 
 from agent import protocol as p
-from x2ssh.agent_deploy import AgentHandle, AgentSettings, ServerPython
-from x2ssh.udp_relay import UdpRelay
+from x2ssh.agent_client.deploy import AgentHandle, AgentSettings, ServerPython
+from x2ssh.flows.udp_relay import UdpRelay
 
 
 class FakeChannel:

@@ -8,7 +8,7 @@ import logging
 from asyncssh.logging import SSHLogger
 from asyncssh.packet import SSHPacketLogger
 
-from x2ssh import asyncssh_tuning
+from x2ssh.ssh import tuning as asyncssh_tuning
 
 
 class FakeConnection:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from x2ssh import killswitch
 from x2ssh.errors import X2sshError
-from x2ssh.killswitch import (
+from x2ssh.host.journal import StateJournal, default_undoers
+from x2ssh.host.linux import firewall as killswitch
+from x2ssh.host.linux.firewall import (
     KILL_SWITCH_RECORD,
     KillSwitch,
     KillSwitchError,
@@ -23,7 +24,6 @@ from x2ssh.killswitch import (
     plan_kill_switch,
     undo_killswitch_record,
 )
-from x2ssh.state import StateJournal, default_undoers
 
 HEAD = """\
 # x2ssh kill switch: generated, replaced as a whole in one transaction

@@ -6,7 +6,7 @@ import ipaddress
 
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 
-from x2ssh.resolve_outside import TYPE_AAAA, build_query, nameservers, parse_answers
+from x2ssh.ssh.resolve_outside import TYPE_AAAA, build_query, nameservers, parse_answers
 
 
 def test_query_is_what_scapy_reads() -> None:

@@ -6,7 +6,7 @@ from ipaddress import ip_network as N
 import pytest
 
 from x2ssh.errors import RoutingError
-from x2ssh.routing import OriginalPath, PlannedRoute, plan_routes
+from x2ssh.host.linux.routes import OriginalPath, PlannedRoute, plan_routes
 
 GW4 = OriginalPath(A("198.18.0.1"), "eth0", A("198.18.0.2"))
 GW6 = OriginalPath(A("fe80::1"), "eth0", A("fd78:1::2"))

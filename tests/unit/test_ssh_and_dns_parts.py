@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from x2ssh.resolve_outside import nameservers
 from x2ssh.settings import parse_args
-from x2ssh.ssh_connect import PREFERRED_CIPHERS, connect_options, parse_hop
+from x2ssh.ssh.connect import PREFERRED_CIPHERS, connect_options, parse_hop
+from x2ssh.ssh.resolve_outside import nameservers
 from x2ssh.status import Snapshot, StatusView, human_bytes
 
 

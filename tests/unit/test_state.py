@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from x2ssh.cleanup import cleanup
 from x2ssh.errors import AlreadyRunning, StateError
-from x2ssh.state import StateJournal, current_netns, journal_path, process_start_time
+from x2ssh.host.cleanup import cleanup
+from x2ssh.host.journal import StateJournal, current_netns, journal_path, process_start_time
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -139,7 +139,8 @@ def test_owner_liveness_uses_pid_and_start_time(tmp_path):
 def test_cleanup_undoes_a_journal_left_by_a_dead_process(tmp_path):
     state_dir = tmp_path / "run"
     child = (
-        "import sys, os; from pathlib import Path; from x2ssh.state import StateJournal, journal_path\n"
+        "import sys, os; from pathlib import Path; "
+        "from x2ssh.host.journal import StateJournal, journal_path\n"
         "j = StateJournal(journal_path(Path(sys.argv[1]), 'x2ssh0'))\n"
         "j.record('tun', name='x2ssh0'); j.record('route', name='server'); j.record('route', name='split')\n"
         "os._exit(0)  # dies without undoing anything\n"
@@ -158,7 +159,8 @@ def test_cleanup_undoes_a_journal_left_by_a_dead_process(tmp_path):
 def test_cleanup_refuses_while_the_owner_lives_and_changes_nothing(tmp_path):
     state_dir = tmp_path / "run"
     child = (
-        "import sys, time; from pathlib import Path; from x2ssh.state import StateJournal, journal_path\n"
+        "import sys, time; from pathlib import Path; "
+        "from x2ssh.host.journal import StateJournal, journal_path\n"
         "j = StateJournal(journal_path(Path(sys.argv[1]), 'x2ssh0'))\n"
         "j.record('tun', name='x2ssh0'); print('ready', flush=True); time.sleep(60)\n"
     )

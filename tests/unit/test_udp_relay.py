@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.protocol import MAX_PAYLOAD, SERVER_RESOLVER
-from x2ssh.udp_relay import DnsOverride, UdpRelay, UdpRelaySettings
+from x2ssh.flows.udp_relay import DnsOverride, UdpRelay, UdpRelaySettings
 
 APP = ("100.100.83.1", 40000)
 APP2 = ("100.100.83.1", 40001)

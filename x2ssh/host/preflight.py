@@ -6,7 +6,7 @@ import os
 import socket
 
 from x2ssh.errors import NotPrivileged, TunNameTaken, TunUnavailable
-from x2ssh.tun import TUN_DEVICE_PATH
+from x2ssh.host.linux.tun import TUN_DEVICE_PATH
 
 CAP_NET_ADMIN = 12
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import asyncssh
 
-from x2ssh.resolve_outside import nameservers
+from x2ssh.ssh.resolve_outside import nameservers
 
 log = logging.getLogger(__name__)
 

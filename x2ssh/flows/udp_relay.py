@@ -34,7 +34,7 @@ __all__ = ["SERVER_RESOLVER", "AgentLink", "DnsOverride", "UdpRelay", "UdpRelayS
 
 
 class AgentLink(Protocol):
-    """What the relay needs from an agent connection (`x2ssh.agent_deploy.AgentHandle` implements it)."""
+    """What the relay needs from an agent connection (`agent_client.deploy.AgentHandle` implements it)."""
 
     def set_receiver(self, receiver: UdpRelay | None) -> None: ...
     def open_flow(self, flow_id: int, destination: Address) -> None: ...

@@ -40,7 +40,7 @@ from x2ssh.errors import X2sshError
 from x2ssh.settings import IPAddress, IPNetwork
 
 if TYPE_CHECKING:
-    from x2ssh.state import StateJournal
+    from x2ssh.host.journal import StateJournal
 
 log = logging.getLogger(__name__)
 

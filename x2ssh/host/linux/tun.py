@@ -1,7 +1,7 @@
 """The TUN device: created with an ioctl on /dev/net/tun, configured (MTU, addresses, up) with pyroute2.
 
 The device is not persistent: the kernel removes it when its file descriptor is closed, also when x2ssh is
-killed. Call from a worker thread in asyncio code (see x2ssh.routing about pyroute2's event loop).
+killed. Call from a worker thread in asyncio code (see x2ssh.host.linux.routes about pyroute2's event loop).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from x2ssh.errors import NotPrivileged, TunNameTaken, TunUnavailable
-from x2ssh.routing import iproute
+from x2ssh.host.linux.routes import iproute
 
 if TYPE_CHECKING:
-    from x2ssh.state import StateJournal
+    from x2ssh.host.journal import StateJournal
 
 log = logging.getLogger(__name__)
 

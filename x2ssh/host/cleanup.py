@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from x2ssh.errors import AlreadyRunning
+from x2ssh.host.journal import JOURNAL_SUFFIX, StateJournal, Undo, current_netns
 from x2ssh.settings import DEFAULT_STATE_DIR
-from x2ssh.state import JOURNAL_SUFFIX, StateJournal, Undo, current_netns
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ resolv.conf belong to a namespace, so a journal is only undone from the namespac
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -219,17 +220,22 @@ class StateJournal:
         return seq
 
 
-def default_undoers() -> dict[str, Undo]:
-    """The undo function of every change kind x2ssh records (imported lazily: they need pyroute2 etc.)."""
-    from x2ssh import dns, killswitch, routing, tun
+_UNDOERS: dict[str, Undo] = {}
+PLATFORM_PACKAGE = "x2ssh.host.linux"  # importing it registers the undo function of each change it makes
 
-    return {
-        killswitch.KILL_SWITCH_RECORD: killswitch.undo_killswitch_record,
-        routing.ROUTE_RECORD: routing.undo_route_record,
-        dns.RESOLV_CONF_RECORD: dns.undo_resolv_conf_record,
-        dns.RESOLVED_RECORD: dns.undo_resolved_record,
-        tun.TUN_RECORD: tun.undo_tun_record,
-    }
+
+def register_undo(kind: str, undo: Undo) -> None:
+    """Declare how to undo journal records of `kind` (called by each host module that records changes)."""
+    if kind in (_OWNER, _FORGET, _UNDONE):
+        raise ValueError(f"reserved journal kind {kind!r}")
+    _UNDOERS[kind] = undo
+
+
+def default_undoers() -> dict[str, Undo]:
+    """The undo function of every change kind registered by the platform package (imported lazily: it
+    needs pyroute2 and friends)."""
+    importlib.import_module(PLATFORM_PACKAGE)
+    return dict(_UNDOERS)
 
 
 def _fsync_dir(path: Path) -> None:

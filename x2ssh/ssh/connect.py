@@ -14,9 +14,9 @@ from typing import Any
 
 import asyncssh
 
-from x2ssh import asyncssh_tuning
 from x2ssh.errors import SshAuthFailed, SshConnectError, SshHostKeyRejected, SshHostUnreachable
 from x2ssh.settings import Settings
+from x2ssh.ssh import tuning as asyncssh_tuning
 
 log = logging.getLogger(__name__)
 asyncssh_tuning.install()

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from x2ssh.errors import DnsError
+from x2ssh.host.linux.tun import DNS_V4
 from x2ssh.settings import DnsSetting, IPAddress
-from x2ssh.tun import DNS_V4
 
 if TYPE_CHECKING:
-    from x2ssh.state import StateJournal
+    from x2ssh.host.journal import StateJournal
 
 log = logging.getLogger(__name__)
 

@@ -115,7 +115,7 @@ class AgentUnavailable(Exception):
 
 
 class AgentReceiver(Protocol):
-    """Who gets what the agent sends (`x2ssh.udp_relay.UdpRelay` implements it)."""
+    """Who gets what the agent sends (`x2ssh.flows.udp_relay.UdpRelay` implements it)."""
 
     def datagram_from_agent(self, flow_id: int, source: tuple[str, int], payload: bytes) -> None: ...
     def flow_closed_by_agent(self, flow_id: int, reason: int) -> None: ...

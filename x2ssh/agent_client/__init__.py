@@ -1,0 +1,1 @@
+"""Reaching the UDP agent on the server: upload, start, and the framed link to it."""
