@@ -1,22 +1,21 @@
 """The `x2ssh` command: parse, check, clean up leftovers, run the VPN session, report errors.
 
-Exit codes: 0 success, 2 usage, 130/143 interrupted by SIGINT/SIGTERM, 70 internal error, otherwise the
-exit_code of the X2sshError raised (see x2ssh.errors).
+Exit codes: 0 success, 2 usage, 129/130/143 interrupted by SIGHUP/SIGINT/SIGTERM, 70 internal error,
+otherwise the exit_code of the X2sshError raised (see x2ssh.errors).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 import traceback
 from types import FrameType
 
 from x2ssh.errors import UsageError, X2sshError
-from x2ssh.host.cleanup import cleanup
-from x2ssh.host.preflight import check_privileges, check_tun_device, check_tun_name_free
+from x2ssh.host.helper_client import HelperClient
+from x2ssh.host.privileges import drop_to, sudo_user
 from x2ssh.settings import Settings, build_parser, parse_args
 
 log = logging.getLogger("x2ssh")
@@ -77,47 +76,49 @@ class _Formatter(logging.Formatter):
 
 
 def _cleanup_only(settings: Settings) -> int:
-    check_privileges()
-    done = cleanup(settings.state_dir)
+    helper = HelperClient.spawn(settings.state_dir, settings.verbose)
+    try:
+        done = helper.cleanup()
+    finally:
+        helper.down()
+    for item in done:
+        log.info("cleanup: %s", item)
     if not done:
         log.info("nothing to clean up")
     return 0
 
 
 def _run_vpn(settings: Settings) -> int:
-    check_privileges()
-    check_tun_device()
-    cleanup(settings.state_dir)  # leftovers of a run that was killed; refuses if another x2ssh is live
-    check_tun_name_free(settings.vpn_tun)
-    if settings.vpn_kill_switch:  # fail before anything changes when nftables cannot do it
-        from x2ssh.host.linux.firewall import KillSwitch
+    """Start the privileged helper (through sudo unless root), give up root if sudo started us, then run.
 
-        KillSwitch(settings.vpn_tun, [], settings.vpn_exclude).check()
-    from x2ssh import session  # imported late: it pulls in asyncssh and the native netstack
-
+    SIGTERM and SIGHUP unwind like Ctrl-C until the session installs its own handlers, so a signal at any
+    moment ends in the helper's orderly undo (and if this process dies instead, the helper undoes anyway).
+    """
     received: list[int] = []
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
-        raise KeyboardInterrupt  # unwinds like Ctrl-C, so the session's own cleanup runs
+        raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    helper: HelperClient | None = None
     try:
-        result = asyncio.run(session.run_vpn(settings))
+        invoker = sudo_user()
+        helper = HelperClient.spawn(settings.state_dir, settings.verbose)
+        if invoker is not None:
+            drop_to(invoker)  # SSH and the data plane run as the user who typed `sudo x2ssh`
+        s = settings
+        start = helper.start(s.vpn_tun, s.vpn_mtu, s.vpn_exclude, s.vpn_kill_switch)
+        for item in start.get("undone", []):
+            log.warning("restored what an earlier run left behind: %s", item)
+        from x2ssh import session  # imported late: it pulls in asyncssh and the native netstack
+
+        result = asyncio.run(session.run_vpn(settings, helper))
         return result if isinstance(result, int) else 0
     except KeyboardInterrupt:
         return 128 + (received[0] if received else signal.SIGINT)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        _safety_net(settings)
-
-
-def _safety_net(settings: Settings) -> None:
-    """Undo whatever the session journaled but did not undo itself (it normally leaves nothing)."""
-    try:
-        leftovers = cleanup(settings.state_dir, own_pid=os.getpid())
-    except X2sshError as e:
-        log.error("could not restore everything: %s (run x2ssh --vpn-cleanup)", e.message)
-        return
-    if leftovers:
-        log.warning("restored what the session left behind: %s", "; ".join(leftovers))
+        if helper is not None:
+            helper.down()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -2,12 +2,14 @@
 
 Order matters and is the whole safety story:
   1. connect and authenticate SSH first — a bad host, key or password fails before anything changes;
-  2. every host change (TUN, routes, DNS) is journaled before it is made, so a crash is undone by
-     `x2ssh --vpn-cleanup` or the next start;
-  3. the SSH server (and ProxyJump hops) keep their original path, so the tunnel never carries itself;
+  2. every host change (TUN, routes, DNS, kill switch) is made by the privileged helper (`host`), which
+     journals it first and undoes it when asked, when this process dies, or after a crash and reboot;
+  3. the SSH connection's sockets carry x2ssh's firewall mark and follow the machine's own routes, so the
+     tunnel never carries itself, also when the uplink changes under it;
   4. on a lost connection routes and DNS stay in place (nothing leaks out of the tunnel), new TCP flows wait
-     for the next connection within a bound, and the flows that were open are reset;
-  5. on exit (signal, --retry-max reached, fatal error) the journal is unwound in reverse order.
+     for the next connection within a bound, and the flows that were open are reset; a network change or
+     a resume from suspend checks the connection at once instead of waiting for keepalives;
+  5. on exit (SIGINT, SIGTERM, SIGHUP, --retry-max reached, fatal error) the helper undoes everything.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import ipaddress
 import logging
 import random
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -27,17 +30,17 @@ import asyncssh
 from netstack import LocalProtocolError, StackConfig, UdpDatagram
 from netstack.aio import TunStack
 from x2ssh.agent_client.deploy import AgentHandle, AgentSettings, AgentUnavailable, deploy_agent
-from x2ssh.errors import SshConnectError, X2sshError
+from x2ssh.errors import SshAuthFailed, SshConnectError
 from x2ssh.flows.dns_over_tcp import DnsOverTcp, server_resolver
 from x2ssh.flows.tcp_bridge import TcpBridge
 from x2ssh.flows.udp_relay import DnsOverride, UdpRelay, UdpRelaySettings
-from x2ssh.host.journal import StateJournal, journal_path
-from x2ssh.host.linux.dns import DnsConfigurator, resolver_addresses
-from x2ssh.host.linux.firewall import KillSwitch
-from x2ssh.host.linux.routes import LinuxRouting, OriginalPath, PlannedRoute, RoutePlan, plan_routes
-from x2ssh.host.linux.tun import DNS_V4, DNS_V6, TunDevice, open_tun
+from x2ssh.host.api import HostControl, TunHandle
+from x2ssh.host.linux.netwatch import NetworkWatch
+from x2ssh.host.linux.tun import DNS_V4, DNS_V6
+from x2ssh.host.privileges import agent_hint
 from x2ssh.settings import Settings
-from x2ssh.ssh.connect import bypass_addresses, connect_ssh, peer_endpoint
+from x2ssh.ssh import tuning
+from x2ssh.ssh.connect import ProxySettings, bypass_addresses, connect_ssh, peer_endpoint, proxy_settings
 from x2ssh.ssh.resolve_outside import nameservers, resolve_outside
 from x2ssh.status import Snapshot, StatusView
 
@@ -48,6 +51,8 @@ Address = tuple[str, int]
 TUNNEL_DNS = {str(DNS_V4), str(DNS_V6)}
 STATUS_INTERVAL = 1.0
 AGENT_RETRY_DELAY = 5.0
+LIVENESS_TIMEOUT = 2.5  # a network change: how long the server may take to answer before we reconnect
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def release_free_memory() -> None:
@@ -57,19 +62,19 @@ def release_free_memory() -> None:
         trim(0)
 
 
-async def run_vpn(settings: Settings) -> int:
+async def run_vpn(settings: Settings, host: HostControl) -> int:
     """Run the VPN until a signal or a final failure; returns the process exit code."""
-    return await VpnSession(settings).run()
+    return await VpnSession(settings, host).run()
 
 
 class VpnSession:
-    """Owns the connection, the TUN and netstack, the bridge, the UDP relay and the host changes."""
+    """Owns the connection, the TUN and netstack, the bridge and the UDP relay; asks `host` for changes."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, host: HostControl) -> None:
         self.settings = settings
-        self.journal: StateJournal | None = None  # created once the connection is up: nothing before
+        self.host = host
         self.conn: asyncssh.SSHClientConnection | None = None
-        self.tun: TunDevice | None = None
+        self.tun: TunHandle | None = None
         self.tun_stack: TunStack | None = None
         self.bridge = TcpBridge(self._stack, rewrite=self._real_dns)
         remote_dns = settings.vpn_dns == "remote"
@@ -80,32 +85,34 @@ class VpnSession:
         self.agent_unavailable: str | None = None
         self.server_dns: str | None = None
         self.endpoint: tuple[str, int] | None = None
-        self.kill_switch: KillSwitch | None = None
-        self.routing: LinuxRouting | None = None
-        self.server_path: OriginalPath | None = None  # how the server was reached before the VPN
+        self.proxy: ProxySettings | None = None
+        self.routing_mode = ""
+        self.dns_backend = ""
         self.original_nameservers: list[str] = []
         self.state = "connecting"
         self.status = StatusView()
         self.errors: list[str] = []
+        self.netwatch: NetworkWatch | None = None
         self._stop = asyncio.Event()
         self._signal = 0
+        self._checking = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- the whole run --
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
         try:
-            conn = self.conn = await connect_ssh(self.settings)
+            conn = self.conn = await self._connect()
             try:
                 await self._bring_up(conn)
                 return await self._serve(conn)
             finally:
                 await self._tear_down()
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: int) -> None:
@@ -113,49 +120,56 @@ class VpnSession:
         self._signal = sig
         self._stop.set()
 
+    async def _connect(self, endpoint: tuple[str, int] | None = None) -> asyncssh.SSHClientConnection:
+        if self.proxy is None:
+            self.proxy = proxy_settings(self.settings)  # refuses ProxyCommand before anything changes
+        try:
+            return await connect_ssh(self.settings, endpoint, self.host.marked_socket, self.proxy)
+        except SshAuthFailed as exc:
+            hint = agent_hint()
+            if hint:
+                raise SshAuthFailed(f"{exc.message}. {hint}") from None
+            raise
+
     async def _bring_up(self, conn: asyncssh.SSHClientConnection) -> None:
         s = self.settings
-        self.journal = StateJournal(journal_path(s.state_dir, s.vpn_tun))
-        bypass = await bypass_addresses(s, conn)
+        assert self.proxy is not None
         server = peer_endpoint(conn)
         # Reconnect to this address: the name cannot be resolved while the tunnel (and its DNS) is down.
         self.endpoint = (str(server[0]), server[1]) if server else None
         self.server_label = f"{s.host or s.destination} ({server[0] if server else '?'})"
-        self.tun = await asyncio.to_thread(open_tun, s.vpn_tun, s.vpn_mtu, journal=self.journal)
-        self.tun_stack = TunStack(
-            self.tun.fd,
-            config=StackConfig(mtu=s.vpn_mtu),
-            on_tcp=self.bridge.on_tcp,
-            on_udp=self._on_udp,
-        )
-        self.tun_stack.start()
-        routing = self.routing = LinuxRouting()
-        if server:
-            self.server_path = await asyncio.to_thread(routing.lookup_original, server[0])
-        plan = await asyncio.to_thread(
-            plan_routes, self.tun.name, bypass, list(s.vpn_exclude), routing.lookup_original
-        )
-        await asyncio.to_thread(routing.apply, plan, self.journal)
         try:  # kept to find the server again if it moves while the tunnel (and its DNS) is down
             self.original_nameservers = nameservers(Path("/etc/resolv.conf").read_text())
         except OSError:
             self.original_nameservers = []
-        servers = resolver_addresses(s.vpn_dns)
+        self.tun = await self.host.open_tun()
+        self.tun_stack = TunStack(
+            self.tun.fd,
+            config=StackConfig(mtu=self.tun.mtu),
+            on_tcp=self.bridge.on_tcp,
+            on_udp=self._on_udp,
+        )
+        self.tun_stack.start()
+        bypass = await bypass_addresses(s, conn, self.proxy.jump)
+        self.routing_mode = await self.host.routes(bypass)
+        servers = [ipaddress.ip_address(DNS_V4)] if s.vpn_dns == "remote" else []
+        if s.vpn_dns not in ("remote", "off"):
+            servers = [s.vpn_dns]  # type: ignore[list-item]
         if servers:
-            dns = DnsConfigurator(self.tun.name)
-            await asyncio.to_thread(dns.apply, servers, self.journal)
+            self.dns_backend = await self.host.dns(servers)
         if s.vpn_kill_switch:
-            self.kill_switch = KillSwitch(self.tun.name, [server] if server else [], list(s.vpn_exclude))
-            await asyncio.to_thread(self.kill_switch.apply, self.journal)
-            log.info("kill switch on: only the SSH connection and excluded prefixes bypass the tunnel")
+            await self.host.kill_switch()
+            log.info("kill switch on: only the tunnel and x2ssh's own SSH connection may leave the machine")
         self._attach(conn)
         self.state = "up"
+        self.netwatch = NetworkWatch(self._on_network_change, self._tunnel_ifindexes)
+        self.netwatch.start()
         log.info(
-            "VPN up: %s via %s; bypassing %s; DNS %s",
+            "VPN up: %s via %s; routing %s; DNS %s",
             self.tun.name,
             self.server_label,
-            ", ".join(map(str, bypass)) or "nothing",
-            ", ".join(map(str, servers)) or "unchanged",
+            self.routing_mode,
+            ", ".join(map(str, servers)) + f" ({self.dns_backend})" if servers else "unchanged",
         )
         self.status.start()
         self._spawn(self._status_loop())
@@ -179,8 +193,6 @@ class VpnSession:
             if new is None:
                 return 1 if not self._stop.is_set() else 128 + self._signal
             conn = new
-            if self.kill_switch is not None and (ssh_endpoint := peer_endpoint(conn)) is not None:
-                await asyncio.to_thread(self.kill_switch.update, [ssh_endpoint])
             self._attach(conn)
             self.state = "up"
             log.info("reconnected to %s", self.server_label)
@@ -203,7 +215,7 @@ class VpnSession:
             self.state = f"reconnecting (attempt {attempt})"
             try:
                 await self._follow_server_address()
-                return await connect_ssh(s, self.endpoint)
+                return await self._connect(self.endpoint)
             except SshConnectError as exc:
                 log.warning("reconnect attempt %d failed: %s", attempt, exc.message)
             if s.retry_max is not None and attempt >= s.retry_max:
@@ -220,33 +232,63 @@ class VpnSession:
         return None
 
     async def _follow_server_address(self) -> None:
-        """If the server's name now resolves elsewhere, pin the new address outside the tunnel and use it."""
+        """If the server's name now resolves elsewhere, reconnect to the new address.
+
+        Asked of the machine's original resolvers on marked sockets (outside the tunnel, whose DNS is down
+        with it). Policy routing needs no route for the new address; the split-route fallback pinned only
+        the old one, so there the address is kept.
+        """
         s = self.settings
         host = s.host or s.destination or ""
-        if s.jump or self.endpoint is None or self.server_path is None or self.tun is None:
+        if self.proxy is None or self.proxy.jump or self.endpoint is None or self.routing_mode != "policy":
             return
         try:
             ipaddress.ip_address(host)
             return  # an address never moves
         except ValueError:
             pass
-        found = await resolve_outside(host, self.original_nameservers, self.server_path.dev)
+        found = await resolve_outside(host, self.original_nameservers, self.host.marked_socket)
         current = ipaddress.ip_address(self.endpoint[0])
         if not found or current in found:
             return
         new = next((a for a in found if a.version == current.version), found[0])
-        path = self.server_path
-        plan = RoutePlan((PlannedRoute(ipaddress.ip_network(new), path.dev, path.gateway, "server"),))
-        assert self.routing is not None and self.journal is not None
-        await asyncio.to_thread(self.routing.apply, plan, self.journal)
-        if self.kill_switch is not None:
-            await asyncio.to_thread(self.kill_switch.update, [(new, self.endpoint[1])])
-        log.info("%s now resolves to %s (was %s): its route outside the tunnel follows", host, new, current)
+        log.info("%s now resolves to %s (was %s): reconnecting there", host, new, current)
         self.endpoint = (str(new), self.endpoint[1])
+
+    # -- network changes --
+
+    def _tunnel_ifindexes(self) -> set[int]:
+        if self.tun is None:
+            return set()
+        try:
+            return {socket.if_nametoindex(self.tun.name)}
+        except OSError:
+            return set()
+
+    def _on_network_change(self, reason: str) -> None:
+        if self.conn is not None and not self._checking:
+            self._spawn(self._check_liveness(self.conn, reason))
+
+    async def _check_liveness(self, conn: asyncssh.SSHClientConnection, reason: str) -> None:
+        """Network changed: one round trip to the server, or drop the connection and reconnect now."""
+        self._checking = True
+        log.info("network change (%s): checking the SSH connection", reason)
+        try:
+            await asyncio.wait_for(tuning.ping(conn), LIVENESS_TIMEOUT)
+        except (TimeoutError, asyncssh.Error, OSError) as exc:
+            if self.conn is conn:
+                log.warning("no answer from the server after the network change (%r): reconnecting", exc)
+                conn.abort()
+        else:
+            log.info("the SSH connection survived the network change")
+        finally:
+            self._checking = False
 
     async def _tear_down(self) -> None:
         self.state = "stopping"
         self.status.stop()
+        if self.netwatch is not None:
+            self.netwatch.close()
         for task in list(self._tasks):
             task.cancel()
         self.bridge.close()
@@ -254,11 +296,11 @@ class VpnSession:
         if self.tun_stack is not None:
             self.tun_stack.close()  # resets every app connection while the routes still point at us
             self.tun_stack = None
-        if self.journal is not None:
-            try:
-                await asyncio.to_thread(self.journal.undo_all)  # DNS, routes, TUN record: reverse order
-            except X2sshError as exc:
-                log.error("%s", exc.message)
+        try:
+            for item in await asyncio.to_thread(self.host.down):  # DNS, firewall, routes, TUN: newest first
+                log.debug("undone: %s", item)
+        except Exception as exc:
+            log.error("could not restore everything: %s (run x2ssh --vpn-cleanup)", exc)
         if self.agent is not None:
             agent, self.agent = self.agent, None
             with contextlib.suppress(Exception):

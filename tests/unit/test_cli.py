@@ -28,14 +28,40 @@ def restore_logging():
     root.setLevel(level)
 
 
-class Fake:
-    """Records the calls main() makes to preflight, cleanup and the (mocked) session."""
+class FakeHelper:
+    """Stands in for the privileged helper client: records the requests main() makes, in order."""
 
-    def __init__(self, monkeypatch, run_vpn=None):
+    def __init__(self, calls, refuse=None):
+        self.calls = calls
+        self.refuse = refuse or {}
+
+    def _record(self, name, *args):
+        self.calls.append((name, *args))
+        if name in self.refuse:
+            raise self.refuse[name]
+
+    def start(self, tun, mtu, excludes, kill_switch):
+        self._record("start", tun)
+        return {"undone": []}
+
+    def cleanup(self):
+        self._record("cleanup")
+        return []
+
+    def down(self):
+        self._record("down")
+        return []
+
+
+class Fake:
+    """Records the calls main() makes to the privileged helper and the (mocked) session."""
+
+    def __init__(self, monkeypatch, run_vpn=None, refuse=None):
         self.calls: list[tuple] = []
         self.settings = None
+        self.helper = FakeHelper(self.calls, refuse)
 
-        async def default_run_vpn(settings):
+        async def default_run_vpn(settings, host):
             self.settings = settings
             self.calls.append(("run_vpn",))
 
@@ -43,17 +69,15 @@ class Fake:
         fake_session.run_vpn = run_vpn or default_run_vpn
         monkeypatch.setitem(sys.modules, "x2ssh.session", fake_session)
         monkeypatch.setattr(x2ssh, "session", fake_session, raising=False)
-        for name in ("check_privileges", "check_tun_device"):
-            monkeypatch.setattr(cli, name, self._recorder(name))
-        monkeypatch.setattr(cli, "check_tun_name_free", self._recorder("check_tun_name_free"))
-        monkeypatch.setattr(cli, "cleanup", self._recorder("cleanup", result=[]))
 
-    def _recorder(self, name, result=None):
-        def record(*args, **kwargs):
-            self.calls.append((name, *args, *sorted(kwargs.items())))
-            return result
+        def spawn(state_dir, verbose=0):
+            self.calls.append(("spawn", state_dir))
+            if "spawn" in self.helper.refuse:
+                raise self.helper.refuse["spawn"]
+            return self.helper
 
-        return record
+        monkeypatch.setattr(cli.HelperClient, "spawn", staticmethod(spawn))
+        monkeypatch.setattr(cli, "sudo_user", lambda: None)
 
 
 def test_no_arguments_prints_usage(capsys):
@@ -74,57 +98,44 @@ def test_help_exits_0(capsys):
     assert "--vpn-exclude CIDR" in out and "TOML" in out
 
 
-def test_vpn_runs_checks_cleanup_then_session(monkeypatch, tmp_path):
+def test_vpn_starts_helper_then_session_then_down(monkeypatch, tmp_path):
     fake = Fake(monkeypatch)
     assert cli.main(["--vpn", "--state-dir", str(tmp_path), "--vpn-tun", "x2t1", "alice@host"]) == 0
-    assert fake.calls == [
-        ("check_privileges",),
-        ("check_tun_device",),
-        ("cleanup", tmp_path),
-        ("check_tun_name_free", "x2t1"),
-        ("run_vpn",),
-        ("cleanup", tmp_path, ("own_pid", os.getpid())),
-    ]
+    assert fake.calls == [("spawn", tmp_path), ("start", "x2t1"), ("run_vpn",), ("down",)]
     assert (fake.settings.user, fake.settings.host, fake.settings.vpn_tun) == ("alice", "host", "x2t1")
 
 
 def test_not_privileged_changes_nothing(monkeypatch, capsys):
-    fake = Fake(monkeypatch)
-
-    def refuse():
-        raise NotPrivileged("run it as root")
-
-    monkeypatch.setattr(cli, "check_privileges", refuse)
+    fake = Fake(monkeypatch, refuse={"spawn": NotPrivileged("install sudo, or run x2ssh as root")})
     assert cli.main(["--vpn", "host"]) == NotPrivileged.exit_code == 77
-    assert fake.calls == []
-    assert capsys.readouterr().err == "x2ssh: run it as root\n"
+    assert fake.calls == [("spawn", cli.Settings().state_dir)]
+    assert capsys.readouterr().err == "x2ssh: install sudo, or run x2ssh as root\n"
 
 
 def test_another_instance_refused(monkeypatch, capsys):
-    fake = Fake(monkeypatch)
-
-    def busy(*args, **kwargs):
-        raise AlreadyRunning("another x2ssh (pid 42) is running")
-
-    monkeypatch.setattr(cli, "cleanup", busy)
+    fake = Fake(monkeypatch, refuse={"start": AlreadyRunning("another x2ssh (pid 42) is running")})
     assert cli.main(["--vpn", "host"]) == 75
-    assert ("run_vpn",) not in fake.calls
+    assert ("run_vpn",) not in fake.calls and fake.calls[-1] == ("down",)
     assert "pid 42" in capsys.readouterr().err
 
 
 def test_tun_name_taken(monkeypatch, capsys):
-    Fake(monkeypatch)
-
-    def taken(name):
-        raise TunNameTaken(f"a network interface named {name} already exists")
-
-    monkeypatch.setattr(cli, "check_tun_name_free", taken)
+    Fake(monkeypatch, refuse={"start": TunNameTaken("a network interface named x2ssh0 already exists")})
     assert cli.main(["--vpn", "host"]) == 73
     assert "x2ssh0 already exists" in capsys.readouterr().err
 
 
+def test_sudo_user_is_dropped_to_after_the_helper_starts(monkeypatch, tmp_path):
+    fake = Fake(monkeypatch)
+    alice = object()
+    monkeypatch.setattr(cli, "sudo_user", lambda: alice)
+    monkeypatch.setattr(cli, "drop_to", lambda user: fake.calls.append(("drop_to", user)))
+    assert cli.main(["--vpn", "--state-dir", str(tmp_path), "host"]) == 0
+    assert fake.calls[:3] == [("spawn", tmp_path), ("drop_to", alice), ("start", "x2ssh0")]
+
+
 def failing_session(exc):
-    async def run_vpn(settings):
+    async def run_vpn(settings, host):
         raise exc
 
     return run_vpn
@@ -135,7 +146,7 @@ def test_session_error_message_without_traceback(monkeypatch, capsys, tmp_path):
     assert cli.main(["--vpn", "--state-dir", str(tmp_path), "host"]) == 255
     err = capsys.readouterr().err
     assert err == "x2ssh: host key of host changed\n"
-    assert fake.calls[-1] == ("cleanup", tmp_path, ("own_pid", os.getpid()))  # safety net ran
+    assert fake.calls[-1] == ("down",)  # the helper undoes everything
 
 
 def test_session_error_traceback_with_verbose(monkeypatch, capsys):
@@ -148,19 +159,31 @@ def test_session_error_traceback_with_verbose(monkeypatch, capsys):
 def test_ctrl_c_exits_130_after_cleanup(monkeypatch, tmp_path):
     fake = Fake(monkeypatch, failing_session(KeyboardInterrupt()))
     assert cli.main(["--vpn", "--state-dir", str(tmp_path), "host"]) == 130
-    assert fake.calls[-1] == ("cleanup", tmp_path, ("own_pid", os.getpid()))
+    assert fake.calls[-1] == ("down",)
 
 
 def test_sigterm_exits_143_after_cleanup(monkeypatch, tmp_path):
-    async def run_vpn(settings):
+    async def run_vpn(settings, host):
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.sleep(10)  # interrupted at once; if not, the exit code below is wrong
 
     fake = Fake(monkeypatch, run_vpn)
     before = signal.getsignal(signal.SIGTERM)
     assert cli.main(["--vpn", "--state-dir", str(tmp_path), "host"]) == 143
-    assert fake.calls[-1] == ("cleanup", tmp_path, ("own_pid", os.getpid()))
+    assert fake.calls[-1] == ("down",)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_sighup_is_an_orderly_shutdown(monkeypatch, tmp_path):
+    async def run_vpn(settings, host):
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.sleep(10)
+
+    fake = Fake(monkeypatch, run_vpn)
+    before = signal.getsignal(signal.SIGHUP)
+    assert cli.main(["--vpn", "--state-dir", str(tmp_path), "host"]) == 129
+    assert fake.calls[-1] == ("down",)
+    assert signal.getsignal(signal.SIGHUP) == before
 
 
 def test_internal_error_exit_70(monkeypatch, capsys):
@@ -173,7 +196,7 @@ def test_internal_error_exit_70(monkeypatch, capsys):
 def test_vpn_cleanup_only(monkeypatch, tmp_path):
     fake = Fake(monkeypatch)
     assert cli.main(["--vpn-cleanup", "--state-dir", str(tmp_path)]) == 0
-    assert fake.calls == [("check_privileges",), ("cleanup", tmp_path)]
+    assert fake.calls == [("spawn", tmp_path), ("cleanup",), ("down",)]
 
 
 def test_python_dash_m_entry_point():

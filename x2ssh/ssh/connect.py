@@ -7,12 +7,18 @@ maps x2ssh's settings onto its options and turns its exceptions into x2ssh's use
 from __future__ import annotations
 
 import asyncio
+import getpass
 import ipaddress
 import logging
+import os
 import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncssh
+from asyncssh.config import SSHClientConfig
 
 from x2ssh.errors import SshAuthFailed, SshConnectError, SshHostKeyRejected, SshHostUnreachable
 from x2ssh.settings import Settings
@@ -60,32 +66,137 @@ def connect_options(settings: Settings) -> dict[str, Any]:
     return opts
 
 
+SocketFactory = Callable[[int, int], Awaitable[socket.socket]]
+"""Makes an unconnected socket for (family, type); the VPN's sockets bypass the tunnel."""
+
+
+async def plain_socket(family: int, kind: int) -> socket.socket:
+    """A socket factory for runs without a tunnel (and for tests)."""
+    return socket.socket(family, kind)
+
+
+class UnsupportedSshConfig(SshConnectError):
+    """The user's ssh_config asks for something x2ssh cannot do safely (e.g. ProxyCommand with --vpn)."""
+
+    exit_code = 78  # EX_CONFIG
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """How the SSH connection reaches the server, as ssh_config and the command line say."""
+
+    jump: tuple[str, ...]
+    proxy_command: str | None
+
+
+def proxy_settings(settings: Settings) -> ProxySettings:
+    """The effective ProxyJump hops (-J wins over ssh_config) and ProxyCommand for the destination."""
+    host = settings.host or settings.destination or ""
+    if settings.ssh_config is not None:
+        paths = [settings.ssh_config]
+    else:
+        default = Path("~", ".ssh", "config").expanduser()
+        paths = [default] if os.access(default, os.R_OK) else []
+    try:
+        local_user = getpass.getuser()
+    except KeyError:
+        local_user = ""
+    try:
+        config = SSHClientConfig.load(
+            None, paths, False, False, False, local_user, settings.user or (), host, settings.port or ()
+        )
+    except (OSError, asyncssh.ConfigParseError) as exc:
+        raise UnsupportedSshConfig(f"cannot read ssh config: {exc}") from None
+    command = config.get("ProxyCommand")
+    if isinstance(command, list | tuple):
+        command = " ".join(map(str, command))
+    if command is not None and str(command).lower() == "none":
+        command = None
+    jump = settings.jump
+    configured = config.get("ProxyJump")
+    if not jump and isinstance(configured, str) and configured.lower() != "none":
+        jump = tuple(hop.strip() for hop in configured.split(",") if hop.strip())
+    return ProxySettings(jump, str(command) if command is not None else None)
+
+
+class OutsideTunnel:
+    """An asyncssh "tunnel" that opens the first TCP connection on a socket from `factory`.
+
+    With the VPN's factory those sockets carry x2ssh's firewall mark, so the connection to the server (or to
+    the first ProxyJump hop) follows the machine's own routes wherever they point now, never the tunnel.
+    asyncssh hands it the host and port after applying ssh_config (HostName, Port).
+    """
+
+    def __init__(
+        self, factory: SocketFactory, endpoint: tuple[str, int] | None = None, timeout: float = 15.0
+    ) -> None:
+        self.factory = factory
+        self.endpoint = endpoint
+        self.timeout = timeout
+
+    async def create_connection(
+        self, session_factory: Callable[[], asyncio.BaseProtocol], host: str, port: int
+    ) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+        loop = asyncio.get_running_loop()
+        if self.endpoint is not None:
+            family = socket.AF_INET6 if ":" in self.endpoint[0] else socket.AF_INET
+            targets: list[tuple[int, Any]] = [(family, self.endpoint)]
+        else:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            targets = [(info[0], info[4]) for info in infos]
+        error: BaseException = OSError(f"no address for {host}")
+        for family, address in targets:
+            sock = await self.factory(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, address), self.timeout)
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return await loop.create_connection(session_factory, sock=sock)
+        raise error
+
+
 async def connect_ssh(
-    settings: Settings, endpoint: tuple[str, int] | None = None
+    settings: Settings,
+    endpoint: tuple[str, int] | None = None,
+    socket_factory: SocketFactory = plain_socket,
+    proxy: ProxySettings | None = None,
 ) -> asyncssh.SSHClientConnection:
     """Connect and authenticate, or raise an `SshConnectError` subclass with a message for people.
 
-    With `endpoint` the TCP connection goes to that address and port instead of resolving the host name
-    again: while the tunnel is down, the name could only be resolved through the tunnel itself. The name
-    still selects ssh_config settings and the known_hosts entry.
+    The first TCP connection is made on a socket from `socket_factory`. With `endpoint` it goes to that
+    address and port instead of resolving the host name again: while the tunnel is down, the name could only
+    be resolved through the tunnel itself. The name still selects ssh_config settings and the known_hosts
+    entry. A ProxyCommand is refused: its process's traffic would enter the tunnel it carries.
     """
     host = settings.host or settings.destination or ""
     target = f"{settings.user + '@' if settings.user else ''}{host}"
+    proxy = proxy or proxy_settings(settings)
+    if proxy.proxy_command is not None:
+        raise UnsupportedSshConfig(
+            f"{target}: ssh_config sets ProxyCommand ({proxy.proxy_command}); x2ssh --vpn cannot keep a "
+            "proxy program's traffic out of the tunnel it carries. Use ProxyJump instead (-J or ProxyJump "
+            "in ssh_config), or ProxyCommand=none for this host."
+        )
     options = connect_options(settings)
+    outside = OutsideTunnel(socket_factory, endpoint, options["connect_timeout"])
     try:
-        if settings.jump:
-            options["tunnel"] = await _connect_hops(settings.jump, options)
-        elif endpoint is not None:
-            options["sock"] = await _connected_socket(endpoint, options["connect_timeout"])
+        if proxy.jump:
+            options["tunnel"] = await _connect_hops(proxy.jump, options, outside)
+        else:
+            options["tunnel"] = outside
         try:
             conn = await asyncssh.connect(host, **options)
         except BaseException:
-            if "sock" in options:
-                options["sock"].close()
-            if "tunnel" in options:
+            if proxy.jump:
                 options["tunnel"].close()
             raise
-        if "tunnel" in options:
+        if proxy.jump:
             conn.set_tunnel(options["tunnel"])  # closing the connection closes the hops too
         asyncssh_tuning.coalesce_sends(conn)
         return conn
@@ -96,6 +207,8 @@ async def connect_ssh(
         ) from None
     except asyncssh.PermissionDenied as exc:
         raise SshAuthFailed(f"{target}: authentication failed ({exc.reason})") from None
+    except asyncssh.KeyImportError as exc:
+        raise SshAuthFailed(f"{target}: cannot use the identity: {exc}") from None
     except asyncssh.DisconnectError as exc:
         raise SshConnectError(f"{target}: the server closed the connection: {exc.reason}") from None
     except (TimeoutError, OSError) as exc:
@@ -119,15 +232,17 @@ def parse_hop(hop: str) -> tuple[str | None, str, int | None]:
     return user or None, host, port
 
 
-async def _connect_hops(jumps: tuple[str, ...], options: dict[str, Any]) -> asyncssh.SSHClientConnection:
+async def _connect_hops(
+    jumps: tuple[str, ...], options: dict[str, Any], outside: OutsideTunnel
+) -> asyncssh.SSHClientConnection:
     """Connect through each ProxyJump hop in turn with the user's keys and known_hosts (asyncssh's own
-    string form would verify hops against the defaults only)."""
+    string form would verify hops against the defaults only); the first hop's TCP goes `outside`."""
     shared = {k: v for k, v in options.items() if k not in ("port", "username", "tunnel", "sock")}
     conn: asyncssh.SSHClientConnection | None = None
     try:
         for hop in jumps:
             user, host, port = parse_hop(hop)
-            extra: dict[str, Any] = {"tunnel": conn} if conn is not None else {}
+            extra: dict[str, Any] = {"tunnel": conn if conn is not None else outside}
             if user:
                 extra["username"] = user
             if port:
@@ -142,18 +257,6 @@ async def _connect_hops(jumps: tuple[str, ...], options: dict[str, Any]) -> asyn
         raise
     assert conn is not None
     return conn
-
-
-async def _connected_socket(endpoint: tuple[str, int], timeout: float) -> socket.socket:
-    family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, endpoint), timeout)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def peer_endpoint(conn: asyncssh.SSHClientConnection) -> tuple[IpAddress, int] | None:
@@ -173,14 +276,17 @@ def peer_address(conn: asyncssh.SSHClientConnection) -> IpAddress | None:
     return endpoint[0] if endpoint else None
 
 
-async def bypass_addresses(settings: Settings, conn: asyncssh.SSHClientConnection) -> list[IpAddress]:
-    """Every address that must keep its original path: the connected peer plus each ProxyJump hop."""
+async def bypass_addresses(
+    settings: Settings, conn: asyncssh.SSHClientConnection, jump: tuple[str, ...] = ()
+) -> list[IpAddress]:
+    """Every address that must keep its original path: the connected peer plus each ProxyJump hop (only the
+    split-route fallback needs them; policy routing follows the socket's mark instead)."""
     found: list[IpAddress] = []
     first = peer_address(conn)
     if first is not None:
         found.append(first)
     loop = asyncio.get_running_loop()
-    for hop in settings.jump:
+    for hop in jump or settings.jump:
         name = parse_hop(hop)[1]
         try:
             infos = await loop.getaddrinfo(name, None, type=socket.SOCK_STREAM)

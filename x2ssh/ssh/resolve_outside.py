@@ -2,8 +2,9 @@
 
 While x2ssh reconnects, the machine's resolver points into the tunnel, which has no connection to carry the
 query. This asks the resolvers the machine had before x2ssh started (their addresses are kept from the
-original resolv.conf) over a UDP socket bound to the physical interface, so the query takes the original
-path. Only A/AAAA records are read; the wire format helpers are sans-IO and tested on their own.
+original resolv.conf) over a UDP socket that carries x2ssh's firewall mark, so the query takes the machine's
+own path, never the tunnel. Only A/AAAA records are read; the wire format helpers are sans-IO and tested
+on their own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import logging
 import secrets
 import socket
 import struct
+from collections.abc import Awaitable, Callable
+
+from x2ssh.errors import X2sshError
 
 log = logging.getLogger(__name__)
 
@@ -80,17 +84,24 @@ def parse_answers(reply: bytes, ident: int) -> list[IpAddress]:
 
 
 async def resolve_outside(
-    name: str, servers: list[str], device: str | None, timeout: float = 2.0
+    name: str,
+    servers: list[str],
+    socket_factory: Callable[[int, int], Awaitable[socket.socket]],
+    timeout: float = 2.0,
 ) -> list[IpAddress]:
-    """A and AAAA addresses of `name` from `servers`, asked through `device` (not the tunnel)."""
+    """A and AAAA addresses of `name` from `servers`, asked on sockets from `socket_factory` (which keep
+    them out of the tunnel)."""
     loop = asyncio.get_running_loop()
     for server in servers:
         family = socket.AF_INET6 if ":" in server else socket.AF_INET
         found: list[IpAddress] = []
-        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            made = await socket_factory(family, socket.SOCK_DGRAM)
+        except (OSError, X2sshError) as exc:
+            log.debug("no socket to ask %s: %s", server, exc)
+            continue
+        with made as sock:
             sock.setblocking(False)
-            if device:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
             try:
                 await loop.sock_connect(sock, (server, 53))
                 for qtype in (TYPE_A, TYPE_AAAA):
@@ -99,7 +110,7 @@ async def resolve_outside(
                     reply = await asyncio.wait_for(loop.sock_recv(sock, 4096), timeout)
                     found += parse_answers(reply, ident)
             except (TimeoutError, OSError) as exc:
-                log.debug("resolving %s via %s (%s) failed: %s", name, server, device, exc)
+                log.debug("resolving %s via %s failed: %s", name, server, exc)
         if found:
             return found
     return []

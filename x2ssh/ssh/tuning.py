@@ -52,3 +52,12 @@ def coalesce_sends(conn: Any) -> None:
         pending.append(data)
 
     conn._send = coalescing_send
+
+
+async def ping(conn: Any) -> None:
+    """One round trip on `conn` (a keepalive@openssh.com global request, as OpenSSH's ServerAlive sends).
+
+    Any answer, even "request failed", proves the connection carries traffic both ways. asyncssh has no
+    public call for it; its keepalive timer uses the same private method.
+    """
+    await conn._make_global_request(b"keepalive@openssh.com")
