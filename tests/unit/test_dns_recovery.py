@@ -118,6 +118,7 @@ def test_rewrite_is_noticed_reapplied_and_restored_to_the_rewriters_content(tmp_
     dns = DnsConfigurator("x2ssh0", resolv_conf=path, backend="resolv.conf")
     dns.apply([DNS_V4], journal)
     ours = path.read_bytes()
+    assert dns.original == ORIGINAL
     assert dns.check(journal) is None  # nothing changed
 
     path.write_bytes(REWRITTEN)  # NetworkManager, in place
@@ -127,6 +128,7 @@ def test_rewrite_is_noticed_reapplied_and_restored_to_the_rewriters_content(tmp_
     assert is_ours(now) and b"nameserver 100.100.83.53\n" in now and b"options rotate\n" in now
     assert embedded_original(now) == Original(REWRITTEN)
     assert journaled_originals(journal.path) == [REWRITTEN], "the newest original replaces the older one"
+    assert dns.original == REWRITTEN
     assert dns.check(journal) is None
 
     renamed = tmp_path / "nm.tmp"  # dhclient-script style: a new file renamed over the old one
@@ -137,6 +139,7 @@ def test_rewrite_is_noticed_reapplied_and_restored_to_the_rewriters_content(tmp_
 
     dns.restore()
     assert path.read_bytes() == REWRITTEN + b"search corp.example\n"
+    assert dns.original is None
     assert ours != now
 
 

@@ -225,6 +225,14 @@ class DnsConfigurator:
         self._servers: list[IPAddress] = []
         self._written: bytes | None = None  # our resolv.conf as last written (resolv.conf backend)
 
+    @property
+    def original(self) -> bytes | None:
+        """The newest resolv.conf content that is not ours (resolv.conf backend, while applied; updated by
+        check()), e.g. to find the resolvers outside the tunnel; None otherwise or if there was no file."""
+        if self._applied is None or self._applied[0] != RESOLV_CONF_RECORD:
+            return None
+        return _decode(self._applied[1]["original"])
+
     def apply(self, servers: Sequence[IPAddress], journal: StateJournal) -> None:
         """Send all DNS to `servers`. An empty list (`--vpn-dns off`) changes nothing. Raises DnsError."""
         if not servers:
