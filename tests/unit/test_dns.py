@@ -39,9 +39,13 @@ def test_resolver_addresses():
 
 def test_render_keeps_search_and_options_only():
     text = render_resolv_conf([ip_address("100.100.83.53"), ip_address("fd00::53")], ORIGINAL)
-    assert text == HEADER + (
-        b"nameserver 100.100.83.53\nnameserver fd00::53\nsearch lab.example\noptions edns0 trust-ad\n"
+    assert text.startswith(
+        HEADER
+        + b"nameserver 100.100.83.53\nnameserver fd00::53\nsearch lab.example\noptions edns0 trust-ad\n"
+        + b"# x2ssh-original-sha256: "
     )
+    rest = text.split(b"\n")[7:]
+    assert rest[-1] == b"" and all(line.startswith(b"# x2ssh-original: ") for line in rest[:-1])
 
 
 def test_apply_then_restore_is_byte_exact_and_in_place(tmp_path, journal):

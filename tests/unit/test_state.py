@@ -10,7 +10,13 @@ import pytest
 
 from x2ssh.errors import AlreadyRunning, StateError
 from x2ssh.host.cleanup import cleanup
-from x2ssh.host.journal import StateJournal, current_netns, journal_path, process_start_time
+from x2ssh.host.journal import (
+    StateJournal,
+    current_netns,
+    current_netns_identity,
+    journal_path,
+    process_start_time,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -149,11 +155,11 @@ def test_cleanup_undoes_a_journal_left_by_a_dead_process(tmp_path):
     assert list(state_dir.iterdir()) == [journal_path(state_dir, "x2ssh0")]
 
     rec = Recorder()
-    done = cleanup(state_dir, undoers=rec.undoers())
+    done = cleanup(state_dir, undoers=rec.undoers(), resolv_conf=None)
     assert rec.calls == ["route:split", "route:server", "tun:x2ssh0"]
     assert len(done) == 3
     assert list(state_dir.iterdir()) == []
-    assert cleanup(state_dir, undoers=rec.undoers()) == []
+    assert cleanup(state_dir, undoers=rec.undoers(), resolv_conf=None) == []
 
 
 def test_cleanup_refuses_while_the_owner_lives_and_changes_nothing(tmp_path):
@@ -171,14 +177,14 @@ def test_cleanup_refuses_while_the_owner_lives_and_changes_nothing(tmp_path):
         assert proc.stdout.readline().strip() == "ready"
         rec = Recorder()
         with pytest.raises(AlreadyRunning, match=f"pid {proc.pid}"):
-            cleanup(state_dir, undoers=rec.undoers())
+            cleanup(state_dir, undoers=rec.undoers(), resolv_conf=None)
         assert rec.calls == []
         assert journal_path(state_dir, "x2ssh0").exists()
     finally:
         proc.kill()
         proc.wait(timeout=30)
     rec = Recorder()
-    cleanup(state_dir, undoers=rec.undoers())
+    cleanup(state_dir, undoers=rec.undoers(), resolv_conf=None)
     assert rec.calls == ["tun:x2ssh0"]
 
 
@@ -189,18 +195,18 @@ def test_cleanup_of_own_pid_and_other_namespaces(tmp_path):
     write_foreign_journal(state_dir / "other-netns.journal", 999999999, None, netns="0:1")
     rec = Recorder()
     with pytest.raises(AlreadyRunning):
-        cleanup(state_dir, undoers=rec.undoers())  # our own live journal counts as "running"
-    cleanup(state_dir, own_pid=os.getpid(), undoers=rec.undoers())
+        # our own live journal counts as "running"
+        cleanup(state_dir, undoers=rec.undoers(), resolv_conf=None)
+    cleanup(state_dir, own_pid=os.getpid(), undoers=rec.undoers(), resolv_conf=None)
     assert rec.calls == ["tun:x2ssh0"]
     assert sorted(p.name for p in state_dir.iterdir()) == ["other-netns.journal"]  # not ours to undo here
 
 
 def test_cleanup_of_missing_state_dir(tmp_path):
-    assert cleanup(tmp_path / "absent") == []
+    assert cleanup(tmp_path / "absent", resolv_conf=None) == []
 
 
 def test_journal_path_is_per_tun_and_namespace(tmp_path):
     path = journal_path(tmp_path, "x2ssh0")
     assert path.parent == tmp_path
-    assert path.name.startswith("x2ssh0.") and path.name.endswith(".journal")
-    assert current_netns().split(":")[1] in path.name
+    assert path.name == f"x2ssh0.{current_netns_identity().key}.journal"

@@ -1,0 +1,102 @@
+"""One x2ssh per network namespace: an exclusive lock held for the whole run.
+
+The lock is `flock(2)` on `<state_dir>/<key>.lock`, where `<key>` names the network namespace as the
+journal's file name does ("init", "ns-NAME", "ino-DEV-INO"; see x2ssh.host.journal). One lock per namespace,
+not per TUN: two runs in the same namespace with different TUN names would still fight over the default
+route and resolv.conf. The holder writes its PID into the file so that the next one can say who holds it.
+
+The kernel drops a flock when its last file descriptor closes, so a run killed by SIGKILL (or a reboot)
+never leaves a stale lock behind. The file itself is never deleted: unlinking a lock file while another
+process waits on it would let two processes hold "the" lock at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+
+from x2ssh.errors import AlreadyRunning, StateError
+from x2ssh.host.journal import current_netns_identity, ensure_state_dir
+
+LOCK_SUFFIX = ".lock"
+
+
+def lock_path(state_dir: Path) -> Path:
+    """The lock file of the current network namespace in `state_dir`."""
+    return Path(state_dir) / f"{current_netns_identity().key}{LOCK_SUFFIX}"
+
+
+class RunLock:
+    """The exclusive run lock of this network namespace; take it before changing anything.
+
+    `with RunLock(state_dir): ...`, or `acquire()` / `release()`. The file descriptor is close-on-exec, so
+    programs that x2ssh runs do not inherit (and prolong) the lock.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = lock_path(state_dir)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """True between a successful acquire() and release()."""
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock without waiting. Raises AlreadyRunning naming the holder's PID, or StateError."""
+        if self._fd is not None:
+            return
+        ensure_state_dir(self.path.parent)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as e:
+            raise StateError(f"cannot open lock file {self.path}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            who = f"pid {holder}" if holder is not None else "pid unknown"
+            raise AlreadyRunning(
+                f"another x2ssh ({who}) is running in this network namespace "
+                f"(lock {self.path}); stop it first"
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            raise StateError(f"cannot lock {self.path}: {e.strerror}") from e
+        with contextlib.suppress(OSError):  # the PID only informs; the lock itself is held
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Let go of the lock (idempotent). The file stays, emptied of our PID."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing the last descriptor releases the flock
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
