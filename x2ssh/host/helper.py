@@ -23,15 +23,15 @@ import os
 import select
 import signal
 import socket
-import stat
 import sys
 from pathlib import Path
 from typing import Any
 
-from x2ssh.errors import StateError, X2sshError
+from x2ssh.errors import X2sshError
 from x2ssh.host import helper_protocol as proto
 from x2ssh.host.cleanup import cleanup
-from x2ssh.host.journal import StateJournal, journal_path
+from x2ssh.host.journal import StateJournal, ensure_state_dir, journal_path
+from x2ssh.host.lock import RunLock
 from x2ssh.settings import DEFAULT_STATE_DIR
 
 log = logging.getLogger("x2ssh.helper")
@@ -42,27 +42,12 @@ EXIT_INTERNAL = 70
 FWMARK = 0x7832
 
 
-def secure_state_dir(path: Path) -> Path:
-    """Create `path` (0700) if needed; refuse a directory that anyone but root could change."""
-    if not path.is_absolute():
-        raise StateError(f"the state directory must be an absolute path: {path}")
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(path)
-    except OSError as e:
-        raise StateError(f"cannot create the state directory {path}: {e.strerror}") from e
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o022:
-        raise StateError(
-            f"refusing state directory {path}: it must be a directory owned by root, writable by root only"
-        )
-    return path
-
-
 class PrivilegedHelper:
     """The request handlers and the run's state; `handle()` never raises for a bad request."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
+        self.lock = RunLock(state_dir)  # one run per network namespace, held until this process ends
         self.params: dict[str, Any] | None = None
         self.journal: StateJournal | None = None
         self.tun_name: str | None = None
@@ -115,6 +100,7 @@ class PrivilegedHelper:
     ) -> tuple[dict[str, Any], None]:
         from x2ssh.host.preflight import check_tun_device, check_tun_name_free
 
+        self.lock.acquire()  # before anything changes; refuses while another x2ssh runs here
         undone = cleanup(self.state_dir)  # runs that were killed; refuses if another x2ssh is live here
         check_tun_device()
         check_tun_name_free(tun)
@@ -125,6 +111,7 @@ class PrivilegedHelper:
         return {"pid": os.getpid(), "undone": undone}, None
 
     def _op_cleanup(self) -> tuple[dict[str, Any], None]:
+        self.lock.acquire()
         return {"undone": cleanup(self.state_dir)}, None
 
     def _op_open_tun(self) -> tuple[dict[str, Any], int]:
@@ -311,8 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         return 64
     os.close(0)
     os.open(os.devnull, os.O_RDONLY)  # fd 0 again, so nothing reads the socket by accident
+    state_dir = args.state_dir
     try:
-        state_dir = secure_state_dir(args.state_dir)
+        if not state_dir.is_absolute():
+            raise X2sshError(f"the state directory must be an absolute path: {state_dir}")
+        ensure_state_dir(state_dir)  # root's own: a journal nobody else can edit
     except X2sshError as e:
         _send(sock, {"ok": False, "error": e.message, "code": e.exit_code}, None)
         return e.exit_code
