@@ -172,7 +172,8 @@ def ensure_state_dir(path: Path) -> None:
 
 
 def process_start_time(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of process `pid`, or None if it does not exist.
+    """The start time (clock ticks since boot) of process `pid`, or None if it does not run (gone, or a
+    zombie: it was killed and only waits for its parent to collect its status).
 
     Stored next to the PID so that a PID reused by an unrelated process is not mistaken for the owner.
     """
@@ -181,6 +182,8 @@ def process_start_time(pid: int) -> int | None:
     except OSError:
         return None
     fields = stat_line.rpartition(")")[2].split()  # the command name may contain spaces and ')'
+    if fields[0] in ("Z", "X"):
+        return None
     return int(fields[19])  # field 22 of proc(5); fields[0] is field 3
 
 
