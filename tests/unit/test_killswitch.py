@@ -7,7 +7,6 @@ tests cannot touch the host's firewall even when run as root.
 from __future__ import annotations
 
 import subprocess
-from ipaddress import ip_address as A
 from ipaddress import ip_network as N
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from x2ssh.host.linux.firewall import (
     plan_kill_switch,
     undo_killswitch_record,
 )
+from x2ssh.host.linux.routes import FWMARK
 
 HEAD = """\
 # x2ssh kill switch: generated, replaced as a whole in one transaction
@@ -35,16 +35,26 @@ table inet x2ssh_killswitch {
 \t\toif "lo" accept
 """
 REPLIES = '\t\tct direction reply accept comment "replies to connections opened to this machine"\n'
-TAIL = """\
+MARK = '\t\tmeta mark 0x00007832 accept comment "x2ssh connection"\n'
+LINK = """\
 \t\ticmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept \
 comment "neighbour discovery"
 \t\ticmpv6 type { mld-listener-report, mld2-listener-report } ip6 hoplimit 1 accept comment "mld"
 \t\tmeta nfproto ipv4 udp sport 68 udp dport 67 accept comment "dhcp"
 \t\tmeta nfproto ipv6 udp sport 546 udp dport 547 accept comment "dhcpv6"
-\t\tcounter reject with icmpx admin-prohibited comment "x2ssh kill switch"
-\t}
-}
 """
+REJECT = '\t\tcounter reject with icmpx admin-prohibited comment "x2ssh kill switch"\n'
+FORWARD = """\
+\t}
+\tchain forward {
+\t\ttype filter hook forward priority filter; policy drop;
+"""
+FORWARD_REPLIES = '\t\tct direction reply accept comment "replies to forwarded connections"\n'
+END = "\t}\n}\n"
+EXCLUDES = (
+    '\t\tip daddr 198.18.100.0/24 accept comment "vpn-exclude"\n'
+    '\t\tip6 daddr fd78:100::/48 accept comment "vpn-exclude"\n'
+)
 
 
 @pytest.fixture(autouse=True)
@@ -73,58 +83,76 @@ class FakeNft:
 OK = (0, "", "")
 
 
-def test_ruleset_v4_and_v6_bypass_with_excludes_and_custom_tun():
-    text = plan_kill_switch(
-        "vpn.0-x",
-        [(A("198.18.7.7"), 22), (A("fd78:7::7"), 2222)],
-        [N("198.18.100.0/24"), N("fd78:100::/48")],
-    )
+def test_ruleset_with_excludes_and_custom_tun():
+    text = plan_kill_switch("vpn.0-x", [N("198.18.100.0/24"), N("fd78:100::/48"), N("198.18.100.0/24")])
     assert text == (
         HEAD
         + '\t\toifname "vpn.0-x" accept\n'
         + REPLIES
-        + '\t\tip daddr 198.18.7.7 tcp dport 22 accept comment "ssh connection"\n'
-        + '\t\tip6 daddr fd78:7::7 tcp dport 2222 accept comment "ssh connection"\n'
-        + '\t\tip daddr 198.18.100.0/24 accept comment "vpn-exclude"\n'
-        + '\t\tip6 daddr fd78:100::/48 accept comment "vpn-exclude"\n'
-        + TAIL
+        + MARK
+        + EXCLUDES
+        + LINK
+        + REJECT
+        + FORWARD
+        + '\t\toifname "vpn.0-x" accept\n'
+        + FORWARD_REPLIES
+        + EXCLUDES
+        + REJECT
+        + END
     )
 
 
-def test_ruleset_without_excludes():
-    text = KillSwitch.plan("x2ssh0", [(A("198.18.7.7"), 22)], [])
+def test_ruleset_without_excludes_lets_only_the_tun_and_the_mark_out():
+    text = KillSwitch.plan("x2ssh0")
     assert text == (
         HEAD
         + '\t\toifname "x2ssh0" accept\n'
         + REPLIES
-        + '\t\tip daddr 198.18.7.7 tcp dport 22 accept comment "ssh connection"\n'
-        + TAIL
+        + MARK
+        + LINK
+        + REJECT
+        + FORWARD
+        + '\t\toifname "x2ssh0" accept\n'
+        + FORWARD_REPLIES
+        + REJECT
+        + END
     )
 
 
-def test_ruleset_with_nothing_to_bypass_lets_only_the_tun_out():
-    text = plan_kill_switch("x2ssh0", [], [])
-    assert text == HEAD + '\t\toifname "x2ssh0" accept\n' + REPLIES + TAIL
+def test_ruleset_with_another_mark():
+    text = plan_kill_switch("x2ssh0", [], mark=0xCAFE0001)
+    assert '\t\tmeta mark 0xcafe0001 accept comment "x2ssh connection"\n' in text
+    assert "0x00007832" not in text
+    assert text.count("meta mark") == 1  # never in the forward chain: marks do not survive into it
+
+
+def test_default_mark_is_the_routing_mark():
+    assert KillSwitch("x2ssh0").mark == FWMARK == 0x7832
 
 
 @pytest.mark.parametrize("tun", ["", "x" * 16, 'x2"; flush ruleset', "a b", "tun*"])
 def test_ruleset_refuses_interface_names_that_could_inject_or_match_others(tun):
     with pytest.raises(ValueError):
-        plan_kill_switch(tun, [], [])
+        plan_kill_switch(tun, [])
 
 
-@pytest.mark.parametrize("port", [0, 65536, -1])
-def test_ruleset_refuses_bad_ports(port):
+@pytest.mark.parametrize("mark", [0, -1, 2**32, True, "0x7832", 1.5])
+def test_ruleset_refuses_bad_marks(mark):
+    with pytest.raises(ValueError, match="firewall mark"):
+        plan_kill_switch("x2ssh0", [], mark)
+
+
+def test_ruleset_refuses_bad_excludes():
     with pytest.raises(ValueError):
-        plan_kill_switch("x2ssh0", [(A("198.18.7.7"), port)], [])
+        plan_kill_switch("x2ssh0", ["198.18.100.1/24"])
 
 
 def test_apply_checks_then_journals_then_loads(tmp_path: Path):
     nft = FakeNft(OK, OK)
     journal = StateJournal(tmp_path / "j.journal")
-    ks = KillSwitch("x2ssh0", [(A("198.18.7.7"), 22)], [N("198.18.100.0/24")], runner=nft)
+    ks = KillSwitch("x2ssh0", [N("198.18.100.0/24")], runner=nft)
     ks.apply(journal)
-    expected = plan_kill_switch("x2ssh0", [(A("198.18.7.7"), 22)], [N("198.18.100.0/24")])
+    expected = plan_kill_switch("x2ssh0", [N("198.18.100.0/24")])
     assert nft.calls == [(["--check", "-f", "-"], expected), (["-f", "-"], expected)]
     [record] = journal.pending()
     assert record.kind == KILL_SWITCH_RECORD
@@ -135,7 +163,7 @@ def test_apply_checks_then_journals_then_loads(tmp_path: Path):
 def test_apply_refused_by_the_kernel_changes_nothing(tmp_path: Path):
     nft = FakeNft((1, "", "Error: Could not process rule: Operation not supported\nadd table inet x\n"))
     journal = StateJournal(tmp_path / "j.journal")
-    ks = KillSwitch("x2ssh0", [(A("198.18.7.7"), 22)], runner=nft)
+    ks = KillSwitch("x2ssh0", runner=nft)
     with pytest.raises(KillSwitchUnavailable, match="Operation not supported") as caught:
         ks.apply(journal)
     assert caught.value.exit_code == 69 and isinstance(caught.value, X2sshError)
@@ -149,7 +177,7 @@ def test_apply_without_nft_installed_changes_nothing(tmp_path: Path, monkeypatch
     monkeypatch.setattr(killswitch, "_NFT_FALLBACKS", (str(tmp_path / "no-nft"),))
     journal = StateJournal(tmp_path / "j.journal")
     with pytest.raises(KillSwitchUnavailable, match="install the `nftables` package"):
-        KillSwitch("x2ssh0", [(A("198.18.7.7"), 22)]).apply(journal)
+        KillSwitch("x2ssh0").apply(journal)
     assert journal.pending() == []
 
 
@@ -157,26 +185,8 @@ def test_failed_load_after_the_record_keeps_it_for_undo(tmp_path: Path):
     nft = FakeNft(OK, (1, "", "Error: something broke"))
     journal = StateJournal(tmp_path / "j.journal")
     with pytest.raises(KillSwitchError, match="cannot apply the kill switch rules: Error: something broke"):
-        KillSwitch("x2ssh0", [], runner=nft).apply(journal)
+        KillSwitch("x2ssh0", runner=nft).apply(journal)
     assert [e.kind for e in journal.pending()] == [KILL_SWITCH_RECORD]
-
-
-def test_update_replaces_the_whole_table_in_one_transaction():
-    nft = FakeNft()
-    ks = KillSwitch("x2ssh0", [(A("198.18.7.7"), 22)], [N("fd78:100::/48")], runner=nft)
-    ks.update([(A("fd78:7::8"), 2200)])
-    assert nft.calls == [
-        (["-f", "-"], plan_kill_switch("x2ssh0", [(A("fd78:7::8"), 2200)], [N("fd78:100::/48")]))
-    ]
-    assert ks.bypass == ((A("fd78:7::8"), 2200),)
-
-
-def test_failed_update_keeps_the_old_bypass():
-    nft = FakeNft((1, "", "Error: nope"))
-    ks = KillSwitch("x2ssh0", [(A("198.18.7.7"), 22)], runner=nft)
-    with pytest.raises(KillSwitchError, match="cannot update"):
-        ks.update([(A("198.18.7.8"), 22)])
-    assert ks.bypass == ((A("198.18.7.7"), 22),)
 
 
 LISTED = "table inet filter\ntable inet x2ssh_killswitch\n"
@@ -185,13 +195,13 @@ DELETE = "add table inet x2ssh_killswitch\ndelete table inet x2ssh_killswitch\n"
 
 def test_remove_deletes_our_table_only():
     nft = FakeNft((0, LISTED, ""), OK)
-    assert KillSwitch("x2ssh0", [], runner=nft).remove() is True
+    assert KillSwitch("x2ssh0", runner=nft).remove() is True
     assert nft.calls == [(["list", "tables", "inet"], None), (["-f", "-"], DELETE)]
 
 
 def test_remove_when_already_gone_is_fine():
     nft = FakeNft((0, "table inet filter\ntable inet x2ssh_killswitch_old\n", ""), OK)
-    assert KillSwitch("x2ssh0", [], runner=nft).remove() is False
+    assert KillSwitch("x2ssh0", runner=nft).remove() is False
 
 
 def test_undo_record_deletes_the_table(monkeypatch: pytest.MonkeyPatch):

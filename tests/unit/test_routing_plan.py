@@ -1,4 +1,5 @@
-"""The exact routes planned for given servers, exclusions and original paths (pure, no root)."""
+"""The exact routes and policy rules planned for given servers, exclusions, families and original paths
+(pure, no root)."""
 
 from ipaddress import ip_address as A
 from ipaddress import ip_network as N
@@ -6,7 +7,21 @@ from ipaddress import ip_network as N
 import pytest
 
 from x2ssh.errors import RoutingError
-from x2ssh.host.linux.routes import OriginalPath, PlannedRoute, plan_routes
+from x2ssh.host.linux.routes import (
+    FWMARK,
+    PRIORITIES,
+    PRIORITY_EXCLUDE,
+    PRIORITY_SUPPRESS,
+    PRIORITY_TUNNEL,
+    TUNNEL_TABLE,
+    OriginalPath,
+    PlannedRoute,
+    PolicyPlan,
+    PolicyRule,
+    SysctlSetting,
+    plan_policy,
+    plan_routes,
+)
 
 GW4 = OriginalPath(A("198.18.0.1"), "eth0", A("198.18.0.2"))
 GW6 = OriginalPath(A("fe80::1"), "eth0", A("fd78:1::2"))
@@ -110,3 +125,69 @@ def test_original_path_through_the_tun_is_a_loop():
 
 def test_no_servers_no_excludes_is_just_the_tunnel():
     assert list(plan_routes("x2ssh0", [], [], default_routes()).routes) == SPLITS
+
+
+# -- policy routing (plan_policy) ----------------------------------------------------------------
+
+
+def tunnel_rules(family):
+    return [
+        PolicyRule(family, 6831, 254, suppress_prefixlength=0, reason="specific"),
+        PolicyRule(family, 6832, 0x7832, fwmark=0x7832, invert=True, reason="tunnel"),
+    ]
+
+
+def test_policy_constants():
+    assert (FWMARK, TUNNEL_TABLE) == (0x7832, 30770)
+    assert (PRIORITY_EXCLUDE, PRIORITY_SUPPRESS, PRIORITY_TUNNEL) == (6830, 6831, 6832)
+    assert all(p in PRIORITIES for p in (PRIORITY_EXCLUDE, PRIORITY_SUPPRESS, PRIORITY_TUNNEL))
+    assert max(PRIORITIES) < 32765  # before `lookup main` and any automatic `ip rule add` priority
+
+
+def test_policy_plan_both_families_without_excludes():
+    plan = plan_policy("x2ssh0", [])
+    assert plan == PolicyPlan(
+        sysctls=(SysctlSetting("net.ipv4.conf.all.src_valid_mark", "1"),),
+        routes=(
+            PlannedRoute(N("0.0.0.0/0"), "x2ssh0", None, "tunnel", 0x7832),
+            PlannedRoute(N("::/0"), "x2ssh0", None, "tunnel", 0x7832),
+        ),
+        rules=(*tunnel_rules(4), *tunnel_rules(6)),
+    )
+
+
+def test_policy_plan_excludes_come_first_in_their_own_family_once():
+    plan = plan_policy(
+        "tun9", [N("fd78:100::/48"), N("198.18.100.0/24"), N("198.18.101.0/24"), N("198.18.100.0/24")]
+    )
+    assert list(plan.rules) == [
+        PolicyRule(4, 6830, 254, dst=N("198.18.100.0/24"), reason="exclude"),
+        PolicyRule(4, 6830, 254, dst=N("198.18.101.0/24"), reason="exclude"),
+        *tunnel_rules(4),
+        PolicyRule(6, 6830, 254, dst=N("fd78:100::/48"), reason="exclude"),
+        *tunnel_rules(6),
+    ]
+    assert [r.dev for r in plan.routes] == ["tun9", "tun9"]
+
+
+def test_policy_plan_ipv4_only_drops_ipv6_excludes_and_routes():
+    plan = plan_policy("x2ssh0", [N("fd78:100::/48"), N("198.18.100.0/24")], families=(4,))
+    assert plan.routes == (PlannedRoute(N("0.0.0.0/0"), "x2ssh0", None, "tunnel", 0x7832),)
+    assert list(plan.rules) == [
+        PolicyRule(4, 6830, 254, dst=N("198.18.100.0/24"), reason="exclude"),
+        *tunnel_rules(4),
+    ]
+    assert plan.sysctls == (SysctlSetting("net.ipv4.conf.all.src_valid_mark", "1"),)
+
+
+def test_policy_plan_ipv6_only_needs_no_ipv4_sysctl():
+    plan = plan_policy("x2ssh0", [N("198.18.100.0/24")], families=[6])
+    assert plan.sysctls == ()
+    assert plan.routes == (PlannedRoute(N("::/0"), "x2ssh0", None, "tunnel", 0x7832),)
+    assert list(plan.rules) == tunnel_rules(6)
+
+
+@pytest.mark.parametrize("families", [(), (5,), (4, 46)])
+def test_policy_plan_refuses_unknown_families(families):
+    with pytest.raises(ValueError, match="families"):
+        plan_policy("x2ssh0", [], families)

@@ -8,6 +8,8 @@ from x2ssh.host.linux import dns, firewall, routes, tun
 
 register_undo(firewall.KILL_SWITCH_RECORD, firewall.undo_killswitch_record)
 register_undo(routes.ROUTE_RECORD, routes.undo_route_record)
+register_undo(routes.RULE_RECORD, routes.undo_rule_record)
+register_undo(routes.SYSCTL_RECORD, routes.undo_sysctl_record)
 register_undo(dns.RESOLV_CONF_RECORD, dns.undo_resolv_conf_record)
 register_undo(dns.RESOLVED_RECORD, dns.undo_resolved_record)
 register_undo(dns.RESOLVCONF_RECORD, dns.undo_resolvconf_record)

@@ -1,28 +1,36 @@
 """The opt-in kill switch (`--vpn-kill-switch`): an nftables table that lets nothing but the tunnel out.
 
-Theory of operation. One table of our own, `inet x2ssh_killswitch`, holds one `output` base chain with
-policy drop. It accepts, in order:
+Theory of operation. One table of our own, `inet x2ssh_killswitch`, with two base chains, policy drop.
+
+`output` (what this machine sends) accepts, in order:
   - loopback and the TUN (by name, so the rule survives the TUN being recreated);
   - replies on connections that others opened to this machine (`ct direction reply`): the machine may keep
     answering e.g. an SSH login over the LAN, but cannot start anything itself. Our own outgoing flows are
     always the "original" direction, so they never pass this way;
-  - the SSH connection itself: TCP to each bypass address *and port* only. Anything else to the server's
-    address would travel outside the tunnel in the clear, which is exactly what a kill switch forbids;
+  - the x2ssh connection itself, by its firewall mark (`meta mark`, FWMARK from the routing module): the
+    SSH TCP connection, its ProxyJump first hop, and the UDP sockets that resolve the server's name through
+    the original resolvers. Only root can set SO_MARK, and only x2ssh's privileged helper hands out marked
+    sockets, so no other program's traffic to the server's address gets out in the clear. Matching the mark
+    instead of the destination also keeps the rules valid when the server's address or the uplink changes;
   - every `--vpn-exclude` CIDR, all protocols (the user asked for those to keep their original path);
   - what the link needs to stay up: IPv6 router/neighbour solicitation and neighbour advertisement (hop
     limit 255, link-local by RFC 4861 — without them the gateway's neighbour entry for us expires and an SSH
     connection over IPv6 dies), MLD reports (hop limit 1; switches that snoop multicast would otherwise stop
     forwarding solicited-node multicast to us), and DHCP/DHCPv6 client-to-server traffic (a lost lease kills
     the link). Sending from ports 68/546 needs root, so no ordinary program can use these holes.
+
+`forward` (what this machine routes for containers and VMs behind it) accepts only traffic that leaves
+through the TUN, replies (`ct direction reply`: the answers coming back to them) and the excluded CIDRs. A
+mark is never accepted here: marks do not survive the way from another network namespace or a VM.
+
 Everything else gets an ICMP "administratively prohibited", so programs fail at once instead of hanging;
-the chain's policy drop is the net under that. ARP is not IP, so the `inet` family never sees it.
+each chain's policy drop is the net under that. ARP is not IP, so the `inet` family never sees it.
 
 A drop in any base chain is final in nftables, so other firewalls' accept rules cannot open a hole in ours.
 
 The table is created and later replaced as one `nft -f` transaction (`add table`, `delete table`, then the
 full definition): the kernel swaps the whole ruleset atomically, so there is never an instant without the
-rules, also when the server's address changes on reconnect. It is journaled before it is created; undoing
-the record deletes the table if it still exists.
+rules. It is journaled before it is created; undoing the record deletes the table if it still exists.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from x2ssh.errors import X2sshError
+from x2ssh.host.linux.routes import FWMARK
 from x2ssh.settings import IPAddress, IPNetwork
 
 if TYPE_CHECKING:
@@ -51,9 +60,6 @@ NFT_TIMEOUT = 30.0
 _NFT_FALLBACKS = ("/usr/sbin/nft", "/sbin/nft")  # PATH under sudo/systemd may lack sbin
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _OUR_TABLE = re.compile(r"x2ssh[A-Za-z0-9_]{0,40}")
-
-Bypass = tuple[IPAddress, int]
-"""An (address, TCP port) the SSH connection itself goes to: the server or the first ProxyJump hop."""
 
 NftRunner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[str]]
 """Runs nft with these arguments and optional stdin; returns the finished process (never raises on rc)."""
@@ -71,69 +77,76 @@ class KillSwitchUnavailable(KillSwitchError):
     exit_code = 69  # EX_UNAVAILABLE
 
 
-def plan_kill_switch(tun: str, bypass: Sequence[Bypass], excludes: Sequence[IPNetwork]) -> str:
+def plan_kill_switch(tun: str, excludes: Sequence[IPNetwork] = (), mark: int = FWMARK) -> str:
     """The exact nft transaction that (re)creates the kill switch table. Pure; validates its inputs."""
     if not _IFNAME.fullmatch(tun):
         raise ValueError(f"not a valid interface name: {tun!r}")
-    rules = [
+    if isinstance(mark, bool) or not isinstance(mark, int) or not 0 < mark <= 0xFFFFFFFF:
+        raise ValueError(f"not a firewall mark: {mark!r}")
+    excluded = [
+        f'{_family(net)} daddr {net} accept comment "vpn-exclude"'
+        for net in dict.fromkeys(ipaddress.ip_network(n) for n in excludes)
+    ]
+    reject = 'counter reject with icmpx admin-prohibited comment "x2ssh kill switch"'
+    output = [
         'oif "lo" accept',
         f'oifname "{tun}" accept',
         'ct direction reply accept comment "replies to connections opened to this machine"',
-    ]
-    for addr, port in bypass:
-        addr = ipaddress.ip_address(addr)
-        if not 0 < port < 65536:
-            raise ValueError(f"not a TCP port: {port!r}")
-        rules.append(f'{_family(addr)} daddr {addr} tcp dport {port} accept comment "ssh connection"')
-    for net in excludes:
-        net = ipaddress.ip_network(net)
-        rules.append(f'{_family(net)} daddr {net} accept comment "vpn-exclude"')
-    rules += [
+        f'meta mark 0x{mark:08x} accept comment "x2ssh connection"',
+        *excluded,
         "icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept"
         ' comment "neighbour discovery"',
         'icmpv6 type { mld-listener-report, mld2-listener-report } ip6 hoplimit 1 accept comment "mld"',
         'meta nfproto ipv4 udp sport 68 udp dport 67 accept comment "dhcp"',
         'meta nfproto ipv6 udp sport 546 udp dport 547 accept comment "dhcpv6"',
-        'counter reject with icmpx admin-prohibited comment "x2ssh kill switch"',
+        reject,
     ]
-    body = "".join(f"\t\t{rule}\n" for rule in rules)
+    forward = [
+        f'oifname "{tun}" accept',
+        'ct direction reply accept comment "replies to forwarded connections"',
+        *excluded,
+        reject,
+    ]
     table = f"{TABLE_FAMILY} {TABLE_NAME}"
     return (
         "# x2ssh kill switch: generated, replaced as a whole in one transaction\n"
         f"add table {table}\n"
         f"delete table {table}\n"
         f"table {table} {{\n"
-        "\tchain output {\n"
-        "\t\ttype filter hook output priority filter; policy drop;\n"
-        f"{body}"
-        "\t}\n"
-        "}\n"
+        + _chain("output", "type filter hook output priority filter; policy drop;", output)
+        + _chain("forward", "type filter hook forward priority filter; policy drop;", forward)
+        + "}\n"
     )
 
 
+def _chain(name: str, hook: str, rules: list[str]) -> str:
+    body = "".join(f"\t\t{rule}\n" for rule in rules)
+    return f"\tchain {name} {{\n\t\t{hook}\n{body}\t}}\n"
+
+
 class KillSwitch:
-    """The kill switch of one VPN run: `check()` (optional, changes nothing), `apply()`, `update()`,
-    `remove()`. Runs `nft` in the current network namespace; blocking, so call it via asyncio.to_thread."""
+    """The kill switch of one VPN run: `check()` (optional, changes nothing), `apply()`, `remove()`. Runs
+    `nft` in the current network namespace; blocking, so call it via asyncio.to_thread."""
 
     plan = staticmethod(plan_kill_switch)
 
     def __init__(
         self,
         tun: str,
-        bypass: Sequence[Bypass],
         excludes: Sequence[IPNetwork] = (),
         *,
+        mark: int = FWMARK,
         runner: NftRunner | None = None,
     ) -> None:
         self.tun = tun
-        self.bypass: tuple[Bypass, ...] = tuple(bypass)
         self.excludes: tuple[IPNetwork, ...] = tuple(excludes)
+        self.mark = mark
         self._run = runner or run_nft
         self.applied = False
 
     def ruleset(self) -> str:
-        """The nft transaction for the current TUN, bypass and exclusions."""
-        return plan_kill_switch(self.tun, self.bypass, self.excludes)
+        """The nft transaction for this TUN, mark and exclusions."""
+        return plan_kill_switch(self.tun, self.excludes, self.mark)
 
     def check(self) -> None:
         """Raise KillSwitchUnavailable unless nft and the kernel accept our ruleset. Changes nothing."""
@@ -153,19 +166,13 @@ class KillSwitch:
         self._load(self.ruleset(), "apply")
         self.applied = True
         log.info(
-            "kill switch on: only %s, the SSH connection (%s) and %d excluded networks may leave",
+            "kill switch on: only %s, traffic marked 0x%x (the SSH connection) and %d excluded networks may "
+            "leave; forwarded traffic only through %s",
             self.tun,
-            ", ".join(_endpoint(b) for b in self.bypass) or "none",
+            self.mark,
             len(self.excludes),
+            self.tun,
         )
-
-    def update(self, bypass: Sequence[Bypass]) -> None:
-        """Let the SSH connection go to `bypass` instead (e.g. the server's address changed): replaces the
-        whole table in one transaction. On failure the old rules stay and KillSwitchError is raised."""
-        new = KillSwitch(self.tun, bypass, self.excludes, runner=self._run)
-        self._load(new.ruleset(), "update")
-        self.bypass = new.bypass
-        log.info("kill switch now lets the SSH connection go to %s", ", ".join(map(_endpoint, self.bypass)))
 
     def remove(self) -> bool:
         """Delete our table; True if it was there. The journal record may stay: undoing it is harmless."""
@@ -239,8 +246,3 @@ def _first_error(done: subprocess.CompletedProcess[str]) -> str:
 
 def _family(target: IPAddress | IPNetwork) -> str:
     return "ip6" if target.version == 6 else "ip"
-
-
-def _endpoint(bypass: Bypass) -> str:
-    addr, port = bypass
-    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
