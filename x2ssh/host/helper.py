@@ -39,7 +39,6 @@ log = logging.getLogger("x2ssh.helper")
 GUARD_INTERVAL = 1.0
 MAX_MARKED_SOCKETS = 4096  # reconnects and a connection pool need a few; far fewer than this
 EXIT_INTERNAL = 70
-FWMARK = 0x7832
 
 
 class PrivilegedHelper:
@@ -129,30 +128,36 @@ class PrivilegedHelper:
         return result, tun.fd  # the parent owns the device from now on; our copy is closed after sending
 
     def _op_marked_socket(self, family: int, type: str) -> tuple[dict[str, Any], int]:
+        from x2ssh.host.linux import routes
+
         if self.marked >= MAX_MARKED_SOCKETS:
             raise proto.RequestRejected(f"marked_socket: more than {MAX_MARKED_SOCKETS} in one run")
         fam = socket.AF_INET6 if family == 6 else socket.AF_INET
         kind = socket.SOCK_STREAM if type == "stream" else socket.SOCK_DGRAM
         sock = socket.socket(fam, kind)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, FWMARK)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, routes.FWMARK)
         self.marked += 1
-        return {"mark": FWMARK}, sock.detach()
+        return {"mark": routes.FWMARK}, sock.detach()
 
     def _op_routes(self, bypass: list[str]) -> tuple[dict[str, Any], None]:
+        """Policy routing (marked sockets follow the main table) where the kernel has it, else the /1 split
+        routes with the server and ProxyJump hops (`bypass`) pinned to their current path."""
         import ipaddress
 
-        from x2ssh.host.linux.routes import LinuxRouting, plan_routes
+        from x2ssh.host.linux.routes import LinuxRouting, plan_policy, plan_routes
 
         assert self.params is not None and self.journal is not None and self.tun_name is not None
+        excludes = [ipaddress.ip_network(n) for n in self.params["excludes"]]
         routing = LinuxRouting()
-        plan = plan_routes(
-            self.tun_name,
-            [ipaddress.ip_address(a) for a in bypass],
-            [ipaddress.ip_network(n) for n in self.params["excludes"]],
-            routing.lookup_original,
-        )
-        routing.apply(plan, self.journal)
-        self.routing_mode = "split"
+        families = routing.policy_families(self.tun_name)
+        if 4 in families:
+            routing.apply_policy(plan_policy(self.tun_name, excludes, families), self.journal)
+            self.routing_mode = "policy"
+        else:
+            log.warning("no policy routing in this kernel: split routes, pinned server (no roaming)")
+            addrs = [ipaddress.ip_address(a) for a in bypass]
+            routing.apply(plan_routes(self.tun_name, addrs, excludes, routing.lookup_original), self.journal)
+            self.routing_mode = "split"
         return {"mode": self.routing_mode}, None
 
     def _op_dns(self, servers: list[str]) -> tuple[dict[str, Any], None]:
