@@ -34,9 +34,7 @@ from x2ssh.errors import SshAuthFailed, SshConnectError
 from x2ssh.flows.dns_over_tcp import DnsOverTcp, server_resolver
 from x2ssh.flows.tcp_bridge import TcpBridge
 from x2ssh.flows.udp_relay import DnsOverride, UdpRelay, UdpRelaySettings
-from x2ssh.host.api import HostControl, TunHandle
-from x2ssh.host.linux.netwatch import NetworkWatch
-from x2ssh.host.linux.tun import DNS_V4, DNS_V6
+from x2ssh.host.api import DNS_V4, DNS_V6, HostControl, NetworkWatcher, TunHandle
 from x2ssh.host.privileges import agent_hint
 from x2ssh.settings import Settings
 from x2ssh.ssh import tuning
@@ -92,7 +90,7 @@ class VpnSession:
         self.state = "connecting"
         self.status = StatusView()
         self.errors: list[str] = []
-        self.netwatch: NetworkWatch | None = None
+        self.netwatch: NetworkWatcher | None = None
         self._stop = asyncio.Event()
         self._signal = 0
         self._checking = False
@@ -162,7 +160,7 @@ class VpnSession:
             log.info("kill switch on: only the tunnel and x2ssh's own SSH connection may leave the machine")
         self._attach(conn)
         self.state = "up"
-        self.netwatch = NetworkWatch(self._on_network_change, self._tunnel_ifindexes)
+        self.netwatch = self.host.network_watch(self._on_network_change, self._tunnel_ifindexes)
         self.netwatch.start()
         log.info(
             "VPN up: %s via %s; routing %s; DNS %s",

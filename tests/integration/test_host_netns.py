@@ -33,7 +33,8 @@ from pathlib import Path
 from x2ssh.host.linux.dns import DnsConfigurator
 from x2ssh.host.linux.routes import LinuxRouting, plan_routes
 from x2ssh.host.journal import StateJournal, journal_path
-from x2ssh.host.linux.tun import DNS_V4, open_tun
+from x2ssh.host.api import DNS_V4
+from x2ssh.host.linux.tun import open_tun
 
 mode, state_dir, netns_resolv, tun_name = sys.argv[1:5]
 here, bound = os.stat("/etc/resolv.conf"), os.stat(netns_resolv)

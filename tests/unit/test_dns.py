@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from x2ssh.errors import DnsError
+from x2ssh.host.api import DNS_V4
 from x2ssh.host.journal import StateJournal
 from x2ssh.host.linux.dns import (
     HEADER,
@@ -17,7 +18,6 @@ from x2ssh.host.linux.dns import (
     render_resolv_conf,
     resolver_addresses,
 )
-from x2ssh.host.linux.tun import DNS_V4
 
 ORIGINAL = (
     b"# managed by someone\r\nnameserver 198.18.0.53\nsearch lab.example\noptions edns0 trust-ad\n\xff tail"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from x2ssh.errors import DnsError
+from x2ssh.host.api import DNS_V4
 from x2ssh.host.cleanup import cleanup
 from x2ssh.host.journal import StateJournal, journal_path
 from x2ssh.host.linux.dns import (
@@ -30,7 +31,6 @@ from x2ssh.host.linux.dns import (
     undo_resolv_conf_record,
     undo_resolvconf_record,
 )
-from x2ssh.host.linux.tun import DNS_V4
 
 REPO = Path(__file__).resolve().parents[2]
 ORIGINAL = b"# from DHCP\nnameserver 198.18.0.53\nsearch lab.example\n"

@@ -7,12 +7,19 @@ session, asyncssh or netstack.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
 from typing import Any, Protocol
+
+# The tunnel's own addresses, the same on every platform.
+TUN_V4 = ipaddress.ip_interface("100.100.83.1/24")  # inside 100.64.0.0/10 (shared address space)
+TUN_V6 = ipaddress.ip_interface("fd78:7832:7373::1/64")  # ULA: "x2ss" in hex
+DNS_V4 = ipaddress.ip_address("100.100.83.53")  # answered by the session, never by a real host
+DNS_V6 = ipaddress.ip_address("fd78:7832:7373::53")
 
 
 @dataclass
@@ -36,6 +43,14 @@ class TunHandle:
             os.close(self.fd)
 
 
+class NetworkWatcher(Protocol):
+    """Calls its `on_change(reason)` when the machine's network changes or it resumes from suspend."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class HostControl(Protocol):
     """Host changes a VPN run asks for, in this order; each is undone by `down()` (and after a crash)."""
 
@@ -56,3 +71,9 @@ class HostControl(Protocol):
     async def kill_switch(self) -> None: ...
 
     def down(self) -> list[str]: ...
+
+    def network_watch(
+        self, on_change: Callable[[str], None], ignore: Callable[[], set[int]]
+    ) -> NetworkWatcher:
+        """A watcher of network changes (no privileges needed); `ignore` gives interfaces not to report."""
+        ...

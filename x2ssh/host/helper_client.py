@@ -18,13 +18,13 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from x2ssh.errors import NotPrivileged, X2sshError
 from x2ssh.host import helper_protocol as proto
-from x2ssh.host.api import TunHandle
+from x2ssh.host.api import NetworkWatcher, TunHandle
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,13 @@ class HelperClient:
                 pass
         self.close()
         return undone
+
+    @staticmethod
+    def network_watch(on_change: Callable[[str], None], ignore: Callable[[], set[int]]) -> NetworkWatcher:
+        """Network changes come from rtnetlink, which needs no privileges: watched on this side."""
+        from x2ssh.host.linux.netwatch import NetworkWatch
+
+        return NetworkWatch(on_change, ignore)
 
     def close(self) -> None:
         """Close the socket (the helper then undoes everything and exits) and wait for it, bounded."""

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from x2ssh.errors import DnsError
-from x2ssh.host.linux.tun import DNS_V4
+from x2ssh.host.api import DNS_V4
 from x2ssh.settings import DnsSetting, IPAddress
 
 if TYPE_CHECKING:

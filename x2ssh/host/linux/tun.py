@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import ipaddress
 import logging
 import os
 import struct
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pyroute2.netlink.exceptions import NetlinkError
 
 from x2ssh.errors import NotPrivileged, TunNameTaken, TunUnavailable
+from x2ssh.host.api import TUN_V4, TUN_V6
 from x2ssh.host.linux.routes import iproute
 
 if TYPE_CHECKING:
@@ -25,10 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TUN_V4 = ipaddress.ip_interface("100.100.83.1/24")  # inside 100.64.0.0/10 (shared address space)
-TUN_V6 = ipaddress.ip_interface("fd78:7832:7373::1/64")  # ULA: "x2ss" in hex
-DNS_V4 = ipaddress.ip_address("100.100.83.53")  # answered by the session, never by a real host
-DNS_V6 = ipaddress.ip_address("fd78:7832:7373::53")
 TUN_RECORD = "tun"
 TUN_DEVICE_PATH = "/dev/net/tun"
 
