@@ -39,6 +39,7 @@ from x2ssh.host.privileges import agent_hint
 from x2ssh.settings import Settings
 from x2ssh.ssh import tuning
 from x2ssh.ssh.connect import ProxySettings, bypass_addresses, connect_ssh, peer_endpoint, proxy_settings
+from x2ssh.ssh.pool import AUTO_MAX_CONNECTIONS, ConnectionPool
 from x2ssh.ssh.resolve_outside import nameservers, resolve_outside
 from x2ssh.status import Snapshot, StatusView
 
@@ -75,6 +76,9 @@ class VpnSession:
         self.tun: TunHandle | None = None
         self.tun_stack: TunStack | None = None
         self.bridge = TcpBridge(self._stack, rewrite=self._real_dns)
+        self.pool = ConnectionPool(
+            lambda: self._connect(self.endpoint), settings.ssh_connections or AUTO_MAX_CONNECTIONS
+        )
         remote_dns = settings.vpn_dns == "remote"
         override = DnsOverride(((str(DNS_V4), 53), (str(DNS_V6), 53))) if remote_dns else None
         self.relay = UdpRelay(self._udp_to_app, UdpRelaySettings(), dns_override=override)
@@ -174,7 +178,8 @@ class VpnSession:
 
     def _attach(self, conn: asyncssh.SSHClientConnection) -> None:
         self.conn = conn
-        self.bridge.set_connection(conn)
+        self.pool.set_primary(conn)
+        self.bridge.set_connection(self.pool)  # type: ignore[arg-type]  # opens channels like a connection
         self._spawn(self._agent_loop(conn))
 
     async def _serve(self, conn: asyncssh.SSHClientConnection) -> int:
@@ -199,6 +204,7 @@ class VpnSession:
         log.warning("%s: open flows are reset; new ones wait for the next connection", why)
         self.errors.append(f"{time.strftime('%H:%M:%S')} {why}")
         self.conn = None
+        self.pool.set_primary(None)
         self.bridge.set_connection(None)
         if self.agent is not None:
             self.relay.detach()
@@ -290,6 +296,7 @@ class VpnSession:
         for task in list(self._tasks):
             task.cancel()
         self.bridge.close()
+        self.pool.close()
         self.dns_tcp.close()
         if self.tun_stack is not None:
             self.tun_stack.close()  # resets every app connection while the routes still point at us
@@ -416,6 +423,9 @@ class VpnSession:
             bytes_up=b.bytes_up + r.bytes_to_agent,
             bytes_down=b.bytes_down + r.bytes_to_app,
             drops=sum(r.drops.values()),
+            ssh_connections=len(pool := self.pool.describe()),
+            ssh_channels=tuple(m["channels"] for m in pool),
+            pool_refusals=self.pool.capacity_refusals,
             errors=list(self.errors),
         )
 

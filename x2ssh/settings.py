@@ -86,6 +86,7 @@ class Settings:
     retry_max: int | None = None  # None: retry forever
     retry_initial: float = DEFAULT_RETRY_INITIAL
     retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY
+    ssh_connections: int | None = None  # None: auto (as many as flows need, up to AUTO_MAX_CONNECTIONS)
     config: Path | None = None
     state_dir: Path = DEFAULT_STATE_DIR
     verbose: int = 0
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     ssh.add_argument("--retry-max", metavar="N|forever", help="reconnect attempts before giving up [forever]")
     ssh.add_argument("--retry-initial", metavar="SECONDS", help="first reconnect delay [1]")
     ssh.add_argument("--retry-max-delay", metavar="SECONDS", help="cap of the reconnect delay [30]")
+    ssh.add_argument(
+        "--ssh-connections", metavar="N|auto", help="SSH connections to spread flows over, at most [auto]"
+    )
     vpn = p.add_argument_group("VPN")
     vpn.add_argument("--vpn-dns", metavar="ADDR|remote|off", help="DNS server in VPN mode [remote]")
     vpn.add_argument("--vpn-exclude", action="append", metavar="CIDR", help="keep CIDR off the tunnel")
@@ -185,6 +189,7 @@ _CONFIG_KEYS = {
     "retry_max",
     "retry_initial",
     "retry_max_delay",
+    "ssh_connections",
     "vpn_dns",
     "vpn_exclude",
     "vpn_mtu",
@@ -296,11 +301,19 @@ def parse_args(argv: list[str] | None) -> Settings:
         retry_max=parse_retry_max(pick("retry_max")),
         retry_initial=retry_initial,
         retry_max_delay=retry_max_delay,
+        ssh_connections=parse_ssh_connections(pick("ssh_connections")),
         config=config_path,
         state_dir=Path(state_dir).expanduser() if state_dir else DEFAULT_STATE_DIR,
         verbose=verbose,
         quiet=quiet,
     )
+
+
+def parse_ssh_connections(value: Any) -> int | None:
+    """`--ssh-connections`: a count from 1 to 64, or "auto" (None)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    return _int_option("--ssh-connections", value, minimum=1, maximum=64)
 
 
 def load_config(path: Path) -> dict[str, Any]:

@@ -29,6 +29,9 @@ class Snapshot:
     bytes_up: int = 0
     bytes_down: int = 0
     drops: int = 0
+    ssh_connections: int = 1
+    ssh_channels: tuple[int, ...] = ()
+    pool_refusals: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -116,7 +119,7 @@ class StatusView:
     def line(self, snap: Snapshot) -> str:
         up, down = self._rates
         return (
-            f"{snap.state}, tcp {snap.tcp_active} open "
+            f"{snap.state}, ssh {snap.ssh_connections} conn, tcp {snap.tcp_active} open "
             f"({snap.tcp_opened} total, {snap.tcp_refused} refused), "
             f"udp {snap.udp_flows} flows ({snap.udp_mode}), up {human_bytes(snap.bytes_up)} "
             f"({human_rate(up)}), down {human_bytes(snap.bytes_down)} ({human_rate(down)})"
@@ -129,6 +132,11 @@ class StatusView:
         table.add_column()
         colour = "green" if snap.state == "up" else "yellow"
         table.add_row("connection", f"[{colour}]{snap.state}[/{colour}]")
+        channels = " + ".join(map(str, snap.ssh_channels)) or "0"
+        table.add_row(
+            "SSH pool",
+            f"{snap.ssh_connections} connection(s), channels {channels}, {snap.pool_refusals} full refusals",
+        )
         table.add_row(
             "TCP flows", f"{snap.tcp_active} open, {snap.tcp_opened} opened, {snap.tcp_refused} refused"
         )

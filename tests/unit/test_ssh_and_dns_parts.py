@@ -55,7 +55,7 @@ def test_status_line_reports_counts_and_rates():
     view = StatusView(live=False)
     view.update(Snapshot(state="up", tcp_active=3, tcp_opened=10, tcp_refused=2, bytes_up=0, bytes_down=0))
     line = view.line(Snapshot(state="up", tcp_active=3, tcp_opened=10, tcp_refused=2, bytes_down=3 * 1024**2))
-    assert "up, tcp 3 open (10 total, 2 refused)" in line
+    assert "up, ssh 1 conn, tcp 3 open (10 total, 2 refused)" in line
     assert "down 3.0 MiB" in line
 
 

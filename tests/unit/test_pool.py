@@ -1,0 +1,151 @@
+"""The SSH connection pool's orchestration, against fake connections that behave like OpenSSH's: a channel
+to a closed port is "Connection refused"; past the server process's fd budget every channel is
+"open failed"."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncssh
+import pytest
+
+from x2ssh.ssh.pool import BUSY, ConnectionPool, is_capacity_refusal
+
+
+class FakeSession:
+    def __init__(self) -> None:
+        self.lost = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+class FakeChannel:
+    def __init__(self, conn: FakeConn, session: FakeSession) -> None:
+        self.conn, self.session = conn, session
+
+    def close(self) -> None:
+        self.conn.open -= 1
+        self.session.connection_lost(None)
+
+
+class FakeConn:
+    """An SSH connection whose sshd process can hold `capacity` channels."""
+
+    def __init__(self, capacity: int, closed_ports: frozenset[int] = frozenset({1})) -> None:
+        self.capacity = capacity
+        self.closed_ports = closed_ports
+        self.open = 0
+        self.closed = False
+
+    def is_closed(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    async def create_connection(self, factory, host, port, *args, **kwargs):
+        await asyncio.sleep(0)  # opens interleave, as they do on a real connection
+        if port in self.closed_ports:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection refused")
+        if self.open >= self.capacity:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "open failed")
+        self.open += 1
+        session = factory()
+        return FakeChannel(self, session), session
+
+
+def make_pool(capacity: int, max_connections: int = 32) -> tuple[ConnectionPool, list[FakeConn]]:
+    made: list[FakeConn] = []
+
+    async def connect() -> FakeConn:
+        conn = FakeConn(capacity)
+        made.append(conn)
+        return conn
+
+    pool = ConnectionPool(connect, max_connections=max_connections)  # type: ignore[arg-type]
+    primary = FakeConn(capacity)
+    made.append(primary)
+    pool.set_primary(primary)  # type: ignore[arg-type]
+    return pool, made
+
+
+def test_capacity_refusal_is_told_apart_from_a_closed_port():
+    refused = asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection refused")
+    full = asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "open failed")
+    shortage = asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, "")
+    assert not is_capacity_refusal(refused, 5000)
+    assert is_capacity_refusal(full, BUSY) and not is_capacity_refusal(full, BUSY - 1)
+    assert is_capacity_refusal(shortage, 0)
+
+
+def test_ten_thousand_concurrent_channels_spread_over_connections_none_refused():
+    async def main() -> None:
+        pool, made = make_pool(capacity=1019)
+        results = await asyncio.gather(
+            *(pool.create_connection(FakeSession, "198.19.0.2", 80) for _ in range(10_000)),
+            return_exceptions=True,
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert errors == []
+        assert len(made) == 10  # 10 x 1019 >= 10,000: exactly as many as needed
+        assert sum(c.open for c in made) == 10_000
+        assert all(c.open <= c.capacity for c in made)
+        assert pool.capacity_refusals > 0  # learned, counted, never shown to the app
+        assert sorted(m["channels"] for m in pool.describe()) == sorted(c.open for c in made)
+        for channel, _ in results:
+            channel.close()
+        assert [m["channels"] for m in pool.describe()] == [0] * 10
+
+    asyncio.run(main())
+
+
+def test_a_closed_port_is_refused_at_once_without_growing():
+    async def main() -> None:
+        pool, made = make_pool(capacity=100)
+        with pytest.raises(asyncssh.ChannelOpenError, match="Connection refused"):
+            await pool.create_connection(FakeSession, "198.19.0.2", 1)
+        assert len(made) == 1 and pool.capacity_refusals == 0
+
+    asyncio.run(main())
+
+
+def test_open_failed_on_an_idle_connection_is_a_real_refusal():
+    async def main() -> None:
+        pool, made = make_pool(capacity=0)
+        with pytest.raises(asyncssh.ChannelOpenError, match="open failed"):
+            await pool.create_connection(FakeSession, "198.19.0.2", 80)
+        assert len(made) == 1
+
+    asyncio.run(main())
+
+
+def test_a_full_pool_refuses_with_resource_shortage():
+    async def main() -> None:
+        pool, made = make_pool(capacity=40, max_connections=2)
+        results = await asyncio.gather(
+            *(pool.create_connection(FakeSession, "198.19.0.2", 80) for _ in range(100)),
+            return_exceptions=True,
+        )
+        errors = [r for r in results if isinstance(r, asyncssh.ChannelOpenError)]
+        assert len(made) == 2 and len(results) - len(errors) == 80
+        assert all(e.code == asyncssh.OPEN_RESOURCE_SHORTAGE for e in errors)
+
+    asyncio.run(main())
+
+
+def test_primary_replaced_on_reconnect_keeps_the_extra_connections():
+    async def main() -> None:
+        pool, made = make_pool(capacity=40)
+        await asyncio.gather(*(pool.create_connection(FakeSession, "h", 80) for _ in range(60)))
+        assert len(pool.describe()) == 2
+        made[0].closed = True
+        pool.set_primary(None)
+        new_primary = FakeConn(40)
+        pool.set_primary(new_primary)  # type: ignore[arg-type]
+        labels = [m["label"] for m in pool.describe()]
+        assert labels == ["primary", "extra-1"]
+        channel, _ = await pool.create_connection(FakeSession, "h", 80)
+        assert channel.conn is new_primary  # the emptiest connection with room
+
+    asyncio.run(main())
