@@ -46,6 +46,9 @@ class SshServer:
     `extra_config` lines are placed *before* the generated defaults, because sshd keeps the first value it
     reads for a keyword, so they override; if they contain a `Match` block they are appended instead.
 
+    `nofile` starts sshd with that open-files limit (soft and hard), as systemd's default 1024 would: each
+    SSH connection's process then holds about a thousand channels.
+
     A server without python3, for the agent's degraded mode: pass `hide_python3=True`. sshd then runs in a
     private mount namespace where every bin directory holding a `python*` (the standard ones and each
     directory on the caller's PATH, since root's ~/.bashrc may put e.g. pyenv shims on the sessions' PATH)
@@ -64,6 +67,7 @@ class SshServer:
         extra_config: str = "",
         also_listen: Sequence[str] = (),
         hide_python3: bool = False,
+        nofile: int | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.host = host
@@ -73,6 +77,7 @@ class SshServer:
         self.extra_config = extra_config
         self.also_listen = tuple(also_listen)
         self.hide_python3 = hide_python3
+        self.nofile = nofile  # open-files limit of sshd and each connection's process (systemd: 1024)
         self.config_path = self.workdir / "sshd_config"
         self.host_key = self.workdir / "ssh_host_ed25519_key"
         self.client_key = self.workdir / "client_ed25519"
@@ -98,6 +103,8 @@ class SshServer:
         self._write_files()
         self.log_path.write_bytes(b"")
         argv = [SSHD, "-D", "-e", "-f", str(self.config_path)]
+        if self.nofile is not None:
+            argv = ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--", *argv]
         if self.hide_python3:
             argv = self._masking_wrapper(argv)
         if self.netns:
