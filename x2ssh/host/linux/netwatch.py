@@ -45,6 +45,11 @@ RESUME_CHECK_INTERVAL = 2.0
 RESUME_GAP = 3.0  # seconds the machine slept beyond what the monotonic clock saw
 
 
+def sleep_clocks() -> tuple[float, float]:
+    """(CLOCK_BOOTTIME, CLOCK_MONOTONIC) now: their difference grows by the time spent suspended."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME), time.monotonic()
+
+
 def changes(data: bytes, ignore: set[int]) -> list[str]:
     """Reasons to re-check the connection in one rtnetlink datagram; interfaces in `ignore` (the TUN) and
     routes outside the main table (e.g. the tunnel's own table) do not count. Malformed input yields []."""
@@ -87,8 +92,14 @@ def _route_table_and_oif(body: bytes) -> tuple[int, int | None]:
 class NetworkWatch:
     """Calls `on_change(reason)` (debounced) on network changes and resumes; `start()` inside a loop."""
 
-    def __init__(self, on_change: Callable[[str], None], ignore: Callable[[], set[int]]) -> None:
+    def __init__(
+        self,
+        on_change: Callable[[str], None],
+        ignore: Callable[[], set[int]],
+        clocks: Callable[[], tuple[float, float]] = sleep_clocks,
+    ) -> None:
         self._on_change = on_change
+        self._clocks = clocks
         self._ignore = ignore
         self._sock: socket.socket | None = None
         self._pending: asyncio.TimerHandle | None = None
@@ -146,10 +157,10 @@ class NetworkWatch:
         self._on_change("; ".join(unique[:3]) + (" …" if len(unique) > 3 else ""))
 
     async def _watch_resume(self) -> None:
-        last_boot, last_mono = time.clock_gettime(time.CLOCK_BOOTTIME), time.monotonic()
+        last_boot, last_mono = self._clocks()
         while True:
             await asyncio.sleep(RESUME_CHECK_INTERVAL)
-            boot, mono = time.clock_gettime(time.CLOCK_BOOTTIME), time.monotonic()
+            boot, mono = self._clocks()
             slept = (boot - last_boot) - (mono - last_mono)
             last_boot, last_mono = boot, mono
             if slept > RESUME_GAP:
