@@ -202,6 +202,9 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         run("ip", "netns", "add", client)
         run("ip", "netns", "add", peer)
         for ns in (client, peer):
+            # no duplicate address detection: link-local addresses (and their routes) exist at once, so
+            # that the "before" snapshot is not taken while they still appear
+            run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
             run("ip", "-n", ns, "link", "set", "lo", "up")
         _veth(client, peer, "x2pa0", "x2pa1", 80)  # uplink A
         _veth(client, peer, "x2pb0", "x2pb1", 81)  # uplink B
