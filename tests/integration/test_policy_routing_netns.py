@@ -54,10 +54,11 @@ import json, os, select, signal, socket, subprocess, sys, time
 from ipaddress import ip_network
 from pathlib import Path
 from x2ssh.host.journal import StateJournal, journal_path
+from x2ssh.host.linux.firewall import MarkRestore
 from x2ssh.host.linux.routes import FWMARK, LinuxRouting, plan_policy
 from x2ssh.host.linux.tun import open_tun
 
-mode, state_dir, tun_name = sys.argv[1:4]
+mode, state_dir, tun_name, restore = sys.argv[1:5]
 TIMEOUT = 3.0
 
 def ip(*args):
@@ -117,7 +118,9 @@ routing = LinuxRouting()
 families = routing.policy_families(tun_name)
 plan = plan_policy(tun_name, [ip_network("198.18.86.0/24"), ip_network("fd78:8686::/48")], families)
 routing.apply_policy(plan, journal)
+restored = MarkRestore().apply(journal) if restore == "yes" else None
 report = {
+    "mark restore": restored,
     "families": list(families), "supported": routing.policy_supported(), "rules": rules(),
     "sysctl": open("/proc/sys/net/ipv4/conf/all/src_valid_mark").read(),
     "up": probes(tun, families), "up gets": gets(families),
@@ -176,10 +179,12 @@ class Lab:
             "routes v4": run(*ns, "-4", "route", "show", "table", "all").stdout,
             "routes v6": run(*ns, "-6", "route", "show", "table", "all").stdout,
             "src_valid_mark": run("ip", "netns", "exec", self.client, "cat", SRC_VALID_MARK).stdout,
+            "nft": run("ip", "netns", "exec", self.client, "nft", "list", "ruleset").stdout,
         }
 
-    def scenario(self, mode: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
-        done = self.in_client(sys.executable, "-c", SCENARIO, mode, str(self.state_dir), TUN)
+    def scenario(self, mode: str, restore: bool = True) -> tuple[subprocess.CompletedProcess, list[dict]]:
+        restore_arg = "yes" if restore else "no"
+        done = self.in_client(sys.executable, "-c", SCENARIO, mode, str(self.state_dir), TUN, restore_arg)
         return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
@@ -289,7 +294,7 @@ def test_marked_traffic_follows_the_main_table_through_an_uplink_change(lab: Lab
     assert done.returncode == 0, done.stderr
     up, after = reports
     assert up["families"] == [4, 6] and up["supported"] is True
-    assert up["sysctl"] == "1\n"
+    assert up["sysctl"] == "1\n" and up["mark restore"] is True
     rules = up["rules"].splitlines()
     assert [r for r in rules if "proto 88" in r] == OUR_RULES_V4 + OUR_RULES_V6
     check_up(up["up"], "a")
@@ -320,6 +325,7 @@ def test_apply_then_undo_leaves_rules_routes_and_sysctl_byte_identical(lab: Lab)
     up, after = reports
     check_up(up["up"], "a")
     assert after["undone"] == [
+        "removed mark-restoring table inet x2ssh_mark",
         "removed rule -6 6832: not fwmark 0x7832 lookup 30770",
         "removed rule -6 6831: lookup main suppress_prefixlength 0",
         "removed rule -6 6830: to fd78:8686::/48 lookup main",
@@ -365,4 +371,18 @@ def test_without_ipv6_only_ipv4_is_planned_and_ipv6_rules_stay_untouched(lab: La
     assert up["families"] == [4] and up["supported"] is True
     assert [r for r in up["rules"].splitlines() if "proto 88" in r] == OUR_RULES_V4
     check_up(up["up"], "a", families=(4,))
+    assert lab.snapshot() == before
+
+
+@pytest.mark.parametrize("restore", [True, False], ids=["mark restored", "no mark restore"])
+def test_strict_reverse_path_filter_needs_the_mark_on_replies(lab: Lab, restore: bool) -> None:
+    run("ip", "netns", "exec", lab.client, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
+    before = lab.snapshot()
+    done, reports = lab.scenario("undo", restore=restore)
+    assert done.returncode == 0, done.stderr
+    up = reports[0]["up"]
+    # the replies arrive unmarked on the uplink; src_valid_mark=1 and the restored mark make the reverse-path
+    # lookup use main, else strict rp_filter looks them up in the tunnel table and drops them
+    assert up["marked 198.18.85.1"] == ("from 198.18.80.2" if restore else "TimeoutError")
+    assert up["marked fd78:8585::1"] == "from fd78:8080::2"  # IPv6 has no rp_filter
     assert lab.snapshot() == before
