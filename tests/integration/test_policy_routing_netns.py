@@ -54,11 +54,11 @@ import json, os, select, signal, socket, subprocess, sys, time
 from ipaddress import ip_network
 from pathlib import Path
 from x2ssh.host.journal import StateJournal, journal_path
-from x2ssh.host.linux.firewall import MarkRestore
+from x2ssh.host.linux.firewall import KillSwitch, MarkRestore
 from x2ssh.host.linux.routes import FWMARK, LinuxRouting, plan_policy
 from x2ssh.host.linux.tun import open_tun
 
-mode, state_dir, tun_name, restore = sys.argv[1:5]
+mode, state_dir, tun_name, restore, kill_switch = sys.argv[1:6]
 TIMEOUT = 3.0
 
 def ip(*args):
@@ -119,8 +119,11 @@ families = routing.policy_families(tun_name)
 plan = plan_policy(tun_name, [ip_network("198.18.86.0/24"), ip_network("fd78:8686::/48")], families)
 routing.apply_policy(plan, journal)
 restored = MarkRestore().apply(journal) if restore == "yes" else None
+if kill_switch == "yes":
+    KillSwitch(tun_name, [ip_network("198.18.86.0/24"), ip_network("fd78:8686::/48")]).apply(journal)
 report = {
     "mark restore": restored,
+    "nft tables": subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout,
     "families": list(families), "supported": routing.policy_supported(), "rules": rules(),
     "sysctl": open("/proc/sys/net/ipv4/conf/all/src_valid_mark").read(),
     "up": probes(tun, families), "up gets": gets(families),
@@ -182,9 +185,11 @@ class Lab:
             "nft": run("ip", "netns", "exec", self.client, "nft", "list", "ruleset").stdout,
         }
 
-    def scenario(self, mode: str, restore: bool = True) -> tuple[subprocess.CompletedProcess, list[dict]]:
-        restore_arg = "yes" if restore else "no"
-        done = self.in_client(sys.executable, "-c", SCENARIO, mode, str(self.state_dir), TUN, restore_arg)
+    def scenario(
+        self, mode: str, restore: bool = True, kill_switch: bool = False
+    ) -> tuple[subprocess.CompletedProcess, list[dict]]:
+        flags = ["yes" if restore else "no", "yes" if kill_switch else "no"]
+        done = self.in_client(sys.executable, "-c", SCENARIO, mode, str(self.state_dir), TUN, *flags)
         return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
@@ -288,9 +293,10 @@ def check_gets(gets: dict, uplink: str) -> None:
     assert gets["fd78:8686::5"].startswith(f"fd78:8686::5 from :: via {net6}::1 dev {dev} ")
 
 
-def test_marked_traffic_follows_the_main_table_through_an_uplink_change(lab: Lab) -> None:
+@pytest.mark.parametrize("kill_switch", [False, True], ids=["policy", "policy and kill switch"])
+def test_marked_traffic_follows_the_main_table_through_an_uplink_change(lab: Lab, kill_switch: bool) -> None:
     before = lab.snapshot()
-    done, reports = lab.scenario("roam")
+    done, reports = lab.scenario("roam", kill_switch=kill_switch)
     assert done.returncode == 0, done.stderr
     up, after = reports
     assert up["families"] == [4, 6] and up["supported"] is True
@@ -314,7 +320,11 @@ def test_marked_traffic_follows_the_main_table_through_an_uplink_change(lab: Lab
         line for line in up["tables"].splitlines() if f"dev {TUN}" not in line
     ]
     assert after["rules"] == before["rules v4"] + before["rules v6"]
-    assert lab.snapshot()["src_valid_mark"] == before["src_valid_mark"] == "0\n"
+    expected_tables = "table inet x2ssh_mark\n" + ("table inet x2ssh_killswitch\n" if kill_switch else "")
+    assert up["nft tables"] == expected_tables
+    final = lab.snapshot()
+    assert final["src_valid_mark"] == before["src_valid_mark"] == "0\n"
+    assert final["nft"] == before["nft"]
     assert list(lab.state_dir.iterdir()) == []
 
 
