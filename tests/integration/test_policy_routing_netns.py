@@ -54,10 +54,11 @@ import json, os, select, signal, socket, subprocess, sys, time
 from ipaddress import ip_network
 from pathlib import Path
 from x2ssh.host.journal import StateJournal, journal_path
+from x2ssh.host.linux.firewall import KillSwitch, MarkRestore
 from x2ssh.host.linux.routes import FWMARK, LinuxRouting, plan_policy
 from x2ssh.host.linux.tun import open_tun
 
-mode, state_dir, tun_name = sys.argv[1:4]
+mode, state_dir, tun_name, restore, kill_switch = sys.argv[1:6]
 TIMEOUT = 3.0
 
 def ip(*args):
@@ -117,7 +118,12 @@ routing = LinuxRouting()
 families = routing.policy_families(tun_name)
 plan = plan_policy(tun_name, [ip_network("198.18.86.0/24"), ip_network("fd78:8686::/48")], families)
 routing.apply_policy(plan, journal)
+restored = MarkRestore().apply(journal) if restore == "yes" else None
+if kill_switch == "yes":
+    KillSwitch(tun_name, [ip_network("198.18.86.0/24"), ip_network("fd78:8686::/48")]).apply(journal)
 report = {
+    "mark restore": restored,
+    "nft tables": subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout,
     "families": list(families), "supported": routing.policy_supported(), "rules": rules(),
     "sysctl": open("/proc/sys/net/ipv4/conf/all/src_valid_mark").read(),
     "up": probes(tun, families), "up gets": gets(families),
@@ -176,10 +182,14 @@ class Lab:
             "routes v4": run(*ns, "-4", "route", "show", "table", "all").stdout,
             "routes v6": run(*ns, "-6", "route", "show", "table", "all").stdout,
             "src_valid_mark": run("ip", "netns", "exec", self.client, "cat", SRC_VALID_MARK).stdout,
+            "nft": run("ip", "netns", "exec", self.client, "nft", "list", "ruleset").stdout,
         }
 
-    def scenario(self, mode: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
-        done = self.in_client(sys.executable, "-c", SCENARIO, mode, str(self.state_dir), TUN)
+    def scenario(
+        self, mode: str, restore: bool = True, kill_switch: bool = False
+    ) -> tuple[subprocess.CompletedProcess, list[dict]]:
+        flags = ["yes" if restore else "no", "yes" if kill_switch else "no"]
+        done = self.in_client(sys.executable, "-c", SCENARIO, mode, str(self.state_dir), TUN, *flags)
         return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
@@ -202,6 +212,9 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         run("ip", "netns", "add", client)
         run("ip", "netns", "add", peer)
         for ns in (client, peer):
+            # no duplicate address detection: link-local addresses (and their routes) exist at once, so
+            # that the "before" snapshot is not taken while they still appear
+            run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
             run("ip", "-n", ns, "link", "set", "lo", "up")
         _veth(client, peer, "x2pa0", "x2pa1", 80)  # uplink A
         _veth(client, peer, "x2pb0", "x2pb1", 81)  # uplink B
@@ -280,13 +293,14 @@ def check_gets(gets: dict, uplink: str) -> None:
     assert gets["fd78:8686::5"].startswith(f"fd78:8686::5 from :: via {net6}::1 dev {dev} ")
 
 
-def test_marked_traffic_follows_the_main_table_through_an_uplink_change(lab: Lab) -> None:
+@pytest.mark.parametrize("kill_switch", [False, True], ids=["policy", "policy and kill switch"])
+def test_marked_traffic_follows_the_main_table_through_an_uplink_change(lab: Lab, kill_switch: bool) -> None:
     before = lab.snapshot()
-    done, reports = lab.scenario("roam")
+    done, reports = lab.scenario("roam", kill_switch=kill_switch)
     assert done.returncode == 0, done.stderr
     up, after = reports
     assert up["families"] == [4, 6] and up["supported"] is True
-    assert up["sysctl"] == "1\n"
+    assert up["sysctl"] == "1\n" and up["mark restore"] is True
     rules = up["rules"].splitlines()
     assert [r for r in rules if "proto 88" in r] == OUR_RULES_V4 + OUR_RULES_V6
     check_up(up["up"], "a")
@@ -306,7 +320,11 @@ def test_marked_traffic_follows_the_main_table_through_an_uplink_change(lab: Lab
         line for line in up["tables"].splitlines() if f"dev {TUN}" not in line
     ]
     assert after["rules"] == before["rules v4"] + before["rules v6"]
-    assert lab.snapshot()["src_valid_mark"] == before["src_valid_mark"] == "0\n"
+    expected_tables = "table inet x2ssh_mark\n" + ("table inet x2ssh_killswitch\n" if kill_switch else "")
+    assert up["nft tables"] == expected_tables
+    final = lab.snapshot()
+    assert final["src_valid_mark"] == before["src_valid_mark"] == "0\n"
+    assert final["nft"] == before["nft"]
     assert list(lab.state_dir.iterdir()) == []
 
 
@@ -317,6 +335,7 @@ def test_apply_then_undo_leaves_rules_routes_and_sysctl_byte_identical(lab: Lab)
     up, after = reports
     check_up(up["up"], "a")
     assert after["undone"] == [
+        "removed mark-restoring table inet x2ssh_mark",
         "removed rule -6 6832: not fwmark 0x7832 lookup 30770",
         "removed rule -6 6831: lookup main suppress_prefixlength 0",
         "removed rule -6 6830: to fd78:8686::/48 lookup main",
@@ -362,4 +381,18 @@ def test_without_ipv6_only_ipv4_is_planned_and_ipv6_rules_stay_untouched(lab: La
     assert up["families"] == [4] and up["supported"] is True
     assert [r for r in up["rules"].splitlines() if "proto 88" in r] == OUR_RULES_V4
     check_up(up["up"], "a", families=(4,))
+    assert lab.snapshot() == before
+
+
+@pytest.mark.parametrize("restore", [True, False], ids=["mark restored", "no mark restore"])
+def test_strict_reverse_path_filter_needs_the_mark_on_replies(lab: Lab, restore: bool) -> None:
+    run("ip", "netns", "exec", lab.client, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
+    before = lab.snapshot()
+    done, reports = lab.scenario("undo", restore=restore)
+    assert done.returncode == 0, done.stderr
+    up = reports[0]["up"]
+    # the replies arrive unmarked on the uplink; src_valid_mark=1 and the restored mark make the reverse-path
+    # lookup use main, else strict rp_filter looks them up in the tunnel table and drops them
+    assert up["marked 198.18.85.1"] == ("from 198.18.80.2" if restore else "TimeoutError")
+    assert up["marked fd78:8585::1"] == "from fd78:8080::2"  # IPv6 has no rp_filter
     assert lab.snapshot() == before

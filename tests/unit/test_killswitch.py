@@ -1,4 +1,5 @@
-"""The kill switch: the exact nft ruleset for given inputs, and the order of checks, journal and nft calls.
+"""The kill switch and the mark-restoring table: the exact nft rulesets for given inputs, and the order of
+checks, journal and nft calls.
 
 nft itself is never run here (a fake runner stands in, and a guard fails any real subprocess call), so these
 tests cannot touch the host's firewall even when run as root.
@@ -17,11 +18,16 @@ from x2ssh.host.journal import StateJournal, default_undoers
 from x2ssh.host.linux import firewall as killswitch
 from x2ssh.host.linux.firewall import (
     KILL_SWITCH_RECORD,
+    MARK_RESTORE_RECORD,
+    FirewallError,
     KillSwitch,
     KillSwitchError,
     KillSwitchUnavailable,
+    MarkRestore,
     plan_kill_switch,
+    plan_mark_restore,
     undo_killswitch_record,
+    undo_mark_restore_record,
 )
 from x2ssh.host.linux.routes import FWMARK
 
@@ -220,10 +226,80 @@ def test_undo_record_deletes_the_table(monkeypatch: pytest.MonkeyPatch):
 def test_undo_record_refuses_tables_that_are_not_ours(monkeypatch: pytest.MonkeyPatch, data):
     nft = FakeNft()
     monkeypatch.setattr(killswitch, "run_nft", nft)
-    with pytest.raises(KillSwitchError, match="not x2ssh's"):
+    with pytest.raises(FirewallError, match="not x2ssh's"):
         undo_killswitch_record(data)
     assert nft.calls == []
 
 
 def test_undo_record_is_registered_with_the_journal():
     assert default_undoers()[KILL_SWITCH_RECORD] is undo_killswitch_record
+
+
+# -- the mark-restoring table (policy routing under strict rp_filter) --------------------------------------
+
+MARK_RULESET = """\
+# x2ssh: the SSH connection's mark, kept in conntrack and restored on its incoming packets
+add table inet x2ssh_mark
+delete table inet x2ssh_mark
+table inet x2ssh_mark {
+\tchain outgoing {
+\t\ttype filter hook postrouting priority mangle; policy accept;
+\t\tmeta mark 0x00007832 ct mark set meta mark
+\t}
+\tchain incoming {
+\t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tct mark 0x00007832 meta mark set ct mark
+\t}
+}
+"""
+
+
+def test_mark_restore_ruleset():
+    assert plan_mark_restore() == MARK_RULESET
+    assert plan_mark_restore(0x10) == MARK_RULESET.replace("0x00007832", "0x00000010")
+    with pytest.raises(ValueError, match="firewall mark"):
+        plan_mark_restore(0)
+
+
+def test_mark_restore_checks_then_journals_then_loads(tmp_path: Path):
+    nft = FakeNft(OK, OK)
+    journal = StateJournal(tmp_path / "j.journal")
+    assert MarkRestore(runner=nft).apply(journal) is True
+    assert nft.calls == [(["--check", "-f", "-"], MARK_RULESET), (["-f", "-"], MARK_RULESET)]
+    [record] = journal.pending()
+    assert (record.kind, record.data) == (MARK_RESTORE_RECORD, {"family": "inet", "table": "x2ssh_mark"})
+
+
+def test_mark_restore_refused_by_the_kernel_changes_nothing_and_is_not_fatal(tmp_path: Path):
+    nft = FakeNft((1, "", "Error: Could not process rule: No such file or directory\n"))
+    journal = StateJournal(tmp_path / "j.journal")
+    assert MarkRestore(runner=nft).apply(journal) is False
+    assert len(nft.calls) == 1 and journal.pending() == []
+
+
+def test_mark_restore_without_nft_changes_nothing_and_is_not_fatal(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(killswitch.shutil, "which", lambda name: None)
+    monkeypatch.setattr(killswitch, "_NFT_FALLBACKS", (str(tmp_path / "no-nft"),))
+    journal = StateJournal(tmp_path / "j.journal")
+    assert MarkRestore().apply(journal) is False
+    assert journal.pending() == []
+
+
+def test_mark_restore_failed_load_raises_and_keeps_the_record(tmp_path: Path):
+    nft = FakeNft(OK, (1, "", "Error: broke"))
+    journal = StateJournal(tmp_path / "j.journal")
+    with pytest.raises(FirewallError, match="cannot apply the mark-restoring rules: Error: broke"):
+        MarkRestore(runner=nft).apply(journal)
+    assert [e.kind for e in journal.pending()] == [MARK_RESTORE_RECORD]
+
+
+def test_mark_restore_undo_record_is_registered_and_deletes_only_our_table(monkeypatch):
+    assert default_undoers()[MARK_RESTORE_RECORD] is undo_mark_restore_record
+    nft = FakeNft((0, "table inet x2ssh_mark\n", ""), OK)
+    monkeypatch.setattr(killswitch, "run_nft", nft)
+    assert undo_mark_restore_record({"family": "inet", "table": "x2ssh_mark"}) == (
+        "removed mark-restoring table inet x2ssh_mark"
+    )
+    assert nft.calls[1] == (["-f", "-"], "add table inet x2ssh_mark\ndelete table inet x2ssh_mark\n")
+    with pytest.raises(FirewallError, match="not x2ssh's"):
+        undo_mark_restore_record({"family": "inet", "table": "filter"})

@@ -7,6 +7,7 @@ from x2ssh.host.journal import register_undo
 from x2ssh.host.linux import dns, firewall, routes, tun
 
 register_undo(firewall.KILL_SWITCH_RECORD, firewall.undo_killswitch_record)
+register_undo(firewall.MARK_RESTORE_RECORD, firewall.undo_mark_restore_record)
 register_undo(routes.ROUTE_RECORD, routes.undo_route_record)
 register_undo(routes.RULE_RECORD, routes.undo_rule_record)
 register_undo(routes.SYSCTL_RECORD, routes.undo_sysctl_record)

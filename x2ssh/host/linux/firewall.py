@@ -28,7 +28,13 @@ each chain's policy drop is the net under that. ARP is not IP, so the `inet` fam
 
 A drop in any base chain is final in nftables, so other firewalls' accept rules cannot open a hole in ours.
 
-The table is created and later replaced as one `nft -f` transaction (`add table`, `delete table`, then the
+A second, small table, `inet x2ssh_mark` (`MarkRestore`, used with policy routing whether or not the kill
+switch is on), copies the SSH connection's mark into its conntrack entry on the way out and back onto its
+incoming packets, as wg-quick does. With net.ipv4.conf.all.src_valid_mark=1 the kernel's reverse-path
+filter then checks those packets against the main table (where the uplink is) instead of the tunnel table;
+under strict rp_filter (=1) they would otherwise be dropped as arriving on the "wrong" interface.
+
+Each table is created and later replaced as one `nft -f` transaction (`add table`, `delete table`, then the
 full definition): the kernel swaps the whole ruleset atomically, so there is never an instant without the
 rules. It is journaled before it is created; undoing the record deletes the table if it still exists.
 """
@@ -54,8 +60,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KILL_SWITCH_RECORD = "killswitch"
+MARK_RESTORE_RECORD = "mark_restore"
 TABLE_FAMILY = "inet"
 TABLE_NAME = "x2ssh_killswitch"
+MARK_TABLE_NAME = "x2ssh_mark"
 NFT_TIMEOUT = 30.0
 _NFT_FALLBACKS = ("/usr/sbin/nft", "/sbin/nft")  # PATH under sudo/systemd may lack sbin
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
@@ -65,10 +73,14 @@ NftRunner = Callable[[Sequence[str], str | None], subprocess.CompletedProcess[st
 """Runs nft with these arguments and optional stdin; returns the finished process (never raises on rc)."""
 
 
-class KillSwitchError(X2sshError):
-    """The kill switch's firewall rules could not be applied, replaced or removed."""
+class FirewallError(X2sshError):
+    """x2ssh's nftables rules could not be applied or removed."""
 
     exit_code = 71  # EX_OSERR
+
+
+class KillSwitchError(FirewallError):
+    """The kill switch's firewall rules could not be applied, replaced or removed."""
 
 
 class KillSwitchUnavailable(KillSwitchError):
@@ -81,8 +93,7 @@ def plan_kill_switch(tun: str, excludes: Sequence[IPNetwork] = (), mark: int = F
     """The exact nft transaction that (re)creates the kill switch table. Pure; validates its inputs."""
     if not _IFNAME.fullmatch(tun):
         raise ValueError(f"not a valid interface name: {tun!r}")
-    if isinstance(mark, bool) or not isinstance(mark, int) or not 0 < mark <= 0xFFFFFFFF:
-        raise ValueError(f"not a firewall mark: {mark!r}")
+    _check_mark(mark)
     excluded = [
         f'{_family(net)} daddr {net} accept comment "vpn-exclude"'
         for net in dict.fromkeys(ipaddress.ip_network(n) for n in excludes)
@@ -117,6 +128,34 @@ def plan_kill_switch(tun: str, excludes: Sequence[IPNetwork] = (), mark: int = F
         + _chain("forward", "type filter hook forward priority filter; policy drop;", forward)
         + "}\n"
     )
+
+
+def plan_mark_restore(mark: int = FWMARK) -> str:
+    """The exact nft transaction that (re)creates the mark-restoring table. Pure; validates the mark."""
+    _check_mark(mark)
+    table = f"{TABLE_FAMILY} {MARK_TABLE_NAME}"
+    return (
+        "# x2ssh: the SSH connection's mark, kept in conntrack and restored on its incoming packets\n"
+        f"add table {table}\n"
+        f"delete table {table}\n"
+        f"table {table} {{\n"
+        + _chain(
+            "outgoing",
+            "type filter hook postrouting priority mangle; policy accept;",
+            [f"meta mark 0x{mark:08x} ct mark set meta mark"],
+        )
+        + _chain(
+            "incoming",
+            "type filter hook prerouting priority mangle; policy accept;",
+            [f"ct mark 0x{mark:08x} meta mark set ct mark"],
+        )
+        + "}\n"
+    )
+
+
+def _check_mark(mark: int) -> None:
+    if isinstance(mark, bool) or not isinstance(mark, int) or not 0 < mark <= 0xFFFFFFFF:
+        raise ValueError(f"not a firewall mark: {mark!r}")
 
 
 def _chain(name: str, hook: str, rules: list[str]) -> str:
@@ -187,15 +226,74 @@ class KillSwitch:
             raise KillSwitchError(f"cannot {what} the kill switch rules: {_first_error(done)}")
 
 
+class MarkRestore:
+    """The mark-restoring table of one VPN run with policy routing: `apply()`, `remove()`. Runs `nft` in the
+    current network namespace; blocking, so call it via asyncio.to_thread."""
+
+    def __init__(self, mark: int = FWMARK, *, runner: NftRunner | None = None) -> None:
+        self.mark = mark
+        self._run = runner or run_nft
+        self.applied = False
+
+    def ruleset(self) -> str:
+        """The nft transaction for this mark."""
+        return plan_mark_restore(self.mark)
+
+    def apply(self, journal: StateJournal) -> bool:
+        """Check, journal, then create the table; True if it is in place.
+
+        Returns False, having changed nothing, if this machine has no nft or the kernel refuses the rules
+        (no nf_tables or conntrack): policy routing still works then, unless an uplink filters reverse paths
+        strictly (rp_filter=1). Raises FirewallError if nft fails after the check (the record stays).
+        """
+        ruleset = self.ruleset()
+        try:
+            checked = _call(self._run, ["--check", "-f", "-"], ruleset)
+        except KillSwitchUnavailable as e:
+            log.warning(
+                "cannot keep the SSH connection's mark on its replies (%s): strict rp_filter breaks it", e
+            )
+            return False
+        if checked.returncode != 0:
+            log.warning(
+                "the kernel refused the mark-restoring rules (%s): strict rp_filter would drop the SSH "
+                "connection's replies",
+                _first_error(checked),
+            )
+            return False
+        journal.record(MARK_RESTORE_RECORD, family=TABLE_FAMILY, table=MARK_TABLE_NAME)
+        done = _call(self._run, ["-f", "-"], ruleset)
+        if done.returncode != 0:
+            raise FirewallError(f"cannot apply the mark-restoring rules: {_first_error(done)}")
+        self.applied = True
+        log.debug("mark 0x%x kept in conntrack and restored on incoming packets", self.mark)
+        return True
+
+    def remove(self) -> bool:
+        """Delete our table; True if it was there."""
+        removed = delete_table(TABLE_FAMILY, MARK_TABLE_NAME, self._run)
+        self.applied = False
+        return removed
+
+
 def undo_killswitch_record(data: dict[str, Any]) -> str:
     """Undo a journal kill switch record: delete the table it names if it still exists."""
+    return _undo_table(data, TABLE_NAME, "kill switch table")
+
+
+def undo_mark_restore_record(data: dict[str, Any]) -> str:
+    """Undo a journal mark-restore record: delete the table it names if it still exists."""
+    return _undo_table(data, MARK_TABLE_NAME, "mark-restoring table")
+
+
+def _undo_table(data: dict[str, Any], default: str, what: str) -> str:
     family = str(data.get("family", TABLE_FAMILY))
-    table = str(data.get("table", TABLE_NAME))
+    table = str(data.get("table", default))
     if family != TABLE_FAMILY or not _OUR_TABLE.fullmatch(table):
         # never delete a table on the word of a journal line that does not look like ours
-        raise KillSwitchError(f"journal names a table that is not x2ssh's: {family} {table}")
+        raise FirewallError(f"journal names a table that is not x2ssh's: {family} {table}")
     removed = delete_table(family, table, run_nft)
-    return f"{'removed' if removed else 'already gone:'} kill switch table {family} {table}"
+    return f"{'removed' if removed else 'already gone:'} {what} {family} {table}"
 
 
 def delete_table(family: str, table: str, runner: NftRunner) -> bool:
