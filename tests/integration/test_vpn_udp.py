@@ -36,6 +36,7 @@ from tests.integration.vpn_runner import (
     VpnLauncher,
     VpnProcess,
     agent_processes,
+    assert_no_unhandled_exceptions,
     curl,
     pid_alive,
     udp_echo,
@@ -105,6 +106,7 @@ def shared_vpn(
         yield vpn.start()
     finally:
         vpn.stop()
+    assert_no_unhandled_exceptions(vpn)
 
 
 class TestThroughTheAgent:

@@ -267,6 +267,9 @@ class AgentHandle:
         self._decoder = p.Decoder()
         self._receiver: AgentReceiver | None = None
         self._welcome: asyncio.Future[p.Welcome] = asyncio.get_running_loop().create_future()
+        # Nobody may be waiting when the link fails (deployment gave up earlier, or the handshake timed
+        # out): mark the outcome as seen so asyncio never logs "Future exception was never retrieved".
+        self._welcome.add_done_callback(_consume_outcome)
         self._closed = asyncio.Event()
         self._closing = False
         self._keepalive_replies = 0
@@ -412,6 +415,11 @@ class AgentHandle:
                 )
         else:
             raise p.ProtocolError(f"unexpected {kind.__name__} frame from the agent", p.ERR_UNEXPECTED_FRAME)
+
+
+def _consume_outcome(future: asyncio.Future[object]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 # --- deployment --------------------------------------------------------------------------------------
