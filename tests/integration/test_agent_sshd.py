@@ -66,6 +66,8 @@ class UdpEcho:
             self.reply_sock.bind((host, 0))
         self.address = self.sock.getsockname()[:2]
         self.reply_address = self.reply_sock.getsockname()[:2]
+        self.answered = 0
+        self.peers: list = []  # source address of every datagram answered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -79,6 +81,8 @@ class UdpEcho:
             except OSError:
                 return
             self.reply_sock.sendto(data, peer)
+            self.answered += 1
+            self.peers.append(peer)
 
     def close(self) -> None:
         self._stop.set()
@@ -189,7 +193,7 @@ def local_agent(tmp_path: Path, request) -> Iterator[LocalAgent]:
     agent.stop()
 
 
-def test_local_agent_echo_and_reply_source(local_agent: LocalAgent) -> None:
+def test_local_agent_echo_and_replies_only_from_the_destination(local_agent: LocalAgent) -> None:
     plain, other = UdpEcho(), UdpEcho(other_port=True)
     try:
         conn = local_agent.connect()
@@ -199,10 +203,12 @@ def test_local_agent_echo_and_reply_source(local_agent: LocalAgent) -> None:
             payload = secrets.token_bytes(size)
             conn.send(p.Datagram(1, None, payload))
             assert conn.expect(p.Datagram) == p.Datagram(1, plain.address, payload)
+        # The flow's socket is connected: an answer from another port is not the destination's (anyone
+        # could send it), so it never reaches the client. The keepalive reply comes first and alone.
         conn.send(p.Datagram(2, None, b"answer me from elsewhere"))
-        reply = conn.expect(p.Datagram)
-        assert reply.peer == other.reply_address != other.address
-        assert reply.payload == b"answer me from elsewhere"
+        wait_until(lambda: other.answered, what="the echo server to answer from its other port")
+        conn.send(p.Keepalive(76, False))
+        assert conn.expect(p.Keepalive) == p.Keepalive(76, True)
         conn.send(p.Keepalive(77, False))
         assert conn.expect(p.Keepalive) == p.Keepalive(77, True)
         conn.send(p.Goodbye())
@@ -442,11 +448,11 @@ def test_deploy_echo_sizes_and_clean_close(sshd, echo: UdpEcho) -> None:
 
 
 @needs_sshd
-def test_fifty_concurrent_flows_and_replies_from_other_ports(sshd) -> None:
+def test_fifty_concurrent_flows(sshd) -> None:
     from x2ssh.agent_client.deploy import deploy_agent
     from x2ssh.flows.udp_relay import UdpRelay
 
-    servers = [UdpEcho(), UdpEcho(other_port=True)]
+    servers = [UdpEcho(), UdpEcho("127.0.0.2")]
 
     async def main() -> None:
         async with await connect(sshd) as conn:
@@ -479,19 +485,104 @@ def test_fifty_concurrent_flows_and_replies_from_other_ports(sshd) -> None:
 
 @needs_sshd
 def test_agent_exits_by_itself_when_the_ssh_connection_drops(sshd) -> None:
-    from x2ssh.agent_client.deploy import deploy_agent
+    from x2ssh.agent_client.deploy import AgentSettings, deploy_agent
 
     async def main() -> str:
         conn = await connect(sshd)
-        handle = await deploy_agent(conn)
+        handle = await deploy_agent(conn, AgentSettings(reattach_grace=1.0))
         assert agent_processes(handle.directory)
         conn.abort()  # no GOODBYE, no channel close: the TCP connection just goes away
         await asyncio.wait_for(handle.wait_closed(), WAIT)
+        assert handle.lost
         return handle.directory
 
     directory = asyncio.run(asyncio.wait_for(main(), 60))
+    # Nobody re-attaches within the grace period (1 s here): it exits and removes its files.
     wait_until(lambda: not agent_processes(directory), what="the orphaned agent to exit")
     wait_until(lambda: not os.path.exists(directory), what="the orphaned agent to remove its files")
+
+
+@needs_sshd
+@pytest.mark.parametrize("streamlocal", ["yes", "no"])
+def test_reattach_keeps_the_flows_server_side_port(tmp_path: Path, echo: UdpEcho, streamlocal: str) -> None:
+    """The SSH connection drops without GOODBYE; a new one re-attaches (same token) and the target sees
+    the same source port as before. With streamlocal refused, the agent is first reached over its own
+    stdin/stdout, then through the connector."""
+    from benchmarks.sshd import SshServer
+    from x2ssh.agent_client.deploy import deploy_agent, reattach_agent
+    from x2ssh.flows.udp_relay import UdpRelay
+
+    async def main(server) -> None:
+        app = AppSide()
+        relay = UdpRelay(app)
+        src = ("100.100.83.1", 41000)
+        conn = await connect(server)
+        first = await deploy_agent(conn)
+        assert first.transport == ("socket" if streamlocal == "yes" else "stdio")
+        relay.attach(first)
+        relay.datagram_from_app(src, echo.address, b"before")
+        assert await app.get() == (echo.address, src, b"before")
+        conn.abort()
+        await asyncio.wait_for(first.wait_closed(), WAIT)
+        assert first.lost and relay.flow_count == 1
+        async with await connect(server) as again:
+            second = await reattach_agent(again, first)
+            assert second.resumed
+            relay.attach(second, resumed=True)
+            relay.datagram_from_app(src, echo.address, b"after")
+            assert await app.get() == (echo.address, src, b"after")
+            await second.close()
+        wait_until(lambda: not agent_processes(first.directory), what="the agent to exit after GOODBYE")
+
+    with SshServer(tmp_path / "sshd", extra_config=f"AllowStreamLocalForwarding {streamlocal}") as server:
+        asyncio.run(asyncio.wait_for(main(server), 90))
+    sources = echo.peers
+    assert len(sources) == 2 and sources[0] == sources[1], sources
+
+
+@needs_sshd
+def test_reattach_to_a_gone_agent_is_agent_unavailable(sshd) -> None:
+    from x2ssh.agent_client.deploy import AgentSettings, AgentUnavailable, deploy_agent, reattach_agent
+
+    async def main() -> None:
+        conn = await connect(sshd)
+        first = await deploy_agent(conn, AgentSettings(reattach_grace=0.5))
+        conn.abort()
+        await asyncio.wait_for(first.wait_closed(), WAIT)
+        wait_until(lambda: not agent_processes(first.directory), what="the agent to give up waiting")
+        async with await connect(sshd) as again:
+            with pytest.raises(AgentUnavailable):
+                await reattach_agent(again, first)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@needs_sshd
+def test_stdio_transport_without_streamlocal_forwarding(tmp_path: Path, echo: UdpEcho) -> None:
+    """`AllowStreamLocalForwarding no`: the same frames over the exec channel; byte-exact echo."""
+    from benchmarks.sshd import SshServer
+    from x2ssh.agent_client.deploy import deploy_agent
+    from x2ssh.flows.udp_relay import UdpRelay
+
+    async def main(server) -> str:
+        async with await connect(server) as conn:
+            handle = await deploy_agent(conn)
+            assert handle.transport == "stdio"
+            app = AppSide()
+            relay = UdpRelay(app)
+            relay.attach(handle)
+            src = ("100.100.83.1", 41000)
+            for size in (0, 1, 1400, 65000):
+                payload = secrets.token_bytes(size)
+                relay.datagram_from_app(src, echo.address, payload)
+                assert await app.get() == (echo.address, src, payload), size
+            await handle.close()
+            return handle.directory
+
+    with SshServer(tmp_path / "sshd", extra_config="AllowStreamLocalForwarding no") as server:
+        directory = asyncio.run(asyncio.wait_for(main(server), 60))
+        assert "refused" in server.log_text() or "forwarding" in server.log_text().lower()
+    assert not os.path.exists(directory), "agent files left after a clean close"
 
 
 @needs_sshd

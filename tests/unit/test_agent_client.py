@@ -1,4 +1,4 @@
-"""The client's agent link (`x2ssh.agent_client.deploy.AgentHandle`) without SSH: lifecycle corner cases."""
+"""The client's agent link (`x2ssh.agent_client.link.AgentHandle`) without SSH: lifecycle corner cases."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import collections
 import gc
 
-from x2ssh.agent_client.deploy import AgentHandle, AgentSettings, ServerPython
+from x2ssh.agent_client.link import AgentHandle, AgentSettings, ServerPython
 
 
 class FakeProcess:
