@@ -657,16 +657,23 @@ class Agent:
             raise p.ProtocolError("DATAGRAM from the client must not carry a peer", p.ERR_UNEXPECTED_FRAME)
         flow = client.flows.get(frame.flow_id)
         if flow is None or flow.echo:
-            self.stats.drops["unknown_flow"] += 1
+            self._unknown_flow(client, frame.flow_id)
             return
         self._send(flow, frame.payload)
 
     def _echo_from_client(self, client: ClientConnection, frame: p.Echo) -> None:
         flow = client.flows.get(frame.flow_id)
         if flow is None or not flow.echo:
-            self.stats.drops["unknown_flow"] += 1
+            self._unknown_flow(client, frame.flow_id)
             return
         self._send(flow, netio.echo_request(flow.family, frame.seq, frame.payload))
+
+    def _unknown_flow(self, client: ClientConnection, flow_id: int) -> None:
+        # v1: it crossed our CLOSE_FLOW; drop it. v2: also say so, since a resumed client may not have
+        # heard about flows that ended while it was away (it reopens the flow on its next datagram).
+        self.stats.drops["unknown_flow"] += 1
+        if client.version >= p.VERSION_ICMP:
+            self._queue(client, p.encode(p.CloseFlow(flow_id, p.CLOSE_UNKNOWN_FLOW)), None)
 
     def _send(self, flow: Flow, payload: bytes) -> None:
         self._touch(flow)

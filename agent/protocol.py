@@ -61,6 +61,7 @@ CLOSE_LIMIT = 2
 CLOSE_SOCKET_ERROR = 3
 CLOSE_NO_RESOLVER = 4
 CLOSE_NOT_PERMITTED = 5  # v2: the server may not open a ping socket (net.ipv4.ping_group_range)
+CLOSE_UNKNOWN_FLOW = 6  # v2: a DATAGRAM/ECHO for a flow the agent does not have (closed while detached)
 
 # UNREACHABLE codes (v2): what the destination (or a router on the way) said, independent of IPv4/IPv6.
 UNREACH_NET = 0

@@ -121,13 +121,14 @@ class LocalAgent:
         line = self.proc.stdout.readline().decode()
         assert line.startswith("X2SSH-AGENT READY "), (line, self.stderr())
         self.socket_path = line.split(" ", 2)[2].strip()
+        self._stderr = ""
 
-    def connect(self, hello: bool = True) -> Conn:
+    def connect(self, hello: bool = True, version: int = 1) -> Conn:
         conn = Conn(self.socket_path)
         if hello:
-            conn.send(p.Hello(1, 1, self.token))
+            conn.send(p.Hello(1, version, self.token))
             welcome = conn.expect(p.Welcome)
-            assert welcome.version == 1
+            assert welcome.version == version
         return conn
 
     def wait_exit(self) -> int:
@@ -136,7 +137,19 @@ class LocalAgent:
     def stderr(self) -> str:
         if self.proc.poll() is None:
             return "(still running)"
-        return self.proc.stderr.read().decode(errors="replace")
+        return self._stderr + self.proc.stderr.read().decode(errors="replace")
+
+    def stderr_so_far(self) -> str:
+        """What the running agent logged until now (non-blocking)."""
+        import fcntl
+
+        fd = self.proc.stderr.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        with contextlib.suppress(BlockingIOError, TypeError):
+            chunk = self.proc.stderr.read()
+            if chunk:
+                self._stderr += chunk.decode(errors="replace")
+        return self._stderr
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -340,6 +353,122 @@ def test_exits_when_its_client_falls_silent(local_agent: LocalAgent) -> None:
     assert local_agent.wait_exit() == 0
     assert "client silent" in local_agent.stderr()
     assert not local_agent.directory.exists()
+
+
+# --- protocol v2 on the local agent (run by the oldest Python found) --------------------------------------
+
+
+def test_v2_closed_port_is_reported_unreachable(local_agent: LocalAgent) -> None:
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: loopback answers with ICMP port unreachable
+    conn = local_agent.connect(version=2)
+    conn.send(p.OpenFlow(1, ("127.0.0.1", port)))
+    conn.send(p.Datagram(1, None, b"hello?"))
+    error = conn.expect(p.Unreachable)
+    assert (error.flow_id, error.code) == (1, p.UNREACH_PORT)
+    assert error.reporter in ("127.0.0.1", None)
+    conn.send(p.Keepalive(5, False))  # the flow and the agent carry on
+    assert conn.expect(p.Keepalive).nonce == 5
+
+
+def test_v1_client_gets_no_v2_frames(local_agent: LocalAgent) -> None:
+    conn = local_agent.connect(version=1)
+    conn.send(p.OpenFlow(1, ("127.0.0.1", 9)))
+    conn.send(p.Datagram(1, None, b"to a closed port"))
+    conn.send(p.Keepalive(6, False))
+    assert conn.expect(p.Keepalive).nonce == 6  # no UNREACHABLE before it
+    conn.send(p.OpenEcho(2, "127.0.0.1"))
+    error = conn.expect(p.Error)
+    assert error.code == p.ERR_UNEXPECTED_FRAME
+
+
+def test_v2_unknown_flow_and_ping_permission(local_agent: LocalAgent) -> None:
+    """Where ping sockets are not allowed (this host's ping_group_range), OPEN_ECHO gets NOT_PERMITTED; where
+    they are, real replies come back. Either way no fake reply."""
+    conn = local_agent.connect(version=2)
+    conn.send(p.OpenEcho(3, "127.0.0.1"))
+    conn.send(p.Echo(3, 1, b"ping payload"))
+    frame = conn.next()
+    if isinstance(frame, p.CloseFlow):
+        assert frame == p.CloseFlow(3, p.CLOSE_NOT_PERMITTED)
+    else:
+        assert frame == p.Echo(3, 1, b"ping payload")
+
+
+def test_v2_resume_keeps_flows_and_their_port(tmp_path: Path) -> None:
+    echo = UdpEcho()
+    agent = LocalAgent(tmp_path, "--reattach-grace", "30")
+    try:
+        first = agent.connect(version=2)
+        first.send(p.OpenFlow(1, echo.address))
+        first.send(p.Datagram(1, None, b"one"))
+        assert first.expect(p.Datagram).payload == b"one"
+        first.close()  # lost without GOODBYE
+        wait_until(lambda: "keeping its flows" in agent.stderr_so_far(), what="the agent to notice")
+        second = agent.connect(version=2)
+        second.send(p.Resume())
+        second.send(p.Datagram(1, None, b"two"))
+        assert second.expect(p.Datagram).payload == b"two"
+        assert echo.peers[0] == echo.peers[1], echo.peers
+        second.send(p.Datagram(77, None, b"no such flow"))
+        assert second.expect(p.CloseFlow) == p.CloseFlow(77, p.CLOSE_UNKNOWN_FLOW)
+        second.send(p.Goodbye())
+        assert second.at_eof()
+        assert agent.wait_exit() == 0
+    finally:
+        agent.stop()
+        echo.close()
+
+
+def test_v2_resume_only_as_the_first_frame(local_agent: LocalAgent) -> None:
+    conn = local_agent.connect(version=2)
+    conn.send(p.Keepalive(1, False))
+    conn.send(p.Resume())
+    assert conn.expect(p.Keepalive).nonce == 1
+    assert conn.expect(p.Error).code == p.ERR_UNEXPECTED_FRAME
+
+
+@pytest.mark.parametrize("local_agent", [("--reattach-grace", "0.5")], indirect=True)
+def test_v2_agent_exits_when_nobody_reattaches(local_agent: LocalAgent, echo: UdpEcho) -> None:
+    conn = local_agent.connect(version=2)
+    conn.send(p.OpenFlow(1, echo.address))
+    conn.close()
+    local_agent.proc.stdin.close()
+    assert local_agent.wait_exit() == 0
+    assert "no client re-attached" in local_agent.stderr()
+    assert not local_agent.directory.exists()
+
+
+def test_stdio_transport(tmp_path: Path, echo: UdpEcho) -> None:
+    """The frames over the agent's own stdin/stdout (what x2ssh does where streamlocal is refused)."""
+    agent = LocalAgent(tmp_path)
+    try:
+        stdin, stdout = agent.proc.stdin, agent.proc.stdout
+        decoder = p.Decoder()
+
+        def expect(kind: type) -> p.Frame:
+            frames: list = []
+            while not frames:
+                data = os.read(stdout.fileno(), 65536)
+                assert data, agent.stderr()
+                frames = decoder.feed(data)
+            assert len(frames) == 1 and isinstance(frames[0], kind), frames
+            return frames[0]
+
+        stdin.write(p.encode(p.Hello(1, 2, agent.token)))
+        stdin.flush()
+        assert expect(p.Welcome).version == 2
+        stdin.write(p.encode(p.OpenFlow(1, echo.address)) + p.encode(p.Datagram(1, None, b"x" * 60000)))
+        stdin.flush()
+        assert expect(p.Datagram) == p.Datagram(1, echo.address, b"x" * 60000)
+        stdin.write(p.encode(p.Goodbye()))
+        stdin.flush()
+        assert agent.wait_exit() == 0
+        assert not agent.directory.exists()
+    finally:
+        agent.stop()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
