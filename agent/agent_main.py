@@ -1,12 +1,20 @@
-"""The x2ssh UDP agent: the server-side program that sends and receives the tunnel's UDP datagrams.
+"""The x2ssh agent: the server-side program that sends and receives the tunnel's UDP datagrams and pings.
 
 Theory of operation: one thread, one `selectors` loop. It watches the listening Unix socket, every
-client connection, one unconnected UDP socket per flow, stdin (EOF means the SSH session is gone) and a
-self-pipe woken by signals. Client bytes go through the sans-IO `Decoder`; replies are encoded into a
-per-connection output queue that is flushed with one `sendmsg` per loop turn. Every queue has a byte cap:
-beyond it datagrams are dropped and counted. Flows are kept in two recency-ordered dicts (DNS and
-others) so idle expiry looks only at the oldest entries. Whatever way the loop ends, `cleanup()` removes
-the socket, the zipapp and the private directory.
+client connection, one socket per flow (a connected UDP socket, or a ping socket for ICMP echo), stdin
+and a self-pipe woken by signals. A client connection is either a Unix-socket connection (streamlocal
+forwarding) or the agent's own stdin/stdout (the exec channel, for servers that refuse streamlocal
+forwarding): stdin is always read, and if a HELLO arrives there, stdin/stdout is that client.
+
+Client bytes go through the sans-IO `Decoder`; replies are encoded into a per-connection output queue
+that is flushed with one `writev` per loop turn. Every queue has a byte cap: beyond it datagrams are
+dropped and counted. Flows are kept in two recency-ordered dicts (DNS and others) so idle expiry looks
+only at the oldest entries.
+
+Re-attach (protocol v2): when a v2 client's connection ends without GOODBYE, its flows (and their
+server-side ports) stay for `--reattach-grace` seconds; a new connection that presents the same token and
+sends RESUME first adopts them. Whatever way the loop ends, `cleanup()` removes the socket, the zipapp and
+the private directory.
 
 Stdlib only; must run on Python 3.8 (see PROTOCOL.md for the wire format and the lifecycle rules).
 """
@@ -25,10 +33,12 @@ import selectors
 import signal
 import socket
 import stat
+import struct
 import sys
 import time
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
+from agent import netio
 from agent import protocol as p
 
 log = logging.getLogger("x2ssh.agent")
@@ -63,6 +73,7 @@ class AgentConfig:
         zipapp_path: Optional[str] = None,
         resolv_conf: str = RESOLV_CONF,
         client_silence_timeout: float = 60.0,
+        reattach_grace: float = 60.0,
     ) -> None:
         self.directory = directory
         self.idle_timeout = idle_timeout
@@ -73,8 +84,10 @@ class AgentConfig:
         self.zipapp_path = zipapp_path
         self.resolv_conf = resolv_conf
         # x2ssh sends KEEPALIVEs; a client that says nothing for this long is behind a dead link (sshd may
-        # never notice a silently cut connection), so the agent stops instead of lingering.
+        # never notice a silently cut connection), so the agent drops it instead of lingering.
         self.client_silence_timeout = client_silence_timeout
+        # How long flows of a v2 client lost without GOODBYE wait for it to re-attach (RESUME).
+        self.reattach_grace = reattach_grace
 
     @property
     def socket_path(self) -> str:
@@ -91,27 +104,42 @@ class AgentStats:
         self.bytes_sent = 0
         self.datagrams_received = 0
         self.bytes_received = 0
+        self.unreachable = 0
+        self.echoes = 0
+        self.resumed = 0
         self.drops: Dict[str, int] = collections.Counter()
 
     def summary(self) -> str:
         drops = ", ".join("%s=%d" % item for item in sorted(self.drops.items())) or "none"
-        return "flows opened %d (expired %d); sent %d datagrams / %d B; received %d / %d B; drops: %s" % (
-            self.flows_opened,
-            self.flows_expired,
-            self.datagrams_sent,
-            self.bytes_sent,
-            self.datagrams_received,
-            self.bytes_received,
-            drops,
+        return (
+            "flows opened %d (expired %d, resumed %d); sent %d datagrams / %d B; received %d / %d B; "
+            "echo replies %d; unreachable reports %d; drops: %s"
+            % (
+                self.flows_opened,
+                self.flows_expired,
+                self.resumed,
+                self.datagrams_sent,
+                self.bytes_sent,
+                self.datagrams_received,
+                self.bytes_received,
+                self.echoes,
+                self.unreachable,
+                drops,
+            )
         )
 
 
 class Flow:
-    """One UDP conversation: the client's flow id and the server-side socket that carries it."""
+    """One conversation: the client's flow id and the server-side socket that carries it.
+
+    `echo` flows carry ICMP echo over a ping socket; the others UDP over a connected socket.
+    """
 
     __slots__ = (
         "client",
         "dns",
+        "echo",
+        "family",
         "flow_id",
         "last_active",
         "pending",
@@ -123,13 +151,21 @@ class Flow:
     )
 
     def __init__(
-        self, client: ClientConnection, flow_id: int, sock: socket.socket, sockaddr: tuple, dns: bool
+        self,
+        client: Optional[ClientConnection],
+        flow_id: int,
+        sock: socket.socket,
+        sockaddr: tuple,
+        dns: bool,
+        echo: bool = False,
     ):
-        self.client = client
+        self.client = client  # None while orphaned (waiting for a RESUME)
         self.flow_id = flow_id
         self.sock = sock
         self.sockaddr = sockaddr
+        self.family = sock.family
         self.dns = dns
+        self.echo = echo
         self.last_active = 0.0
         self.pending: Deque[bytes] = collections.deque()  # datagrams the kernel would not take yet
         self.pending_bytes = 0
@@ -138,13 +174,23 @@ class Flow:
 
 
 class ClientConnection:
-    """One accepted Unix-socket connection from x2ssh (through sshd)."""
+    """One connection from x2ssh: a Unix-socket connection (through sshd) or the agent's stdin/stdout.
 
-    def __init__(self, sock: socket.socket, accepted_at: float) -> None:
-        self.sock = sock
+    `rfd`/`wfd` are the descriptors read and written (the same socket, or stdin and stdout).
+    """
+
+    def __init__(
+        self, rfd: int, wfd: int, accepted_at: float, closer: Callable[[], None], transport: str
+    ) -> None:
+        self.rfd = rfd
+        self.wfd = wfd
+        self.closer = closer
+        self.transport = transport  # "socket" or "stdio"
         self.accepted_at = accepted_at
         self.decoder = p.Decoder()
         self.authenticated = False
+        self.version = 0
+        self.frames_seen = 0  # frames after HELLO: RESUME is valid only as the first
         self.flows: Dict[int, Flow] = {}
         self.out: Deque[list] = collections.deque()  # [bytes or memoryview, Flow or None]
         self.out_bytes = 0
@@ -164,12 +210,14 @@ class Agent:
         stdin_fd: Optional[int],
         wakeup: Optional[socket.socket] = None,
         clock: Callable[[], float] = time.monotonic,
+        stdout_fd: Optional[int] = None,
     ) -> None:
         self.config = config
         self.stats = AgentStats()
         self._token = token
         self._listener = listener
         self._stdin_fd = stdin_fd
+        self._stdout_fd = stdout_fd
         self._wakeup = wakeup
         self._clock = clock
         self._selector = selectors.DefaultSelector()
@@ -179,10 +227,15 @@ class Agent:
             True: collections.OrderedDict(),
             False: collections.OrderedDict(),
         }
+        self._orphans: Dict[int, Flow] = {}  # flows of a lost v2 client, until RESUME or the grace ends
+        self._grace_deadline: Optional[float] = None
+        self._stdin_client: Optional[ClientConnection] = None
+        self._session_gone = False  # stdin (the exec channel) ended
         self._flow_count = 0
         self._stop_reason: Optional[str] = None
         self._signal: Optional[int] = None
         self._no_client_deadline: Optional[float] = clock() + config.connect_timeout
+        self._ping_refused_logged = False
 
     # --- loop ---------------------------------------------------------------------------------------
 
@@ -197,7 +250,15 @@ class Agent:
     def run(self) -> str:
         self._selector.register(self._listener, selectors.EVENT_READ, self._on_listener)
         if self._stdin_fd is not None:
-            self._selector.register(self._stdin_fd, selectors.EVENT_READ, self._on_stdin)
+            # stdin is a client connection that has not said HELLO (yet): over streamlocal it never will,
+            # and its EOF then means the SSH session is gone.
+            wfd = self._stdout_fd if self._stdout_fd is not None else -1
+            client = ClientConnection(self._stdin_fd, wfd, self._clock(), self._close_stdio, "stdio")
+            self._stdin_client = client
+            self._clients.append(client)
+            self._selector.register(
+                client.rfd, selectors.EVENT_READ, lambda mask, c=client: self._on_client(c, mask)
+            )
         if self._wakeup is not None:
             self._selector.register(self._wakeup, selectors.EVENT_READ, self._on_wakeup)
         while self._stop_reason is None:
@@ -219,8 +280,9 @@ class Agent:
             oldest = next(iter(self._recency[dns]), None)
             if oldest is not None:
                 deadline = min(deadline, oldest.last_active + self._idle_timeout(dns))
-        if self._no_client_deadline is not None:
-            deadline = min(deadline, self._no_client_deadline)
+        for limit in (self._no_client_deadline, self._grace_deadline):
+            if limit is not None:
+                deadline = min(deadline, limit)
         return max(0.0, deadline - now)
 
     def _idle_timeout(self, dns: bool) -> float:
@@ -229,6 +291,12 @@ class Agent:
     def _expire(self, now: float) -> None:
         if self._no_client_deadline is not None and now >= self._no_client_deadline:
             self.stop("no client connected within %g s" % self.config.connect_timeout)
+        if self._grace_deadline is not None and now >= self._grace_deadline:
+            self._grace_deadline = None
+            for flow in list(self._orphans.values()):
+                self._close_flow(flow, p.CLOSE_NORMAL, notify=False)
+            if not self._authenticated_clients():
+                self.stop("no client re-attached within %g s" % self.config.reattach_grace)
         for dns in (True, False):
             recency = self._recency[dns]
             timeout = self._idle_timeout(dns)
@@ -239,24 +307,23 @@ class Agent:
                 self.stats.flows_expired += 1
                 self._close_flow(flow, p.CLOSE_IDLE, notify=True)
         for client in list(self._clients):
+            if client is self._stdin_client and not client.authenticated:
+                continue  # the exec channel: silent by design unless it carries the protocol
             if not client.authenticated and now - client.accepted_at > HANDSHAKE_TIMEOUT:
                 log.warning("dropping a connection that sent no HELLO within %g s", HANDSHAKE_TIMEOUT)
                 self._drop_client(client)
             elif client.authenticated and now - client.last_rx > self.config.client_silence_timeout:
                 silence = self.config.client_silence_timeout
-                self.stop("client silent for %g s: its SSH session is gone" % silence)
+                self._client_lost(client, "client silent for %g s: its SSH session is gone" % silence)
         self._flush_dirty()
 
     # --- stdin, signals, listener -------------------------------------------------------------------
 
-    def _on_stdin(self, _mask: int) -> None:
-        try:
-            data = os.read(self._stdin_fd, 65536)
-        except OSError as exc:
-            data = b""
-            log.debug("stdin: %s", exc)
-        if not data:
-            self.stop("SSH session gone (stdin closed)")
+    def _close_stdio(self) -> None:
+        for fd in (self._stdin_fd, self._stdout_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _on_wakeup(self, _mask: int) -> None:
         with contextlib.suppress(OSError):
@@ -272,23 +339,22 @@ class Agent:
                 log.warning("accept failed: %s", exc)
                 return
             sock.setblocking(False)
-            client = ClientConnection(sock, self._clock())
+            fd = sock.fileno()
+            client = ClientConnection(fd, fd, self._clock(), sock.close, "socket")
             self._clients.append(client)
-            self._selector.register(
-                sock, selectors.EVENT_READ, lambda mask, c=client: self._on_client(c, mask)
-            )
+            self._selector.register(fd, selectors.EVENT_READ, lambda mask, c=client: self._on_client(c, mask))
 
     # --- client connections -------------------------------------------------------------------------
 
     def _on_client(self, client: ClientConnection, mask: int) -> None:
         if client.closed:
             return
-        if mask & selectors.EVENT_WRITE:
+        if mask & selectors.EVENT_WRITE and client.wfd == client.rfd:
             self._flush(client)
         if client.closed or not mask & selectors.EVENT_READ:
             return
         try:
-            data = client.sock.recv(CLIENT_RECV_SIZE)
+            data = os.read(client.rfd, CLIENT_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -297,8 +363,11 @@ class Agent:
         client.last_rx = self._clock()
         try:
             if not data:
+                if client is self._stdin_client and not client.authenticated:
+                    self._stdin_closed()
+                    return
                 client.decoder.eof()
-                self._client_finished(client, "end of stream")
+                self._client_lost(client, "end of stream")
                 return
             for frame in client.decoder.feed(data):
                 self._handle_frame(client, frame)
@@ -307,15 +376,30 @@ class Agent:
         except p.ProtocolError as exc:
             self._protocol_failure(client, exc)
 
+    def _stdin_closed(self) -> None:
+        """The exec channel ended: the SSH connection that started us is gone."""
+        self._session_gone = True
+        if self._stdin_client is not None:
+            self._drop_client(self._stdin_client)
+        # Stay only for a v2 client attached through another connection, or for one to re-attach.
+        v2_client = any(c.authenticated and c.version >= p.VERSION_ICMP for c in self._clients)
+        if not v2_client and self._grace_deadline is None:
+            self.stop("SSH session gone (stdin closed)")
+
     def _handle_frame(self, client: ClientConnection, frame: p.Frame) -> None:
         if not client.authenticated:
             self._handshake(client, frame)
             return
+        client.frames_seen += 1
         kind = type(frame)
         if kind is p.Datagram:
             self._datagram_from_client(client, frame)
+        elif kind is p.Echo and client.version >= p.VERSION_ICMP:
+            self._echo_from_client(client, frame)
         elif kind is p.OpenFlow:
             self._open_flow(client, frame)
+        elif kind is p.OpenEcho and client.version >= p.VERSION_ICMP:
+            self._open_echo(client, frame)
         elif kind is p.CloseFlow:
             flow = client.flows.get(frame.flow_id)
             if flow is not None:
@@ -323,6 +407,8 @@ class Agent:
         elif kind is p.Keepalive:
             if not frame.is_reply:
                 self._queue(client, p.encode(p.Keepalive(frame.nonce, True)), None)
+        elif kind is p.Resume and client.version >= p.VERSION_ICMP and client.frames_seen == 1:
+            self._resume(client)
         elif kind is p.Goodbye:
             self._client_finished(client, "GOODBYE")
         elif kind is p.Error:
@@ -343,10 +429,24 @@ class Agent:
             self._drop_client(client)
             return
         version = p.negotiate_version(frame)  # ProtocolError(UNSUPPORTED_VERSION) -> ERROR + close
+        if client is self._stdin_client and client.wfd < 0:
+            raise p.ProtocolError("no stdout to answer on", p.ERR_INTERNAL)
         client.authenticated = True
+        client.version = version
         self._no_client_deadline = None
-        log.info("client authenticated, protocol version %d", version)
+        log.info("client authenticated over %s, protocol version %d", client.transport, version)
         self._queue(client, p.encode(p.Welcome(version, self.config.max_flows, SOFTWARE)), None)
+
+    def _resume(self, client: ClientConnection) -> None:
+        """Adopt the flows a lost connection left behind (their sockets, so their ports, unchanged)."""
+        orphans, self._orphans = self._orphans, {}
+        self._grace_deadline = None
+        for flow in orphans.values():
+            flow.client = client
+            flow.queued_to_client = 0
+            client.flows[flow.flow_id] = flow
+        self.stats.resumed += len(orphans)
+        log.info("client re-attached: %d flows resumed", len(orphans))
 
     def _protocol_failure(self, client: ClientConnection, exc: p.ProtocolError) -> None:
         log.warning("protocol error from client: %s; closing its connection", exc.reason)
@@ -360,6 +460,7 @@ class Agent:
             self._no_client_deadline = self._clock() + self.config.connect_timeout
 
     def _client_finished(self, client: ClientConnection, how: str, flush: bool = True) -> None:
+        """A clean end (GOODBYE, or any end of a v1 client): its flows close; the last one stops us."""
         was_authenticated = client.authenticated
         if flush:
             self._flush(client)
@@ -368,6 +469,26 @@ class Agent:
             log.info("client disconnected (%s)", how)
             if not self._authenticated_clients():
                 self.stop("client disconnected (%s)" % how)
+
+    def _client_lost(self, client: ClientConnection, how: str) -> None:
+        """The connection ended without GOODBYE: a v2 client may re-attach, so its flows wait for it."""
+        if not client.authenticated or client.version < p.VERSION_ICMP or self.config.reattach_grace <= 0:
+            if client.authenticated and self.config.reattach_grace <= 0:
+                how += "; re-attach disabled"
+            self._client_finished(client, how, flush=False)
+            return
+        log.info(
+            "client connection lost (%s): keeping its flows %g s for a re-attach",
+            how,
+            self.config.reattach_grace,
+        )
+        for flow in client.flows.values():
+            flow.client = None
+            self._orphans[flow.flow_id] = flow
+        client.flows.clear()
+        self._drop_client(client)
+        if not self._authenticated_clients():
+            self._grace_deadline = self._clock() + self.config.reattach_grace
 
     def _authenticated_clients(self) -> int:
         return sum(1 for c in self._clients if c.authenticated)
@@ -378,9 +499,11 @@ class Agent:
         client.closed = True
         for flow in list(client.flows.values()):
             self._close_flow(flow, p.CLOSE_NORMAL, notify=False)
-        with contextlib.suppress(KeyError, ValueError):
-            self._selector.unregister(client.sock)
-        client.sock.close()
+        for fd in {client.rfd, client.wfd}:
+            if fd >= 0:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(fd)
+        client.closer()
         client.out.clear()
         self._clients.remove(client)
 
@@ -405,12 +528,12 @@ class Agent:
         while out and not client.closed:
             buffers = [item[0] for item in (out[i] for i in range(min(len(out), SENDMSG_MAX_BUFFERS)))]
             try:
-                sent = client.sock.sendmsg(buffers)
+                sent = os.writev(client.wfd, buffers)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 log.info("client connection lost while sending: %s", exc)
-                self._client_finished(client, "send failed", flush=False)
+                self._client_lost(client, "send failed")
                 return
             client.out_bytes -= sent
             while sent:
@@ -432,61 +555,97 @@ class Agent:
         if client.closed or client.writing == want:
             return
         client.writing = want
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
-        self._selector.modify(client.sock, events, self._selector.get_key(client.sock).data)
+        if client.wfd == client.rfd:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self._selector.modify(client.rfd, events, self._selector.get_key(client.rfd).data)
+        elif want:
+            self._selector.register(client.wfd, selectors.EVENT_WRITE, lambda _mask, c=client: self._flush(c))
+        else:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(client.wfd)
 
     # --- flows --------------------------------------------------------------------------------------
 
-    def _open_flow(self, client: ClientConnection, frame: p.OpenFlow) -> None:
-        if frame.flow_id in client.flows:
-            raise p.ProtocolError("flow %d is already open" % frame.flow_id, p.ERR_UNEXPECTED_FRAME)
+    def _admit(self, client: ClientConnection, flow_id: int) -> bool:
+        if flow_id in client.flows:
+            raise p.ProtocolError("flow %d is already open" % flow_id, p.ERR_UNEXPECTED_FRAME)
         if self._flow_count >= self.config.max_flows:
             self.stats.drops["flow_limit"] += 1
-            self._queue(client, p.encode(p.CloseFlow(frame.flow_id, p.CLOSE_LIMIT)), None)
+            self._queue(client, p.encode(p.CloseFlow(flow_id, p.CLOSE_LIMIT)), None)
+            return False
+        return True
+
+    def _refuse_flow(self, client: ClientConnection, flow_id: int, reason: int, code: Optional[int]) -> None:
+        if code is not None and client.version >= p.VERSION_ICMP:
+            self.stats.unreachable += 1
+            self._queue(client, p.encode(p.Unreachable(flow_id, code, 0, None)), None)
+        self._queue(client, p.encode(p.CloseFlow(flow_id, reason)), None)
+
+    def _open_flow(self, client: ClientConnection, frame: p.OpenFlow) -> None:
+        if not self._admit(client, frame.flow_id):
             return
         destination = frame.destination
         if destination == p.SERVER_RESOLVER:
             destination = read_resolver(self.config.resolv_conf)
             if destination is None:
-                self._queue(client, p.encode(p.CloseFlow(frame.flow_id, p.CLOSE_NO_RESOLVER)), None)
+                self._refuse_flow(client, frame.flow_id, p.CLOSE_NO_RESOLVER, None)
                 return
         try:
-            family = socket.AF_INET6 if ":" in destination[0] else socket.AF_INET
-            sockaddr = socket.getaddrinfo(
-                destination[0], destination[1], family, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST
-            )[0][4]
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            # Connected: only the destination's datagrams are accepted, and its ICMP errors are reported.
+            sock = netio.open_udp(destination)
         except OSError as exc:
             log.info("cannot open flow %d to %s: %s", frame.flow_id, destination, exc)
-            self._queue(client, p.encode(p.CloseFlow(frame.flow_id, p.CLOSE_SOCKET_ERROR)), None)
+            code = netio.error_from_errno(exc.errno) or p.UNREACH_NET
+            self._refuse_flow(client, frame.flow_id, p.CLOSE_SOCKET_ERROR, code)
+            return
+        self._add_flow(
+            Flow(client, frame.flow_id, sock, sock.getpeername(), p.is_dns_destination(frame.destination))
+        )
+
+    def _open_echo(self, client: ClientConnection, frame: p.OpenEcho) -> None:
+        if not self._admit(client, frame.flow_id):
             return
         try:
-            sock.setblocking(False)
-            # Unconnected on purpose: recvfrom then also sees replies from other addresses or ports.
-            sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
+            sock, sockaddr = netio.open_ping(frame.destination)
         except OSError as exc:
-            sock.close()
-            log.info("cannot bind a socket for flow %d: %s", frame.flow_id, exc)
-            self._queue(client, p.encode(p.CloseFlow(frame.flow_id, p.CLOSE_SOCKET_ERROR)), None)
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT):
+                if not self._ping_refused_logged:
+                    self._ping_refused_logged = True
+                    log.warning(
+                        "cannot open a ping socket (%s): net.ipv4.ping_group_range excludes this user's "
+                        "groups (gid %d); pings get 'administratively prohibited'",
+                        exc,
+                        os.getgid(),
+                    )
+                self._queue(client, p.encode(p.CloseFlow(frame.flow_id, p.CLOSE_NOT_PERMITTED)), None)
+                return
+            log.info("cannot open echo flow %d to %s: %s", frame.flow_id, frame.destination, exc)
+            code = netio.error_from_errno(exc.errno) or p.UNREACH_NET
+            self._refuse_flow(client, frame.flow_id, p.CLOSE_SOCKET_ERROR, code)
             return
-        flow = Flow(client, frame.flow_id, sock, sockaddr, p.is_dns_destination(frame.destination))
+        self._add_flow(Flow(client, frame.flow_id, sock, sockaddr, False, echo=True))
+
+    def _add_flow(self, flow: Flow) -> None:
         flow.last_active = self._clock()
-        client.flows[frame.flow_id] = flow
+        flow.client.flows[flow.flow_id] = flow
         self._recency[flow.dns][flow] = None
         self._flow_count += 1
         self.stats.flows_opened += 1
-        self._selector.register(sock, selectors.EVENT_READ, lambda mask, f=flow: self._on_flow(f, mask))
+        self._selector.register(flow.sock, selectors.EVENT_READ, lambda mask, f=flow: self._on_flow(f, mask))
 
     def _close_flow(self, flow: Flow, reason: int, notify: bool) -> None:
         client = flow.client
-        if client.flows.pop(flow.flow_id, None) is None:
+        if client is None:
+            if self._orphans.pop(flow.flow_id, None) is None:
+                return
+        elif client.flows.pop(flow.flow_id, None) is None:
             return
         self._recency[flow.dns].pop(flow, None)
         self._flow_count -= 1
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(flow.sock)
         flow.sock.close()
-        if notify and not client.closed:
+        if notify and client is not None and not client.closed:
             self._queue(client, p.encode(p.CloseFlow(flow.flow_id, reason)), None)
 
     def _touch(self, flow: Flow) -> None:
@@ -497,21 +656,40 @@ class Agent:
         if frame.peer is not None:
             raise p.ProtocolError("DATAGRAM from the client must not carry a peer", p.ERR_UNEXPECTED_FRAME)
         flow = client.flows.get(frame.flow_id)
-        if flow is None:
-            self.stats.drops["unknown_flow"] += 1
+        if flow is None or flow.echo:
+            self._unknown_flow(client, frame.flow_id)
             return
+        self._send(flow, frame.payload)
+
+    def _echo_from_client(self, client: ClientConnection, frame: p.Echo) -> None:
+        flow = client.flows.get(frame.flow_id)
+        if flow is None or not flow.echo:
+            self._unknown_flow(client, frame.flow_id)
+            return
+        self._send(flow, netio.echo_request(flow.family, frame.seq, frame.payload))
+
+    def _unknown_flow(self, client: ClientConnection, flow_id: int) -> None:
+        # v1: it crossed our CLOSE_FLOW; drop it. v2: also say so, since a resumed client may not have
+        # heard about flows that ended while it was away (it reopens the flow on its next datagram).
+        self.stats.drops["unknown_flow"] += 1
+        if client.version >= p.VERSION_ICMP:
+            self._queue(client, p.encode(p.CloseFlow(flow_id, p.CLOSE_UNKNOWN_FLOW)), None)
+
+    def _send(self, flow: Flow, payload: bytes) -> None:
         self._touch(flow)
-        payload = frame.payload
         if flow.pending:
             self._queue_udp(flow, payload)
             return
         try:
-            flow.sock.sendto(payload, flow.sockaddr)
+            if flow.echo:
+                flow.sock.sendto(payload, flow.sockaddr)
+            else:
+                flow.sock.send(payload)
         except (BlockingIOError, InterruptedError):
             self._queue_udp(flow, payload)
             return
         except OSError as exc:
-            self._send_failed(flow, exc)
+            self._send_failed(flow, exc, payload)
             return
         self.stats.datagrams_sent += 1
         self.stats.bytes_sent += len(payload)
@@ -531,29 +709,54 @@ class Agent:
     def _flow_key(self, flow: Flow) -> Callable[[int], None]:
         return self._selector.get_key(flow.sock).data
 
-    def _send_failed(self, flow: Flow, exc: OSError) -> None:
+    def _send_failed(self, flow: Flow, exc: OSError, payload: bytes) -> None:
         reason = errno.errorcode.get(exc.errno or 0, "error")
         self.stats.drops["send_" + reason] += 1
-        log.debug("flow %d: sendto failed: %s", flow.flow_id, exc)
+        log.debug("flow %d: send failed: %s", flow.flow_id, exc)
+        # A pending ICMP error surfaces on send too: report it (the error queue says exactly what it was).
+        seq = struct.unpack_from("!H", payload, 6)[0] if flow.echo and len(payload) >= 8 else 0
+        self._report_errors(flow, exc.errno, seq)
+
+    def _report_errors(self, flow: Flow, number: Optional[int], seq: int = 0) -> None:
+        errors = netio.read_errors(flow.sock)
+        if not errors:
+            code = netio.error_from_errno(number)
+            if code is None:
+                return
+            errors = [netio.IcmpError(code, None, seq)]
+        client = flow.client
+        if client is None:
+            self.stats.drops["unreachable_while_detached"] += len(errors)
+            return
+        if client.version < p.VERSION_ICMP:
+            return
+        for error in errors:
+            self.stats.unreachable += 1
+            info = error.seq if flow.echo else 0
+            self._queue(client, p.encode(p.Unreachable(flow.flow_id, error.code, info, error.reporter)), None)
 
     def _on_flow(self, flow: Flow, mask: int) -> None:
         # The flow may have been closed by an earlier event of the same select() round.
-        if flow.client.flows.get(flow.flow_id) is not flow:
+        owner = flow.client.flows if flow.client is not None else self._orphans
+        if owner.get(flow.flow_id) is not flow:
             return
-        if mask & selectors.EVENT_WRITE:
+        if mask & selectors.EVENT_WRITE and flow.writing:
             self._drain_udp(flow)
         if mask & selectors.EVENT_READ:
-            self._receive_udp(flow)
+            self._receive(flow)
 
     def _drain_udp(self, flow: Flow) -> None:
         while flow.pending:
             payload = flow.pending[0]
             try:
-                flow.sock.sendto(payload, flow.sockaddr)
+                if flow.echo:
+                    flow.sock.sendto(payload, flow.sockaddr)
+                else:
+                    flow.sock.send(payload)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self._send_failed(flow, exc)
+                self._send_failed(flow, exc, payload)
             else:
                 self.stats.datagrams_sent += 1
                 self.stats.bytes_sent += len(payload)
@@ -562,22 +765,33 @@ class Agent:
         flow.writing = False
         self._selector.modify(flow.sock, selectors.EVENT_READ, self._flow_key(flow))
 
-    def _receive_udp(self, flow: Flow) -> None:
+    def _receive(self, flow: Flow) -> None:
         client = flow.client
         limit = self.config.max_queue_bytes
         for _ in range(RECV_BATCH):
             try:
-                payload, source = flow.sock.recvfrom(65535)
+                payload = flow.sock.recv(65535)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                # e.g. an ICMP error queued on the socket: not fatal for an unconnected socket.
-                log.debug("flow %d: recvfrom failed: %s", flow.flow_id, exc)
+                # An ICMP error for this flow (port/host unreachable ...): tell the client.
+                self._report_errors(flow, exc.errno)
                 return
             self._touch(flow)
-            self.stats.datagrams_received += 1
-            self.stats.bytes_received += len(payload)
-            data = p.encode_datagram(flow.flow_id, payload, (source[0], source[1]))
+            if flow.echo:
+                reply = netio.parse_echo_reply(flow.family, payload)
+                if reply is None:
+                    self.stats.drops["not_an_echo_reply"] += 1
+                    continue
+                self.stats.echoes += 1
+                data = p.encode_echo(flow.flow_id, reply[0], reply[1])
+            else:
+                self.stats.datagrams_received += 1
+                self.stats.bytes_received += len(payload)
+                data = p.encode_datagram(flow.flow_id, payload, flow.sockaddr[:2])
+            if client is None:
+                self.stats.drops["reply_while_detached"] += 1
+                continue
             if flow.queued_to_client + len(data) > limit or client.out_bytes + len(data) > MAX_CLIENT_BUFFER:
                 self.stats.drops["reply_queue_full"] += 1
                 continue
@@ -589,6 +803,8 @@ class Agent:
         """Close every connection and flow socket (no files are touched)."""
         for client in list(self._clients):
             self._drop_client(client)
+        for flow in list(self._orphans.values()):
+            self._close_flow(flow, p.CLOSE_NORMAL, notify=False)
         self._selector.close()
 
 
@@ -681,6 +897,7 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[argparse.Namespace, AgentConf
     parser.add_argument("--max-queue-bytes", type=int, default=256 * 1024)
     parser.add_argument("--connect-timeout", type=float, default=30.0)
     parser.add_argument("--client-silence-timeout", type=float, default=60.0)
+    parser.add_argument("--reattach-grace", type=float, default=60.0)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--resolv-conf", default=RESOLV_CONF, help=argparse.SUPPRESS)  # tests only
     args = parser.parse_args(argv)
@@ -694,6 +911,7 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[argparse.Namespace, AgentConf
         zipapp_path=os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None,
         resolv_conf=args.resolv_conf,
         client_silence_timeout=args.client_silence_timeout,
+        reattach_grace=args.reattach_grace,
     )
     return args, config
 
@@ -705,6 +923,8 @@ def _say(line: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args, config = parse_args(argv)
+    # After the SSH session is gone, stderr may be a broken pipe: logging must then stay silent, not fail.
+    logging.raiseExceptions = False
     logging.basicConfig(
         stream=sys.stderr,
         level=args.log_level.upper(),
@@ -730,13 +950,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         with contextlib.suppress(OSError):
             _say("%s %s" % (ERROR_PREFIX, exc))
         return 2
-    agent = Agent(config, token, listener, 0, wakeup_r)
+    agent = Agent(config, token, listener, 0, wakeup_r, stdout_fd=1)
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(signum, agent.on_signal)
     if stopping:
         agent.on_signal(stopping[0])
     try:
         _say("%s %s" % (READY_PREFIX, config.socket_path))
+        # From here on stdout carries frames only (when the client speaks over stdin/stdout).
+        os.set_blocking(1, False)
     except OSError:
         agent.stop("stdout closed")
     reason = "crashed"

@@ -15,9 +15,11 @@ import socket
 import struct
 from typing import List, NamedTuple, Optional, Tuple, Union
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MIN_VERSION = 1
-MAX_VERSION = 1
+MAX_VERSION = 2
+#: The first version with UNREACHABLE, OPEN_ECHO, ECHO and RESUME frames.
+VERSION_ICMP = 2
 
 MAGIC = b"X2SA"
 TOKEN_SIZE = 32
@@ -37,6 +39,14 @@ CLOSE_FLOW = 0x12
 KEEPALIVE = 0x20
 ERROR = 0x21
 GOODBYE = 0x22
+# Version 2.
+UNREACHABLE = 0x13
+OPEN_ECHO = 0x14
+ECHO = 0x15
+RESUME = 0x23
+
+#: Frame types a connection may carry only once version 2 (or later) was negotiated.
+V2_FRAMES = frozenset((UNREACHABLE, OPEN_ECHO, ECHO, RESUME))
 
 # Address kinds.
 ADDR_NONE = 0x00
@@ -50,6 +60,14 @@ CLOSE_IDLE = 1
 CLOSE_LIMIT = 2
 CLOSE_SOCKET_ERROR = 3
 CLOSE_NO_RESOLVER = 4
+CLOSE_NOT_PERMITTED = 5  # v2: the server may not open a ping socket (net.ipv4.ping_group_range)
+CLOSE_UNKNOWN_FLOW = 6  # v2: a DATAGRAM/ECHO for a flow the agent does not have (closed while detached)
+
+# UNREACHABLE codes (v2): what the destination (or a router on the way) said, independent of IPv4/IPv6.
+UNREACH_NET = 0
+UNREACH_HOST = 1
+UNREACH_PORT = 2
+UNREACH_PROHIBITED = 3
 
 # ERROR codes.
 ERR_BAD_FRAME = 1
@@ -69,6 +87,8 @@ _HELLO_FIXED = struct.Struct("!4sBB")
 _WELCOME_FIXED = struct.Struct("!BI")
 _CLOSE = struct.Struct("!IB")
 _KEEPALIVE = struct.Struct("!IB")
+_UNREACHABLE = struct.Struct("!IBH")
+_ECHO = struct.Struct("!IH")
 
 
 class ProtocolError(Exception):
@@ -122,7 +142,52 @@ class Goodbye(NamedTuple):
     pass
 
 
-Frame = Union[Hello, Welcome, OpenFlow, Datagram, CloseFlow, Keepalive, Error, Goodbye]
+class Unreachable(NamedTuple):
+    """v2, agent to client: the flow's destination is unreachable (`code`, one of UNREACH_*).
+
+    `info`: for echo flows the sequence number of the request it answers, else 0. `reporter`: the address
+    of the host that reported it (the destination or a router), None when unknown.
+    """
+
+    flow_id: int
+    code: int
+    info: int
+    reporter: Optional[str]
+
+
+class OpenEcho(NamedTuple):
+    """v2, client to agent: open an ICMP echo flow (a ping socket) to the host `destination`."""
+
+    flow_id: int
+    destination: str
+
+
+class Echo(NamedTuple):
+    """v2, both ways: an echo request (client to agent) or the real reply (agent to client)."""
+
+    flow_id: int
+    seq: int
+    payload: bytes
+
+
+class Resume(NamedTuple):
+    """v2, client to agent, right after WELCOME: adopt the flows of the previous (lost) connection."""
+
+
+Frame = Union[
+    Hello,
+    Welcome,
+    OpenFlow,
+    Datagram,
+    CloseFlow,
+    Keepalive,
+    Error,
+    Goodbye,
+    Unreachable,
+    OpenEcho,
+    Echo,
+    Resume,
+]
 
 
 # --- addresses ---------------------------------------------------------------------------------------
@@ -171,6 +236,38 @@ def _decode_address(body: bytes, offset: int) -> Tuple[Optional[Address], int]:
     return (host, port), end
 
 
+def encode_host(host: Optional[str]) -> bytes:
+    """Encode a host address without a port (NONE for None): kind, then 4 or 16 bytes."""
+    if host is None:
+        return b"\x00"
+    host = host.split("%", 1)[0]
+    try:
+        if ":" in host:
+            return b"\x06" + socket.inet_pton(socket.AF_INET6, host)
+        return b"\x04" + socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        raise ValueError("not an IP address: %r" % (host,)) from None
+
+
+def _decode_host(body: bytes, offset: int) -> Tuple[Optional[str], int]:
+    if offset >= len(body):
+        raise ProtocolError("truncated address")
+    kind = body[offset]
+    offset += 1
+    if kind == ADDR_NONE:
+        return None, offset
+    if kind == ADDR_IPV4:
+        size, family = 4, socket.AF_INET
+    elif kind == ADDR_IPV6:
+        size, family = 16, socket.AF_INET6
+    else:
+        raise ProtocolError("bad host address kind 0x%02x" % kind)
+    end = offset + size
+    if end > len(body):
+        raise ProtocolError("truncated address")
+    return socket.inet_ntop(family, body[offset:end]), end
+
+
 # --- encoding ----------------------------------------------------------------------------------------
 
 
@@ -190,6 +287,16 @@ def encode_datagram(flow_id: int, payload: bytes, peer: Optional[Address] = None
     _check_flow_id(flow_id)
     address = encode_address(peer)
     return _HEADER.pack(4 + len(address) + len(payload), DATAGRAM) + _U32.pack(flow_id) + address + payload
+
+
+def encode_echo(flow_id: int, seq: int, payload: bytes) -> bytes:
+    """Encode an ECHO frame (v2)."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError("payload of %d bytes exceeds %d" % (len(payload), MAX_PAYLOAD))
+    _check_flow_id(flow_id)
+    if not 0 <= seq <= 0xFFFF:
+        raise ValueError("echo sequence out of range: %r" % (seq,))
+    return _HEADER.pack(6 + len(payload), ECHO) + _ECHO.pack(flow_id, seq) + payload
 
 
 def encode(frame: Frame) -> bytes:
@@ -218,6 +325,19 @@ def encode(frame: Frame) -> bytes:
         return _frame(ERROR, _U16.pack(frame.code) + message)
     if isinstance(frame, Goodbye):
         return _frame(GOODBYE, b"")
+    if isinstance(frame, Echo):
+        return encode_echo(frame.flow_id, frame.seq, frame.payload)
+    if isinstance(frame, Unreachable):
+        _check_flow_id(frame.flow_id)
+        body = _UNREACHABLE.pack(frame.flow_id, frame.code, frame.info) + encode_host(frame.reporter)
+        return _frame(UNREACHABLE, body)
+    if isinstance(frame, OpenEcho):
+        _check_flow_id(frame.flow_id)
+        if frame.destination is None:
+            raise ValueError("OPEN_ECHO needs a destination")
+        return _frame(OPEN_ECHO, _U32.pack(frame.flow_id) + encode_host(frame.destination))
+    if isinstance(frame, Resume):
+        return _frame(RESUME, b"")
     raise TypeError("not a frame: %r" % (frame,))
 
 
@@ -293,6 +413,33 @@ def _decode_body(frame_type: int, body: bytes) -> Frame:
         if body:
             raise ProtocolError("trailing bytes in GOODBYE frame")
         return Goodbye()
+    if frame_type == ECHO:
+        flow_id = _flow_id(body, "ECHO")
+        if len(body) < _ECHO.size:
+            raise ProtocolError("truncated ECHO frame")
+        (seq,) = _U16.unpack_from(body, 4)
+        return Echo(flow_id, seq, body[_ECHO.size :])
+    if frame_type == UNREACHABLE:
+        flow_id = _flow_id(body, "UNREACHABLE")
+        if len(body) < _UNREACHABLE.size:
+            raise ProtocolError("truncated UNREACHABLE frame")
+        _, code, info = _UNREACHABLE.unpack_from(body, 0)
+        reporter, offset = _decode_host(body, _UNREACHABLE.size)
+        if offset != len(body):
+            raise ProtocolError("trailing bytes in UNREACHABLE frame")
+        return Unreachable(flow_id, code, info, reporter)
+    if frame_type == OPEN_ECHO:
+        flow_id = _flow_id(body, "OPEN_ECHO")
+        destination, offset = _decode_host(body, 4)
+        if destination is None:
+            raise ProtocolError("OPEN_ECHO without destination")
+        if offset != len(body):
+            raise ProtocolError("trailing bytes in OPEN_ECHO frame")
+        return OpenEcho(flow_id, destination)
+    if frame_type == RESUME:
+        if body:
+            raise ProtocolError("trailing bytes in RESUME frame")
+        return Resume()
     raise ProtocolError("unknown frame type 0x%02x" % frame_type)
 
 
@@ -368,6 +515,10 @@ _MAX_BODY_BY_TYPE = {
     KEEPALIVE: _KEEPALIVE.size,
     ERROR: 2 + MAX_ERROR_MESSAGE,
     GOODBYE: 0,
+    UNREACHABLE: _UNREACHABLE.size + 17,
+    OPEN_ECHO: 4 + 17,
+    ECHO: _ECHO.size + MAX_PAYLOAD,
+    RESUME: 0,
 }
 
 

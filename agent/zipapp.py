@@ -1,8 +1,8 @@
 """Build the agent zipapp in memory (client side), from the agent's own source files.
 
 The archive holds only what runs on the server: `agent/__init__.py`, `agent/protocol.py`,
-`agent/agent_main.py` and a `__main__.py` entry point. Entries carry a fixed timestamp, so the same
-sources always give the same bytes (and the same `agent_digest()`).
+`agent/netio.py`, `agent/agent_main.py` and a `__main__.py` entry point. Entries carry a fixed
+timestamp, so the same sources always give the same bytes (and the same `agent_digest()`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import io
 import os
 import zipfile
 
-SERVER_MODULES = ("__init__.py", "protocol.py", "agent_main.py")
+SERVER_MODULES = ("__init__.py", "protocol.py", "netio.py", "agent_main.py")
 ENTRY_POINT = b"import sys\nfrom agent.agent_main import main\n\nsys.exit(main())\n"
 SHEBANG = b"#!/usr/bin/env python3\n"
 _FIXED_TIME = (1980, 1, 1, 0, 0, 0)

@@ -608,6 +608,8 @@ static void input_udp(const ns_ip *ip) {
     G.st.udp_in++;
 }
 
+static void input_icmp(const ns_ip *ip);
+
 int ns_input(const uint8_t *pkt, size_t len) {
     if (!G.open) return NS_ESTATE;
     G.st.packets_in++;
@@ -621,7 +623,7 @@ int ns_input(const uint8_t *pkt, size_t len) {
     switch (ip.proto) {
     case 6: input_tcp(pkt, &ip); break;
     case 17: input_udp(&ip); break;
-    case 1: case 58: G.st.dropped_icmp++; break; /* no fake pings: we cannot reach the destination */
+    case 1: case 58: input_icmp(&ip); break; /* echo requests go to the agent; the rest is dropped */
     default: G.st.dropped_other++; break;
     }
     return 0;
@@ -881,6 +883,123 @@ int ns_udp_send(int family, const uint8_t *src, uint16_t sport, const uint8_t *d
     return NS_OK;
 }
 
+/* ---- ICMP: echo requests to the agent, real replies and unreachable errors back to the apps ---- */
+
+static ns_icmp_stats icmp_st;
+
+static void input_icmp(const ns_ip *ip) {
+    const uint8_t *h = ip->l4;
+    if ((ip->family == 4) != (ip->proto == 1)) { G.st.dropped_icmp++; return; } /* ICMPv4 in IPv6 ... */
+    if (ip->l4len < 8) { G.st.dropped_malformed++; return; }
+    if (h[0] != (ip->family == 4 ? 8 : 128) || h[1] != 0) { G.st.dropped_icmp++; return; }
+    uint16_t ck = ip->family == 4 ? csum_fold(csum_add(0, h, ip->l4len))
+                                  : l4_csum(6, ip->src, ip->dst, 58, h, ip->l4len);
+    if (ck != 0) { G.st.dropped_checksum++; return; }
+    size_t plen = ip->l4len - 8;
+    if (grow((void **)&G.arena, &G.arena_cap, G.arena_len + plen + 1, 1)) { G.st.dropped_other++; return; }
+    ns_tuple t;
+    tuple_from(ip, rd16(h + 4), rd16(h + 6), &t);
+    ns_event *e = push_event(NS_EV_ICMP_ECHO, 0);
+    if (!e) { G.st.dropped_other++; return; }
+    fill_addrs(e, &t);
+    e->off = (uint32_t)G.arena_len;
+    e->len = (uint32_t)plen;
+    memcpy(G.arena + G.arena_len, h + 8, plen);
+    G.arena_len += plen;
+    icmp_st.echo_requests++;
+}
+
+/* An IP header from src to dst carrying `l4len` bytes of protocol `proto`; returns its length. */
+static size_t icmp_ip_header(uint8_t *o, int family, const uint8_t *src, const uint8_t *dst, uint8_t proto,
+                             size_t l4len) {
+    if (family == 4) {
+        memset(o, 0, 20);
+        o[0] = 0x45;
+        wr16(o + 2, (uint16_t)(20 + l4len));
+        wr16(o + 4, (uint16_t)ns_rand32());
+        o[8] = 64;
+        o[9] = proto;
+        memcpy(o + 12, src, 4);
+        memcpy(o + 16, dst, 4);
+        wr16(o + 10, csum_fold(csum_add(0, o, 20)));
+        return 20;
+    }
+    memset(o, 0, 40);
+    o[0] = 0x60;
+    wr16(o + 4, (uint16_t)l4len);
+    o[6] = proto;
+    o[7] = 64;
+    memcpy(o + 8, src, 16);
+    memcpy(o + 24, dst, 16);
+    return 40;
+}
+
+/* ICMP checksum: over the message (IPv4), or with the IPv6 pseudo header (ICMPv6). */
+static void icmp_checksum(int family, const uint8_t *src, const uint8_t *dst, uint8_t *m, size_t len) {
+    m[2] = m[3] = 0;
+    wr16(m + 2, family == 4 ? csum_fold(csum_add(0, m, len)) : l4_csum(6, src, dst, 58, m, len));
+}
+
+int ns_icmp_echo_reply(int family, const uint8_t *src, const uint8_t *dst, uint16_t ident, uint16_t seq,
+                       const uint8_t *payload, size_t len) {
+    if (!G.open) return NS_ESTATE;
+    if (family != 4 && family != 6) return NS_EINVAL;
+    size_t hl = family == 4 ? 20 : 40;
+    if (len + 8 + hl > (size_t)G.netif.mtu || len + 8 > 0xffff) return NS_ETOOBIG;
+    uint8_t *o = G.scratch;
+    icmp_ip_header(o, family, src, dst, family == 4 ? 1 : 58, 8 + len);
+    uint8_t *m = o + hl;
+    m[0] = family == 4 ? 0 : 129;
+    m[1] = 0;
+    wr16(m + 4, ident);
+    wr16(m + 6, seq);
+    memcpy(m + 8, payload, len);
+    icmp_checksum(family, src, dst, m, 8 + len);
+    emit(o, hl + 8 + len);
+    icmp_st.echo_replies++;
+    return NS_OK;
+}
+
+int ns_icmp_unreachable(int family, const uint8_t *reporter, const uint8_t *app, const uint8_t *dst,
+                        int proto, uint16_t a, uint16_t b, int code) {
+    static const uint8_t v4_codes[] = {0, 1, 3, 13}; /* net, host, port, communication prohibited */
+    static const uint8_t v6_codes[] = {0, 3, 4, 1};  /* no route, address, port, admin prohibited */
+    if (!G.open) return NS_ESTATE;
+    if ((family != 4 && family != 6) || code < NS_UNREACH_NET || code > NS_UNREACH_PROHIBITED) return NS_EINVAL;
+    int echo = proto == 1 || proto == 58;
+    if (!echo && proto != 17) return NS_EINVAL;
+    uint8_t qproto = echo ? (family == 4 ? 1 : 58) : 17;
+    size_t hl = family == 4 ? 20 : 40;
+    uint8_t *o = G.scratch;
+    uint8_t *m = o + hl;        /* the ICMP error */
+    uint8_t *q = m + 8;         /* the quoted original: IP header app -> dst, then 8 transport bytes */
+    uint8_t *t = q + hl;
+    icmp_ip_header(q, family, app, dst, qproto, 8);
+    memset(t, 0, 8);
+    if (echo) {
+        t[0] = family == 4 ? 8 : 128;
+        wr16(t + 4, a);
+        wr16(t + 6, b);
+        icmp_checksum(family, app, dst, t, 8);
+    } else {
+        wr16(t, a);
+        wr16(t + 2, b);
+        wr16(t + 4, 8);
+        if (family == 6) { uint16_t ck = l4_csum(6, app, dst, 17, t, 8); wr16(t + 6, ck ? ck : 0xffff); }
+    }
+    size_t mlen = 8 + hl + 8;
+    icmp_ip_header(o, family, reporter, app, family == 4 ? 1 : 58, mlen);
+    memset(m, 0, 8);
+    m[0] = family == 4 ? 3 : 1;
+    m[1] = family == 4 ? v4_codes[code] : v6_codes[code];
+    icmp_checksum(family, reporter, app, m, mlen);
+    emit(o, hl + mlen);
+    icmp_st.unreachable_sent++;
+    return NS_OK;
+}
+
+void ns_get_icmp_stats(ns_icmp_stats *s) { *s = icmp_st; }
+
 /* ---- lifecycle ---- */
 
 int ns_version(void) { return NS_ABI_VERSION; }
@@ -943,6 +1062,7 @@ void ns_close(void) {
     uint64_t mem = G.st.mem_in_use;
     memset(&G.st, 0, sizeof G.st);
     G.st.mem_in_use = mem;
+    memset(&icmp_st, 0, sizeof icmp_st);
     G.open = 0;
 }
 

@@ -2,8 +2,8 @@
  * x2ssh netstack: the C core between raw IP packets and lwIP.
  *
  * Theory of operation. Packets come in one at a time (ns_input) or in batches straight from a TUN fd
- * (ns_pump). The glue validates each one; UDP is parsed here and becomes an event; ICMP, fragments and
- * anything else is dropped and counted; TCP goes to lwIP. A SYN for a new 4-tuple is held back: the
+ * (ns_pump). The glue validates each one; UDP and ICMP echo requests are parsed here and become events;
+ * other ICMP, fragments and anything else is dropped and counted; TCP goes to lwIP. A SYN for a new 4-tuple is held back: the
  * glue records a pending flow and emits NS_EV_TCP_CONNECT, and lwIP sees the SYN only when the consumer
  * calls ns_tcp_accept (or the app gets a RST from ns_tcp_refuse). To accept any destination the glue
  * writes the packet's destination into the single netif's address just before lwIP's input (never
@@ -109,5 +109,31 @@ int ns_udp_send(int family, const uint8_t *src, uint16_t sport, const uint8_t *d
                 const uint8_t *payload, size_t len);
 
 void ns_get_stats(ns_stats *stats);
+
+/* ---- ICMP (issue 11): echo requests become events, echo replies and unreachable errors go to the apps.
+ * An echo request (ICMP type 8 / ICMPv6 type 128, code 0, valid checksum) becomes NS_EV_ICMP_ECHO with
+ * src = the app, dst = the target, sport = identifier, dport = sequence number, payload in the arena.
+ * Every other ICMP message is dropped and counted (dropped_icmp): never a fake reply. */
+#define NS_EV_ICMP_ECHO 16
+
+/* Unreachable codes, independent of the family (the agent protocol's UNREACH_* values). */
+#define NS_UNREACH_NET 0
+#define NS_UNREACH_HOST 1
+#define NS_UNREACH_PORT 2
+#define NS_UNREACH_PROHIBITED 3
+
+typedef struct {
+    uint64_t echo_requests, echo_replies, unreachable_sent;
+} ns_icmp_stats;
+
+/* An echo reply from src (the target) to dst (the app) with the app's identifier and sequence number. */
+int ns_icmp_echo_reply(int family, const uint8_t *src, const uint8_t *dst, uint16_t ident, uint16_t seq,
+                       const uint8_t *payload, size_t len);
+/* A destination-unreachable error (ICMP type 3 / ICMPv6 type 1, code from `code`) from `reporter` to the
+ * app, quoting an IP header app -> dst and the first 8 bytes of the original transport header: for
+ * proto 17 (UDP) a = source port, b = destination port; for proto 1/58 (echo) a = identifier, b = seq. */
+int ns_icmp_unreachable(int family, const uint8_t *reporter, const uint8_t *app, const uint8_t *dst,
+                        int proto, uint16_t a, uint16_t b, int code);
+void ns_get_icmp_stats(ns_icmp_stats *stats);
 
 #endif /* X2SSH_NS_GLUE_H */

@@ -1,4 +1,4 @@
-"""netstack: raw IP packets in, TCP and UDP flows out — a sans-IO API over lwIP 2.1.3.
+"""netstack: raw IP packets in, TCP and UDP flows and ICMP echo requests out — a sans-IO API over lwIP.
 
 ``Stack`` is the sans-IO core (packets and time in, events and packets out); ``netstack.aio.TunStack``
 attaches one to a TUN file descriptor on an asyncio loop and exposes flows as asyncio transports.
@@ -9,6 +9,7 @@ from netstack.events import (
     Address,
     CloseReason,
     Event,
+    IcmpEchoRequest,
     TcpClosed,
     TcpConnectRequest,
     TcpDataReceived,
@@ -23,6 +24,7 @@ __all__ = [
     "CloseReason",
     "Event",
     "FlowClosedError",
+    "IcmpEchoRequest",
     "LocalProtocolError",
     "NetstackError",
     "Stack",

@@ -3,7 +3,8 @@
 ``TunStack`` reads packets in C (``Stack.pump``) when the fd is readable, lets the stack write its output
 straight back to the fd, keeps lwIP's timers armed with ``loop.call_at``, and turns events into calls:
 ``on_tcp(flow)`` for each new connection (accept it with ``TunStack.accept`` — possibly later, once an
-upstream is ready — or ``flow.refuse()``), ``on_udp(datagram)`` for each UDP datagram. An accepted flow
+upstream is ready — or ``flow.refuse()``), ``on_udp(datagram)`` for each UDP datagram, ``on_icmp(request)``
+for each ICMP echo request. An accepted flow
 gets an asyncio-style transport (:class:`TcpTransport`) driving an :class:`asyncio.Protocol`, with flow
 control both ways: ``pause_reading`` leaves bytes in the stack so the app's receive window closes, and
 ``pause_writing``/``resume_writing`` tell the protocol when the app stops/starts taking bytes.
@@ -29,6 +30,7 @@ from typing import Any
 from netstack.errors import FlowClosedError
 from netstack.events import (
     CloseReason,
+    IcmpEchoRequest,
     TcpClosed,
     TcpConnectRequest,
     TcpDataReceived,
@@ -227,11 +229,13 @@ class TunStack:
         on_tcp: Callable[[TcpFlow], None] | None = None,
         on_udp: Callable[[UdpDatagram], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        on_icmp: Callable[[IcmpEchoRequest], None] | None = None,
     ) -> None:
         self.fd = fd
         self.stack = stack or Stack(config)
         self.on_tcp = on_tcp or (lambda flow: flow.refuse())
         self.on_udp = on_udp or (lambda datagram: None)
+        self.on_icmp = on_icmp or (lambda request: None)  # unanswered pings time out, as with no route
         self._loop = loop or asyncio.get_running_loop()
         self._transports: dict[int, TcpTransport] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -270,6 +274,16 @@ class TunStack:
     def udp_send(self, src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> None:
         """Deliver a datagram to an app (see ``Stack.udp_send``)."""
         self.stack.udp_send(src, dst, payload)
+
+    def icmp_echo_reply(self, src: str, dst: str, ident: int, seq: int, payload: bytes) -> None:
+        """Deliver a real echo reply to an app (see ``Stack.icmp_echo_reply``)."""
+        self.stack.icmp_echo_reply(src, dst, ident, seq, payload)
+
+    def icmp_unreachable(
+        self, reporter: str, app: tuple[str, int], dst: tuple[str, int], code: int, echo: bool = False
+    ) -> None:
+        """Send an app an ICMP destination-unreachable error (see ``Stack.icmp_unreachable``)."""
+        self.stack.icmp_unreachable(reporter, app, dst, code, echo)
 
     @property
     def transports(self) -> dict[int, TcpTransport]:
@@ -333,6 +347,8 @@ class TunStack:
                 transport._deliver()
         elif isinstance(event, UdpDatagram):
             self.on_udp(event)
+        elif isinstance(event, IcmpEchoRequest):
+            self.on_icmp(event)
         elif isinstance(event, TcpConnectRequest):
             self.on_tcp(event.flow)
         elif isinstance(event, TcpWritable):

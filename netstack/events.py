@@ -66,4 +66,27 @@ class UdpDatagram:
     payload: bytes
 
 
-Event = TcpConnectRequest | TcpDataReceived | TcpEndOfStream | TcpWritable | TcpClosed | UdpDatagram
+@dataclass(frozen=True, slots=True)
+class IcmpEchoRequest:
+    """An app pinged ``dst`` from ``src`` (hosts, no ports) with identifier ``ident`` and sequence ``seq``.
+
+    Answer it only with the real target's reply (``Stack.icmp_echo_reply``) or an error
+    (``Stack.icmp_unreachable``): never fake one.
+    """
+
+    src: str
+    dst: str
+    ident: int
+    seq: int
+    payload: bytes
+
+
+Event = (
+    TcpConnectRequest
+    | TcpDataReceived
+    | TcpEndOfStream
+    | TcpWritable
+    | TcpClosed
+    | UdpDatagram
+    | IcmpEchoRequest
+)

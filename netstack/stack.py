@@ -25,6 +25,7 @@ from netstack.events import (
     Address,
     CloseReason,
     Event,
+    IcmpEchoRequest,
     TcpClosed,
     TcpConnectRequest,
     TcpDataReceived,
@@ -69,6 +70,20 @@ def _packed(host: str) -> tuple[int, bytes]:
             return 6, socket.inet_pton(socket.AF_INET6, host)
         except OSError:
             raise LocalProtocolError(f"not an IP address: {host!r}") from None
+
+
+def _pair(src: str, dst: str) -> tuple[int, bytes, bytes]:
+    fam_s, raw_s = _packed(src)
+    fam_d, raw_d = _packed(dst)
+    if fam_s != fam_d:
+        raise LocalProtocolError(f"address families differ: {src} -> {dst}")
+    return fam_s, raw_s, raw_d
+
+
+UNREACH_NET = 0
+UNREACH_HOST = 1
+UNREACH_PORT = 2
+UNREACH_PROHIBITED = 3
 
 
 @dataclass(frozen=True)
@@ -257,6 +272,50 @@ class Stack:
         if rc < 0:
             _raise(rc, f"udp_send of {len(payload)} bytes")
 
+    # -- ICMP --
+
+    def icmp_echo_reply(self, src: str, dst: str, ident: int, seq: int, payload: bytes) -> None:
+        """Deliver the real echo reply of ``src`` (the pinged host) to the app at ``dst``."""
+        family, raw_s, raw_d = _pair(src, dst)
+        rc = lib.ns_icmp_echo_reply(
+            family,
+            ffi.from_buffer("uint8_t[]", raw_s),
+            ffi.from_buffer("uint8_t[]", raw_d),
+            ident & 0xFFFF,
+            seq & 0xFFFF,
+            ffi.from_buffer("uint8_t[]", payload),
+            len(payload),
+        )
+        if rc < 0:
+            _raise(rc, f"icmp_echo_reply of {len(payload)} bytes")
+
+    def icmp_unreachable(
+        self, reporter: str, app: Address, dst: Address, code: int, echo: bool = False
+    ) -> None:
+        """Tell the app its packet ``app`` -> ``dst`` could not be delivered, as ``reporter`` would.
+
+        ``code``: ``UNREACH_NET``, ``UNREACH_HOST``, ``UNREACH_PORT`` or ``UNREACH_PROHIBITED`` (ICMP type 3
+        code 0/1/3/13, ICMPv6 type 1 code 0/3/4/1). The quoted original is a UDP header with the two ports,
+        or with ``echo`` an echo request whose identifier and sequence number are the two "ports".
+        """
+        family, raw_a, raw_d = _pair(app[0], dst[0])
+        fam_r, raw_r = _packed(reporter)
+        if fam_r != family:
+            raise LocalProtocolError(f"address families differ: {reporter} -> {app[0]}")
+        proto = (1 if family == 4 else 58) if echo else 17
+        rc = lib.ns_icmp_unreachable(
+            family,
+            ffi.from_buffer("uint8_t[]", raw_r),
+            ffi.from_buffer("uint8_t[]", raw_a),
+            ffi.from_buffer("uint8_t[]", raw_d),
+            proto,
+            app[1] & 0xFFFF,
+            dst[1] & 0xFFFF,
+            code,
+        )
+        if rc < 0:
+            _raise(rc, f"icmp_unreachable code {code}")
+
     # -- events --
 
     def events(self) -> list[Event]:
@@ -278,6 +337,16 @@ class Stack:
                     UdpDatagram(
                         _address(ev.family, ev.src, ev.sport),
                         _address(ev.family, ev.dst, ev.dport),
+                        ffi.buffer(arena + ev.off, ev.len)[:],
+                    )
+                )
+            elif kind == lib.NS_EV_ICMP_ECHO:
+                out.append(
+                    IcmpEchoRequest(
+                        _address(ev.family, ev.src, 0)[0],
+                        _address(ev.family, ev.dst, 0)[0],
+                        ev.sport,
+                        ev.dport,
                         ffi.buffer(arena + ev.off, ev.len)[:],
                     )
                 )
@@ -337,4 +406,10 @@ class Stack:
         """Counters: packets and bytes each way, drops by reason, live flows and pcbs, bytes lwIP holds."""
         st = ffi.new("ns_stats *")
         lib.ns_get_stats(st)
-        return {name: int(getattr(st, name)) for name, _ in ffi.typeof("ns_stats").fields}
+        counters = {name: int(getattr(st, name)) for name, _ in ffi.typeof("ns_stats").fields}
+        icmp = ffi.new("ns_icmp_stats *")
+        lib.ns_get_icmp_stats(icmp)
+        counters.update(
+            {f"icmp_{name}": int(getattr(icmp, name)) for name, _ in ffi.typeof("ns_icmp_stats").fields}
+        )
+        return counters

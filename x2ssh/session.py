@@ -27,11 +27,18 @@ from pathlib import Path
 
 import asyncssh
 
-from netstack import LocalProtocolError, StackConfig, UdpDatagram
+from netstack import IcmpEchoRequest, LocalProtocolError, StackConfig, UdpDatagram
 from netstack.aio import TunStack
-from x2ssh.agent_client.deploy import AgentHandle, AgentSettings, AgentUnavailable, deploy_agent
+from x2ssh.agent_client.deploy import (
+    AgentHandle,
+    AgentSettings,
+    AgentUnavailable,
+    deploy_agent,
+    reattach_agent,
+)
 from x2ssh.errors import SshAuthFailed, SshConnectError
 from x2ssh.flows.dns_over_tcp import DnsOverTcp, server_resolver
+from x2ssh.flows.icmp_to_tun import IcmpToTun
 from x2ssh.flows.tcp_bridge import TcpBridge
 from x2ssh.flows.udp_relay import DnsOverride, UdpRelay, UdpRelaySettings
 from x2ssh.host.api import DNS_V4, DNS_V6, HostControl, NetworkWatcher, TunHandle
@@ -81,9 +88,15 @@ class VpnSession:
         )
         remote_dns = settings.vpn_dns == "remote"
         override = DnsOverride(((str(DNS_V4), 53), (str(DNS_V6), 53))) if remote_dns else None
-        self.relay = UdpRelay(self._udp_to_app, UdpRelaySettings(), dns_override=override)
+        self.relay = UdpRelay(
+            self._udp_to_app,
+            UdpRelaySettings(),
+            dns_override=override,
+            icmp=IcmpToTun(lambda: self.tun_stack),
+        )
         self.dns_tcp = DnsOverTcp(lambda: self.conn, self._udp_to_app, self._real_dns)
         self.agent: AgentHandle | None = None
+        self._lost_agent: AgentHandle | None = None  # lost with its connection: re-attach to it next time
         self.agent_unavailable: str | None = None
         self.server_dns: str | None = None
         self.endpoint: tuple[str, int] | None = None
@@ -150,6 +163,7 @@ class VpnSession:
             config=StackConfig(mtu=self.tun.mtu),
             on_tcp=self.bridge.on_tcp,
             on_udp=self._on_udp,
+            on_icmp=self._on_icmp,
         )
         self.tun_stack.start()
         bypass = await bypass_addresses(s, conn, self.proxy.jump)
@@ -331,6 +345,9 @@ class VpnSession:
             return
         self.relay.datagram_from_app(datagram.src, datagram.dst, datagram.payload)
 
+    def _on_icmp(self, request: IcmpEchoRequest) -> None:
+        self.relay.echo_from_app(request.src, request.dst, request.ident, request.seq, request.payload)
+
     def _udp_to_app(self, src: Address, dst: Address, payload: bytes) -> None:
         if self.tun_stack is None:
             return
@@ -340,15 +357,28 @@ class VpnSession:
             log.debug("UDP reply of %d bytes not delivered: %s", len(payload), exc)
 
     async def _agent_loop(self, conn: asyncssh.SSHClientConnection) -> None:
-        """Keep a UDP agent attached for as long as `conn` lives; re-deploy when it dies."""
+        """Keep a UDP agent attached for as long as `conn` lives. After a reconnect, re-attach to the agent
+        the lost connection left (its flows keep their server-side ports); else deploy one; re-deploy when
+        it dies."""
         settings = AgentSettings()
         while self.conn is conn and not conn.is_closed():
+            previous, self._lost_agent = self._lost_agent, None
+            resumed = False
             try:
-                agent = await deploy_agent(conn, settings)
+                agent = None
+                if previous is not None:
+                    try:
+                        agent = await reattach_agent(conn, previous, settings)
+                        resumed = True
+                    except AgentUnavailable as exc:
+                        log.info("cannot re-attach to the UDP agent (%s): deploying a new one", exc.reason)
+                if agent is None:
+                    agent = await deploy_agent(conn, settings)
             except AgentUnavailable as exc:
                 if self.agent_unavailable != exc.reason:
                     log.warning("UDP agent unavailable: %s", exc.reason)
                 self.agent_unavailable = exc.reason
+                self.relay.refuse_pings(f"no agent on the server ({exc.reason})")
                 return
             except (asyncssh.Error, OSError) as exc:
                 log.warning("UDP agent deployment failed: %s", exc)
@@ -359,13 +389,15 @@ class VpnSession:
                 return
             self.agent_unavailable = None
             self.agent = agent
-            self.relay.attach(agent)
+            self.relay.attach(agent, resumed=resumed)
             await self._keep_agent_alive(agent, settings.keepalive_interval)
+            if agent.lost:
+                self._lost_agent = agent  # it keeps the flows for a while: the next connection re-attaches
             if self.agent is agent:
                 self.relay.detach()
                 self.agent = None
                 if self.conn is conn and not conn.is_closed():
-                    log.warning("UDP agent connection lost; re-deploying")
+                    log.warning("UDP agent connection lost; re-attaching or re-deploying")
                     await asyncio.sleep(1)
 
     @staticmethod
@@ -407,7 +439,7 @@ class VpnSession:
         b = self.bridge.stats
         r = self.relay.stats
         udp_mode = (
-            "via agent"
+            f"agent ({self.agent.transport})"
             if self.agent
             else ("DNS over TCP only" if self.agent_unavailable else "agent starting")
         )

@@ -66,6 +66,8 @@ class UdpEcho:
             self.reply_sock.bind((host, 0))
         self.address = self.sock.getsockname()[:2]
         self.reply_address = self.reply_sock.getsockname()[:2]
+        self.answered = 0
+        self.peers: list = []  # source address of every datagram answered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -79,6 +81,8 @@ class UdpEcho:
             except OSError:
                 return
             self.reply_sock.sendto(data, peer)
+            self.answered += 1
+            self.peers.append(peer)
 
     def close(self) -> None:
         self._stop.set()
@@ -117,13 +121,14 @@ class LocalAgent:
         line = self.proc.stdout.readline().decode()
         assert line.startswith("X2SSH-AGENT READY "), (line, self.stderr())
         self.socket_path = line.split(" ", 2)[2].strip()
+        self._stderr = ""
 
-    def connect(self, hello: bool = True) -> Conn:
+    def connect(self, hello: bool = True, version: int = 1) -> Conn:
         conn = Conn(self.socket_path)
         if hello:
-            conn.send(p.Hello(1, 1, self.token))
+            conn.send(p.Hello(1, version, self.token))
             welcome = conn.expect(p.Welcome)
-            assert welcome.version == 1
+            assert welcome.version == version
         return conn
 
     def wait_exit(self) -> int:
@@ -132,7 +137,19 @@ class LocalAgent:
     def stderr(self) -> str:
         if self.proc.poll() is None:
             return "(still running)"
-        return self.proc.stderr.read().decode(errors="replace")
+        return self._stderr + self.proc.stderr.read().decode(errors="replace")
+
+    def stderr_so_far(self) -> str:
+        """What the running agent logged until now (non-blocking)."""
+        import fcntl
+
+        fd = self.proc.stderr.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        with contextlib.suppress(BlockingIOError, TypeError):
+            chunk = self.proc.stderr.read()
+            if chunk:
+                self._stderr += chunk.decode(errors="replace")
+        return self._stderr
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -189,7 +206,7 @@ def local_agent(tmp_path: Path, request) -> Iterator[LocalAgent]:
     agent.stop()
 
 
-def test_local_agent_echo_and_reply_source(local_agent: LocalAgent) -> None:
+def test_local_agent_echo_and_replies_only_from_the_destination(local_agent: LocalAgent) -> None:
     plain, other = UdpEcho(), UdpEcho(other_port=True)
     try:
         conn = local_agent.connect()
@@ -199,10 +216,12 @@ def test_local_agent_echo_and_reply_source(local_agent: LocalAgent) -> None:
             payload = secrets.token_bytes(size)
             conn.send(p.Datagram(1, None, payload))
             assert conn.expect(p.Datagram) == p.Datagram(1, plain.address, payload)
+        # The flow's socket is connected: an answer from another port is not the destination's (anyone
+        # could send it), so it never reaches the client. The keepalive reply comes first and alone.
         conn.send(p.Datagram(2, None, b"answer me from elsewhere"))
-        reply = conn.expect(p.Datagram)
-        assert reply.peer == other.reply_address != other.address
-        assert reply.payload == b"answer me from elsewhere"
+        wait_until(lambda: other.answered, what="the echo server to answer from its other port")
+        conn.send(p.Keepalive(76, False))
+        assert conn.expect(p.Keepalive) == p.Keepalive(76, True)
         conn.send(p.Keepalive(77, False))
         assert conn.expect(p.Keepalive) == p.Keepalive(77, True)
         conn.send(p.Goodbye())
@@ -336,6 +355,122 @@ def test_exits_when_its_client_falls_silent(local_agent: LocalAgent) -> None:
     assert not local_agent.directory.exists()
 
 
+# --- protocol v2 on the local agent (run by the oldest Python found) --------------------------------------
+
+
+def test_v2_closed_port_is_reported_unreachable(local_agent: LocalAgent) -> None:
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: loopback answers with ICMP port unreachable
+    conn = local_agent.connect(version=2)
+    conn.send(p.OpenFlow(1, ("127.0.0.1", port)))
+    conn.send(p.Datagram(1, None, b"hello?"))
+    error = conn.expect(p.Unreachable)
+    assert (error.flow_id, error.code) == (1, p.UNREACH_PORT)
+    assert error.reporter in ("127.0.0.1", None)
+    conn.send(p.Keepalive(5, False))  # the flow and the agent carry on
+    assert conn.expect(p.Keepalive).nonce == 5
+
+
+def test_v1_client_gets_no_v2_frames(local_agent: LocalAgent) -> None:
+    conn = local_agent.connect(version=1)
+    conn.send(p.OpenFlow(1, ("127.0.0.1", 9)))
+    conn.send(p.Datagram(1, None, b"to a closed port"))
+    conn.send(p.Keepalive(6, False))
+    assert conn.expect(p.Keepalive).nonce == 6  # no UNREACHABLE before it
+    conn.send(p.OpenEcho(2, "127.0.0.1"))
+    error = conn.expect(p.Error)
+    assert error.code == p.ERR_UNEXPECTED_FRAME
+
+
+def test_v2_unknown_flow_and_ping_permission(local_agent: LocalAgent) -> None:
+    """Where ping sockets are not allowed (this host's ping_group_range), OPEN_ECHO gets NOT_PERMITTED; where
+    they are, real replies come back. Either way no fake reply."""
+    conn = local_agent.connect(version=2)
+    conn.send(p.OpenEcho(3, "127.0.0.1"))
+    conn.send(p.Echo(3, 1, b"ping payload"))
+    frame = conn.next()
+    if isinstance(frame, p.CloseFlow):
+        assert frame == p.CloseFlow(3, p.CLOSE_NOT_PERMITTED)
+    else:
+        assert frame == p.Echo(3, 1, b"ping payload")
+
+
+def test_v2_resume_keeps_flows_and_their_port(tmp_path: Path) -> None:
+    echo = UdpEcho()
+    agent = LocalAgent(tmp_path, "--reattach-grace", "30")
+    try:
+        first = agent.connect(version=2)
+        first.send(p.OpenFlow(1, echo.address))
+        first.send(p.Datagram(1, None, b"one"))
+        assert first.expect(p.Datagram).payload == b"one"
+        first.close()  # lost without GOODBYE
+        wait_until(lambda: "keeping its flows" in agent.stderr_so_far(), what="the agent to notice")
+        second = agent.connect(version=2)
+        second.send(p.Resume())
+        second.send(p.Datagram(1, None, b"two"))
+        assert second.expect(p.Datagram).payload == b"two"
+        assert echo.peers[0] == echo.peers[1], echo.peers
+        second.send(p.Datagram(77, None, b"no such flow"))
+        assert second.expect(p.CloseFlow) == p.CloseFlow(77, p.CLOSE_UNKNOWN_FLOW)
+        second.send(p.Goodbye())
+        assert second.at_eof()
+        assert agent.wait_exit() == 0
+    finally:
+        agent.stop()
+        echo.close()
+
+
+def test_v2_resume_only_as_the_first_frame(local_agent: LocalAgent) -> None:
+    conn = local_agent.connect(version=2)
+    conn.send(p.Keepalive(1, False))
+    conn.send(p.Resume())
+    assert conn.expect(p.Keepalive).nonce == 1
+    assert conn.expect(p.Error).code == p.ERR_UNEXPECTED_FRAME
+
+
+@pytest.mark.parametrize("local_agent", [("--reattach-grace", "0.5")], indirect=True)
+def test_v2_agent_exits_when_nobody_reattaches(local_agent: LocalAgent, echo: UdpEcho) -> None:
+    conn = local_agent.connect(version=2)
+    conn.send(p.OpenFlow(1, echo.address))
+    conn.close()
+    local_agent.proc.stdin.close()
+    assert local_agent.wait_exit() == 0
+    assert "no client re-attached" in local_agent.stderr()
+    assert not local_agent.directory.exists()
+
+
+def test_stdio_transport(tmp_path: Path, echo: UdpEcho) -> None:
+    """The frames over the agent's own stdin/stdout (what x2ssh does where streamlocal is refused)."""
+    agent = LocalAgent(tmp_path)
+    try:
+        stdin, stdout = agent.proc.stdin, agent.proc.stdout
+        decoder = p.Decoder()
+
+        def expect(kind: type) -> p.Frame:
+            frames: list = []
+            while not frames:
+                data = os.read(stdout.fileno(), 65536)
+                assert data, agent.stderr()
+                frames = decoder.feed(data)
+            assert len(frames) == 1 and isinstance(frames[0], kind), frames
+            return frames[0]
+
+        stdin.write(p.encode(p.Hello(1, 2, agent.token)))
+        stdin.flush()
+        assert expect(p.Welcome).version == 2
+        stdin.write(p.encode(p.OpenFlow(1, echo.address)) + p.encode(p.Datagram(1, None, b"x" * 60000)))
+        stdin.flush()
+        assert expect(p.Datagram) == p.Datagram(1, echo.address, b"x" * 60000)
+        stdin.write(p.encode(p.Goodbye()))
+        stdin.flush()
+        assert agent.wait_exit() == 0
+        assert not agent.directory.exists()
+    finally:
+        agent.stop()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_signals_clean_up(local_agent: LocalAgent, signum: int) -> None:
     local_agent.connect()
@@ -442,11 +577,11 @@ def test_deploy_echo_sizes_and_clean_close(sshd, echo: UdpEcho) -> None:
 
 
 @needs_sshd
-def test_fifty_concurrent_flows_and_replies_from_other_ports(sshd) -> None:
+def test_fifty_concurrent_flows(sshd) -> None:
     from x2ssh.agent_client.deploy import deploy_agent
     from x2ssh.flows.udp_relay import UdpRelay
 
-    servers = [UdpEcho(), UdpEcho(other_port=True)]
+    servers = [UdpEcho(), UdpEcho("127.0.0.2")]
 
     async def main() -> None:
         async with await connect(sshd) as conn:
@@ -479,19 +614,104 @@ def test_fifty_concurrent_flows_and_replies_from_other_ports(sshd) -> None:
 
 @needs_sshd
 def test_agent_exits_by_itself_when_the_ssh_connection_drops(sshd) -> None:
-    from x2ssh.agent_client.deploy import deploy_agent
+    from x2ssh.agent_client.deploy import AgentSettings, deploy_agent
 
     async def main() -> str:
         conn = await connect(sshd)
-        handle = await deploy_agent(conn)
+        handle = await deploy_agent(conn, AgentSettings(reattach_grace=1.0))
         assert agent_processes(handle.directory)
         conn.abort()  # no GOODBYE, no channel close: the TCP connection just goes away
         await asyncio.wait_for(handle.wait_closed(), WAIT)
+        assert handle.lost
         return handle.directory
 
     directory = asyncio.run(asyncio.wait_for(main(), 60))
+    # Nobody re-attaches within the grace period (1 s here): it exits and removes its files.
     wait_until(lambda: not agent_processes(directory), what="the orphaned agent to exit")
     wait_until(lambda: not os.path.exists(directory), what="the orphaned agent to remove its files")
+
+
+@needs_sshd
+@pytest.mark.parametrize("streamlocal", ["yes", "no"])
+def test_reattach_keeps_the_flows_server_side_port(tmp_path: Path, echo: UdpEcho, streamlocal: str) -> None:
+    """The SSH connection drops without GOODBYE; a new one re-attaches (same token) and the target sees
+    the same source port as before. With streamlocal refused, the agent is first reached over its own
+    stdin/stdout, then through the connector."""
+    from benchmarks.sshd import SshServer
+    from x2ssh.agent_client.deploy import deploy_agent, reattach_agent
+    from x2ssh.flows.udp_relay import UdpRelay
+
+    async def main(server) -> None:
+        app = AppSide()
+        relay = UdpRelay(app)
+        src = ("100.100.83.1", 41000)
+        conn = await connect(server)
+        first = await deploy_agent(conn)
+        assert first.transport == ("socket" if streamlocal == "yes" else "stdio")
+        relay.attach(first)
+        relay.datagram_from_app(src, echo.address, b"before")
+        assert await app.get() == (echo.address, src, b"before")
+        conn.abort()
+        await asyncio.wait_for(first.wait_closed(), WAIT)
+        assert first.lost and relay.flow_count == 1
+        async with await connect(server) as again:
+            second = await reattach_agent(again, first)
+            assert second.resumed
+            relay.attach(second, resumed=True)
+            relay.datagram_from_app(src, echo.address, b"after")
+            assert await app.get() == (echo.address, src, b"after")
+            await second.close()
+        wait_until(lambda: not agent_processes(first.directory), what="the agent to exit after GOODBYE")
+
+    with SshServer(tmp_path / "sshd", extra_config=f"AllowStreamLocalForwarding {streamlocal}") as server:
+        asyncio.run(asyncio.wait_for(main(server), 90))
+    sources = echo.peers
+    assert len(sources) == 2 and sources[0] == sources[1], sources
+
+
+@needs_sshd
+def test_reattach_to_a_gone_agent_is_agent_unavailable(sshd) -> None:
+    from x2ssh.agent_client.deploy import AgentSettings, AgentUnavailable, deploy_agent, reattach_agent
+
+    async def main() -> None:
+        conn = await connect(sshd)
+        first = await deploy_agent(conn, AgentSettings(reattach_grace=0.5))
+        conn.abort()
+        await asyncio.wait_for(first.wait_closed(), WAIT)
+        wait_until(lambda: not agent_processes(first.directory), what="the agent to give up waiting")
+        async with await connect(sshd) as again:
+            with pytest.raises(AgentUnavailable):
+                await reattach_agent(again, first)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@needs_sshd
+def test_stdio_transport_without_streamlocal_forwarding(tmp_path: Path, echo: UdpEcho) -> None:
+    """`AllowStreamLocalForwarding no`: the same frames over the exec channel; byte-exact echo."""
+    from benchmarks.sshd import SshServer
+    from x2ssh.agent_client.deploy import deploy_agent
+    from x2ssh.flows.udp_relay import UdpRelay
+
+    async def main(server) -> str:
+        async with await connect(server) as conn:
+            handle = await deploy_agent(conn)
+            assert handle.transport == "stdio"
+            app = AppSide()
+            relay = UdpRelay(app)
+            relay.attach(handle)
+            src = ("100.100.83.1", 41000)
+            for size in (0, 1, 1400, 65000):
+                payload = secrets.token_bytes(size)
+                relay.datagram_from_app(src, echo.address, payload)
+                assert await app.get() == (echo.address, src, payload), size
+            await handle.close()
+            return handle.directory
+
+    with SshServer(tmp_path / "sshd", extra_config="AllowStreamLocalForwarding no") as server:
+        directory = asyncio.run(asyncio.wait_for(main(server), 60))
+        assert "refused" in server.log_text() or "forwarding" in server.log_text().lower()
+    assert not os.path.exists(directory), "agent files left after a clean close"
 
 
 @needs_sshd

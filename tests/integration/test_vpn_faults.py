@@ -48,7 +48,7 @@ FAST_RETRY = (
 )  # fmt: skip
 RECOVERY_BOUND = 10.0  # issue 6: a new download succeeds within 10 s of sshd being reachable again
 OUTAGE = 10.0
-AGENT_EXIT_BOUND = 40.0  # the agent's own fallback is 30 s without a client (agent/PROTOCOL.md)
+AGENT_EXIT_BOUND = 80.0  # the agent waits 60 s (--reattach-grace) for a re-attach, then exits (PROTOCOL.md)
 MIB = 1 << 20
 FLOWS = 1000
 FLOW_SIZE = MIB

@@ -266,9 +266,28 @@ class VpnLauncher:
         return vpn.start(wait_up=wait_up)
 
     def stop_all(self) -> None:
+        """Stop every run; then fail (VpnFailure) if any of them logged an unhandled asyncio exception."""
         for vpn in reversed(self.started):
             vpn.stop()
         run_cleanup(self.lab, state_dir_for(self.lab))
+        for vpn in self.started:
+            assert_no_unhandled_exceptions(vpn)
+
+
+# asyncio's words for an exception nobody awaited (a Future's or a Task's): always a bug in x2ssh.
+UNHANDLED_MARKERS = ("exception was never retrieved",)
+
+
+def unhandled_exceptions(lines: Iterable[str]) -> list[str]:
+    """The output lines where asyncio reports a Future or Task exception that was never retrieved."""
+    return [line for line in lines if any(marker in line for marker in UNHANDLED_MARKERS)]
+
+
+def assert_no_unhandled_exceptions(vpn: VpnProcess) -> None:
+    """VpnFailure when x2ssh's output shows "Future/Task exception was never retrieved" (issue 11)."""
+    found = unhandled_exceptions(vpn.lines)
+    if found:
+        raise VpnFailure(f"unhandled asyncio exception in x2ssh's output: {found[0]}{vpn.describe()}")
 
 
 # -- the client namespace's network state -----------------------------------------------------------------

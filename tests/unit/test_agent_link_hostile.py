@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from agent import protocol as p
-from x2ssh.agent_client.deploy import AgentHandle, AgentSettings, ServerPython
+from x2ssh.agent_client.link import AgentHandle, AgentSettings, ServerPython
 from x2ssh.flows.udp_relay import UdpRelay
 
 

@@ -31,6 +31,16 @@ FRAMES = [
     p.Error(p.ERR_BAD_FRAME, "bad frame"),
     p.Error(p.ERR_INTERNAL, "é" * 10),
     p.Goodbye(),
+    # Version 2.
+    p.Unreachable(1, p.UNREACH_PORT, 0, "198.19.0.2"),
+    p.Unreachable(2, p.UNREACH_PROHIBITED, 65535, "fd58:3278:7373:2::2"),
+    p.Unreachable(3, 200, 7, None),
+    p.OpenEcho(4, "198.19.0.2"),
+    p.OpenEcho(0xFFFFFFFF, "fd58:3278:7373:2::2"),
+    p.Echo(5, 0, b""),
+    p.Echo(6, 65535, b"\x00" * 56),
+    p.Echo(7, 1, b"\xee" * p.MAX_PAYLOAD),
+    p.Resume(),
 ]
 
 
@@ -145,7 +155,7 @@ def test_oversized(data: bytes, reason: str) -> None:
     assert_malformed(data[:5] if reason == "oversized frame" else data, reason)
 
 
-@pytest.mark.parametrize("frame_type", [0x00, 0x03, 0x13, 0x23, 0x7F, 0xFF])
+@pytest.mark.parametrize("frame_type", [0x00, 0x03, 0x16, 0x24, 0x7F, 0xFF])
 def test_unknown_type(frame_type: int) -> None:
     assert_malformed(frame(frame_type, b""), "unknown frame type")
 
@@ -227,3 +237,73 @@ def test_dns_destinations() -> None:
     assert p.is_dns_destination(p.SERVER_RESOLVER)
     assert p.is_dns_destination(("198.19.0.2", 53))
     assert not p.is_dns_destination(("198.19.0.2", 5353))
+
+
+# --- version 2 frames ---------------------------------------------------------------------------------
+
+
+def test_v2_wire_format_is_exact() -> None:
+    assert p.encode(p.Unreachable(0x01020304, p.UNREACH_PORT, 0x0506, "198.19.0.2")) == (
+        frame(p.UNREACHABLE, b"\x01\x02\x03\x04\x02\x05\x06\x04\xc6\x13\x00\x02")
+    )
+    assert p.encode(p.Unreachable(1, p.UNREACH_HOST, 0, None)) == frame(p.UNREACHABLE, b"\0\0\0\1\1\0\0\0")
+    assert p.encode(p.OpenEcho(9, "::1")) == frame(p.OPEN_ECHO, b"\0\0\0\x09\x06" + bytes(15) + b"\1")
+    assert p.encode(p.Echo(9, 0x0A0B, b"ping")) == frame(p.ECHO, b"\0\0\0\x09\x0a\x0bping")
+    assert p.encode(p.Resume()) == frame(p.RESUME, b"")
+    assert p.MAX_VERSION == 2 and p.VERSION_ICMP == 2
+
+
+@pytest.mark.parametrize(
+    ("frame_type", "body", "reason"),
+    [
+        (p.UNREACHABLE, b"\0\0\0\1\2\0", "truncated UNREACHABLE"),
+        (p.UNREACHABLE, b"\0\0\0\1\2\0\0", "truncated address"),
+        (p.UNREACHABLE, b"\0\0\0\0\2\0\0\0", "flow id 0"),
+        (p.UNREACHABLE, b"\0\0\0\1\2\0\0\x04\1\2\3", "truncated address"),
+        (p.UNREACHABLE, b"\0\0\0\1\2\0\0\x52", "bad host address kind"),
+        (p.UNREACHABLE, b"\0\0\0\1\2\0\0\0\0", "trailing bytes"),
+        (p.OPEN_ECHO, b"\0\0\0\1\0", "without destination"),
+        (p.OPEN_ECHO, b"\0\0\0\1", "truncated address"),
+        (p.OPEN_ECHO, b"\0\0\0\1\x04\1\2\3\4\0", "trailing bytes"),
+        (p.OPEN_ECHO, b"\0\0\0\1\x06\1\2\3\4", "truncated address"),
+        (p.ECHO, b"\0\0\0\1\0", "truncated ECHO"),
+        (p.ECHO, b"\0\0\0", "truncated ECHO"),
+        (p.ECHO, b"\0\0\0\0\0\0", "flow id 0"),
+    ],
+)
+def test_bad_v2_bodies(frame_type: int, body: bytes, reason: str) -> None:
+    assert_malformed(frame(frame_type, body), reason)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (struct.pack("!IB", 6 + p.MAX_PAYLOAD + 1, p.ECHO), "oversized frame"),
+        (struct.pack("!IB", 25, p.UNREACHABLE), "oversized frame"),
+        (struct.pack("!IB", 22, p.OPEN_ECHO), "oversized frame"),
+        (struct.pack("!IB", 1, p.RESUME), "oversized frame"),
+    ],
+)
+def test_v2_oversized_from_the_header(data: bytes, reason: str) -> None:
+    assert_malformed(data, reason)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: p.encode(p.OpenEcho(1, "example.org")), "not an IP address"),
+        (lambda: p.encode(p.Echo(1, 70000, b"")), "sequence out of range"),
+        (lambda: p.encode(p.Echo(0, 1, b"")), "flow id out of range"),
+        (lambda: p.encode(p.Echo(1, 1, bytes(p.MAX_PAYLOAD + 1))), "exceeds"),
+        (lambda: p.encode(p.Unreachable(1, 2, 0, "nope")), "not an IP address"),
+    ],
+)
+def test_v2_encoder_rejects_caller_mistakes(make, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_v1_hello_still_negotiates_v1() -> None:
+    assert p.negotiate_version(p.Hello(1, 1, TOKEN)) == 1
+    assert p.negotiate_version(p.Hello(1, 2, TOKEN)) == 2
+    assert p.negotiate_version(p.Hello(2, 2, TOKEN)) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from agent import protocol as p
 from agent.protocol import MAX_PAYLOAD, SERVER_RESOLVER
 from x2ssh.flows.udp_relay import DnsOverride, UdpRelay, UdpRelaySettings
 
@@ -22,6 +23,7 @@ class FakeAgent:
         self.opened: list[tuple[int, tuple[str, int]]] = []
         self.sent: list[tuple[int, bytes]] = []
         self.closed: list[int] = []
+        self.echoes: list[tuple[int, int, bytes]] = []
         self.accept = True
 
     def set_receiver(self, receiver) -> None:
@@ -37,6 +39,28 @@ class FakeAgent:
 
     def close_flow(self, flow_id: int) -> None:
         self.closed.append(flow_id)
+
+    supports_icmp = True
+
+    def open_echo(self, flow_id: int, destination: str) -> None:
+        self.opened.append((flow_id, (destination, 0)))
+
+    def send_echo(self, flow_id: int, seq: int, payload: bytes) -> bool:
+        self.echoes.append((flow_id, seq, payload))
+        return self.accept
+
+
+class FakeIcmp:
+    """Records what the relay asks the netstack to send the apps."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []
+
+    def echo_reply(self, target, app, ident, seq, payload) -> None:
+        self.sent.append(("reply", target, app, ident, seq, payload))
+
+    def unreachable(self, reporter, app, dst, code, echo) -> None:
+        self.sent.append(("unreachable", reporter, app, dst, code, echo))
 
 
 class Clock:
@@ -57,8 +81,10 @@ def to_app() -> list[tuple[tuple[str, int], tuple[str, int], bytes]]:
     return []
 
 
-def make_relay(to_app, clock, settings=None, dns_override=None) -> tuple[UdpRelay, FakeAgent]:
-    relay = UdpRelay(lambda src, dst, data: to_app.append((src, dst, data)), settings, dns_override, clock)
+def make_relay(to_app, clock, settings=None, dns_override=None, icmp=None) -> tuple[UdpRelay, FakeAgent]:
+    relay = UdpRelay(
+        lambda src, dst, data: to_app.append((src, dst, data)), settings, dns_override, clock, icmp=icmp
+    )
     agent = FakeAgent()
     relay.attach(agent)
     assert agent.receiver is relay
@@ -88,19 +114,16 @@ def test_flows_are_keyed_by_app_source_and_destination(to_app, clock) -> None:
     assert relay.flow_count == 4
 
 
-def test_reply_goes_to_the_app_from_the_address_it_came_from(to_app, clock) -> None:
+def test_replies_only_from_the_destination_reach_the_app(to_app, clock) -> None:
     relay, agent = make_relay(to_app, clock)
     relay.datagram_from_app(APP, TARGET, b"ping")
     flow_id = agent.opened[0][0]
     relay.datagram_from_agent(flow_id, TARGET, b"pong")
     relay.datagram_from_agent(flow_id, ("198.19.0.2", 7001), b"from another port")
     relay.datagram_from_agent(flow_id, ("198.19.0.3", 9), b"from another host")
-    assert to_app == [
-        (TARGET, APP, b"pong"),
-        (("198.19.0.2", 7001), APP, b"from another port"),
-        (("198.19.0.3", 9), APP, b"from another host"),
-    ]
-    assert relay.stats.datagrams_to_app == 3
+    assert to_app == [(TARGET, APP, b"pong")]
+    assert relay.stats.datagrams_to_app == 1
+    assert relay.stats.drops["wrong_source"] == 2
 
 
 def test_reply_for_an_unknown_flow_is_dropped(to_app, clock) -> None:
@@ -205,18 +228,33 @@ def test_dns_override_to_an_explicit_server(to_app, clock) -> None:
     assert to_app == [(TUNNEL_DNS4, APP, b"a"), (("198.19.0.9", 53), APP, b"b")]
 
 
-def test_detach_forgets_flows_and_reattach_starts_fresh(to_app, clock) -> None:
+def test_detach_keeps_flows_for_a_resume_and_a_new_agent_starts_fresh(to_app, clock) -> None:
     relay, agent = make_relay(to_app, clock)
     relay.datagram_from_app(APP, TARGET, b"1")
     relay.detach()
     assert agent.receiver is None
-    assert relay.flow_count == 0
+    assert relay.flow_count == 1  # the agent keeps the socket for a while: so do we
     relay.datagram_from_app(APP, TARGET, b"dropped")
     assert relay.stats.drops["no_agent"] == 1
     second = FakeAgent()
     relay.attach(second)
+    assert relay.flow_count == 0
     relay.datagram_from_app(APP, TARGET, b"2")
     assert second.sent and second.opened[0][1] == TARGET
+
+
+def test_resumed_agent_carries_on_with_the_same_flows(to_app, clock) -> None:
+    relay, agent = make_relay(to_app, clock)
+    relay.datagram_from_app(APP, TARGET, b"1")
+    flow_id = agent.opened[0][0]
+    relay.agent_lost("connection lost")
+    again = FakeAgent()
+    relay.attach(again, resumed=True)
+    relay.datagram_from_app(APP, TARGET, b"2")
+    assert again.opened == []  # no new flow: the agent's socket (and its port) is the same
+    assert again.sent == [(flow_id, b"2")]
+    relay.datagram_from_agent(flow_id, TARGET, b"reply")
+    assert to_app == [(TARGET, APP, b"reply")]
 
 
 def test_agent_lost_detaches(to_app, clock) -> None:
@@ -225,7 +263,6 @@ def test_agent_lost_detaches(to_app, clock) -> None:
     relay.agent_lost("connection closed")
     assert agent.receiver is None
     assert not relay.attached
-    assert relay.flow_count == 0
 
 
 def test_close_all_tells_the_agent(to_app, clock) -> None:
@@ -235,3 +272,108 @@ def test_close_all_tells_the_agent(to_app, clock) -> None:
     relay.close_all()
     assert sorted(agent.closed) == sorted(flow_id for flow_id, _ in agent.opened)
     assert relay.flow_count == 0
+
+
+# --- DNS flows end with their answer ------------------------------------------------------------------
+
+
+def test_dns_flow_ends_when_every_query_is_answered(to_app, clock) -> None:
+    override = DnsOverride((TUNNEL_DNS4,))
+    relay, agent = make_relay(to_app, clock, dns_override=override)
+    relay.datagram_from_app(APP, TUNNEL_DNS4, b"\x12\x34 A query")
+    relay.datagram_from_app(APP, TUNNEL_DNS4, b"\xab\xcd AAAA query")  # glibc asks both on one socket
+    flow_id = agent.opened[0][0]
+    relay.datagram_from_agent(flow_id, ("198.18.0.1", 53), b"\xab\xcd AAAA answer")
+    assert relay.flow_count == 1 and agent.closed == []
+    relay.datagram_from_agent(flow_id, ("198.18.0.1", 53), b"\x12\x34 A answer")
+    assert relay.flow_count == 0
+    assert agent.closed == [flow_id]
+    assert relay.stats.dns_answered == 1
+    assert [data for _, _, data in to_app] == [b"\xab\xcd AAAA answer", b"\x12\x34 A answer"]
+    relay.datagram_from_app(APP, TUNNEL_DNS4, b"\x55\x66 next lookup")
+    assert agent.opened[-1][0] != flow_id
+
+
+def test_unanswered_dns_flow_still_expires(to_app, clock) -> None:
+    relay, agent = make_relay(to_app, clock, UdpRelaySettings(dns_idle_timeout=10.0))
+    relay.datagram_from_app(APP, TARGET_DNS, b"\x00\x01 query nobody answers")
+    assert relay.expire(clock.now + 10.0) == 1
+    assert agent.closed == [agent.opened[0][0]]
+
+
+# --- ICMP ----------------------------------------------------------------------------------------------
+
+
+def test_echo_flow_relays_real_replies_with_the_apps_identifier(to_app, clock) -> None:
+    icmp = FakeIcmp()
+    relay, agent = make_relay(to_app, clock, icmp=icmp)
+    relay.echo_from_app("100.100.83.1", "198.19.0.2", 0x4242, 1, b"abc")
+    relay.echo_from_app("100.100.83.1", "198.19.0.2", 0x4242, 2, b"abc")
+    relay.echo_from_app("100.100.83.1", "198.19.0.2", 0x4343, 1, b"another ping process")
+    (first, dst1), (second, _) = agent.opened
+    assert dst1 == ("198.19.0.2", 0)
+    assert agent.echoes == [(first, 1, b"abc"), (first, 2, b"abc"), (second, 1, b"another ping process")]
+    relay.echo_from_agent(first, 2, b"abc")
+    assert icmp.sent == [("reply", "198.19.0.2", "100.100.83.1", 0x4242, 2, b"abc")]
+    relay.datagram_from_agent(first, TARGET, b"not a datagram flow")
+    assert relay.stats.drops["unknown_flow"] == 1
+
+
+def test_ping_not_permitted_gives_prohibited_at_once_and_logs_once(to_app, clock, caplog) -> None:
+    icmp = FakeIcmp()
+    relay, agent = make_relay(to_app, clock, icmp=icmp)
+    relay.echo_from_app("fd78:7832:7373::1", "fd58:3278:7373:2::2", 7, 1, b"x")
+    flow_id = agent.opened[0][0]
+    relay.flow_closed_by_agent(flow_id, p.CLOSE_NOT_PERMITTED)
+    relay.echo_from_app("fd78:7832:7373::1", "fd58:3278:7373:2::2", 7, 2, b"x")
+    relay.echo_from_app("fd78:7832:7373::1", "fd58:3278:7373:2::2", 7, 3, b"x")
+    assert len(agent.opened) == 1  # no more asking the agent
+    expected = [
+        ("unreachable", "fd58:3278:7373:2::2", ("fd78:7832:7373::1", 7), ("fd58:3278:7373:2::2", seq),
+         p.UNREACH_PROHIBITED, True)
+        for seq in (1, 2, 3)
+    ]  # fmt: skip
+    assert icmp.sent == expected
+    assert len([r for r in caplog.records if "ping_group_range" in r.getMessage()]) == 1
+    relay.attach(FakeAgent())  # a new agent (another server setup) gets a new chance
+    assert relay.ping_refused is None
+
+
+def test_refuse_pings_without_agent(to_app, clock) -> None:
+    icmp = FakeIcmp()
+    relay = UdpRelay(lambda *a: None, clock=clock, icmp=icmp)
+    relay.echo_from_app("100.100.83.1", "198.19.0.2", 1, 1, b"")
+    assert icmp.sent == [] and relay.stats.drops["no_agent"] == 1
+    relay.refuse_pings("no python3 on the server")
+    relay.echo_from_app("100.100.83.1", "198.19.0.2", 1, 2, b"")
+    assert icmp.sent == [
+        ("unreachable", "198.19.0.2", ("100.100.83.1", 1), ("198.19.0.2", 2), p.UNREACH_PROHIBITED, True)
+    ]
+
+
+def test_unreachable_reaches_the_app_as_its_destination_saw_it(to_app, clock) -> None:
+    icmp = FakeIcmp()
+    override = DnsOverride((TUNNEL_DNS4,))
+    relay, agent = make_relay(to_app, clock, dns_override=override, icmp=icmp)
+    relay.datagram_from_app(APP, TARGET, b"to a closed port")
+    relay.datagram_from_app(APP2, TUNNEL_DNS4, b"\x00\x01q")
+    relay.echo_from_app("100.100.83.1", "198.19.0.99", 5, 9, b"")
+    udp, dns, echo = (flow_id for flow_id, _ in agent.opened)
+    relay.unreachable_from_agent(udp, p.UNREACH_PORT, 0, "198.19.0.2")
+    relay.unreachable_from_agent(dns, p.UNREACH_PORT, 0, "198.18.0.1")  # the app asked 100.100.83.53
+    relay.unreachable_from_agent(echo, p.UNREACH_HOST, 9, "198.19.0.1")  # a router said so
+    relay.unreachable_from_agent(12345, p.UNREACH_PORT, 0, None)
+    assert icmp.sent == [
+        ("unreachable", "198.19.0.2", APP, TARGET, p.UNREACH_PORT, False),
+        ("unreachable", "100.100.83.53", APP2, TUNNEL_DNS4, p.UNREACH_PORT, False),
+        ("unreachable", "198.19.0.1", ("100.100.83.1", 5), ("198.19.0.99", 9), p.UNREACH_HOST, True),
+    ]
+    assert relay.stats.unreachable_to_app == 3
+
+
+def test_v1_agent_pings_are_prohibited(to_app, clock) -> None:
+    icmp = FakeIcmp()
+    relay, agent = make_relay(to_app, clock, icmp=icmp)
+    agent.supports_icmp = False
+    relay.echo_from_app("100.100.83.1", "198.19.0.2", 1, 1, b"")
+    assert agent.opened == [] and icmp.sent[0][4] == p.UNREACH_PROHIBITED

@@ -17,7 +17,13 @@
    The bootstrap also removes stale agent directories of this user (socket present but refusing
    connections: the agent was SIGKILLed), so a new x2ssh never trips over them.
 3. Read `X2SSH-AGENT READY <path>` from stdout, open a `direct-streamlocal` channel to that path and
-   send HELLO with the token; WELCOME completes the handshake.
+   send HELLO with the token; WELCOME completes the handshake. Where the server refuses streamlocal
+   forwarding (`AllowStreamLocalForwarding no`), the same frames go over the exec channel's
+   stdin/stdout instead (the agent reads its stdin as a client connection), so any sshd works.
+
+`reattach_agent(conn, previous)` reaches an agent that lost its SSH connection through a new one, with the
+same token, and resumes its flows (their server-side ports stay): over streamlocal, or by running a small
+connector (stdin/stdout <-> the agent's socket) where streamlocal is refused.
 
 Windows servers are a designed seam only: `NamedPipeTransport` raises NotImplementedError, which
 `deploy_agent` reports as AgentUnavailable.
@@ -32,14 +38,29 @@ import logging
 import secrets
 import shlex
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Sequence
 
 import asyncssh
 
 from agent import protocol as p
 from agent.zipapp import build_zipapp
+from x2ssh.agent_client.link import (
+    AgentHandle,
+    AgentReceiver,
+    AgentSettings,
+    AgentUnavailable,
+    ServerPython,
+)
+
+__all__ = [
+    "AgentHandle",
+    "AgentReceiver",
+    "AgentSettings",
+    "AgentUnavailable",
+    "ServerPython",
+    "deploy_agent",
+    "reattach_agent",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,106 +127,57 @@ _BOOTSTRAP_PACKED = base64.b64encode(zlib.compress(_BOOTSTRAP.encode(), 9)).deco
 _BOOTSTRAP_COMMAND = f"import base64,zlib;exec(zlib.decompress(base64.b64decode('{_BOOTSTRAP_PACKED}')))"
 
 
-class AgentUnavailable(Exception):
-    """The UDP agent cannot run on this server (no python3, upload failed, did not start, Windows...)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"UDP agent unavailable: {reason}")
-        self.reason = reason
-
-
-class AgentReceiver(Protocol):
-    """Who gets what the agent sends (`x2ssh.flows.udp_relay.UdpRelay` implements it)."""
-
-    def datagram_from_agent(self, flow_id: int, source: tuple[str, int], payload: bytes) -> None: ...
-    def flow_closed_by_agent(self, flow_id: int, reason: int) -> None: ...
-    def agent_lost(self, reason: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class AgentSettings:
-    """How the agent is started and what it may use; the timeouts should match the UdpRelay's."""
-
-    idle_timeout: float = 60.0
-    dns_idle_timeout: float = 10.0
-    max_flows: int = 1024
-    max_queue_bytes: int = 256 * 1024
-    connect_timeout: float = 30.0  # the agent exits when no client has connected by then
-    keepalive_interval: float = 15.0  # the client proves it is alive this often ...
-    client_silence_timeout: float = 60.0  # ... and the agent exits after this much silence
-    python_candidates: tuple[str, ...] = ("python3", "/usr/bin/python3", "python")
-    probe_timeout: float = 15.0
-    start_timeout: float = 20.0
-    close_timeout: float = 10.0
-    max_write_buffer: int = 4 * 1024 * 1024  # datagrams are dropped while more is waiting for the channel
-    log_level: str = "INFO"
-
-    def agent_args(self) -> list[str]:
-        return [
-            "--idle-timeout",
-            str(self.idle_timeout),
-            "--dns-idle-timeout",
-            str(self.dns_idle_timeout),
-            "--max-flows",
-            str(self.max_flows),
-            "--max-queue-bytes",
-            str(self.max_queue_bytes),
-            "--connect-timeout",
-            str(self.connect_timeout),
-            "--client-silence-timeout",
-            str(self.client_silence_timeout),
-            "--log-level",
-            self.log_level,
-        ]
-
-
-@dataclass(frozen=True)
-class ServerPython:
-    """A usable python found on the server."""
-
-    command: str
-    version: tuple[int, int]
-    platform: str
-    executable: str
+# Runs on the server for a re-attach where streamlocal forwarding is refused: pipes stdin/stdout to the
+# agent's socket. argv: SOCKET-PATH.
+_CONNECTOR = r"""
+import os, select, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try: s.connect(sys.argv[1])
+except OSError as e:
+    sys.stdout.write('X2SSH-AGENT ERROR cannot reach the agent: %s\n' % e); sys.stdout.flush(); sys.exit(3)
+sys.stdout.write('X2SSH-AGENT READY %s\n' % sys.argv[1]); sys.stdout.flush()
+ins = [0, s]
+while s in ins:
+    for r in select.select(ins, [], [])[0]:
+        data = os.read(r, 262144) if r == 0 else s.recv(262144)
+        if r == 0:
+            if data: s.sendall(data)
+            else: ins.remove(0); s.shutdown(socket.SHUT_WR)
+        elif data:
+            view = memoryview(data)
+            while view: view = view[os.write(1, view):]
+        else: ins.remove(s)
+"""
+_CONNECTOR_PACKED = base64.b64encode(zlib.compress(_CONNECTOR.encode(), 9)).decode()
+_CONNECTOR_COMMAND = f"import base64,zlib;exec(zlib.decompress(base64.b64decode('{_CONNECTOR_PACKED}')))"
 
 
 # --- transport seam ----------------------------------------------------------------------------------
 
 
 class AgentTransport:
-    """How the agent's endpoint is named on the server and reached through SSH."""
+    """How the agent's endpoint is named on the server."""
 
     def directory(self, name: str) -> str:
-        raise NotImplementedError
-
-    async def open(
-        self, conn: asyncssh.SSHClientConnection, endpoint: str, factory: Callable[[], _AgentChannelSession]
-    ) -> tuple[asyncssh.SSHUNIXChannel, _AgentChannelSession]:
         raise NotImplementedError
 
 
 class UnixSocketTransport(AgentTransport):
-    """POSIX servers: a Unix socket in a private /tmp directory, reached by OpenSSH streamlocal forwarding."""
+    """POSIX servers: a Unix socket in a private /tmp directory (streamlocal forwarding, else stdio)."""
 
     def directory(self, name: str) -> str:
         return AGENT_DIR_PREFIX + name
 
-    async def open(self, conn, endpoint, factory):
-        return await conn.create_unix_connection(factory, endpoint)
-
 
 class NamedPipeTransport(AgentTransport):
-    """Windows servers: the agent would listen on a named pipe under %TEMP%\\.x2ssh-agent-<random>.
+    """Windows servers: the agent would live under %TEMP%\\.x2ssh-agent-<random>.
 
-    Design: OpenSSH for Windows has no streamlocal forwarding to named pipes, so the client would
-    instead talk to the agent over the exec channel's stdin/stdout (the same frames), or through a
-    `direct-tcpip` channel to a loopback port the agent binds, still authenticated by the token.
+    Design: OpenSSH for Windows has no streamlocal forwarding to named pipes, so the client would talk
+    to the agent over the exec channel's stdin/stdout (the "stdio" transport POSIX servers already use
+    when streamlocal is refused), still authenticated by the token.
     """
 
     def directory(self, name: str) -> str:
-        raise NotImplementedError(WINDOWS_NOT_IMPLEMENTED)
-
-    async def open(self, conn, endpoint, factory):
         raise NotImplementedError(WINDOWS_NOT_IMPLEMENTED)
 
 
@@ -214,204 +186,6 @@ def transport_for(platform: str) -> AgentTransport:
     if platform.startswith(("win", "cygwin", "msys")):
         return NamedPipeTransport()
     return UnixSocketTransport()
-
-
-# --- the agent connection ----------------------------------------------------------------------------
-
-
-class _AgentChannelSession(asyncssh.SSHUNIXSession):
-    def __init__(self, handle: AgentHandle) -> None:
-        self._handle = handle
-
-    def connection_made(self, chan: asyncssh.SSHUNIXChannel) -> None:
-        self._handle._chan = chan
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self._handle._data_received(data)
-
-    def eof_received(self) -> bool:
-        self._handle._stream_ended("the agent closed its connection")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._handle._stream_ended(f"connection lost: {exc}" if exc else "connection closed")
-
-
-class AgentHandle:
-    """A running agent and the framed connection to it; an `AgentLink` for `UdpRelay`."""
-
-    def __init__(
-        self,
-        process: asyncssh.SSHClientProcess,
-        directory: str,
-        socket_path: str,
-        python: ServerPython,
-        token: bytes,
-        settings: AgentSettings,
-        stderr_tail: collections.deque[str],
-        stderr_task: asyncio.Task[None] | None = None,
-    ) -> None:
-        self.process = process
-        self._stderr_task = stderr_task  # forwards the agent's log lines; referenced so it is not collected
-        self.directory = directory
-        self.socket_path = socket_path
-        self.python = python
-        self.settings = settings
-        self.version = 0
-        self.software = ""
-        self.max_flows = 0
-        self.drops: collections.Counter[str] = collections.Counter()
-        self._token = token
-        self._stderr_tail = stderr_tail
-        self._chan: asyncssh.SSHUNIXChannel | None = None
-        self._decoder = p.Decoder()
-        self._receiver: AgentReceiver | None = None
-        self._welcome: asyncio.Future[p.Welcome] = asyncio.get_running_loop().create_future()
-        self._closed = asyncio.Event()
-        self._closing = False
-        self._keepalive_replies = 0
-        # Frames written in one event-loop turn (a netstack batch) leave as one channel write: far fewer
-        # SSH packets than one per datagram.
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-
-    # --- AgentLink ------------------------------------------------------------------------------------
-
-    def set_receiver(self, receiver: AgentReceiver | None) -> None:
-        self._receiver = receiver
-
-    def open_flow(self, flow_id: int, destination: tuple[str, int]) -> None:
-        self._write(p.encode(p.OpenFlow(flow_id, destination)))
-
-    def send_datagram(self, flow_id: int, payload: bytes) -> bool:
-        """Queue a datagram for the agent; False (dropped) when the link is gone or backed up."""
-        chan = self._chan
-        if chan is None or self._closed.is_set():
-            return False
-        if chan.get_write_buffer_size() + self._pending_bytes > self.settings.max_write_buffer:
-            self.drops["write_buffer_full"] += 1
-            return False
-        self._write(p.encode_datagram(flow_id, payload))
-        return True
-
-    def close_flow(self, flow_id: int) -> None:
-        self._write(p.encode(p.CloseFlow(flow_id, p.CLOSE_NORMAL)))
-
-    def send_keepalive(self, nonce: int) -> None:
-        self._write(p.encode(p.Keepalive(nonce & 0xFFFFFFFF, False)))
-
-    @property
-    def keepalive_replies(self) -> int:
-        return self._keepalive_replies
-
-    # --- lifecycle ------------------------------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-    async def close(self) -> None:
-        """Say GOODBYE and wait (bounded) until the agent has removed its files and exited."""
-        self._closing = True
-        if self._chan is not None and not self._closed.is_set():
-            self._write(p.encode(p.Goodbye()))
-            self._flush()
-            self._chan.write_eof()
-        try:
-            await asyncio.wait_for(self.process.wait(), self.settings.close_timeout)
-        except (TimeoutError, asyncssh.Error, OSError) as exc:
-            log.warning("UDP agent did not exit cleanly within %g s: %s", self.settings.close_timeout, exc)
-        finally:
-            self._shutdown("closed")
-            self.process.close()
-
-    async def _handshake(self, timeout: float) -> None:
-        self._write(p.encode(p.Hello(p.MIN_VERSION, p.MAX_VERSION, self._token)))
-        welcome = await asyncio.wait_for(asyncio.shield(self._welcome), timeout)
-        self.version, self.max_flows, self.software = welcome.version, welcome.max_flows, welcome.software
-
-    def _write(self, data: bytes) -> None:
-        if self._chan is not None and not self._closed.is_set():
-            if not self._pending:
-                asyncio.get_running_loop().call_soon(self._flush)
-            self._pending.append(data)
-            self._pending_bytes += len(data)
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return  # already flushed (close() flushes at once)
-        data = b"".join(self._pending)
-        self._pending.clear()
-        self._pending_bytes = 0
-        if self._chan is not None and not self._closed.is_set():
-            try:
-                self._chan.write(data)
-            except (BrokenPipeError, asyncssh.Error) as exc:  # the channel closed under us
-                self._shutdown(f"agent channel closed: {exc}")
-
-    def _shutdown(self, reason: str) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        if not self._welcome.done():
-            self._welcome.set_exception(AgentUnavailable(f"agent connection ended before WELCOME: {reason}"))
-        if self._chan is not None:
-            self._chan.close()
-        receiver, self._receiver = self._receiver, None
-        if receiver is not None and not self._closing:
-            receiver.agent_lost(reason)
-
-    def _stream_ended(self, reason: str) -> None:
-        if not self._closed.is_set():
-            try:
-                self._decoder.eof()
-            except p.ProtocolError as exc:
-                reason = f"{reason} ({exc.reason})"
-            if not self._closing:
-                log.warning("UDP agent connection ended: %s", reason)
-            self._shutdown(reason)
-
-    def _data_received(self, data: bytes) -> None:
-        try:
-            for frame in self._decoder.feed(data):
-                self._handle_frame(frame)
-        except p.ProtocolError as exc:
-            log.error("protocol error from the UDP agent: %s; closing the agent connection", exc.reason)
-            self._write(p.encode(p.Error(exc.code, exc.reason)))
-            self._flush()  # the agent should learn why before the channel closes
-            self._shutdown(f"protocol error: {exc.reason}")
-
-    def _handle_frame(self, frame: p.Frame) -> None:
-        kind = type(frame)
-        receiver = self._receiver
-        if kind is p.Datagram:
-            if frame.peer is None:
-                raise p.ProtocolError("DATAGRAM from the agent without a source", p.ERR_UNEXPECTED_FRAME)
-            if receiver is None:
-                self.drops["no_receiver"] += 1
-            else:
-                receiver.datagram_from_agent(frame.flow_id, frame.peer, frame.payload)
-        elif kind is p.CloseFlow:
-            if receiver is not None:
-                receiver.flow_closed_by_agent(frame.flow_id, frame.reason)
-        elif kind is p.Keepalive:
-            if frame.is_reply:
-                self._keepalive_replies += 1
-            else:
-                self._write(p.encode(p.Keepalive(frame.nonce, True)))
-        elif kind is p.Welcome and not self._welcome.done():
-            self._welcome.set_result(frame)
-        elif kind is p.Error:
-            log.error("UDP agent reported error %d: %s", frame.code, frame.message)
-            if not self._welcome.done():
-                self._welcome.set_exception(
-                    AgentUnavailable(f"agent refused the connection: {frame.message}")
-                )
-        else:
-            raise p.ProtocolError(f"unexpected {kind.__name__} frame from the agent", p.ERR_UNEXPECTED_FRAME)
 
 
 # --- deployment --------------------------------------------------------------------------------------
@@ -506,12 +280,14 @@ async def deploy_agent(
             process, directory, socket_path, python, token, settings, stderr_tail, stderr_task
         )
         try:
-            await transport.open(conn, socket_path, lambda: _AgentChannelSession(handle))
-        except (asyncssh.Error, OSError) as exc:
-            raise AgentUnavailable(
-                f"cannot reach the agent socket through SSH ({exc}); is AllowStreamLocalForwarding enabled?"
-            ) from exc
-        await handle._handshake(settings.start_timeout)
+            await handle.open_socket(conn)
+        except asyncssh.ChannelOpenError as exc:
+            # AllowStreamLocalForwarding no (or a server without it): the exec channel carries the frames.
+            log.info(
+                "streamlocal forwarding refused (%s): talking to the agent over its stdin/stdout", exc.reason
+            )
+            handle.use_stdio(process)
+        await handle.handshake(settings.start_timeout)
     except (TimeoutError, AgentUnavailable, asyncssh.Error, OSError) as exc:
         process.close()  # stdin EOF: an agent that did start removes its files and exits
         if handle is not None:
@@ -523,7 +299,53 @@ async def deploy_agent(
                 f"the agent did not come up within {settings.start_timeout:g} s{_tail(stderr_tail)}"
             ) from None
         raise AgentUnavailable(f"agent deployment failed: {exc}{_tail(stderr_tail)}") from exc
-    log.info("UDP agent up: %s, protocol %d, socket %s", handle.software, handle.version, socket_path)
+    log.info(
+        "UDP agent up: %s, protocol %d, over %s (%s)",
+        handle.software,
+        handle.version,
+        handle.transport,
+        socket_path,
+    )
+    return handle
+
+
+async def reattach_agent(
+    conn: asyncssh.SSHClientConnection, previous: AgentHandle, settings: AgentSettings | None = None
+) -> AgentHandle:
+    """Reach the agent `previous` talked to through the new connection `conn` and resume its flows.
+
+    Same token, same socket; streamlocal first, else a connector run through an exec channel. Raises
+    AgentUnavailable when the agent is gone (its grace period passed, or the server rebooted).
+    """
+    settings = settings or previous.settings
+    handle = AgentHandle(
+        None, previous.directory, previous.socket_path, previous.python, previous.token, settings,
+        collections.deque(maxlen=20),
+    )  # fmt: skip
+    process = None
+    try:
+        try:
+            await handle.open_socket(conn)
+        except asyncssh.ChannelOpenError:
+            # Refused, or the socket is gone: sshd says "open failed" for both. The connector tells apart.
+            command = shlex.join(
+                [previous.python.command, "-I", "-c", _CONNECTOR_COMMAND, previous.socket_path]
+            )
+            process = await conn.create_process(command, encoding=None)
+            await asyncio.wait_for(_read_ready_line(process, handle._stderr_tail), settings.start_timeout)
+            handle.use_stdio(process)
+        await handle.handshake(settings.start_timeout, resume=True)
+    except (TimeoutError, AgentUnavailable, asyncssh.Error, OSError) as exc:
+        if process is not None:
+            process.close()
+        handle._shutdown("re-attach failed")
+        if isinstance(exc, AgentUnavailable):
+            raise
+        raise AgentUnavailable(f"cannot re-attach to the agent: {exc}") from exc
+    log.info(
+        "re-attached to the UDP agent over %s: its flows and their server-side ports carry on",
+        handle.transport,
+    )
     return handle
 
 

@@ -1,4 +1,4 @@
-"""Client side of UDP: maps the apps' datagrams onto agent flows and the agent's replies back to the apps.
+"""Client side of UDP and ping: maps the apps' datagrams and echo requests onto agent flows and back.
 
 Theory of operation (sans-IO): the netstack hands every outgoing UDP datagram to `datagram_from_app()`.
 A flow is keyed by the app's (source, destination) pair; the first datagram of a flow assigns a flow id
@@ -7,10 +7,21 @@ address they came from and are handed to `send_to_app(src=that address, dst=the 
 reply from another port still reaches the app. Datagrams to a tunnel DNS address are sent to the real
 resolver (the server's own by default) and their replies appear to come from the tunnel DNS address.
 
-Idle flows expire after `idle_timeout` (`dns_idle_timeout` for port 53): the caller drives time through
-`expire(now)` and `next_deadline()`. Flows live in two recency-ordered dicts (DNS and others), so both
-calls only look at the oldest flows. Nothing is queued here: without an agent, beyond the flow cap or when
-the agent link pushes back, a datagram is dropped and counted in `stats.drops`.
+A DNS flow ends as soon as every query it carried has been answered (the query ids match), so lookups
+per second are not bounded by the flow cap; other flows expire after `idle_timeout` of silence (DNS ones
+that get no answer after `dns_idle_timeout`): the caller drives time through `expire(now)` and
+`next_deadline()`. Flows live in two recency-ordered dicts (DNS and others), so both calls only look at the
+oldest flows. Nothing is queued here: without an agent, beyond the flow cap or when the agent link pushes
+back, a datagram is dropped and counted in `stats.drops`.
+
+ICMP (protocol v2 agents): an app's echo request becomes an echo flow keyed by (app, target, identifier);
+the agent pings from an unprivileged ping socket and the real reply comes back. Unreachable reports become
+ICMP destination-unreachable errors to the app (`IcmpToApp`), so a connected UDP socket gets ECONNREFUSED
+at once. Where the server may not ping, the app gets "administratively prohibited" at once (never a fake
+reply) and the reason is logged once.
+
+Re-attach: `detach()` keeps the flows (their server-side sockets live on in an agent that waits for a
+re-attach); `attach(agent, resumed=True)` carries on with them, `attach(agent)` starts fresh.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from agent import protocol as p
 from agent.protocol import MAX_PAYLOAD, SERVER_RESOLVER
 
 log = logging.getLogger(__name__)
@@ -30,7 +42,28 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 SendToApp = Callable[[Address, Address, bytes], None]
 
-__all__ = ["SERVER_RESOLVER", "AgentLink", "DnsOverride", "UdpRelay", "UdpRelaySettings", "UdpRelayStats"]
+__all__ = [
+    "SERVER_RESOLVER",
+    "AgentLink",
+    "DnsOverride",
+    "IcmpToApp",
+    "UdpRelay",
+    "UdpRelaySettings",
+    "UdpRelayStats",
+]
+
+MAX_DNS_QUERIES = 64  # outstanding query ids tracked per DNS flow
+
+
+class IcmpToApp(Protocol):
+    """Where ICMP for the apps goes (the netstack, which writes the packets to the TUN)."""
+
+    def echo_reply(self, target: str, app: str, ident: int, seq: int, payload: bytes) -> None:
+        """Deliver the real echo reply of `target` to `app` (identifier and sequence as the app sent)."""
+
+    def unreachable(self, reporter: str, app: Address, dst: Address, code: int, echo: bool) -> None:
+        """Tell `app` its packet to `dst` was undeliverable (`code`: agent.protocol.UNREACH_*), as
+        `reporter` would. For echo flows the ports are the identifier and the sequence number."""
 
 
 class AgentLink(Protocol):
@@ -40,6 +73,10 @@ class AgentLink(Protocol):
     def open_flow(self, flow_id: int, destination: Address) -> None: ...
     def send_datagram(self, flow_id: int, payload: bytes) -> bool: ...
     def close_flow(self, flow_id: int) -> None: ...
+    @property
+    def supports_icmp(self) -> bool: ...
+    def open_echo(self, flow_id: int, destination: str) -> None: ...
+    def send_echo(self, flow_id: int, seq: int, payload: bytes) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -76,6 +113,10 @@ class UdpRelayStats:
     flows_opened: int = 0
     flows_expired: int = 0
     flows_closed_by_agent: int = 0
+    dns_answered: int = 0
+    echo_requests: int = 0
+    echo_replies: int = 0
+    unreachable_to_app: int = 0
     datagrams_to_agent: int = 0
     bytes_to_agent: int = 0
     datagrams_to_app: int = 0
@@ -84,15 +125,29 @@ class UdpRelayStats:
 
 
 class _Flow:
-    __slots__ = ("app", "destination", "dns", "flow_id", "key", "last_active", "reply_source")
+    __slots__ = (
+        "app",
+        "destination",
+        "dns",
+        "echo",
+        "flow_id",
+        "key",
+        "last_active",
+        "last_seq",
+        "queries",
+        "reply_source",
+    )
 
-    def __init__(self, flow_id: int, key: tuple[Address, Address], destination: Address, dns: bool) -> None:
+    def __init__(self, flow_id: int, key: tuple, destination: Address, dns: bool, echo: bool = False) -> None:
         self.flow_id = flow_id
-        self.key = key
+        self.key = key  # (app, destination as the app sent it), or (app host, target, identifier) for echo
         self.app = key[0]
         self.destination = destination  # what the agent sends to (the real resolver for DNS overrides)
         self.reply_source: Address | None = None  # fixed source for replies (the tunnel DNS address)
         self.dns = dns
+        self.echo = echo
+        self.queries: set[bytes] | None = set() if dns else None  # DNS query ids not answered yet
+        self.last_seq = 0  # echo flows: the latest request's sequence number
         self.last_active = 0.0
 
 
@@ -105,15 +160,18 @@ class UdpRelay:
         settings: UdpRelaySettings | None = None,
         dns_override: DnsOverride | None = None,
         clock: Callable[[], float] = time.monotonic,
+        icmp: IcmpToApp | None = None,
     ) -> None:
         self._send_to_app = send_to_app
+        self._icmp = icmp
+        self.ping_refused: str | None = None  # why pings get "administratively prohibited", once known
         self.settings = settings or UdpRelaySettings()
         self.dns_override = dns_override
         self._tunnel_dns = frozenset(dns_override.tunnel_addresses) if dns_override else frozenset()
         self._clock = clock
         self.stats = UdpRelayStats()
         self._agent: AgentLink | None = None
-        self._by_key: dict[tuple[Address, Address], _Flow] = {}
+        self._by_key: dict[tuple, _Flow] = {}
         self._by_id: dict[int, _Flow] = {}
         self._recency: dict[bool, collections.OrderedDict[_Flow, None]] = {
             True: collections.OrderedDict(),
@@ -131,18 +189,30 @@ class UdpRelay:
     def flow_count(self) -> int:
         return len(self._by_id)
 
-    def attach(self, agent: AgentLink) -> None:
-        """Use `agent` from now on (flows of a previous agent are forgotten)."""
+    def attach(self, agent: AgentLink, resumed: bool = False) -> None:
+        """Use `agent` from now on. `resumed`: it is the same agent re-attached, whose sockets still carry
+        the flows; otherwise the flows of a previous agent are forgotten."""
         if self._agent is not None:
             self.detach()
+        if not resumed:
+            self._forget_all()
+            self.ping_refused = None
         self._agent = agent
         agent.set_receiver(self)
 
     def detach(self) -> None:
-        """Forget the agent and every flow: its sockets are gone with it."""
+        """Forget the agent; its flows stay known (expiring as usual) in case it is re-attached."""
         agent, self._agent = self._agent, None
         if agent is not None:
             agent.set_receiver(None)
+
+    def refuse_pings(self, reason: str) -> None:
+        """Answer every echo request with "administratively prohibited" (e.g. no agent can run)."""
+        if self.ping_refused is None:
+            log.warning("ping through the tunnel is not possible: %s", reason)
+        self.ping_refused = reason
+
+    def _forget_all(self) -> None:
         self._by_key.clear()
         self._by_id.clear()
         for recency in self._recency.values():
@@ -174,11 +244,51 @@ class UdpRelay:
         else:
             self._recency[flow.dns].move_to_end(flow)
         flow.last_active = self._clock()
+        if flow.queries is not None and len(payload) >= 2 and len(flow.queries) < MAX_DNS_QUERIES:
+            flow.queries.add(payload[:2])
         if agent.send_datagram(flow.flow_id, payload):
             stats.datagrams_to_agent += 1
             stats.bytes_to_agent += len(payload)
         else:
             stats.drops["agent_backpressure"] += 1
+
+    def echo_from_app(self, app: str, target: str, ident: int, seq: int, payload: bytes) -> None:
+        """An ICMP echo request an app sent from `app` to `target` (identifier, sequence number, data)."""
+        stats = self.stats
+        stats.echo_requests += 1
+        agent = self._agent
+        if self.ping_refused is not None or (agent is not None and not agent.supports_icmp):
+            self._prohibited(app, target, ident, seq)
+            return
+        if agent is None:
+            stats.drops["no_agent"] += 1
+            return
+        key = (app, target, ident)
+        flow = self._by_key.get(key)
+        if flow is None:
+            if len(self._by_id) >= self.settings.max_flows:
+                stats.drops["flow_limit"] += 1
+                return
+            flow = _Flow(self._allocate_id(), key, (target, 0), False, echo=True)
+            self._add(flow)
+            agent.open_echo(flow.flow_id, target)
+        else:
+            self._recency[False].move_to_end(flow)
+        flow.last_active = self._clock()
+        flow.last_seq = seq
+        if not agent.send_echo(flow.flow_id, seq, payload):
+            stats.drops["agent_backpressure"] += 1
+
+    def _prohibited(self, app: str, target: str, ident: int, seq: int) -> None:
+        if self._icmp is not None:
+            self.stats.unreachable_to_app += 1
+            self._icmp.unreachable(target, (app, ident), (target, seq), p.UNREACH_PROHIBITED, True)
+
+    def _add(self, flow: _Flow) -> None:
+        self._by_key[flow.key] = flow
+        self._by_id[flow.flow_id] = flow
+        self._recency[flow.dns][flow] = None
+        self.stats.flows_opened += 1
 
     def _open(self, agent: AgentLink, key: tuple[Address, Address]) -> _Flow | None:
         if len(self._by_id) >= self.settings.max_flows:
@@ -194,10 +304,7 @@ class UdpRelay:
         dns = destination == SERVER_RESOLVER or destination[1] == 53
         flow = _Flow(self._allocate_id(), key, destination, dns)
         flow.reply_source = reply_source
-        self._by_key[key] = flow
-        self._by_id[flow.flow_id] = flow
-        self._recency[dns][flow] = None
-        self.stats.flows_opened += 1
+        self._add(flow)
         agent.open_flow(flow.flow_id, destination)
         return flow
 
@@ -215,14 +322,59 @@ class UdpRelay:
     def datagram_from_agent(self, flow_id: int, source: Address, payload: bytes) -> None:
         """A reply the agent received for `flow_id` from `source`."""
         flow = self._by_id.get(flow_id)
-        if flow is None:
+        if flow is None or flow.echo:
             self.stats.drops["unknown_flow"] += 1
             return
-        flow.last_active = self._clock()
-        self._recency[flow.dns].move_to_end(flow)
+        if flow.destination != SERVER_RESOLVER and source != flow.destination:
+            # The agent's socket is connected to the destination, so this cannot be its answer.
+            self.stats.drops["wrong_source"] += 1
+            return
         self.stats.datagrams_to_app += 1
         self.stats.bytes_to_app += len(payload)
         self._send_to_app(flow.reply_source or source, flow.app, payload)
+        queries = flow.queries
+        if queries is not None:
+            queries.discard(payload[:2])
+            if not queries:
+                # Every query of this DNS flow is answered: end it now rather than after an idle wait.
+                self.stats.dns_answered += 1
+                self._forget(flow)
+                if self._agent is not None:
+                    self._agent.close_flow(flow_id)
+                return
+        flow.last_active = self._clock()
+        self._recency[flow.dns].move_to_end(flow)
+
+    def echo_from_agent(self, flow_id: int, seq: int, payload: bytes) -> None:
+        """The real echo reply the agent's ping socket received."""
+        flow = self._by_id.get(flow_id)
+        if flow is None or not flow.echo:
+            self.stats.drops["unknown_flow"] += 1
+            return
+        flow.last_active = self._clock()
+        self._recency[False].move_to_end(flow)
+        self.stats.echo_replies += 1
+        if self._icmp is not None:
+            app, target, ident = flow.key
+            self._icmp.echo_reply(target, app, ident, seq, payload)
+
+    def unreachable_from_agent(self, flow_id: int, code: int, info: int, reporter: str | None) -> None:
+        """The flow's destination is unreachable: the app gets the matching ICMP error."""
+        flow = self._by_id.get(flow_id)
+        if flow is None:
+            self.stats.drops["unknown_flow"] += 1
+            return
+        if self._icmp is None:
+            return
+        self.stats.unreachable_to_app += 1
+        if flow.echo:
+            app, target, ident = flow.key
+            self._icmp.unreachable(reporter or target, (app, ident), (target, info), code, True)
+            return
+        dst = flow.key[1]
+        # The app asked the tunnel DNS address (or the destination): the error comes from there.
+        source = dst[0] if flow.reply_source is not None or reporter is None else reporter
+        self._icmp.unreachable(source, flow.app, dst, code, False)
 
     def flow_closed_by_agent(self, flow_id: int, reason: int) -> None:
         """The agent closed a flow (idle, limit, socket error): forget it; the next datagram reopens."""
@@ -234,6 +386,13 @@ class UdpRelay:
         )
         self.stats.flows_closed_by_agent += 1
         self._forget(flow)
+        if flow.echo and reason == p.CLOSE_NOT_PERMITTED:
+            self.refuse_pings(
+                "the server may not open ping sockets (its net.ipv4.ping_group_range excludes the SSH "
+                "user's groups); pings get 'administratively prohibited'"
+            )
+            app, target, ident = flow.key
+            self._prohibited(app, target, ident, flow.last_seq)
 
     # --- time -----------------------------------------------------------------------------------------
 
@@ -270,7 +429,7 @@ class UdpRelay:
             if self._agent is not None:
                 self._agent.close_flow(flow.flow_id)
 
-    def flows(self) -> Iterable[tuple[int, Address, Address]]:
+    def flows(self) -> Iterable[tuple[int, object, Address]]:
         """(flow id, app address, destination) of every open flow, for status views."""
         return [(f.flow_id, f.app, f.destination) for f in self._by_id.values()]
 

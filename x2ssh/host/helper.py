@@ -144,6 +144,7 @@ class PrivilegedHelper:
         routes with the server and ProxyJump hops (`bypass`) pinned to their current path."""
         import ipaddress
 
+        from x2ssh.host.linux.firewall import MarkRestore
         from x2ssh.host.linux.routes import LinuxRouting, plan_policy, plan_routes
 
         assert self.params is not None and self.journal is not None and self.tun_name is not None
@@ -152,6 +153,8 @@ class PrivilegedHelper:
         families = routing.policy_families(self.tun_name)
         if 4 in families:
             routing.apply_policy(plan_policy(self.tun_name, excludes, families), self.journal)
+            # replies carry the SSH connection's mark back, else strict rp_filter drops them
+            MarkRestore().apply(self.journal)
             self.routing_mode = "policy"
         else:
             log.warning("no policy routing in this kernel: split routes, pinned server (no roaming)")
