@@ -350,6 +350,10 @@ static err_t on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err) 
         }
         return ERR_OK;
     }
+    /* Quick ACK: PSH ends the app's write, and an app with Nagle on now waits for our ACK before it
+     * sends its next small segment. lwIP would hold the ACK for its 250 ms timer; the link is local,
+     * so ACK now (tcp_input calls tcp_output right after this callback). */
+    if (p->flags & PBUF_FLAG_PUSH) tcp_ack_now(pcb);
     if (f->rx) pbuf_cat(f->rx, p); else f->rx = p;
     if (!(f->flags & F_READABLE_SENT)) {
         f->flags |= F_READABLE_SENT;
@@ -791,6 +795,12 @@ int ns_tcp_ack(uint32_t id, size_t len) {
         u16_t chunk = len > 0xffff ? 0xffff : (u16_t)len;
         tcp_recved(f->pcb, chunk);
         len -= chunk;
+    }
+    /* The consumer has taken the bytes: an ACK lwIP still holds for its delayed-ACK timer goes out now.
+     * Only when one is owed, so a bulk upload never draws duplicate ACKs. */
+    if (f->pcb->flags & TF_ACK_DELAY) {
+        tcp_ack_now(f->pcb);
+        tcp_output(f->pcb);
     }
     return NS_OK;
 }
