@@ -555,7 +555,29 @@ static void send_rst_for(const uint8_t *pkt, const ns_ip *ip) {
     emit(o, hl + 20);
 }
 
+/* TIME_WAIT guards against old duplicates of a connection on a real network. Our peer is the local
+ * kernel over a TUN: nothing lingers in flight, and lwIP finds a pcb by walking its lists, so thousands
+ * of TIME_WAIT pcbs (short connections at a few thousand per second) would cost every SYN a long walk.
+ * Our last ACK has been sent by the time a pcb enters TIME_WAIT (tcp_input outputs before returning): free
+ * the pcbs of released flows at once. If that ACK were lost, the app's retransmitted FIN draws a RST,
+ * which ends its LAST_ACK just the same. */
+static void reap_time_wait(void) {
+    struct tcp_pcb *p = tcp_tw_pcbs;
+    while (p) {
+        struct tcp_pcb *next = p->next;
+        if (p->callback_arg == NULL) tcp_abort(p);
+        p = next;
+    }
+}
+
+static void input_tcp_segment(const uint8_t *pkt, const ns_ip *ip);
+
 static void input_tcp(const uint8_t *pkt, const ns_ip *ip) {
+    input_tcp_segment(pkt, ip);
+    if (tcp_tw_pcbs) reap_time_wait();
+}
+
+static void input_tcp_segment(const uint8_t *pkt, const ns_ip *ip) {
     const uint8_t *th = ip->l4;
     if (ip->l4len < 20) { G.st.dropped_malformed++; return; }
     size_t thl = (size_t)(th[12] >> 4) * 4;
@@ -835,7 +857,7 @@ int ns_tcp_close(uint32_t id, int abort_it) {
                 tcp_recved(pcb, chunk);
                 pending -= chunk;
             }
-            if (tcp_close(pcb) != ERR_OK) tcp_abort(pcb);
+            if (pcb->state == TIME_WAIT || tcp_close(pcb) != ERR_OK) tcp_abort(pcb); /* see reap_time_wait */
         }
     }
     flow_free(f);
