@@ -869,6 +869,8 @@ size_t ns_tcp_sndbuf(uint32_t id) {
     return (f && f->pcb) ? sndbuf_free(f->pcb) : 0;
 }
 
+uint64_t ns_mem_in_use(void) { return G.st.mem_in_use; }
+
 /* ---- UDP replies ---- */
 
 int ns_udp_send(int family, const uint8_t *src, uint16_t sport, const uint8_t *dst, uint16_t dport,
