@@ -983,8 +983,12 @@ void ns_close(void) {
 void ns_set_output_fd(int fd) { G.out_fd = fd; }
 
 void ns_set_clock(int manual, uint64_t now_ms) {
+    int switched = manual != G.manual_clock;
     G.manual_clock = manual;
     G.now_ms = now_ms;
+    /* lwIP's timers survive a close and reopen with absolute due times: after a switch between the
+     * monotonic and the manual clock they would be due ages away (or at once). Rebase them. */
+    if (switched && G.lwip_ready) sys_restart_timeouts();
 }
 
 void ns_get_stats(ns_stats *s) {
