@@ -31,6 +31,7 @@ enum {
     F_TX_SHUT = 2,         /* we sent FIN */
     F_READABLE_SENT = 4,   /* a READABLE event is outstanding until the rx queue empties */
     F_WANT_WRITABLE = 8,   /* a write was short: emit WRITABLE when the send buffer drains */
+    F_OUTPUT_PENDING = 16, /* written since the last ns_flush: listed in G.pending_out */
 };
 
 typedef struct {
@@ -62,6 +63,8 @@ static struct {
     ns_flow **buckets;              /* 4-tuple hash: SYN dedupe for pending and attached flows */
     uint32_t nbuckets, hcount;
     ns_flow *accepting;             /* the flow whose SYN is being fed to lwIP by ns_tcp_accept */
+    uint32_t *pending_out;          /* flows written to since the last ns_flush */
+    size_t npending_out, cap_pending_out;
     ns_event *events;
     size_t nevents, cap_events;
     uint8_t *arena, *out;
@@ -693,6 +696,7 @@ void ns_events_clear(void) {
 }
 
 size_t ns_out_take(const uint8_t **buf) {
+    ns_flush();
     *buf = G.out;
     return G.out_len;
 }
@@ -784,7 +788,15 @@ int ns_tcp_write(uint32_t id, const uint8_t *data, size_t len) {
         if (tcp_write(f->pcb, data + done, (u16_t)chunk, TCP_WRITE_FLAG_COPY | more) != ERR_OK) break;
         done += chunk;
     }
-    if (done) tcp_output(f->pcb);
+    /* Output waits for ns_flush (the end of the caller's turn): writes and a FIN from the same turn
+     * leave as one segment instead of one per call. */
+    if (done && !(f->flags & F_OUTPUT_PENDING) &&
+        !grow((void **)&G.pending_out, &G.cap_pending_out, G.npending_out + 1, sizeof *G.pending_out)) {
+        f->flags |= F_OUTPUT_PENDING;
+        G.pending_out[G.npending_out++] = f->id;
+    } else if (done && !(f->flags & F_OUTPUT_PENDING)) {
+        tcp_output(f->pcb); /* no room to remember it: send now */
+    }
     if (done < len) f->flags |= F_WANT_WRITABLE;
     return (int)(done > 0x7fffffff ? 0x7fffffff : done);
 }
@@ -870,6 +882,16 @@ size_t ns_tcp_sndbuf(uint32_t id) {
 }
 
 uint64_t ns_mem_in_use(void) { return G.st.mem_in_use; }
+
+void ns_flush(void) {
+    for (size_t i = 0; i < G.npending_out; i++) {
+        ns_flow *f = flow_get(G.pending_out[i]);
+        if (!f) continue;
+        f->flags &= (uint8_t)~F_OUTPUT_PENDING;
+        if (f->pcb) tcp_output(f->pcb);
+    }
+    G.npending_out = 0;
+}
 
 /* ---- UDP replies ---- */
 
@@ -971,8 +993,9 @@ void ns_close(void) {
     free(G.slots); free(G.free_idx); free(G.buckets);
     G.slots = NULL; G.free_idx = NULL; G.buckets = NULL;
     G.nslots = G.nfree = G.nbuckets = G.hcount = 0;
-    free(G.events); free(G.arena); free(G.out);
-    G.events = NULL; G.arena = NULL; G.out = NULL;
+    free(G.events); free(G.arena); free(G.out); free(G.pending_out);
+    G.events = NULL; G.arena = NULL; G.out = NULL; G.pending_out = NULL;
+    G.npending_out = G.cap_pending_out = 0;
     G.nevents = G.cap_events = G.arena_len = G.arena_cap = G.out_len = G.out_cap = 0;
     uint64_t mem = G.st.mem_in_use;
     memset(&G.st, 0, sizeof G.st);

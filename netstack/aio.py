@@ -392,6 +392,7 @@ class TunStack:
                 self._handle(event)
             except Exception:  # one misbehaving protocol must not take the others down
                 log.exception("error while handling %s", type(event).__name__)
+        self.stack.flush()  # what this turn wrote leaves now, a FIN with the last data
         self._check_budget()
 
     def _handle(self, event: object) -> None:

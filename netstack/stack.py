@@ -124,7 +124,8 @@ class TcpFlow:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Queue bytes for the app; returns how many were taken (0 when the send buffer is full).
 
-        After a short write a ``TcpWritable`` event says when to try again.
+        They leave at the next ``Stack.flush`` (or ``packets_to_send``). After a short write a
+        ``TcpWritable`` event says when to try again.
         """
         if not data:
             return 0
@@ -225,6 +226,12 @@ class Stack:
         if rc < 0:
             raise OSError(-rc, f"reading the TUN device: {os.strerror(-rc)}")
         return rc
+
+    def flush(self) -> None:
+        """Send what ``TcpFlow.write`` queued. Writes wait for this (once per turn of the caller's loop) so
+        that several writes and a FIN leave in as few segments as possible; ``packets_to_send`` flushes
+        first by itself."""
+        lib.ns_flush()
 
     def set_output_fd(self, fd: int | None) -> None:
         """Write output packets straight to ``fd`` (a TUN device), or queue them when None."""

@@ -25,6 +25,7 @@ class FakeFlow:
     """The part of a netstack flow the bridge uses while the SYN is held."""
 
     def __init__(self, port: int) -> None:
+        self.id = port
         self.src = ("198.18.0.2", 40000 + port % 20000)
         self.dst = ("198.19.0.2", port)
         self.closed = False
@@ -147,6 +148,24 @@ async def _close_with_waiting() -> None:
     await settle()
     assert all(f.refused for f in flows[1:]), "the SYNs still waiting for an open slot get a RST"
     assert bridge.stats.opening == 0 and bridge.stats.waiting == 0
+
+
+def test_an_open_that_never_completes_is_refused_after_the_timeout():
+    asyncio.run(_open_timeout())
+
+
+async def _open_timeout() -> None:
+    bridge = TcpBridge(FakeTun, limits=BridgeLimits(open_timeout=0.05))  # type: ignore[arg-type]
+    conn = FakeConnection()
+    bridge.set_connection(conn)  # type: ignore[arg-type]
+    silent = FakeFlow(25)
+    bridge.on_tcp(silent)  # type: ignore[arg-type]
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if silent.refused:
+            break
+    assert silent.refused and bridge.stats.failed == 1
+    assert bridge.stats.opening == 0 and conn.in_flight == 0
 
 
 def test_limits_are_validated():

@@ -189,7 +189,9 @@ class TcpBridge:
         self.connection: asyncssh.SSHClientConnection | None = None
         self.connection_ready = asyncio.Event()
         self.stats = BridgeStats()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._opening: dict[int, tuple[asyncio.Task[None], float]] = {}  # flow id -> (task, deadline)
+        self._expired: set[int] = set()  # opens cancelled by the sweeper: a timeout, not a shutdown
+        self._sweeper: asyncio.TimerHandle | None = None
         self._waiting: deque[TcpFlow] = deque()
 
     def on_tcp(self, flow: TcpFlow) -> None:
@@ -213,11 +215,30 @@ class TcpBridge:
 
     def _start_open(self, flow: TcpFlow) -> None:
         self.stats.opening += 1
-        task = asyncio.get_running_loop().create_task(self._open(flow))
-        self._tasks.add(task)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._open(flow))
+        self._opening[flow.id] = (task, loop.time() + self._open_timeout)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
 
-    def _open_done(self) -> None:
-        self._tasks.discard(asyncio.current_task())  # type: ignore[arg-type]
+    def _sweep_interval(self) -> float:
+        return min(1.0, self._open_timeout / 4)
+
+    def _sweep(self) -> None:
+        """Cancel opens past their deadline: one timer for all of them, not one per connection."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for flow_id, (task, deadline) in list(self._opening.items()):
+            if deadline <= now and flow_id not in self._expired:
+                self._expired.add(flow_id)
+                task.cancel()
+        if self._opening:
+            self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
+
+    def _open_done(self, flow: TcpFlow) -> None:
+        self._opening.pop(flow.id, None)
+        self._expired.discard(flow.id)
         self.stats.opening -= 1
         waiting = self._waiting
         while waiting and self.stats.opening < self.limits.max_opening:
@@ -230,27 +251,33 @@ class TcpBridge:
         try:
             await self._open_and_accept(flow)
         finally:
-            self._open_done()
+            self._open_done(flow)
 
     async def _open_and_accept(self, flow: TcpFlow) -> None:
         host, port = self._rewrite(flow.dst)
         link = _Link(self.stats)
         try:
-            async with asyncio.timeout(self._open_timeout):
+            conn = self.connection
+            if conn is None:
+                await self.connection_ready.wait()
                 conn = self.connection
-                if conn is None:
-                    await self.connection_ready.wait()
-                    conn = self.connection
-                    assert conn is not None
-                channel, _ = await conn.create_connection(
-                    lambda: _ChannelSide(link),
-                    host,
-                    port,
-                    flow.src[0],
-                    flow.src[1],
-                    window=CHANNEL_WINDOW,
-                    max_pktsize=CHANNEL_MAX_PACKET,
-                )
+                assert conn is not None
+            channel, _ = await conn.create_connection(
+                lambda: _ChannelSide(link),
+                host,
+                port,
+                flow.src[0],
+                flow.src[1],
+                window=CHANNEL_WINDOW,
+                max_pktsize=CHANNEL_MAX_PACKET,
+            )
+        except asyncio.CancelledError:
+            if flow.id not in self._expired:
+                raise  # the bridge is closing
+            self.stats.failed += 1
+            log.debug("%s:%d: no channel within %.0f s", host, port, self._open_timeout)
+            self._refuse(flow)
+            return
         except asyncssh.ChannelOpenError as exc:
             self.stats.refused += 1
             log.debug("%s:%d refused by the server: %s", host, port, exc.reason)
@@ -296,5 +323,8 @@ class TcpBridge:
         self.stats.waiting = 0
         for flow in waiting:
             self._refuse(flow)
-        for task in list(self._tasks):
+        for task, _ in list(self._opening.values()):
             task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
