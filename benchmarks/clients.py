@@ -4,6 +4,8 @@
     python3 clients.py rr --host H --port P --count 2000 --size 64
     python3 clients.py dns --server S --name lab.test --count 1000
     python3 clients.py idle-flows --host H --port P --count 1000 --hold 3
+    python3 clients.py nagle --host H --port P --path /1k.bin --rounds 50
+    python3 clients.py port-scan --host H --first-port 20000 --ports 3000 --parallel 500 --duration 5
 
 Latencies are reported as percentiles computed here (the raw per-request samples would be huge).
 """
@@ -203,6 +205,92 @@ async def idle_flows(host: str, port: int, count: int, hold: float, parallel: in
     }
 
 
+# -- write, write, read with Nagle on -----------------------------------------------------------------------
+
+
+def _read_http_response(sock: socket.socket, pending: bytearray) -> None:
+    """Consume one HTTP response (headers, Content-Length body) from `sock`; leftovers stay in `pending`."""
+    while b"\r\n\r\n" not in pending:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection mid-response")
+        pending += chunk
+    head, _, _ = bytes(pending).partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise ConnectionError(head.split(b"\r\n", 1)[0].decode("latin-1"))
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    total = len(head) + 4 + length
+    while len(pending) < total:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection mid-body")
+        pending += chunk
+    del pending[:total]
+
+
+def nagle(host: str, port: int, path: str, rounds: int) -> dict:
+    """Keep-alive HTTP requests, each sent as two writes (headers, then the blank line) with Nagle on.
+
+    The second write is small and the first is unacknowledged, so the client's kernel holds it until the
+    first is ACKed; the server answers only after the blank line. A peer that delays its ACK stalls
+    every round by its delayed-ACK timer.
+    """
+    netloc = f"[{host}]" if ":" in host else host
+    head = f"GET {path} HTTP/1.1\r\nHost: {netloc}\r\n".encode()
+    samples: list[float] = []
+    pending = bytearray()
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)  # Nagle on (the default), on purpose
+        for _ in range(rounds):
+            start = time.perf_counter()
+            sock.sendall(head)
+            sock.sendall(b"\r\n")
+            _read_http_response(sock, pending)
+            samples.append(time.perf_counter() - start)
+    return {
+        "rounds": len(samples),
+        "p50_ms": _ms(percentile(samples, 50)),
+        "p99_ms": _ms(percentile(samples, 99)),
+    }
+
+
+# -- a port scan ---------------------------------------------------------------------------------------------
+
+
+async def port_scan(host: str, first_port: int, ports: int, parallel: int, duration: float) -> dict:
+    """Connect to `ports` consecutive ports from `first_port`, `parallel` at a time, over and over until
+    `duration` has passed; count how each attempt ended (a closed port should be refused at once)."""
+    outcomes: dict[str, int] = {"refused": 0, "connected": 0, "timeout": 0, "other": 0}
+    deadline = time.perf_counter() + duration
+    next_port = 0
+
+    async def scanner() -> None:
+        nonlocal next_port
+        while time.perf_counter() < deadline:
+            port = first_port + next_port % ports
+            next_port += 1
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+                writer.close()
+                outcomes["connected"] += 1
+            except ConnectionRefusedError:
+                outcomes["refused"] += 1
+            except TimeoutError:
+                outcomes["timeout"] += 1
+            except OSError:
+                outcomes["other"] += 1
+                await asyncio.sleep(0.01)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(scanner() for _ in range(parallel)))
+    elapsed = time.perf_counter() - start
+    attempts = sum(outcomes.values())
+    return {**outcomes, "attempts": attempts, "elapsed_s": elapsed, "rate_per_s": attempts / elapsed}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="kind", required=True)
@@ -228,6 +316,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--count", type=int, default=1000)
     p.add_argument("--hold", type=float, default=3.0)
     p.add_argument("--parallel", type=int, default=200)
+    p = sub.add_parser("nagle")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--path", default="/1k.bin")
+    p.add_argument("--rounds", type=int, default=50)
+    p = sub.add_parser("port-scan")
+    p.add_argument("--host", required=True)
+    p.add_argument("--first-port", type=int, default=20000)
+    p.add_argument("--ports", type=int, default=3000)
+    p.add_argument("--parallel", type=int, default=500)
+    p.add_argument("--duration", type=float, default=5.0)
     args = parser.parse_args(argv)
     _raise_fd_limit()
     if args.kind == "http-rate":
@@ -236,6 +335,10 @@ def main(argv: list[str] | None = None) -> None:
         result = request_response(args.host, args.port, args.count, args.size)
     elif args.kind == "dns":
         result = dns_lookups(args.server, args.name, args.count, args.timeout)
+    elif args.kind == "nagle":
+        result = nagle(args.host, args.port, args.path, args.rounds)
+    elif args.kind == "port-scan":
+        result = asyncio.run(port_scan(args.host, args.first_port, args.ports, args.parallel, args.duration))
     else:
         result = asyncio.run(idle_flows(args.host, args.port, args.count, args.hold, args.parallel))
     json.dump(result, sys.stdout)

@@ -45,10 +45,20 @@ def _ready() -> None:
     sys.stdout.flush()
 
 
+def _no_delay(writer: asyncio.StreamWriter) -> None:
+    # asyncio sets TCP_NODELAY only on sockets created with proto=IPPROTO_TCP, which accepted sockets of a
+    # listener made by socket.socket() are not; a server answering in pieces must not wait on Nagle.
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 # -- TCP echo ----------------------------------------------------------------------------------------------
 
 
 async def _echo_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    _no_delay(writer)
     try:
         while True:
             data = await reader.read(CHUNK)
@@ -97,6 +107,7 @@ async def udp_echo(port: int) -> None:
 
 async def _http_client(root: Path, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Minimal HTTP/1.1 file server: GET/HEAD, keep-alive unless `Connection: close` or HTTP/1.0."""
+    _no_delay(writer)
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -114,15 +125,20 @@ async def _http_client(root: Path, reader: asyncio.StreamReader, writer: asyncio
                 )
             else:
                 size = path.stat().st_size
-                writer.write(
+                head = (
                     b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\n"
                     b"Connection: %s\r\n\r\n" % (size, b"keep-alive" if keep_alive else b"close")
                 )
-                if method == "GET":
+                if method != "GET":
+                    writer.write(head)
+                else:
                     with open(path, "rb") as f:
+                        # Headers and the first chunk in one write, as a web server does: a small answer
+                        # leaves as one segment instead of meeting Nagle plus the peer's delayed ACK.
+                        writer.write(head + f.read(CHUNK))
                         while chunk := f.read(CHUNK):
-                            writer.write(chunk)
                             await writer.drain()
+                            writer.write(chunk)
             await writer.drain()
             if not keep_alive:
                 break

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +56,10 @@ class Settings:
     scale_hold: float
     download_size: int
     netem: str
+    ab_seconds: float
+    nagle_rounds: int
+    scan_ports: int
+    scan_parallel: int
 
     @classmethod
     def full(cls) -> Settings:
@@ -61,6 +67,7 @@ class Settings:
             repeats=3, iperf_seconds=8, http_seconds=5.0, http_concurrency=50, rr_count=2000, dns_count=1000,
             udp_rates=("50M", "200M"), udp_seconds=5, scale_counts=(1000, 10000), scale_hold=3.0,
             download_size=20 * 1024 * 1024, netem="delay 50ms loss 1%",
+            ab_seconds=5.0, nagle_rounds=100, scan_ports=3000, scan_parallel=500,
         )  # fmt: skip
 
     @classmethod
@@ -69,6 +76,7 @@ class Settings:
             repeats=1, iperf_seconds=2, http_seconds=2.0, http_concurrency=50, rr_count=300, dns_count=200,
             udp_rates=("50M",), udp_seconds=2, scale_counts=(200,), scale_hold=1.0,
             download_size=2 * 1024 * 1024, netem="delay 50ms loss 1%",
+            ab_seconds=2.0, nagle_rounds=20, scan_ports=1000, scan_parallel=200,
         )  # fmt: skip
 
 
@@ -349,6 +357,143 @@ class IdleFlows(Scenario):
         return values
 
 
+_AB_FIELDS = {
+    "complete": re.compile(r"^Complete requests:\s+(\d+)", re.M),
+    "failed": re.compile(r"^Failed requests:\s+(\d+)", re.M),
+    "rate": re.compile(r"^Requests per second:\s+([\d.]+)", re.M),
+    "p50": re.compile(r"^\s+50%\s+(\d+)", re.M),
+    "p99": re.compile(r"^\s+99%\s+(\d+)", re.M),
+    # Connection Times table: min mean [+/-sd] median max; "Waiting" is the time to the first byte.
+    "wait_median": re.compile(r"^Waiting:\s+\d+\s+\d+\s+[\d.]+\s+(\d+)", re.M),
+}
+
+
+def parse_ab(output: str) -> dict[str, float]:
+    """The figures the harness uses from ApacheBench's report (ms for times); KeyError when one is missing."""
+    found = {}
+    for key, regex in _AB_FIELDS.items():
+        match = regex.search(output)
+        if match is None:
+            raise KeyError(f"ApacheBench output has no {key!r} line")
+        found[key] = float(match.group(1))
+    return found
+
+
+class ApacheBenchRate(Scenario):
+    """New-connection HTTP rate measured with a C client (ab), plus the transport's CPU per connection."""
+
+    name = "ab-rate"
+    requires = TCP
+    description = "ApacheBench: 1 KiB answers, one connection per request, 50 concurrent"
+
+    def metrics(self, settings: Settings) -> list[Metric]:
+        c = settings.http_concurrency
+        return [
+            Metric("ab-rate", f"ab -c {c}, new connection per 1 KiB request", "req/s", "higher"),
+            Metric("ab-p50", f"ab -c {c}: request time p50", "ms", "lower"),
+            Metric("ab-wait-p50", f"ab -c {c}: time to first byte, median", "ms", "lower"),
+            Metric("ab-cpu-client", f"ab -c {c}: transport CPU per connection", "µs", "lower"),
+        ]
+
+    def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
+        ep = transport.reach("http")
+        netloc = f"[{ep.host}]" if ":" in ep.host else ep.host
+        argv = [
+            "ab", "-q", "-r", "-s", "10", "-c", str(settings.http_concurrency),
+            "-t", str(settings.ab_seconds), "-n", "10000000", f"http://{netloc}:{ep.port}/1k.bin",
+        ]  # fmt: skip
+        with _metered(env, transport) as meters:
+            done = env.lab.run(ep.ns, argv, timeout=settings.ab_seconds + 60)
+        if done.returncode != 0:
+            raise ScenarioError(f"ab exited {done.returncode}: {(done.stderr or done.stdout)[-400:]}")
+        ab = parse_ab(done.stdout)
+        if not ab["complete"]:
+            raise ScenarioError("ab completed no request")
+        cpu = None if meters is None else meters[0].cpu_seconds / ab["complete"] * 1e6
+        extra = {"complete": ab["complete"], "failed": ab["failed"], "p99_ms": ab["p99"]}
+        return {
+            "ab-rate": (ab["rate"], extra),
+            "ab-p50": (ab["p50"], {}),
+            "ab-wait-p50": (ab["wait_median"], {}),
+            "ab-cpu-client": (cpu, {}),
+        }
+
+
+class NaglePattern(Scenario):
+    """write, write, read with Nagle on: exposes a peer that delays its ACKs."""
+
+    name = "nagle"
+    requires = TCP
+    description = "HTTP keep-alive requests sent as two writes with Nagle on, then read the answer"
+
+    def metrics(self, settings: Settings) -> list[Metric]:
+        return [
+            Metric("nagle-p50", "write, write, read with Nagle on: round p50", "ms", "lower"),
+            Metric("nagle-p99", "write, write, read with Nagle on: round p99", "ms", "lower"),
+        ]
+
+    def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
+        ep = transport.reach("http")
+        args = ["nagle", "--host", ep.host, "--port", str(ep.port), "--rounds", str(settings.nagle_rounds)]
+        data = _client(env, ep, args, timeout=settings.nagle_rounds * 1.0 + 60)
+        return {"nagle-p50": (data["p50_ms"], {"rounds": data["rounds"]}), "nagle-p99": (data["p99_ms"], {})}
+
+
+SCAN_FIRST_PORT = 20000  # nothing listens on the target from here on
+
+
+class PortScanDuringDownload(Scenario):
+    """A download's throughput alone and while a port scan of closed ports runs through the same VPN."""
+
+    name = "port-scan"
+    requires = SCALE
+    description = "iperf3 download alone, then alongside a scan of closed ports (many SYNs, all refused)"
+
+    def metrics(self, settings: Settings) -> list[Metric]:
+        n = settings.scan_ports
+        return [
+            Metric("scan-download-alone", "download without a scan", "Mbit/s", "higher"),
+            Metric("scan-download-with", f"download during a scan of {n} closed ports", "Mbit/s", "higher"),
+            Metric("scan-download-ratio", "download during the scan / without", "ratio", "higher"),
+            Metric("scan-refused-rate", "scan: closed ports refused per second", "1/s", "higher"),
+            Metric(
+                "scan-unanswered", "scan: attempts that timed out or failed otherwise", "attempts", "lower"
+            ),
+            Metric("scan-rss", "scan: peak RSS of the transport", "MiB", "lower"),
+        ]
+
+    def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
+        ep = transport.reach("iperf3")
+        target = transport.reach("http")
+        alone = _iperf3(env, ep, ["-R"], settings.iperf_seconds)["end"]["sum_received"]["bits_per_second"]
+        scan_seconds = settings.iperf_seconds + 2
+        scan_argv = [
+            sys.executable, str(CLIENTS_SCRIPT), "port-scan", "--host", target.host,
+            "--first-port", str(SCAN_FIRST_PORT), "--ports", str(settings.scan_ports),
+            "--parallel", str(settings.scan_parallel), "--duration", str(scan_seconds),
+        ]  # fmt: skip
+        with ResourceMeter(transport.client_pids) as meter:
+            scan = env.lab.popen(ep.ns, scan_argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                with_scan = _iperf3(env, ep, ["-R"], settings.iperf_seconds)
+            finally:
+                out, err = scan.communicate(timeout=scan_seconds + 60)
+        if scan.returncode != 0:
+            raise ScenarioError(f"port scan exited {scan.returncode}: {err[-400:]}")
+        result = json.loads(out)
+        during = with_scan["end"]["sum_received"]["bits_per_second"]
+        unanswered = result["timeout"] + result["other"]
+        extra = {k: result[k] for k in ("refused", "connected", "timeout", "other", "attempts")}
+        return {
+            "scan-download-alone": (alone / 1e6, {}),
+            "scan-download-with": (during / 1e6, extra),
+            "scan-download-ratio": (during / alone if alone else None, {}),
+            "scan-refused-rate": (result["refused"] / result["elapsed_s"], {}),
+            "scan-unanswered": (float(unanswered), {}),
+            "scan-rss": (meter.peak_rss_kib / 1024, {}),
+        }
+
+
 def all_scenarios() -> list[Scenario]:
     """Every scenario, in the order the harness runs them."""
     return [
@@ -356,9 +501,12 @@ def all_scenarios() -> list[Scenario]:
         IperfTcp("tcp-down", "TCP 1 flow download", reverse=True, flows=1),
         IperfTcp("tcp-8flows", "TCP 8 flows download", reverse=True, flows=8),
         HttpRate(),
+        ApacheBenchRate(),
         RequestResponse(),
+        NaglePattern(),
         LossyDownload(),
         UdpRates(),
         DnsLatency(),
         IdleFlows(),
+        PortScanDuringDownload(),
     ]

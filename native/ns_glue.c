@@ -31,6 +31,7 @@ enum {
     F_TX_SHUT = 2,         /* we sent FIN */
     F_READABLE_SENT = 4,   /* a READABLE event is outstanding until the rx queue empties */
     F_WANT_WRITABLE = 8,   /* a write was short: emit WRITABLE when the send buffer drains */
+    F_OUTPUT_PENDING = 16, /* written since the last ns_flush: listed in G.pending_out */
 };
 
 typedef struct {
@@ -62,6 +63,8 @@ static struct {
     ns_flow **buckets;              /* 4-tuple hash: SYN dedupe for pending and attached flows */
     uint32_t nbuckets, hcount;
     ns_flow *accepting;             /* the flow whose SYN is being fed to lwIP by ns_tcp_accept */
+    uint32_t *pending_out;          /* flows written to since the last ns_flush */
+    size_t npending_out, cap_pending_out;
     ns_event *events;
     size_t nevents, cap_events;
     uint8_t *arena, *out;
@@ -350,6 +353,10 @@ static err_t on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err) 
         }
         return ERR_OK;
     }
+    /* Quick ACK: PSH ends the app's write, and an app with Nagle on now waits for our ACK before it
+     * sends its next small segment. lwIP would hold the ACK for its 250 ms timer; the link is local,
+     * so ACK now (tcp_input calls tcp_output right after this callback). */
+    if (p->flags & PBUF_FLAG_PUSH) tcp_ack_now(pcb);
     if (f->rx) pbuf_cat(f->rx, p); else f->rx = p;
     if (!(f->flags & F_READABLE_SENT)) {
         f->flags |= F_READABLE_SENT;
@@ -551,7 +558,29 @@ static void send_rst_for(const uint8_t *pkt, const ns_ip *ip) {
     emit(o, hl + 20);
 }
 
+/* TIME_WAIT guards against old duplicates of a connection on a real network. Our peer is the local
+ * kernel over a TUN: nothing lingers in flight, and lwIP finds a pcb by walking its lists, so thousands
+ * of TIME_WAIT pcbs (short connections at a few thousand per second) would cost every SYN a long walk.
+ * Our last ACK has been sent by the time a pcb enters TIME_WAIT (tcp_input outputs before returning): free
+ * the pcbs of released flows at once. If that ACK were lost, the app's retransmitted FIN draws a RST,
+ * which ends its LAST_ACK just the same. */
+static void reap_time_wait(void) {
+    struct tcp_pcb *p = tcp_tw_pcbs;
+    while (p) {
+        struct tcp_pcb *next = p->next;
+        if (p->callback_arg == NULL) tcp_abort(p);
+        p = next;
+    }
+}
+
+static void input_tcp_segment(const uint8_t *pkt, const ns_ip *ip);
+
 static void input_tcp(const uint8_t *pkt, const ns_ip *ip) {
+    input_tcp_segment(pkt, ip);
+    if (tcp_tw_pcbs) reap_time_wait();
+}
+
+static void input_tcp_segment(const uint8_t *pkt, const ns_ip *ip) {
     const uint8_t *th = ip->l4;
     if (ip->l4len < 20) { G.st.dropped_malformed++; return; }
     size_t thl = (size_t)(th[12] >> 4) * 4;
@@ -669,6 +698,7 @@ void ns_events_clear(void) {
 }
 
 size_t ns_out_take(const uint8_t **buf) {
+    ns_flush();
     *buf = G.out;
     return G.out_len;
 }
@@ -760,7 +790,15 @@ int ns_tcp_write(uint32_t id, const uint8_t *data, size_t len) {
         if (tcp_write(f->pcb, data + done, (u16_t)chunk, TCP_WRITE_FLAG_COPY | more) != ERR_OK) break;
         done += chunk;
     }
-    if (done) tcp_output(f->pcb);
+    /* Output waits for ns_flush (the end of the caller's turn): writes and a FIN from the same turn
+     * leave as one segment instead of one per call. */
+    if (done && !(f->flags & F_OUTPUT_PENDING) &&
+        !grow((void **)&G.pending_out, &G.cap_pending_out, G.npending_out + 1, sizeof *G.pending_out)) {
+        f->flags |= F_OUTPUT_PENDING;
+        G.pending_out[G.npending_out++] = f->id;
+    } else if (done && !(f->flags & F_OUTPUT_PENDING)) {
+        tcp_output(f->pcb); /* no room to remember it: send now */
+    }
     if (done < len) f->flags |= F_WANT_WRITABLE;
     return (int)(done > 0x7fffffff ? 0x7fffffff : done);
 }
@@ -793,6 +831,12 @@ int ns_tcp_ack(uint32_t id, size_t len) {
         u16_t chunk = len > 0xffff ? 0xffff : (u16_t)len;
         tcp_recved(f->pcb, chunk);
         len -= chunk;
+    }
+    /* The consumer has taken the bytes: an ACK lwIP still holds for its delayed-ACK timer goes out now.
+     * Only when one is owed, so a bulk upload never draws duplicate ACKs. */
+    if (f->pcb->flags & TF_ACK_DELAY) {
+        tcp_ack_now(f->pcb);
+        tcp_output(f->pcb);
     }
     return NS_OK;
 }
@@ -827,7 +871,7 @@ int ns_tcp_close(uint32_t id, int abort_it) {
                 tcp_recved(pcb, chunk);
                 pending -= chunk;
             }
-            if (tcp_close(pcb) != ERR_OK) tcp_abort(pcb);
+            if (pcb->state == TIME_WAIT || tcp_close(pcb) != ERR_OK) tcp_abort(pcb); /* see reap_time_wait */
         }
     }
     flow_free(f);
@@ -837,6 +881,18 @@ int ns_tcp_close(uint32_t id, int abort_it) {
 size_t ns_tcp_sndbuf(uint32_t id) {
     ns_flow *f = flow_get(id);
     return (f && f->pcb) ? sndbuf_free(f->pcb) : 0;
+}
+
+uint64_t ns_mem_in_use(void) { return G.st.mem_in_use; }
+
+void ns_flush(void) {
+    for (size_t i = 0; i < G.npending_out; i++) {
+        ns_flow *f = flow_get(G.pending_out[i]);
+        if (!f) continue;
+        f->flags &= (uint8_t)~F_OUTPUT_PENDING;
+        if (f->pcb) tcp_output(f->pcb);
+    }
+    G.npending_out = 0;
 }
 
 /* ---- UDP replies ---- */
@@ -1056,8 +1112,9 @@ void ns_close(void) {
     free(G.slots); free(G.free_idx); free(G.buckets);
     G.slots = NULL; G.free_idx = NULL; G.buckets = NULL;
     G.nslots = G.nfree = G.nbuckets = G.hcount = 0;
-    free(G.events); free(G.arena); free(G.out);
-    G.events = NULL; G.arena = NULL; G.out = NULL;
+    free(G.events); free(G.arena); free(G.out); free(G.pending_out);
+    G.events = NULL; G.arena = NULL; G.out = NULL; G.pending_out = NULL;
+    G.npending_out = G.cap_pending_out = 0;
     G.nevents = G.cap_events = G.arena_len = G.arena_cap = G.out_len = G.out_cap = 0;
     uint64_t mem = G.st.mem_in_use;
     memset(&G.st, 0, sizeof G.st);
@@ -1069,8 +1126,12 @@ void ns_close(void) {
 void ns_set_output_fd(int fd) { G.out_fd = fd; }
 
 void ns_set_clock(int manual, uint64_t now_ms) {
+    int switched = manual != G.manual_clock;
     G.manual_clock = manual;
     G.now_ms = now_ms;
+    /* lwIP's timers survive a close and reopen with absolute due times: after a switch between the
+     * monotonic and the manual clock they would be due ages away (or at once). Rebase them. */
+    if (switched && G.lwip_ready) sys_restart_timeouts();
 }
 
 void ns_get_stats(ns_stats *s) {

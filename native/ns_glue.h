@@ -104,6 +104,11 @@ int ns_tcp_shutdown(uint32_t flow);
 /* Release a flow: graceful close (FIN) unless abort (RST); a flow already gone is just freed. */
 int ns_tcp_close(uint32_t flow, int abort);
 size_t ns_tcp_sndbuf(uint32_t flow);
+/* Bytes lwIP holds right now (received and sent data not yet released, pcbs): cheap, for memory caps. */
+uint64_t ns_mem_in_use(void);
+/* Send what ns_tcp_write queued since the last call (ns_out_take does this first). Call once per turn of
+ * the caller's loop, after its writes and shutdowns. */
+void ns_flush(void);
 
 int ns_udp_send(int family, const uint8_t *src, uint16_t sport, const uint8_t *dst, uint16_t dport,
                 const uint8_t *payload, size_t len);

@@ -9,6 +9,13 @@ gets an asyncio-style transport (:class:`TcpTransport`) driving an :class:`async
 control both ways: ``pause_reading`` leaves bytes in the stack so the app's receive window closes, and
 ``pause_writing``/``resume_writing`` tell the protocol when the app stops/starts taking bytes.
 
+Memory budget. Per flow, memory is bounded by the TCP windows and the write buffer's high-water mark; all
+flows together are bounded by ``StackConfig.buffer_budget``: the bytes the stack holds plus every
+transport's write buffer. Past the budget every flow stops reading, nothing is dropped: protocols are
+told ``pause_writing`` (a bridge stops reading its upstream), and bytes handed to protocols no longer
+reopen the apps' receive windows (the acknowledgement is withheld). Below three quarters of the budget
+both resume.
+
 Example — echo every TCP connection that arrives on a TUN device::
 
     class Echo(asyncio.Protocol):
@@ -66,7 +73,10 @@ class TcpTransport(asyncio.Transport):
         self._eof_to_send = False
         self._closing = False
         self._lost = False
-        self._writing_paused = False
+        self._writing_paused = False  # what the protocol was last told
+        self._paused_by_buffer = False  # our write buffer passed its high-water mark
+        self._paused_by_budget = False  # all flows together passed the memory budget
+        self._withheld = 0  # bytes handed on whose window reopening waits for the budget
         self._high, self._low = WRITE_HIGH, WRITE_LOW
 
     @property
@@ -99,7 +109,10 @@ class TcpTransport(asyncio.Transport):
             self._protocol.data_received(data)
             if flow.closed:
                 return
-            flow.ack(len(data))  # handed on: reopen the app's window
+            if self._tun.over_budget:
+                self._withheld += len(data)
+            else:
+                flow.ack(len(data))  # handed on: reopen the app's window
         else:
             self._data_waiting = True
         if self._eof_waiting and not self._data_waiting and not self._reading_paused:
@@ -121,21 +134,48 @@ class TcpTransport(asyncio.Transport):
                 return
             if taken == len(data):
                 self._tun._kick()
+                if self._tun.over_budget and not self._paused_by_budget:
+                    self._budget_pause()
                 return
             data = memoryview(data)[taken:]
         self._buffer += data
+        self._tun._buffered += len(data)
         self._tun._kick()
-        if not self._writing_paused and len(self._buffer) > self._high:
-            self._writing_paused = True
-            self._protocol.pause_writing()
+        if len(self._buffer) > self._high:
+            self._paused_by_buffer = True
+        if self._tun.over_budget:
+            self._paused_by_budget = True
+        self._update_writing()
+
+    def _update_writing(self) -> None:
+        paused = self._paused_by_buffer or self._paused_by_budget
+        if paused != self._writing_paused and not self._lost:
+            self._writing_paused = paused
+            if paused:
+                self._protocol.pause_writing()
+            else:
+                self._protocol.resume_writing()
+
+    def _budget_pause(self) -> None:
+        self._paused_by_budget = True
+        self._update_writing()
+
+    def _budget_resume(self) -> None:
+        if self._withheld and not self._flow.closed:
+            withheld, self._withheld = self._withheld, 0
+            self._flow.ack(withheld)
+        if self._paused_by_budget:
+            self._paused_by_budget = False
+            self._update_writing()
 
     def _flush(self) -> None:
         if self._buffer and not self._flow.closed:
             taken = self._flow.write(self._buffer)
             del self._buffer[:taken]
-        if self._writing_paused and len(self._buffer) <= self._low:
-            self._writing_paused = False
-            self._protocol.resume_writing()
+            self._tun._buffered -= taken
+        if self._paused_by_buffer and len(self._buffer) <= self._low:
+            self._paused_by_buffer = False
+            self._update_writing()
         if not self._buffer:
             if self._eof_to_send:
                 self._eof_to_send = False
@@ -187,6 +227,7 @@ class TcpTransport(asyncio.Transport):
             self._release(abort=True)
 
     def _release(self, abort: bool) -> None:
+        self._tun._buffered -= len(self._buffer)
         self._buffer.clear()
         if abort:
             self._flow.abort()
@@ -199,6 +240,8 @@ class TcpTransport(asyncio.Transport):
         if self._lost:
             return
         self._lost = True
+        self._tun._buffered -= len(self._buffer)
+        self._buffer.clear()
         self._tun._transports.pop(self._flow.id, None)
         self._tun._loop.call_soon(self._protocol.connection_lost, exc)
 
@@ -241,6 +284,10 @@ class TunStack:
         self._timer: asyncio.TimerHandle | None = None
         self._kicked = False
         self._started = False
+        self.buffer_budget = self.stack.config.buffer_budget
+        self._buffered = 0  # bytes in the transports' write buffers
+        self.over_budget = False
+        self.budget_pauses = 0  # how often all flows were paused for the budget
 
     def start(self) -> None:
         """Start reading the fd; output goes straight to it."""
@@ -288,6 +335,26 @@ class TunStack:
     @property
     def transports(self) -> dict[int, TcpTransport]:
         return self._transports
+
+    def buffered_bytes(self) -> int:
+        """Bytes buffered for all flows: held by the stack plus the transports' write buffers."""
+        return self._buffered + self.stack.memory_in_use()
+
+    def _check_budget(self) -> None:
+        total = self._buffered + self.stack.memory_in_use()
+        if not self.over_budget:
+            if total > self.buffer_budget:
+                self.over_budget = True
+                self.budget_pauses += 1
+                log.info("flows paused: %d bytes buffered, budget %d", total, self.buffer_budget)
+                for transport in list(self._transports.values()):
+                    transport._budget_pause()
+        elif total <= self.buffer_budget * 3 // 4:
+            self.over_budget = False
+            log.info("flows resumed: %d bytes buffered", total)
+            for transport in list(self._transports.values()):
+                transport._budget_resume()
+            self._kick()  # withheld acknowledgements were just sent
 
     # -- the loop's side --
 
@@ -339,6 +406,8 @@ class TunStack:
                 self._handle(event)
             except Exception:  # one misbehaving protocol must not take the others down
                 log.exception("error while handling %s", type(event).__name__)
+        self.stack.flush()  # what this turn wrote leaves now, a FIN with the last data
+        self._check_budget()
 
     def _handle(self, event: object) -> None:
         if isinstance(event, TcpDataReceived):

@@ -92,10 +92,13 @@ class StackConfig:
 
     ``mtu`` bounds every packet the stack emits and the MSS it advertises (match the TUN's MTU);
     ``max_flows`` caps live TCP flows (pending ones included): SYNs beyond it are answered with a RST.
+    ``buffer_budget`` caps the bytes buffered for all flows together (in the stack and in the asyncio
+    adapter's write buffers); beyond it the adapter stops reading, it never drops (see ``netstack.aio``).
     """
 
     mtu: int = 65535
     max_flows: int = 65536
+    buffer_budget: int = 128 * 1024 * 1024
 
 
 class TcpFlow:
@@ -136,7 +139,8 @@ class TcpFlow:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Queue bytes for the app; returns how many were taken (0 when the send buffer is full).
 
-        After a short write a ``TcpWritable`` event says when to try again.
+        They leave at the next ``Stack.flush`` (or ``packets_to_send``). After a short write a
+        ``TcpWritable`` event says when to try again.
         """
         if not data:
             return 0
@@ -189,6 +193,8 @@ class Stack:
         if Stack._open:
             raise StackBusyError("another netstack.Stack is open in this process; close it first")
         self.config = config or StackConfig()
+        if self.config.buffer_budget < 1:
+            raise LocalProtocolError(f"buffer_budget must be positive, not {self.config.buffer_budget}")
         rc = lib.ns_open(self.config.mtu, self.config.max_flows)
         if rc < 0:
             _raise(rc, f"open (mtu={self.config.mtu}, max_flows={self.config.max_flows})")
@@ -235,6 +241,12 @@ class Stack:
         if rc < 0:
             raise OSError(-rc, f"reading the TUN device: {os.strerror(-rc)}")
         return rc
+
+    def flush(self) -> None:
+        """Send what ``TcpFlow.write`` queued. Writes wait for this (once per turn of the caller's loop) so
+        that several writes and a FIN leave in as few segments as possible; ``packets_to_send`` flushes
+        first by itself."""
+        lib.ns_flush()
 
     def set_output_fd(self, fd: int | None) -> None:
         """Write output packets straight to ``fd`` (a TUN device), or queue them when None."""
@@ -401,6 +413,10 @@ class Stack:
     def flows(self) -> dict[int, TcpFlow]:
         """Live flows by id (pending ones included)."""
         return self._flows
+
+    def memory_in_use(self) -> int:
+        """Bytes the stack holds right now (data not yet read or not yet acknowledged by the apps, pcbs)."""
+        return int(lib.ns_mem_in_use())
 
     def stats(self) -> dict[str, int]:
         """Counters: packets and bytes each way, drops by reason, live flows and pcbs, bytes lwIP holds."""

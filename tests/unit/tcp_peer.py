@@ -97,10 +97,12 @@ class TcpPeer:
             self.stack.receive_packet(self._pkt("A"))
         return True
 
-    def send(self, data: bytes, segment: int = 1400) -> None:
+    def send(self, data: bytes, segment: int = 1400, push: bool = True) -> None:
+        """Send `data` in segments; PSH marks the last one unless `push` is False (a write not yet ended)."""
         for i in range(0, len(data), segment):
             chunk = data[i : i + segment]
-            self.stack.receive_packet(self._pkt("PA", chunk))
+            last = i + segment >= len(data)
+            self.stack.receive_packet(self._pkt("PA" if push and last else "A", chunk))
             self.seq = (self.seq + len(chunk)) % 2**32
 
     def fin(self) -> None:

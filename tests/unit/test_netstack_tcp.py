@@ -320,3 +320,37 @@ def test_random_order_of_many_small_writes_stays_byte_exact(stack):
             deliver(stack, [peer])
     deliver(stack, [peer])
     assert bytes(peer.received) == bytes(expected)
+
+
+def test_time_wait_of_a_released_flow_is_freed_at_once(stack):
+    """We close first (an HTTP server's way), the app's FIN completes the close: no pcb lingers in
+    TIME_WAIT for lwIP to walk on every later SYN, and the same 4-tuple connects again at once."""
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2", sport=40001)
+    flow = connect(stack, peer)
+    flow.write(b"answer")
+    flow.close()
+    deliver(stack, [peer])
+    assert peer.got_fin and bytes(peer.received) == b"answer"
+    peer.fin()
+    deliver(stack, [peer])
+    stats = stack.stats()
+    assert stats["pcbs_time_wait"] == 0 and stats["pcbs_active"] == 0, stats
+    peer.fin()  # a retransmitted FIN (our last ACK lost) is answered by a RST: the app's close ends too
+    deliver(stack, [peer])
+    assert peer.got_rst
+    again = TcpPeer(stack, "198.18.0.2", "198.19.0.2", sport=40001)
+    assert connect(stack, again).dst == ("198.19.0.2", 80)
+
+
+def test_writes_and_fin_of_one_turn_leave_as_one_segment(stack):
+    """An HTTP/1.0 answer (data, then end of stream) costs the app one segment, not one per call."""
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+    flow = connect(stack, peer)
+    flow.write(b"HTTP/1.0 200 OK\r\n\r\n")
+    flow.write(b"body")
+    flow.shutdown()
+    out = stack.packets_to_send()
+    assert len(out) == 1
+    tcp = IP(out[0])[TCP]
+    assert bytes(tcp.payload) == b"HTTP/1.0 200 OK\r\n\r\nbody" and "F" in str(tcp.flags)
+    assert peer.handle(out[0]) and peer.got_fin

@@ -11,12 +11,18 @@ asyncssh calls `pause_writing`, and the bridge stops reading from the app (its T
 app does not take bytes fast enough, the netstack transport calls `pause_writing` and the bridge stops
 reading the channel (its SSH window closes). Half-close maps FIN <-> EOF in both directions; a reset on
 either side aborts the other.
+
+Opening is bounded: at most `BridgeLimits.max_opening` channel opens are in flight at once; further SYNs
+wait in a FIFO of at most `max_waiting` and beyond that are refused at once (RST) and counted. A port scan
+of thousands of closed ports thus holds a bounded number of channels, tasks and held SYNs, and ordinary
+flows keep getting through between the scan's refusals.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,14 +39,35 @@ CHANNEL_WINDOW = 2 * 1024 * 1024  # per-flow memory bound towards the app, with 
 CHANNEL_MAX_PACKET = 32 * 1024  # sshd queues up to this per busy channel per round: its buffer caps the total
 
 
+@dataclass(frozen=True)
+class BridgeLimits:
+    """Bounds on what new connections may hold while their channels open.
+
+    `max_opening`: channel opens in flight at once. `max_waiting`: SYNs queued for an open slot (each
+    holds a flow and its SYN); beyond it a SYN is refused with a RST at once and counted as `over_limit`.
+    `open_timeout`: seconds a channel open may take (waiting for the SSH connection included).
+    """
+
+    max_opening: int = 128
+    max_waiting: int = 4096
+    open_timeout: float = 15.0
+
+    def __post_init__(self) -> None:
+        if self.max_opening < 1 or self.max_waiting < 0 or self.open_timeout <= 0:
+            raise ValueError(f"invalid bridge limits: {self}")
+
+
 @dataclass
 class BridgeStats:
     """Counters for the status view."""
 
     opened: int = 0
-    refused: int = 0
-    failed: int = 0
+    refused: int = 0  # the server refused the channel (closed port, forbidden...)
+    failed: int = 0  # the open failed otherwise (timeout, connection lost)
+    over_limit: int = 0  # SYNs refused because too many opens were already waiting
     active: int = 0
+    opening: int = 0  # channel opens in flight
+    waiting: int = 0  # SYNs queued for an open slot
     bytes_up: int = 0  # app -> server
     bytes_down: int = 0  # server -> app
 
@@ -152,39 +179,105 @@ class TcpBridge:
         self,
         tun: Callable[[], TunStack],
         rewrite: Callable[[Address], Address] | None = None,
-        open_timeout: float = 15.0,
+        open_timeout: float | None = None,
+        limits: BridgeLimits | None = None,
     ) -> None:
         self._tun = tun
         self._rewrite = rewrite or (lambda addr: addr)
-        self._open_timeout = open_timeout
+        self.limits = limits or BridgeLimits()
+        self._open_timeout = self.limits.open_timeout if open_timeout is None else open_timeout
         self.connection: asyncssh.SSHClientConnection | None = None
         self.connection_ready = asyncio.Event()
         self.stats = BridgeStats()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._opening: dict[int, tuple[asyncio.Task[None], float]] = {}  # flow id -> (task, deadline)
+        self._expired: set[int] = set()  # opens cancelled by the sweeper: a timeout, not a shutdown
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._waiting: deque[TcpFlow] = deque()
 
     def on_tcp(self, flow: TcpFlow) -> None:
         """Netstack callback for a new connection request (the app's SYN is held meanwhile)."""
-        task = asyncio.get_running_loop().create_task(self._open(flow))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        stats = self.stats
+        if stats.opening < self.limits.max_opening:
+            self._start_open(flow)
+        elif len(self._waiting) < self.limits.max_waiting:
+            self._waiting.append(flow)
+            stats.waiting = len(self._waiting)
+        else:
+            stats.over_limit += 1
+            if stats.over_limit == 1 or stats.over_limit % 1000 == 0:
+                log.warning(
+                    "%d connection attempts refused so far: %d channel opens in flight, %d waiting",
+                    stats.over_limit,
+                    stats.opening,
+                    len(self._waiting),
+                )
+            self._refuse(flow)
+
+    def _start_open(self, flow: TcpFlow) -> None:
+        self.stats.opening += 1
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._open(flow))
+        self._opening[flow.id] = (task, loop.time() + self._open_timeout)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
+
+    def _sweep_interval(self) -> float:
+        return min(1.0, self._open_timeout / 4)
+
+    def _sweep(self) -> None:
+        """Cancel opens past their deadline: one timer for all of them, not one per connection."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for flow_id, (task, deadline) in list(self._opening.items()):
+            if deadline <= now and flow_id not in self._expired:
+                self._expired.add(flow_id)
+                task.cancel()
+        if self._opening:
+            self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
+
+    def _open_done(self, flow: TcpFlow) -> None:
+        self._opening.pop(flow.id, None)
+        self._expired.discard(flow.id)
+        self.stats.opening -= 1
+        waiting = self._waiting
+        while waiting and self.stats.opening < self.limits.max_opening:
+            flow = waiting.popleft()
+            if not flow.closed:  # the stack may have released it meanwhile
+                self._start_open(flow)
+        self.stats.waiting = len(waiting)
 
     async def _open(self, flow: TcpFlow) -> None:
+        try:
+            await self._open_and_accept(flow)
+        finally:
+            self._open_done(flow)
+
+    async def _open_and_accept(self, flow: TcpFlow) -> None:
         host, port = self._rewrite(flow.dst)
         link = _Link(self.stats)
         try:
-            conn = await self._wait_for_connection()
-            channel, _ = await asyncio.wait_for(
-                conn.create_connection(
-                    lambda: _ChannelSide(link),
-                    host,
-                    port,
-                    flow.src[0],
-                    flow.src[1],
-                    window=CHANNEL_WINDOW,
-                    max_pktsize=CHANNEL_MAX_PACKET,
-                ),
-                self._open_timeout,
+            conn = self.connection
+            if conn is None:
+                await self.connection_ready.wait()
+                conn = self.connection
+                assert conn is not None
+            channel, _ = await conn.create_connection(
+                lambda: _ChannelSide(link),
+                host,
+                port,
+                flow.src[0],
+                flow.src[1],
+                window=CHANNEL_WINDOW,
+                max_pktsize=CHANNEL_MAX_PACKET,
             )
+        except asyncio.CancelledError:
+            if flow.id not in self._expired:
+                raise  # the bridge is closing
+            self.stats.failed += 1
+            log.debug("%s:%d: no channel within %.0f s", host, port, self._open_timeout)
+            self._refuse(flow)
+            return
         except asyncssh.ChannelOpenError as exc:
             self.stats.refused += 1
             log.debug("%s:%d refused by the server: %s", host, port, exc.reason)
@@ -208,12 +301,6 @@ class TcpBridge:
             channel.abort()
             link._finish()
 
-    async def _wait_for_connection(self) -> asyncssh.SSHClientConnection:
-        if self.connection is None:
-            await asyncio.wait_for(self.connection_ready.wait(), self._open_timeout)
-        assert self.connection is not None
-        return self.connection
-
     @staticmethod
     def _refuse(flow: TcpFlow) -> None:
         if not flow.closed:
@@ -231,5 +318,13 @@ class TcpBridge:
             self.connection_ready.set()
 
     def close(self) -> None:
-        for task in list(self._tasks):
+        """Cancel the opens in flight and refuse the SYNs still waiting."""
+        waiting, self._waiting = self._waiting, deque()
+        self.stats.waiting = 0
+        for flow in waiting:
+            self._refuse(flow)
+        for task, _ in list(self._opening.values()):
             task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
