@@ -111,9 +111,9 @@ def _run_vpn(settings: Settings) -> int:
         start = helper.start(s.vpn_tun, s.vpn_mtu, s.vpn_exclude, s.vpn_kill_switch)
         for item in start.get("undone", []):
             log.warning("restored what an earlier run left behind: %s", item)
-        from x2ssh import session  # imported late: it pulls in asyncssh and the native netstack
+        from x2ssh.frontends import vpn  # imported late: it pulls in asyncssh and the native netstack
 
-        result = asyncio.run(session.run_vpn(settings, helper))
+        result = asyncio.run(vpn.run_vpn(settings, helper))
         return result if isinstance(result, int) else 0
     except KeyboardInterrupt:
         return 128 + (received[0] if received else signal.SIGINT)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import x2ssh
+import x2ssh.frontends
 from x2ssh import cli
 from x2ssh.errors import AlreadyRunning, NotPrivileged, SshHostKeyRejected, TunNameTaken
 
@@ -65,10 +66,10 @@ class Fake:
             self.settings = settings
             self.calls.append(("run_vpn",))
 
-        fake_session = types.ModuleType("x2ssh.session")
-        fake_session.run_vpn = run_vpn or default_run_vpn
-        monkeypatch.setitem(sys.modules, "x2ssh.session", fake_session)
-        monkeypatch.setattr(x2ssh, "session", fake_session, raising=False)
+        fake_vpn = types.ModuleType("x2ssh.frontends.vpn")
+        fake_vpn.run_vpn = run_vpn or default_run_vpn
+        monkeypatch.setitem(sys.modules, "x2ssh.frontends.vpn", fake_vpn)
+        monkeypatch.setattr(x2ssh.frontends, "vpn", fake_vpn, raising=False)
 
         def spawn(state_dir, verbose=0):
             self.calls.append(("spawn", state_dir))

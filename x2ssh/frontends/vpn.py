@@ -1,0 +1,220 @@
+"""The VPN front end: the machine's traffic from a TUN device, through netstack, onto the SSH session.
+
+Order matters and is the whole safety story:
+  1. connect and authenticate SSH first (`SshSession.open`) — a bad host, key or password fails before
+     anything changes;
+  2. every host change (TUN, routes, DNS, kill switch) is made by the privileged helper (`host`), which
+     journals it first and undoes it when asked, when this process dies, or after a crash and reboot;
+  3. the SSH connection's sockets carry x2ssh's firewall mark and follow the machine's own routes, so the
+     tunnel never carries itself, also when the uplink changes under it;
+  4. on a lost connection routes and DNS stay in place (nothing leaks out of the tunnel), new TCP flows wait
+     for the next connection within a bound, and the flows that were open are reset; a network change or
+     a resume from suspend checks the connection at once instead of waiting for keepalives;
+  5. on exit (SIGINT, SIGTERM, SIGHUP, --retry-max reached, fatal error) the helper undoes everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ipaddress
+import logging
+import signal
+import socket
+
+from netstack import IcmpEchoRequest, LocalProtocolError, StackConfig, UdpDatagram
+from netstack.aio import TunStack
+from x2ssh.flows.icmp_to_tun import IcmpToTun
+from x2ssh.flows.tcp_bridge import TcpBridge
+from x2ssh.flows.udp_relay import DnsOverride
+from x2ssh.host.api import DNS_V4, DNS_V6, HostControl, NetworkWatcher, TunHandle
+from x2ssh.session import Address, SshSession
+from x2ssh.settings import Settings
+from x2ssh.ssh.connect import bypass_addresses
+from x2ssh.status import Snapshot, StatusView
+
+log = logging.getLogger("x2ssh.vpn")
+_libc = ctypes.CDLL(None)
+
+STATUS_INTERVAL = 1.0
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def release_free_memory() -> None:
+    """Return freed heap pages to the system (glibc keeps them otherwise; a no-op elsewhere)."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+async def run_vpn(settings: Settings, host: HostControl) -> int:
+    """Run the VPN until a signal or a final failure; returns the process exit code."""
+    return await VpnSession(settings, host).run()
+
+
+class VpnSession:
+    """Owns the TUN and netstack and the TCP bridge; asks `host` for host changes and `ssh` for flows."""
+
+    def __init__(self, settings: Settings, host: HostControl) -> None:
+        self.settings = settings
+        self.host = host
+        self.tun: TunHandle | None = None
+        self.tun_stack: TunStack | None = None
+        remote_dns = settings.vpn_dns == "remote"
+        tunnel_dns = (str(DNS_V4), str(DNS_V6))
+        self.ssh = SshSession(
+            settings,
+            host.marked_socket,
+            self._udp_to_app,
+            icmp=IcmpToTun(lambda: self.tun_stack),
+            dns_override=DnsOverride(tuple((a, 53) for a in tunnel_dns)) if remote_dns else None,
+            tunnel_dns=frozenset(tunnel_dns) if remote_dns else frozenset(),
+            on_attach=lambda: self.bridge.set_connection(self.ssh.pool),  # type: ignore[arg-type]
+            on_detach=lambda: self.bridge.set_connection(None),
+        )
+        self.bridge = TcpBridge(self._stack, rewrite=self.ssh.real_dns)
+        self.routing_mode = ""
+        self.dns_backend = ""
+        self.status = StatusView()
+        self.netwatch: NetworkWatcher | None = None
+        self._stop = asyncio.Event()
+        self._signal = 0
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            conn = await self.ssh.open()
+            try:
+                await self._bring_up(conn)
+                stopped = await self.ssh.serve(self._stop)
+                return (128 + self._signal if self._signal else 0) if stopped else 1
+            finally:
+                await self._tear_down()
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("%s received: restoring routes and DNS", signal.Signals(sig).name)
+        self._signal = sig
+        self._stop.set()
+
+    async def _bring_up(self, conn: object) -> None:
+        s = self.settings
+        self.tun = await self.host.open_tun()
+        self.tun_stack = TunStack(
+            self.tun.fd,
+            config=StackConfig(mtu=self.tun.mtu),
+            on_tcp=self.bridge.on_tcp,
+            on_udp=self._on_udp,
+            on_icmp=self._on_icmp,
+        )
+        self.tun_stack.start()
+        assert self.ssh.proxy is not None
+        bypass = await bypass_addresses(s, conn, self.ssh.proxy.jump)  # type: ignore[arg-type]
+        self.routing_mode = await self.host.routes(bypass)
+        self.ssh.follow_moves = self.routing_mode == "policy"  # split routes pinned the old address
+        servers = [ipaddress.ip_address(DNS_V4)] if s.vpn_dns == "remote" else []
+        if s.vpn_dns not in ("remote", "off"):
+            servers = [s.vpn_dns]  # type: ignore[list-item]
+        if servers:
+            self.dns_backend = await self.host.dns(servers)
+        if s.vpn_kill_switch:
+            await self.host.kill_switch()
+            log.info("kill switch on: only the tunnel and x2ssh's own SSH connection may leave the machine")
+        self.ssh.attach(conn)  # type: ignore[arg-type]
+        self.netwatch = self.host.network_watch(self.ssh.on_network_change, self._tunnel_ifindexes)
+        self.netwatch.start()
+        log.info(
+            "VPN up: %s via %s; routing %s; DNS %s",
+            self.tun.name,
+            self.ssh.server_label,
+            self.routing_mode,
+            ", ".join(map(str, servers)) + f" ({self.dns_backend})" if servers else "unchanged",
+        )
+        self.status.start()
+        self.ssh.spawn(self._status_loop())
+
+    def _tunnel_ifindexes(self) -> set[int]:
+        if self.tun is None:
+            return set()
+        try:
+            return {socket.if_nametoindex(self.tun.name)}
+        except OSError:
+            return set()
+
+    async def _tear_down(self) -> None:
+        self.status.stop()
+        if self.netwatch is not None:
+            self.netwatch.close()
+        self.bridge.close()
+        if self.tun_stack is not None:
+            self.tun_stack.close()  # resets every app connection while the routes still point at us
+            self.tun_stack = None
+        try:
+            for item in await asyncio.to_thread(self.host.down):  # DNS, firewall, routes, TUN: newest first
+                log.debug("undone: %s", item)
+        except Exception as exc:
+            log.error("could not restore everything: %s (run x2ssh --vpn-cleanup)", exc)
+        await self.ssh.close()
+        if self.tun is not None:
+            self.tun.close()
+        log.info("VPN down: routes and DNS restored")
+
+    # -- packets from the TUN --
+
+    def _on_udp(self, datagram: UdpDatagram) -> None:
+        self.ssh.udp_from_app(datagram.src, datagram.dst, datagram.payload)
+
+    def _on_icmp(self, request: IcmpEchoRequest) -> None:
+        self.ssh.relay.echo_from_app(request.src, request.dst, request.ident, request.seq, request.payload)
+
+    def _udp_to_app(self, src: Address, dst: Address, payload: bytes) -> None:
+        if self.tun_stack is None:
+            return
+        try:
+            self.tun_stack.udp_send(src, dst, payload)
+        except LocalProtocolError as exc:
+            log.debug("UDP reply of %d bytes not delivered: %s", len(payload), exc)
+
+    def _stack(self) -> TunStack:
+        assert self.tun_stack is not None
+        return self.tun_stack
+
+    # -- status --
+
+    async def _status_loop(self) -> None:
+        busy = False
+        while True:
+            active = self.bridge.stats.active + self.ssh.relay.flow_count
+            if busy and active == 0:
+                release_free_memory()  # a burst of flows is over: give its buffers back to the system
+            busy = active > 0
+            await self.ssh.tick()
+            self.status.update(self.snapshot())
+            await asyncio.sleep(STATUS_INTERVAL)
+
+    def snapshot(self) -> Snapshot:
+        b = self.bridge.stats
+        ssh = self.ssh
+        r = ssh.relay.stats
+        pool = ssh.pool.describe()
+        return Snapshot(
+            state=ssh.state,
+            server=ssh.server_label,
+            tcp_active=b.active,
+            tcp_opened=b.opened,
+            tcp_refused=b.refused,
+            tcp_failed=b.failed,
+            udp_flows=ssh.relay.flow_count,
+            udp_mode=ssh.udp_mode,
+            bytes_up=b.bytes_up + r.bytes_to_agent,
+            bytes_down=b.bytes_down + r.bytes_to_app,
+            drops=sum(r.drops.values()),
+            ssh_connections=len(pool),
+            ssh_channels=tuple(m["channels"] for m in pool),
+            pool_refusals=ssh.pool.capacity_refusals,
+            errors=list(ssh.errors),
+        )
