@@ -18,7 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.lab import Lab
+from benchmarks.procstat import descendants
 from benchmarks.sshd import SshServer
+from tests.integration.vpn_runner import VpnProcess, state_dir_for
 
 PASSPHRASE = "correct horse battery staple"
 SUDOERS_DIR = Path("/etc/sudoers.d")
@@ -119,3 +122,26 @@ class LaptopUser:
             pwd.getpwnam(self.name)
             subprocess.run(["pkill", "-KILL", "-u", self.name], capture_output=True, timeout=30, check=False)
             subprocess.run(["userdel", "--remove", self.name], capture_output=True, timeout=60, check=False)
+
+
+def vpn_as(lab: Lab, server: SshServer, user: LaptopUser, how: str = "plain", *extra: str) -> VpnProcess:
+    """`x2ssh --vpn lab` as `user` started `how` (see LaptopUser.argv); not started yet."""
+    state = state_dir_for(lab)
+    argv = user.argv(how, "--vpn", HOST_ALIAS, "--state-dir", str(state), *extra)
+    return VpnProcess(lab, server, argv=argv, state_dir=state)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def run_processes(vpn: VpnProcess) -> dict[str, list[int]]:
+    """The run's x2ssh process(es) and privileged helper process(es), by role (sudo itself left out)."""
+    tree = [p for p in (vpn.pid, *descendants(vpn.pid)) if not cmdline(p).startswith("sudo ")]
+    return {
+        "x2ssh": [p for p in tree if " -m x2ssh " in cmdline(p)],
+        "helper": [p for p in tree if " -m x2ssh.host.helper " in cmdline(p)],
+    }

@@ -17,7 +17,7 @@ import pytest
 from benchmarks.lab import Lab
 from benchmarks.services import TargetServices
 from benchmarks.sshd import SshServer
-from tests.integration.laptop_user import HOST_ALIAS, LaptopUser
+from tests.integration.laptop_user import LaptopUser, run_processes, vpn_as
 from tests.integration.vpn_runner import (
     TUN_DNS_V4,
     NetSnapshot,
@@ -47,9 +47,7 @@ def carol(lab_sshd: SshServer) -> Iterator[LaptopUser]:
 
 
 def start(lab: Lab, server: SshServer, user: LaptopUser, *extra: str) -> VpnProcess:
-    state = state_dir_for(lab)
-    argv = user.argv("plain", "--vpn", HOST_ALIAS, "--state-dir", str(state), *extra)
-    return VpnProcess(lab, server, argv=argv, state_dir=state).start()
+    return vpn_as(lab, server, user, "plain", *extra).start()
 
 
 def ip(*args: str) -> None:
@@ -97,17 +95,7 @@ def test_resolv_conf_rewritten_mid_session_is_reapplied_and_the_newest_restored(
 
 
 def _helper_pids(vpn: VpnProcess) -> list[int]:
-    from benchmarks.procstat import descendants
-
-    found = []
-    for pid in descendants(vpn.pid):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"x2ssh.host.helper" in cmd and not cmd.startswith(b"sudo"):
-            found.append(pid)
-    return found
+    return run_processes(vpn)["helper"]
 
 
 def test_sigkill_then_reboot_is_restored_by_cleanup(

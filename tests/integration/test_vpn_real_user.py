@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.lab import Lab
-from benchmarks.procstat import descendants
 from benchmarks.services import TargetServices
 from benchmarks.sshd import SshServer
-from tests.integration.laptop_user import HOST_ALIAS, LaptopUser
+from tests.integration.laptop_user import LaptopUser, run_processes, vpn_as
 from tests.integration.vpn_runner import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -25,7 +24,6 @@ from tests.integration.vpn_runner import (
     VpnProcess,
     curl,
     snapshot,
-    state_dir_for,
     wait_until,
 )
 
@@ -44,33 +42,11 @@ def alice(lab_sshd: SshServer) -> Iterator[LaptopUser]:
     assert not user.sudoers.exists()
 
 
-def start_as(lab: Lab, server: SshServer, user: LaptopUser, how: str, *extra: str) -> VpnProcess:
-    state = state_dir_for(lab)
-    argv = user.argv(how, "--vpn", HOST_ALIAS, "--state-dir", str(state), *extra)
-    return VpnProcess(lab, server, argv=argv, state_dir=state)
-
-
 def uid_of(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Uid:"):
             return int(line.split()[2])  # effective uid
     raise AssertionError(f"no Uid line for {pid}")
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def processes(vpn: VpnProcess) -> dict[str, list[int]]:
-    """The run's x2ssh process(es) and privileged helper process(es), by role."""
-    tree = [p for p in (vpn.pid, *descendants(vpn.pid)) if not cmdline(p).startswith("sudo ")]
-    return {
-        "x2ssh": [p for p in tree if " -m x2ssh " in cmdline(p)],
-        "helper": [p for p in tree if " -m x2ssh.host.helper " in cmdline(p)],
-    }
 
 
 def fetch_through_tunnel(lab: Lab, services: TargetServices, vpn: VpnProcess) -> None:
@@ -98,10 +74,10 @@ def test_user_runs_the_vpn_with_her_own_identity(
 ) -> None:
     """Her Host alias, agent key and known_hosts are used; SSH and the data plane run as her, only the
     helper as root; the tunnel carries traffic; the stop signal restores everything."""
-    vpn = start_as(lab, lab_sshd, alice, how).start()
+    vpn = vpn_as(lab, lab_sshd, alice, how).start()
     try:
         fetch_through_tunnel(lab, lab_services, vpn)
-        roles = processes(vpn)
+        roles = run_processes(vpn)
         user_uid = pwd.getpwnam(alice.name).pw_uid
         assert roles["x2ssh"], vpn.describe()
         assert {uid_of(p) for p in roles["x2ssh"]} == {user_uid}, vpn.describe()
@@ -116,7 +92,7 @@ def test_user_runs_the_vpn_with_her_own_identity(
 def test_plain_sudo_explains_the_missing_agent_and_changes_nothing(
     lab: Lab, lab_sshd: SshServer, client_baseline: NetSnapshot, alice: LaptopUser
 ) -> None:
-    vpn = start_as(lab, lab_sshd, alice, "sudo").start(wait_up=False)
+    vpn = vpn_as(lab, lab_sshd, alice, "sudo").start(wait_up=False)
     try:
         code = vpn.wait(60)
     finally:
@@ -131,7 +107,7 @@ def test_sighup_is_an_orderly_shutdown(
     lab: Lab, lab_sshd: SshServer, client_baseline: NetSnapshot, alice: LaptopUser
 ) -> None:
     """Closing the terminal: SIGHUP restores routes and DNS like Ctrl-C does."""
-    vpn = start_as(lab, lab_sshd, alice, "plain").start()
+    vpn = vpn_as(lab, lab_sshd, alice, "plain").start()
     try:
         assert snapshot(lab) != client_baseline
         vpn.send_signal(signal.SIGHUP)
@@ -146,9 +122,9 @@ def test_sigkill_of_x2ssh_is_undone_by_the_helper(
 ) -> None:
     """The user-side process dies without a word: its helper sees the socket close and undoes everything,
     with no --vpn-cleanup needed."""
-    vpn = start_as(lab, lab_sshd, alice, "plain").start()
+    vpn = vpn_as(lab, lab_sshd, alice, "plain").start()
     try:
-        helpers = processes(vpn)["helper"]
+        helpers = run_processes(vpn)["helper"]
         assert helpers, vpn.describe()
         vpn.kill()
         assert wait_until(lambda: snapshot(lab) == client_baseline, 20), snapshot(lab).differences(
@@ -164,7 +140,7 @@ def test_proxy_command_is_refused_before_anything_changes(
 ) -> None:
     bob = LaptopUser.create(lab_sshd, proxy_command="nc %h %p")
     try:
-        vpn = start_as(lab, lab_sshd, bob, "plain").start(wait_up=False)
+        vpn = vpn_as(lab, lab_sshd, bob, "plain").start(wait_up=False)
         try:
             code = vpn.wait(60)
         finally:
