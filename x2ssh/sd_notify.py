@@ -126,6 +126,12 @@ class Notifier:
             self._sock.close()
             self._sock = None
 
+    def __enter__(self) -> Notifier:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def _describe(self) -> str:
         if isinstance(self._address, bytes):
             return "@" + self._address[1:].decode(errors="replace")
