@@ -16,14 +16,7 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from x2ssh.control import (
-    ControlNotRunning,
-    exchange_sync,
-    request_sync,
-)
-from x2ssh.control import (
-    control_socket_path as default_socket_path,
-)
+from x2ssh.control import RUN_DIR, ControlNotRunning, control_socket_path, exchange_sync, request_sync
 from x2ssh.errors import UsageError, X2sshError
 from x2ssh.status_report import render_status
 
@@ -39,10 +32,14 @@ class _Parser(argparse.ArgumentParser):
 def _parser(command: str, description: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"x2ssh {command}", description=description, allow_abbrev=False)
     p.add_argument(
-        "--socket",
-        metavar="PATH",
+        "--run-dir",
+        metavar="DIR",
         type=Path,
-        help="control socket [default: /run/x2ssh/<network namespace>/control.sock]",
+        default=RUN_DIR,
+        help=f"where the runs' control sockets live: DIR/<network namespace>/control.sock [{RUN_DIR}]",
+    )
+    p.add_argument(
+        "--socket", metavar="PATH", type=Path, help="this control socket instead (overrides --run-dir)"
     )
     return p
 
@@ -129,7 +126,7 @@ def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
 
 
 def _socket(args: argparse.Namespace) -> Path:
-    return args.socket if args.socket is not None else default_socket_path()
+    return args.socket if args.socket is not None else control_socket_path(args.run_dir)
 
 
 class _Done(X2sshError):
