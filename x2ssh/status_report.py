@@ -73,6 +73,15 @@ _CONNECTION = {"label": (str,), "channels": _INT, "up_s": _NUM}
 _TUN = {"name": (str,), "mtu": _INT}
 
 
+def split_state(text: str) -> tuple[str, str | None]:
+    """The session's state text as (`state`, `state_detail`): "reconnecting (attempt 3, next in 8 s)" ->
+    ("reconnecting", "attempt 3, next in 8 s"); "up" -> ("up", None)."""
+    head, sep, rest = text.partition(" (")
+    head = head.strip()
+    detail = rest[:-1] if sep and rest.endswith(")") else rest if sep else ""
+    return head, detail.strip() or None
+
+
 def check_status(data: Any) -> list[str]:
     """What is wrong with a status document (missing keys, wrong types); empty when it fits schema 1."""
     if not isinstance(data, dict):

@@ -40,7 +40,7 @@ from x2ssh.control import (
 )
 from x2ssh.host.journal import current_netns_identity
 from x2ssh.status_command import main_down, main_status, process_alive
-from x2ssh.status_report import check_status, render_status, status_line
+from x2ssh.status_report import check_status, render_status, split_state, status_line
 
 ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -564,3 +564,16 @@ def test_status_line() -> None:
     )
     line = status_line(sample_status(state="reconnecting", state_detail="attempt 3", server={"name": "v"}))
     assert line.startswith("reconnecting (attempt 3), server v, ")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("up", ("up", None)),
+        ("reconnecting (attempt 3, next in 8 s)", ("reconnecting", "attempt 3, next in 8 s")),
+        ("reconnecting (attempt 1)", ("reconnecting", "attempt 1")),
+        ("stopping ()", ("stopping", None)),
+    ],
+)
+def test_split_state(text: str, expected: tuple[str, str | None]) -> None:
+    assert split_state(text) == expected
