@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from rich.console import Console
 
 from x2ssh import control
@@ -29,6 +31,7 @@ from x2ssh.control import (
     ControlNotRunning,
     ControlServer,
     ControlSocketBusy,
+    RequestError,
     control_dir,
     control_socket_path,
     exchange_sync,
@@ -180,6 +183,39 @@ def test_malformed_requests_get_an_error_and_the_server_keeps_serving(
             assert error in reply["error"]
             assert await request(path, "status") == sample_status()
         assert calls.down == 0
+
+    run(go())
+
+
+@given(st.binary(max_size=300) | st.text(max_size=100).map(str.encode))
+def test_any_request_bytes_give_an_op_or_a_request_error(line: bytes) -> None:
+    with contextlib.suppress(RequestError):
+        assert parse_request(line) in control.OPS
+
+
+def test_clients_beyond_the_limit_are_dropped_and_service_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control, "MAX_CLIENTS", 3)
+    path = tmp_path / "control.sock"
+
+    async def go() -> None:
+        async with serving(path):
+            idle = [await asyncio.open_unix_connection(str(path)) for _ in range(3)]
+            await asyncio.sleep(0.1)  # let the server accept them
+            with pytest.raises(ControlFailed):  # closed at once: no answer, or a reset
+                await request(path, "status")
+            for _, writer in idle:
+                writer.close()
+                await writer.wait_closed()
+            for _ in range(100):  # the idle ones are served (an "empty request" error) and gone
+                try:
+                    assert await request(path, "status") == sample_status()
+                    break
+                except ControlFailed:
+                    await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the server did not resume serving")
 
     run(go())
 
