@@ -220,6 +220,9 @@ class ControlServer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), REQUEST_TIMEOUT)
         self._unlink_if_ours()
 
     async def _clear_stale(self) -> None:
