@@ -16,6 +16,7 @@ from types import FrameType
 from x2ssh.errors import UsageError, X2sshError
 from x2ssh.host.helper_client import HelperClient
 from x2ssh.host.privileges import drop_to, sudo_user
+from x2ssh.sd_notify import Notifier
 from x2ssh.settings import Settings, build_parser, parse_args
 
 log = logging.getLogger("x2ssh")
@@ -25,6 +26,11 @@ EXIT_INTERNAL = 70  # EX_SOFTWARE
 
 def main(argv: list[str] | None = None) -> int:
     """Run x2ssh with `argv` (None: sys.argv[1:]); returns the process exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in ("status", "down"):  # a bare first word: `x2ssh --vpn status` is a host
+        from x2ssh.status_command import main_down, main_status
+
+        return (main_status if args[0] == "status" else main_down)(args[1:])
     try:
         settings = parse_args(argv)
     except UsageError as e:
@@ -102,6 +108,7 @@ def _run_vpn(settings: Settings) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     helper: HelperClient | None = None
+    notifier = Notifier(unset_environment=True)  # the helper and ssh children must not inherit it
     try:
         invoker = sudo_user()
         helper = HelperClient.spawn(settings.state_dir, settings.verbose)
@@ -113,7 +120,7 @@ def _run_vpn(settings: Settings) -> int:
             log.warning("restored what an earlier run left behind: %s", item)
         from x2ssh.frontends import vpn  # imported late: it pulls in asyncssh and the native netstack
 
-        result = asyncio.run(vpn.run_vpn(settings, helper))
+        result = asyncio.run(vpn.run_vpn(settings, helper, notifier))
         return result if isinstance(result, int) else 0
     except KeyboardInterrupt:
         return 128 + (received[0] if received else signal.SIGINT)

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from x2ssh.errors import X2sshError
-from x2ssh.host.journal import current_netns_identity
+from x2ssh.host.rundir import RUN_ROOT, namespace_run_dir
 
 log = logging.getLogger(__name__)
 
-RUN_DIR = Path("/run/x2ssh")
+RUN_DIR = RUN_ROOT
 SOCKET_NAME = "control.sock"
 OPS = ("status", "down")
 MAX_REQUEST = 1024
@@ -71,7 +71,7 @@ class ControlSocketBusy(X2sshError):
 
 def control_dir(run_dir: Path = RUN_DIR) -> Path:
     """The directory of the current network namespace's control socket: run_dir/<namespace key>."""
-    return run_dir / current_netns_identity().key
+    return namespace_run_dir(run_dir)
 
 
 def control_socket_path(run_dir: Path = RUN_DIR) -> Path:

@@ -62,7 +62,7 @@ class Fake:
         self.settings = None
         self.helper = FakeHelper(self.calls, refuse)
 
-        async def default_run_vpn(settings, host):
+        async def default_run_vpn(settings, host, notifier=None):
             self.settings = settings
             self.calls.append(("run_vpn",))
 
@@ -136,7 +136,7 @@ def test_sudo_user_is_dropped_to_after_the_helper_starts(monkeypatch, tmp_path):
 
 
 def failing_session(exc):
-    async def run_vpn(settings, host):
+    async def run_vpn(settings, host, notifier=None):
         raise exc
 
     return run_vpn
@@ -164,7 +164,7 @@ def test_ctrl_c_exits_130_after_cleanup(monkeypatch, tmp_path):
 
 
 def test_sigterm_exits_143_after_cleanup(monkeypatch, tmp_path):
-    async def run_vpn(settings, host):
+    async def run_vpn(settings, host, notifier=None):
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.sleep(10)  # interrupted at once; if not, the exit code below is wrong
 
@@ -176,7 +176,7 @@ def test_sigterm_exits_143_after_cleanup(monkeypatch, tmp_path):
 
 
 def test_sighup_is_an_orderly_shutdown(monkeypatch, tmp_path):
-    async def run_vpn(settings, host):
+    async def run_vpn(settings, host, notifier=None):
         os.kill(os.getpid(), signal.SIGHUP)
         await asyncio.sleep(10)
 

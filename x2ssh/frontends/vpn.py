@@ -16,22 +16,30 @@ Order matters and is the whole safety story:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ipaddress
 import logging
+import os
 import signal
 import socket
+import time
+from typing import Any
 
 from netstack import IcmpEchoRequest, LocalProtocolError, StackConfig, UdpDatagram
 from netstack.aio import TunStack
+from x2ssh import __version__
+from x2ssh.control import SOCKET_NAME, ControlServer
 from x2ssh.flows.icmp_to_tun import IcmpToTun
 from x2ssh.flows.tcp_bridge import TcpBridge
 from x2ssh.flows.udp_relay import DnsOverride
 from x2ssh.host.api import DNS_V4, DNS_V6, HostControl, NetworkWatcher, TunHandle
+from x2ssh.sd_notify import Notifier, watchdog_loop
 from x2ssh.session import Address, SshSession
 from x2ssh.settings import Settings
 from x2ssh.ssh.connect import bypass_addresses
 from x2ssh.status import Snapshot, StatusView
+from x2ssh.status_report import SCHEMA_VERSION, split_state, status_line
 
 log = logging.getLogger("x2ssh.vpn")
 _libc = ctypes.CDLL(None)
@@ -47,17 +55,21 @@ def release_free_memory() -> None:
         trim(0)
 
 
-async def run_vpn(settings: Settings, host: HostControl) -> int:
+async def run_vpn(settings: Settings, host: HostControl, notifier: Notifier | None = None) -> int:
     """Run the VPN until a signal or a final failure; returns the process exit code."""
-    return await VpnSession(settings, host).run()
+    return await VpnSession(settings, host, notifier).run()
 
 
 class VpnSession:
     """Owns the TUN and netstack and the TCP bridge; asks `host` for host changes and `ssh` for flows."""
 
-    def __init__(self, settings: Settings, host: HostControl) -> None:
+    def __init__(self, settings: Settings, host: HostControl, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.host = host
+        self.notifier = notifier or Notifier()
+        self.control: ControlServer | None = None
+        self._rate_mark = (time.monotonic(), 0, 0)  # when, bytes up, bytes down: rates are taken from here
+        self._rates = (0.0, 0.0)  # bits/s up, down
         self.tun: TunHandle | None = None
         self.tun_stack: TunStack | None = None
         remote_dns = settings.vpn_dns == "remote"
@@ -84,6 +96,7 @@ class VpnSession:
         loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        watchdog = loop.create_task(watchdog_loop(self.notifier))
         try:
             conn = await self.ssh.open()
             try:
@@ -93,6 +106,7 @@ class VpnSession:
             finally:
                 await self._tear_down()
         finally:
+            watchdog.cancel()
             for sig in STOP_SIGNALS:
                 loop.remove_signal_handler(sig)
 
@@ -134,8 +148,26 @@ class VpnSession:
             self.routing_mode,
             ", ".join(map(str, servers)) + f" ({self.dns_backend})" if servers else "unchanged",
         )
+        await self._start_control()
         self.status.start()
+        self.notifier.ready()  # routes, DNS and the connection are in place: traffic flows from here on
+        self.notifier.status(status_line(self.status_document()))
         self.ssh.spawn(self._status_loop())
+
+    async def _start_control(self) -> None:
+        """`x2ssh status` and `x2ssh down` reach this run through a socket in the run's own directory."""
+        try:
+            path = await self.host.run_dir()
+            self.control = ControlServer(
+                path / SOCKET_NAME,
+                self.status_document,
+                lambda: self._on_signal(signal.SIGTERM),
+                {os.getuid()},
+            )
+            await self.control.start()
+        except Exception as exc:  # the VPN works without it; say why `x2ssh status` will not
+            log.warning("no control socket (x2ssh status/down will not reach this run): %s", exc)
+            self.control = None
 
     def _tunnel_ifindexes(self) -> set[int]:
         if self.tun is None:
@@ -146,7 +178,11 @@ class VpnSession:
             return set()
 
     async def _tear_down(self) -> None:
+        self.notifier.stopping()
         self.status.stop()
+        if self.control is not None:
+            with contextlib.suppress(Exception):
+                await self.control.close()
         if self.netwatch is not None:
             self.netwatch.close()
         self.bridge.close()
@@ -194,7 +230,54 @@ class VpnSession:
             busy = active > 0
             await self.ssh.tick()
             self.status.update(self.snapshot())
+            self.notifier.status(status_line(self.status_document()))
             await asyncio.sleep(STATUS_INTERVAL)
+
+    def status_document(self) -> dict[str, Any]:
+        """The status document of `x2ssh status --json` (schema in x2ssh.status_report)."""
+        snap = self.snapshot()
+        state, detail = split_state(snap.state)
+        now = time.monotonic()
+        when, last_up, last_down = self._rate_mark
+        if now - when >= 1.0:
+            bits = 8 / (now - when)
+            self._rates = ((snap.bytes_up - last_up) * bits, (snap.bytes_down - last_down) * bits)
+            self._rate_mark = (now, snap.bytes_up, snap.bytes_down)
+        up_bps, down_bps = self._rates
+        endpoint = self.ssh.endpoint
+        agent = self.ssh.agent
+        s = self.settings
+        return {
+            "schema": SCHEMA_VERSION,
+            "state": state,
+            "state_detail": detail,
+            "server": {
+                "name": s.host or s.destination or "",
+                "address": endpoint[0] if endpoint else None,
+                "port": endpoint[1] if endpoint else None,
+            },
+            "ssh_connections": [
+                {"label": m["label"], "channels": m["channels"], "up_s": m["up_s"]}
+                for m in self.ssh.pool.describe()
+            ],
+            "tun": {"name": self.tun.name, "mtu": self.tun.mtu} if self.tun else None,
+            "routing": self.routing_mode,
+            "dns": {"mode": str(s.vpn_dns), "backend": self.dns_backend or None},
+            "kill_switch": s.vpn_kill_switch,
+            "tcp": {
+                "open": snap.tcp_active,
+                "total": snap.tcp_opened,
+                "refused": snap.tcp_refused,
+                "failed": snap.tcp_failed,
+            },
+            "udp": {"flows": snap.udp_flows},
+            "agent": {"transport": agent.transport if agent else None},
+            "bytes": {"up": snap.bytes_up, "down": snap.bytes_down},
+            "rates": {"up_bps": up_bps, "down_bps": down_bps},
+            "reconnects": self.ssh.reconnects,
+            "pid": os.getpid(),
+            "version": __version__,
+        }
 
     def snapshot(self) -> Snapshot:
         b = self.bridge.stats

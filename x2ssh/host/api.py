@@ -13,6 +13,7 @@ import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv6Interface
+from pathlib import Path
 from typing import Any, Protocol
 
 # The tunnel's own addresses, the same on every platform.
@@ -69,6 +70,10 @@ class HostControl(Protocol):
     async def dns(self, servers: Sequence[Any]) -> str: ...
 
     async def kill_switch(self) -> None: ...
+
+    async def run_dir(self) -> Path:
+        """A directory only this user (and root) can reach, removed when the run ends."""
+        ...
 
     def down(self) -> list[str]: ...
 

@@ -23,6 +23,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,9 @@ EXIT_INTERNAL = 70
 class PrivilegedHelper:
     """The request handlers and the run's state; `handle()` never raises for a bad request."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, peer_uid: int = 0) -> None:
         self.state_dir = state_dir
+        self.peer_uid = peer_uid  # who made our socket: root (sudo x2ssh) or the user
         self.lock = RunLock(state_dir)  # one run per network namespace, held until this process ends
         self.params: dict[str, Any] | None = None
         self.journal: StateJournal | None = None
@@ -81,6 +83,7 @@ class PrivilegedHelper:
             "routes": "open_tun",
             "dns": "open_tun",
             "kill_switch": "routes",
+            "run_dir": "start",
         }
         if op in self.done and op not in ("status", "marked_socket"):
             raise proto.RequestRejected(f"{op}: already done in this run")
@@ -178,6 +181,25 @@ class PrivilegedHelper:
         assert self.params is not None and self.journal is not None
         self._kill_switch(self.params["tun"], self.params["excludes"]).apply(self.journal)
         return {}, None
+
+    def _op_run_dir(self, uid: int) -> tuple[dict[str, Any], None]:
+        """The run's directory for the control socket, owned by `uid`: the user on the other end of our
+        socket, or the one sudo ran us for; root (x2ssh started by root, or by sudo before it gave up root)
+        may name any user."""
+        from x2ssh.host.rundir import make_run_dir, namespace_run_dir
+
+        sudo_uid = os.environ.get("SUDO_UID", "")
+        if self.peer_uid != 0 and uid != self.peer_uid and str(uid) != sudo_uid:
+            raise proto.RequestRejected(f"run_dir: uid {uid} is not the requesting user")
+        import pwd
+
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = uid
+        assert self.journal is not None
+        path = make_run_dir(namespace_run_dir(), uid, gid, self.journal)
+        return {"path": str(path)}, None
 
     def _op_status(self) -> tuple[dict[str, Any], None]:
         return {
@@ -314,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     except X2sshError as e:
         _send(sock, {"ok": False, "error": e.message, "code": e.exit_code}, None)
         return e.exit_code
-    serve(sock, PrivilegedHelper(state_dir))
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, peer_uid, _ = struct.unpack("3i", creds)
+    serve(sock, PrivilegedHelper(state_dir, peer_uid))
     return 0
 
 

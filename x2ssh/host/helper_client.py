@@ -177,6 +177,11 @@ class HelperClient:
         result, _ = await self.acall("dns", servers=[str(a) for a in servers])
         return str(result.get("backend"))
 
+    async def run_dir(self) -> Path:
+        """This run's directory under /run/x2ssh, owned by us (for the control socket)."""
+        result, _ = await self.acall("run_dir", uid=os.getuid())
+        return Path(str(result["path"]))
+
     async def kill_switch(self) -> None:
         """Let nothing but the tunnel and the marked sockets leave the machine."""
         await self.acall("kill_switch")

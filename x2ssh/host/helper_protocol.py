@@ -101,6 +101,7 @@ REQUESTS: dict[str, dict[str, Callable[[Any, str], Any]]] = {
     "routes": {"bypass": _ADDRESSES},  # bypass is used only by the split-route fallback
     "dns": {"servers": _list_of(ipaddress.ip_address, 3, "IP addresses")},
     "kill_switch": {},
+    "run_dir": {"uid": lambda v, n: _int(v, n, 0, 2**31 - 1)},  # -> the run's directory, owned by uid
     "status": {},
     "cleanup": {},  # undo what crashed runs left behind (for --vpn-cleanup), then nothing else
     "down": {},  # undo everything, answer, exit

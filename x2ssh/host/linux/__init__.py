@@ -3,6 +3,7 @@
 Importing this package registers the journal undo function of every change kind these modules record.
 """
 
+from x2ssh.host import rundir
 from x2ssh.host.journal import register_undo
 from x2ssh.host.linux import dns, firewall, routes, tun
 
@@ -15,3 +16,4 @@ register_undo(dns.RESOLV_CONF_RECORD, dns.undo_resolv_conf_record)
 register_undo(dns.RESOLVED_RECORD, dns.undo_resolved_record)
 register_undo(dns.RESOLVCONF_RECORD, dns.undo_resolvconf_record)
 register_undo(tun.TUN_RECORD, tun.undo_tun_record)
+register_undo(rundir.RUN_DIR_RECORD, rundir.undo_run_dir_record)
