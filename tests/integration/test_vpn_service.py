@@ -27,6 +27,7 @@ from tests.integration.vpn_runner import (
     wait_until,
     x2ssh_env,
 )
+from x2ssh.host.rundir import RUN_ROOT
 from x2ssh.status_report import check_status
 
 pytestmark = pytest.mark.netns
@@ -110,6 +111,7 @@ def test_ready_status_and_down_as_root(
     messages = listener.messages
     assert messages.index("READY=1") < messages.index("STOPPING=1")
     assert snapshot(lab) == client_baseline, snapshot(lab).differences(client_baseline)
+    assert not (RUN_ROOT / f"ns-{lab.client}").exists()  # the run's directory went with it
     nothing = x2ssh_cli(lab, "status")
     assert nothing.returncode == NOT_RUNNING and "no x2ssh is running" in nothing.stderr + nothing.stdout
 
@@ -139,3 +141,4 @@ def test_status_for_the_user_who_started_it_and_nobody_else(
         dave.remove()
         other.remove()
     assert snapshot(lab) == client_baseline, snapshot(lab).differences(client_baseline)
+    assert not (RUN_ROOT / f"ns-{lab.client}").exists()

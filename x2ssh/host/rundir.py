@@ -35,7 +35,8 @@ def make_run_dir(path: Path, uid: int, gid: int, journal: StateJournal) -> Path:
     if not stat.S_ISDIR(root.st_mode) or root.st_uid != 0:
         raise StateError(f"{RUN_ROOT} is not a directory owned by root")
     if stat.S_IMODE(root.st_mode) != 0o755:
-        os.chmod(RUN_ROOT, 0o755)  # each run's own directory is 0700; the parent must let its user through    journal.record(RUN_DIR_RECORD, path=str(path))
+        os.chmod(RUN_ROOT, 0o755)  # each run's own directory is 0700; the parent must let its user through
+    journal.record(RUN_DIR_RECORD, path=str(path))
     try:
         path.mkdir(mode=0o700)
     except FileExistsError:
