@@ -14,6 +14,11 @@
  * only when the consumer acknowledges bytes it has passed on (ns_tcp_ack). Output packets go straight to
  * the TUN fd when one is set, otherwise into a queue drained by ns_out_take (the sans-IO mode).
  *
+ * Per-connection economy (the peer is the local kernel): data from ns_tcp_write leaves at ns_flush, once
+ * per turn of the caller's loop, so an answer and its FIN share a segment; a segment that ends the app's
+ * write (PSH) is ACKed at once and an ACK lwIP still owes goes out when the consumer acknowledges bytes
+ * (no 250 ms delayed-ACK stalls); TIME_WAIT pcbs of released flows are freed at once.
+ *
  * All functions must be called from one thread. lwIP has global state: one stack per process.
  */
 #ifndef X2SSH_NS_GLUE_H

@@ -68,6 +68,7 @@ def test_quick_run_writes_well_formed_results(tmp_path: Path) -> None:
 
     metric_keys = {m["key"] for m in doc["metrics"]}
     assert {"tcp-up", "tcp-down", "tcp-8flows", "http-rate", "rr-p50", "loss-download"} <= metric_keys
+    assert {"ab-rate", "ab-cpu-client", "nagle-p50", "scan-download-ratio"} <= metric_keys
     for sample in doc["samples"]:
         assert sample["metric"] in metric_keys
         assert sample["transport"] in TRANSPORTS
@@ -77,13 +78,19 @@ def test_quick_run_writes_well_formed_results(tmp_path: Path) -> None:
         return [s["value"] for s in doc["samples"] if s["metric"] == metric and s["transport"] == transport]
 
     # Every TCP scenario produced a positive number through both transports ...
-    for metric in ("tcp-up", "tcp-down", "tcp-8flows", "http-rate", "rr-p50", "rr-p99", "loss-download"):
+    for metric in (
+        "tcp-up", "tcp-down", "tcp-8flows", "http-rate", "rr-p50", "rr-p99", "loss-download",
+        "ab-rate", "ab-p50", "nagle-p50",
+    ):  # fmt: skip
         for transport in TRANSPORTS:
             got = values(metric, transport)
             assert got and all(v is not None and v > 0 for v in got), (metric, transport, got)
     # ... CPU is charged to ssh-L's processes, and direct has none to charge ...
     assert all(v and v > 0 for v in values("tcp-down-cpu-client", "ssh-L"))
     assert values("tcp-down-cpu-client", "direct") == [None]
+    assert all(v and v > 0 for v in values("ab-cpu-client", "ssh-L"))
+    # ... and the port scan needs a VPN: neither transport ran it.
+    assert not values("scan-download-ratio", "ssh-L") and not values("scan-download-ratio", "direct")
     # ... UDP and DNS ran for direct only (ssh -L cannot carry UDP), and the DNS lookups got answers.
     assert values("dns-p50", "direct")[0] > 0
     assert not values("dns-p50", "ssh-L")
