@@ -184,16 +184,17 @@ def bundle(dest: Path) -> Path:
     """Write the part of the pinned lwIP tree that the build needs (`BUNDLE_PARTS`) into `dest`.
 
     From the SHA-256-checked tarball, never from ``LWIP_SRC`` (which is not checked); in an sdist that
-    already carries a bundle (checked when that sdist was made), from that bundle.
+    already carries a bundle (checked when that sdist was made), from that bundle. Nothing is written when
+    the tarball does not match.
     """
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="lwip-bundle-") as tmp:
         if _is_tree(BUNDLED) and BUNDLED.resolve() != dest.resolve():
             tree = BUNDLED
         else:
             tree = _unpack(lwip_tarball(), Path(tmp) / "lwip-2.1.3")
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
         for part in BUNDLE_PARTS:
             source = tree / part
             if source.is_dir():
