@@ -176,7 +176,13 @@ def lwip_tarball() -> Path:
         )
     CACHE.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lwip-apt-") as tmp:
-        shutil.copy(_apt_fetch(Path(tmp)), cached)
+        try:
+            shutil.copy(_apt_fetch(Path(tmp)), cached)
+        except subprocess.CalledProcessError as exc:
+            raise LwipSourceError(
+                f"fetching Debian's lwip source package failed ({' '.join(exc.cmd[:2])} exited "
+                f"{exc.returncode}; no network?): build from an sdist (it carries lwIP), or set LWIP_SRC"
+            ) from exc
     return cached
 
 
