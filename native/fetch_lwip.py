@@ -2,9 +2,9 @@
 
 Order of preference: the ``lwip/`` tree bundled in an sdist (see `bundle`; checked when the sdist was
 made, so an sdist always builds what it carries); a tree named by ``LWIP_SRC``; a cached copy under
-``.lwip/`` at the repository top; Debian's source package ``lwip`` (2.1.3+dfsg1-2)
-fetched with ``apt-get source --download-only`` through a private deb-src list derived from the machine's own
-apt sources, so the system's apt configuration is not changed. The orig tarball's SHA-256 is checked before
+``.lwip/`` at the repository top; Debian's source package ``lwip`` (2.1.3+dfsg1-2) fetched with
+``apt-get source --download-only`` through a private deb-src list derived from the machine's own apt
+sources, so the system's apt configuration is not changed. The orig tarball's SHA-256 is checked before
 anything is unpacked.
 
 Run as a script to prefetch: ``python native/fetch_lwip.py`` prints the tree's path;
