@@ -1,5 +1,5 @@
 # Shortcuts; the README's two commands are `bash scripts/demo.sh` and `bash scripts/test.sh`.
-.PHONY: demo test bench bench-quick build clean
+.PHONY: demo test bench bench-quick build dist clean
 
 demo:
 	bash scripts/demo.sh
@@ -16,5 +16,9 @@ bench-quick:
 build:
 	bash scripts/bootstrap.sh
 
+# The sdist (with the pinned lwIP source) and a manylinux wheel built from it, in dist/.
+dist:
+	bash scripts/dist.sh
+
 clean:
-	rm -rf build native/_build netstack/_native*.so netstack/_native.c *.egg-info
+	rm -rf build dist native/_build netstack/_native*.so netstack/_native.c *.egg-info

@@ -1,11 +1,14 @@
 """Obtain the pinned lwIP 2.1.3 source tree, never committed to the repository.
 
-Order of preference: a tree named by ``LWIP_SRC``; a cached copy under ``.lwip/`` at the repository top;
-Debian's source package ``lwip`` (2.1.3+dfsg1-2) fetched with ``apt-get source --download-only`` through a
-private deb-src list derived from the machine's own apt sources, so the system's apt configuration is not
-changed. The orig tarball's SHA-256 is checked before anything is unpacked.
+Order of preference: the ``lwip/`` tree bundled in an sdist (see `bundle`; checked when the sdist was
+made, so an sdist always builds what it carries); a tree named by ``LWIP_SRC``; a cached copy under
+``.lwip/`` at the repository top; Debian's source package ``lwip`` (2.1.3+dfsg1-2) fetched with
+``apt-get source --download-only`` through a private deb-src list derived from the machine's own apt
+sources, so the system's apt configuration is not changed. The orig tarball's SHA-256 is checked before
+anything is unpacked.
 
-Run as a script to prefetch: ``python native/fetch_lwip.py`` prints the tree's path.
+Run as a script to prefetch: ``python native/fetch_lwip.py`` prints the tree's path;
+``python native/fetch_lwip.py --bundle DIR`` writes the part of the tree the build needs into DIR.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ ORIG_TARBALL = "lwip_2.1.3+dfsg1.orig.tar.xz"
 ORIG_SHA256 = "0a8276d09fc4e97bbba2f953d74af2388fc2195ea156be9d7589e297a68fde24"
 TOP = Path(__file__).resolve().parent.parent
 CACHE = TOP / ".lwip"
+BUNDLED = TOP / "lwip"  # only in an sdist: the repository never holds lwIP
+# What an sdist carries: the sources and headers the build compiles, and lwIP's license.
+BUNDLE_PARTS = ("src/core", "src/include", "COPYING")
+PROVENANCE = "SOURCE.txt"
 
 
 class LwipSourceError(RuntimeError):
@@ -136,6 +143,8 @@ def _checked_members(tar: tarfile.TarFile, dest: Path) -> list[tarfile.TarInfo]:
 
 def lwip_source() -> Path:
     """Return the path of a verified lwIP 2.1.3 source tree, fetching it if needed."""
+    if _is_tree(BUNDLED):
+        return BUNDLED
     env = os.environ.get("LWIP_SRC")
     if env:
         path = Path(env)
@@ -145,20 +154,75 @@ def lwip_source() -> Path:
     tree = CACHE / "lwip-2.1.3"
     if _is_tree(tree):
         return tree
+    tarball = lwip_tarball()
     CACHE.mkdir(exist_ok=True)
+    return _unpack(tarball, tree)
+
+
+def lwip_tarball() -> Path:
+    """Return the pinned orig tarball: cached in ``.lwip/``, found beside ``LWIP_SRC``, or fetched with apt.
+
+    The caller's `_unpack` checks its SHA-256 before anything is extracted.
+    """
     cached = CACHE / ORIG_TARBALL
-    if not cached.is_file():
-        if shutil.which("apt-get") is None:
-            raise LwipSourceError(
-                "lwIP source not found: set LWIP_SRC, or run on Debian so apt-get can fetch it"
-            )
-        with tempfile.TemporaryDirectory(prefix="lwip-apt-") as tmp:
+    if cached.is_file():
+        return cached
+    env = os.environ.get("LWIP_SRC")
+    if env and (Path(env).parent / ORIG_TARBALL).is_file():
+        return Path(env).parent / ORIG_TARBALL
+    if shutil.which("apt-get") is None:
+        raise LwipSourceError(
+            f"lwIP source not found: put {ORIG_TARBALL} in {CACHE}, or run on Debian so apt-get can fetch it"
+        )
+    CACHE.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="lwip-apt-") as tmp:
+        try:
             shutil.copy(_apt_fetch(Path(tmp)), cached)
-    return _unpack(cached, tree)
+        except subprocess.CalledProcessError as exc:
+            raise LwipSourceError(
+                f"fetching Debian's lwip source package failed ({' '.join(exc.cmd[:2])} exited "
+                f"{exc.returncode}; no network?): build from an sdist (it carries lwIP), or set LWIP_SRC"
+            ) from exc
+    return cached
+
+
+def bundle(dest: Path) -> Path:
+    """Write the part of the pinned lwIP tree that the build needs (`BUNDLE_PARTS`) into `dest`.
+
+    From the SHA-256-checked tarball, never from ``LWIP_SRC`` (which is not checked); in an sdist that
+    already carries a bundle (checked when that sdist was made), from that bundle. Nothing is written when
+    the tarball does not match.
+    """
+    with tempfile.TemporaryDirectory(prefix="lwip-bundle-") as tmp:
+        if _is_tree(BUNDLED) and BUNDLED.resolve() != dest.resolve():
+            tree = BUNDLED
+        else:
+            tree = _unpack(lwip_tarball(), Path(tmp) / "lwip-2.1.3")
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        for part in BUNDLE_PARTS:
+            source = tree / part
+            if source.is_dir():
+                shutil.copytree(source, dest / part)
+            else:
+                (dest / part).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, dest / part)
+    (dest / PROVENANCE).write_text(
+        f"lwIP 2.1.3, from Debian's source package lwip {VERSION}: {ORIG_TARBALL}\n"
+        f"SHA-256 {ORIG_SHA256}, checked when this sdist was built.\n"
+        f"Only {', '.join(BUNDLE_PARTS)} are kept: what x2ssh's native core compiles, and lwIP's license.\n"
+    )
+    return dest
 
 
 if __name__ == "__main__":
     try:
-        print(lwip_source())
+        if sys.argv[1:2] == ["--bundle"] and len(sys.argv) == 3:
+            print(bundle(Path(sys.argv[2])))
+        elif len(sys.argv) == 1:
+            print(lwip_source())
+        else:
+            sys.exit("usage: fetch_lwip.py [--bundle DIR]")
     except (LwipSourceError, subprocess.CalledProcessError) as exc:
         sys.exit(f"fetch_lwip: {exc}")
