@@ -7,7 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
+#include <sys/syscall.h>  /* getrandom by syscall: glibc got a wrapper only in 2.25 (manylinux_2_17 wheels) */
 #include <time.h>
 #include <unistd.h>
 
@@ -92,7 +92,7 @@ void ns_diag(const char *fmt, ...) {
 
 uint32_t ns_rand32(void) {
     uint32_t r = 0;
-    if (getrandom(&r, sizeof r, GRND_NONBLOCK) != sizeof r) {
+    if (syscall(SYS_getrandom, &r, sizeof r, 0x0001 /* GRND_NONBLOCK */) != (long)sizeof r) {
         r = (uint32_t)random();
     }
     return r;
