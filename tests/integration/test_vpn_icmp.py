@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -158,8 +159,6 @@ def read_line(proc: subprocess.Popen, timeout: float = 20.0) -> str:
     def reader() -> None:
         result.append(proc.stdout.readline().decode().strip())
 
-    import threading
-
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     thread.join(timeout)
@@ -167,7 +166,7 @@ def read_line(proc: subprocess.Popen, timeout: float = 20.0) -> str:
     return result[0]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def shared_vpn(
     lab: Lab, lab_sshd: SshServer, lab_services: TargetServices, client_baseline
 ) -> Iterator[VpnProcess]:
@@ -183,72 +182,74 @@ def shared_vpn(
     assert_no_unhandled_exceptions(vpn)
 
 
-# -- ping ------------------------------------------------------------------------------------------------
+class TestOneVpnRun:
+    """One x2ssh run (`--vpn-dns remote`, the server may ping) serves all of these."""
 
+    # -- ping ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["v4", "v6"])
-def test_ping_gets_real_replies(lab: Lab, shared_vpn: VpnProcess, family: str) -> None:
-    host = getattr(lab.target_addr, family)
-    done = ping(lab, host)
-    assert done.returncode == 0, f"{done.stdout}{done.stderr}{shared_vpn.describe()}"
-    assert "3 received" in done.stdout, done.stdout
-    assert done.stdout.count(f"bytes from {host}") == 3, done.stdout
+    @pytest.mark.parametrize("family", ["v4", "v6"])
+    def test_ping_gets_real_replies(self, lab: Lab, shared_vpn: VpnProcess, family: str) -> None:
+        host = getattr(lab.target_addr, family)
+        done = ping(lab, host)
+        assert done.returncode == 0, f"{done.stdout}{done.stderr}{shared_vpn.describe()}"
+        assert "3 received" in done.stdout, done.stdout
+        assert done.stdout.count(f"bytes from {host}") == 3, done.stdout
 
+    def test_ping_to_a_missing_host_is_never_answered(self, lab: Lab, shared_vpn: VpnProcess) -> None:
+        """No fake replies: nobody has 198.19.0.77, so nothing may say "bytes from" it."""
+        done = ping(lab, "198.19.0.77", count=2)
+        assert done.returncode != 0
+        assert "bytes from" not in done.stdout, done.stdout
 
-def test_ping_to_a_missing_host_is_never_answered(lab: Lab, shared_vpn: VpnProcess) -> None:
-    """No fake replies: nobody has 198.19.0.77, so nothing may say "bytes from" it."""
-    done = ping(lab, "198.19.0.77", count=2)
-    assert done.returncode != 0
-    assert "bytes from" not in done.stdout, done.stdout
+    # -- unreachable errors and anti-spoofing ----------------------------------------------------------------
 
+    @pytest.mark.parametrize("family", ["v4", "v6"])
+    def test_udp_to_a_closed_port_is_refused(
+        self, lab: Lab, lab_services: TargetServices, shared_vpn: VpnProcess, family: str
+    ) -> None:
+        """As on a plain network: ECONNREFUSED from the ICMP port unreachable, not the app's 5 s timeout."""
+        host = getattr(lab.target_addr, family)
+        assert connected_udp(lab, host, lab_services.closed_port) == "refused", shared_vpn.describe()
+        # ... and the same kind of socket to an open port still gets its answer.
+        assert connected_udp(lab, host, lab_services.udp_echo.port) == "reply", shared_vpn.describe()
 
-# -- unreachable errors and anti-spoofing -----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family", ["v4", "v6"])
-def test_udp_to_a_closed_port_is_refused(
-    lab: Lab, lab_services: TargetServices, shared_vpn: VpnProcess, family: str
-) -> None:
-    """As on a plain network: ECONNREFUSED from the ICMP port unreachable, not the app's 5 s timeout."""
-    host = getattr(lab.target_addr, family)
-    assert connected_udp(lab, host, lab_services.closed_port) == "refused", shared_vpn.describe()
-    # ... and the same kind of socket to an open port still gets its answer.
-    assert connected_udp(lab, host, lab_services.udp_echo.port) == "reply", shared_vpn.describe()
-
-
-def test_forged_dns_answers_from_elsewhere_are_not_delivered(lab: Lab, shared_vpn: VpnProcess) -> None:
-    """A "resolver" at 198.19.0.53 receives the query through the agent; before it answers, forged answers
-    are sent to the agent's socket from another host (198.19.0.2:53) and from the right host's wrong port.
-    Only the real answer reaches the app."""
-    resolver_ip = "198.19.0.53"
-    added = lab.run(lab.target, ["ip", "addr", "add", f"{resolver_ip}/32", "dev", lab.target_if])
-    assert added.returncode == 0, added.stderr
-    server = lab.popen(
-        lab.target,
-        [sys.executable, "-c", SILENT_RESOLVER, resolver_ip, lab.target_addr.v4],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    app = None
-    try:
-        assert read_line(server) == "ready"
-        app = lab.popen(lab.client, [sys.executable, "-c", DNS_APP, resolver_ip, "4"], stdout=subprocess.PIPE)
-        assert read_line(app) == "sent"
-        query_from = read_line(server)
-        assert query_from.startswith(f"query from {lab.server_target_side.v4} "), query_from
-        server.stdin.write(b"go\n")
-        server.stdin.flush()
-        assert read_line(server) == "answered"
-        got = json.loads(read_line(app, timeout=30))
-    finally:
-        for proc in (app, server):
-            if proc is not None:
-                lab.kill(proc)
-        lab.run(lab.target, ["ip", "addr", "del", f"{resolver_ip}/32", "dev", lab.target_if])
-    assert len(got) == 1, f"the app got {got}{shared_vpn.describe()}"
-    data, source, port = got[0]
-    assert (source, port) == (resolver_ip, 53)
-    assert b"FORGED" not in bytes.fromhex(data)
+    def test_forged_dns_answers_from_elsewhere_are_not_delivered(
+        self, lab: Lab, shared_vpn: VpnProcess
+    ) -> None:
+        """A "resolver" at 198.19.0.53 receives the query through the agent; before it answers, forged answers
+        are sent to the agent's socket from another host (198.19.0.2:53) and from the right host's wrong port.
+        Only the real answer reaches the app."""
+        resolver_ip = "198.19.0.53"
+        added = lab.run(lab.target, ["ip", "addr", "add", f"{resolver_ip}/32", "dev", lab.target_if])
+        assert added.returncode == 0, added.stderr
+        server = lab.popen(
+            lab.target,
+            [sys.executable, "-c", SILENT_RESOLVER, resolver_ip, lab.target_addr.v4],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        app = None
+        try:
+            assert read_line(server) == "ready"
+            app = lab.popen(
+                lab.client, [sys.executable, "-c", DNS_APP, resolver_ip, "4"], stdout=subprocess.PIPE
+            )
+            assert read_line(app) == "sent"
+            query_from = read_line(server)
+            assert query_from.startswith(f"query from {lab.server_target_side.v4} "), query_from
+            server.stdin.write(b"go\n")
+            server.stdin.flush()
+            assert read_line(server) == "answered"
+            got = json.loads(read_line(app, timeout=30))
+        finally:
+            for proc in (app, server):
+                if proc is not None:
+                    lab.kill(proc)
+            lab.run(lab.target, ["ip", "addr", "del", f"{resolver_ip}/32", "dev", lab.target_if])
+        assert len(got) == 1, f"the app got {got}{shared_vpn.describe()}"
+        data, source, port = got[0]
+        assert (source, port) == (resolver_ip, 53)
+        assert b"FORGED" not in bytes.fromhex(data)
 
 
 # -- ping where the server may not -------------------------------------------------------------------------
