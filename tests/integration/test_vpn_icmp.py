@@ -39,21 +39,23 @@ APP_TIMEOUT = 5.0  # what the probing "app" waits for an answer before calling i
 # Runs in the client namespace: a connected UDP socket sends one datagram and waits APP_TIMEOUT seconds.
 # Prints "refused" (ECONNREFUSED: the ICMP error arrived), "reply", "timeout" or the error's name.
 CONNECTED_UDP_PROBE = r"""
-import errno, socket, sys
+import errno, socket, sys, time
 host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(timeout)
 s.connect((host, port))
+started = time.monotonic()
 s.send(b"anyone there?")
 try:
     s.recv(100)
-    print("reply")
+    outcome = "reply"
 except ConnectionRefusedError:
-    print("refused")
+    outcome = "refused"
 except socket.timeout:
-    print("timeout")
+    outcome = "timeout"
 except OSError as e:
-    print(errno.errorcode.get(e.errno, str(e)))
+    outcome = errno.errorcode.get(e.errno, str(e))
+print(outcome, "%.4f" % (time.monotonic() - started))
 """
 
 # Runs in the target namespace: a "resolver" on HOST:53 that tells the test (stdout) where each query came
@@ -143,7 +145,9 @@ def connected_udp(lab: Lab, host: str, port: int) -> str:
     argv = [sys.executable, "-c", CONNECTED_UDP_PROBE, host, str(port), str(APP_TIMEOUT)]
     done = lab.run(lab.client, argv, timeout=APP_TIMEOUT + 30)
     assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
+    outcome, seconds = done.stdout.split()
+    print(f"connected UDP socket to [{host}]:{port}: {outcome} after {seconds} s")  # a number, not a test
+    return outcome
 
 
 def dig(lab: Lab, *args: str) -> list[str]:
@@ -194,6 +198,7 @@ class TestOneVpnRun:
         assert done.returncode == 0, f"{done.stdout}{done.stderr}{shared_vpn.describe()}"
         assert "3 received" in done.stdout, done.stdout
         assert done.stdout.count(f"bytes from {host}") == 3, done.stdout
+        print(f"ping {host}: {done.stdout.strip().splitlines()[-1]}")  # the real round-trip times
 
     def test_ping_to_a_missing_host_is_never_answered(self, lab: Lab, shared_vpn: VpnProcess) -> None:
         """No fake replies: nobody has 198.19.0.77, so nothing may say "bytes from" it."""
