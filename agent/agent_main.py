@@ -439,6 +439,16 @@ class Agent:
 
     def _resume(self, client: ClientConnection) -> None:
         """Adopt the flows a lost connection left behind (their sockets, so their ports, unchanged)."""
+        for other in list(self._clients):
+            if other is not client and other.authenticated and other.version >= p.VERSION_ICMP:
+                # The same token resumes: that older connection is stale (its path was cut silently and
+                # sshd has not noticed yet). Its flows move over now instead of after the silence timeout.
+                log.info("a resuming client replaces a stale connection with %d flows", len(other.flows))
+                for flow in other.flows.values():
+                    flow.client = None
+                    self._orphans[flow.flow_id] = flow
+                other.flows.clear()
+                self._drop_client(other)
         orphans, self._orphans = self._orphans, {}
         self._grace_deadline = None
         for flow in orphans.values():

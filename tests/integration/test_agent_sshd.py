@@ -422,6 +422,21 @@ def test_v2_resume_keeps_flows_and_their_port(tmp_path: Path) -> None:
         echo.close()
 
 
+def test_v2_resume_takes_over_from_a_stale_connection(local_agent: LocalAgent, echo: UdpEcho) -> None:
+    """The old path was cut silently (its connection still looks open): a RESUME with the same token takes
+    its flows at once, and the stale connection is closed."""
+    stale = local_agent.connect(version=2)
+    stale.send(p.OpenFlow(1, echo.address))
+    stale.send(p.Datagram(1, None, b"one"))
+    assert stale.expect(p.Datagram).payload == b"one"
+    fresh = local_agent.connect(version=2)
+    fresh.send(p.Resume())
+    fresh.send(p.Datagram(1, None, b"two"))
+    assert fresh.expect(p.Datagram).payload == b"two"
+    assert echo.peers[0] == echo.peers[1]
+    assert stale.at_eof()
+
+
 def test_v2_resume_only_as_the_first_frame(local_agent: LocalAgent) -> None:
     conn = local_agent.connect(version=2)
     conn.send(p.Keepalive(1, False))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -38,21 +39,23 @@ APP_TIMEOUT = 5.0  # what the probing "app" waits for an answer before calling i
 # Runs in the client namespace: a connected UDP socket sends one datagram and waits APP_TIMEOUT seconds.
 # Prints "refused" (ECONNREFUSED: the ICMP error arrived), "reply", "timeout" or the error's name.
 CONNECTED_UDP_PROBE = r"""
-import errno, socket, sys
+import errno, socket, sys, time
 host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(timeout)
 s.connect((host, port))
+started = time.monotonic()
 s.send(b"anyone there?")
 try:
     s.recv(100)
-    print("reply")
+    outcome = "reply"
 except ConnectionRefusedError:
-    print("refused")
+    outcome = "refused"
 except socket.timeout:
-    print("timeout")
+    outcome = "timeout"
 except OSError as e:
-    print(errno.errorcode.get(e.errno, str(e)))
+    outcome = errno.errorcode.get(e.errno, str(e))
+print(outcome, "%.4f" % (time.monotonic() - started))
 """
 
 # Runs in the target namespace: a "resolver" on HOST:53 that tells the test (stdout) where each query came
@@ -142,7 +145,9 @@ def connected_udp(lab: Lab, host: str, port: int) -> str:
     argv = [sys.executable, "-c", CONNECTED_UDP_PROBE, host, str(port), str(APP_TIMEOUT)]
     done = lab.run(lab.client, argv, timeout=APP_TIMEOUT + 30)
     assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
+    outcome, seconds = done.stdout.split()
+    print(f"connected UDP socket to [{host}]:{port}: {outcome} after {seconds} s")  # a number, not a test
+    return outcome
 
 
 def dig(lab: Lab, *args: str) -> list[str]:
@@ -157,8 +162,6 @@ def read_line(proc: subprocess.Popen, timeout: float = 20.0) -> str:
 
     def reader() -> None:
         result.append(proc.stdout.readline().decode().strip())
-
-    import threading
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
@@ -183,9 +186,8 @@ def shared_vpn(
     assert_no_unhandled_exceptions(vpn)
 
 
-class TestThroughOneRun:
-    """Tests that share one x2ssh run (class-scoped: it ends before the tests that start their own, since
-    one run per network namespace holds the lock)."""
+class TestOneVpnRun:
+    """One x2ssh run (`--vpn-dns remote`, the server may ping) serves all of these."""
 
     # -- ping ------------------------------------------------------------------------------------------------
 
@@ -196,6 +198,7 @@ class TestThroughOneRun:
         assert done.returncode == 0, f"{done.stdout}{done.stderr}{shared_vpn.describe()}"
         assert "3 received" in done.stdout, done.stdout
         assert done.stdout.count(f"bytes from {host}") == 3, done.stdout
+        print(f"ping {host}: {done.stdout.strip().splitlines()[-1]}")  # the real round-trip times
 
     def test_ping_to_a_missing_host_is_never_answered(self, lab: Lab, shared_vpn: VpnProcess) -> None:
         """No fake replies: nobody has 198.19.0.77, so nothing may say "bytes from" it."""
@@ -203,7 +206,7 @@ class TestThroughOneRun:
         assert done.returncode != 0
         assert "bytes from" not in done.stdout, done.stdout
 
-    # -- unreachable errors and anti-spoofing -------------------------------------------------------------
+    # -- unreachable errors and anti-spoofing ----------------------------------------------------------------
 
     @pytest.mark.parametrize("family", ["v4", "v6"])
     def test_udp_to_a_closed_port_is_refused(
