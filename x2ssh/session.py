@@ -286,7 +286,7 @@ class SshSession:
         """Keep a UDP agent attached for as long as `conn` lives. After a reconnect, re-attach to the agent
         the lost connection left (its flows keep their server-side ports); else deploy one; re-deploy when
         it dies."""
-        settings = AgentSettings()
+        settings = AgentSettings(reattach_grace=self.settings.agent_reattach_grace)
         while self.conn is conn and not conn.is_closed():
             previous, self._lost_agent = self._lost_agent, None
             resumed = False

@@ -37,6 +37,8 @@ DEFAULT_KEEPALIVE_INTERVAL = 15.0
 DEFAULT_KEEPALIVE_COUNT_MAX = 3
 DEFAULT_RETRY_INITIAL = 1.0
 DEFAULT_RETRY_MAX_DELAY = 30.0
+DEFAULT_REATTACH_GRACE = 60.0
+DEFAULT_BUFFER_BUDGET_MIB = 128
 
 _TUN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
@@ -87,6 +89,8 @@ class Settings:
     retry_initial: float = DEFAULT_RETRY_INITIAL
     retry_max_delay: float = DEFAULT_RETRY_MAX_DELAY
     ssh_connections: int | None = None  # None: auto (as many as flows need, up to AUTO_MAX_CONNECTIONS)
+    agent_reattach_grace: float = DEFAULT_REATTACH_GRACE  # seconds the agent keeps flows of a lost link
+    vpn_buffer_budget: int = DEFAULT_BUFFER_BUDGET_MIB  # MiB buffered across all TCP flows before pausing
     config: Path | None = None
     state_dir: Path = DEFAULT_STATE_DIR
     verbose: int = 0
@@ -154,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     ssh.add_argument("--retry-initial", metavar="SECONDS", help="first reconnect delay [1]")
     ssh.add_argument("--retry-max-delay", metavar="SECONDS", help="cap of the reconnect delay [30]")
     ssh.add_argument(
+        "--agent-reattach-grace",
+        metavar="SECONDS",
+        help="how long the UDP agent keeps flows for a reconnect [60]",
+    )
+    ssh.add_argument(
         "--ssh-connections", metavar="N|auto", help="SSH connections to spread flows over, at most [auto]"
     )
     vpn = p.add_argument_group("VPN")
@@ -161,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     vpn.add_argument("--vpn-exclude", action="append", metavar="CIDR", help="keep CIDR off the tunnel")
     vpn.add_argument("--vpn-mtu", metavar="N", help=f"MTU of the TUN device [{DEFAULT_MTU}]")
     vpn.add_argument("--vpn-tun", metavar="NAME", help=f"name of the TUN device [{DEFAULT_TUN}]")
+    vpn.add_argument(
+        "--vpn-buffer-budget",
+        metavar="MIB",
+        help=f"bytes buffered across all TCP flows before they pause [{DEFAULT_BUFFER_BUDGET_MIB} MiB]",
+    )
     vpn.add_argument(
         "--vpn-kill-switch",
         action=argparse.BooleanOptionalAction,
@@ -190,6 +204,8 @@ _CONFIG_KEYS = {
     "retry_initial",
     "retry_max_delay",
     "ssh_connections",
+    "agent_reattach_grace",
+    "vpn_buffer_budget",
     "vpn_dns",
     "vpn_exclude",
     "vpn_mtu",
@@ -302,6 +318,15 @@ def parse_args(argv: list[str] | None) -> Settings:
         retry_initial=retry_initial,
         retry_max_delay=retry_max_delay,
         ssh_connections=parse_ssh_connections(pick("ssh_connections")),
+        agent_reattach_grace=_number(
+            "--agent-reattach-grace", pick("agent_reattach_grace"), DEFAULT_REATTACH_GRACE
+        ),
+        vpn_buffer_budget=_int_option(
+            "--vpn-buffer-budget",
+            _or(pick("vpn_buffer_budget"), DEFAULT_BUFFER_BUDGET_MIB),
+            minimum=4,
+            maximum=65536,
+        ),
         config=config_path,
         state_dir=Path(state_dir).expanduser() if state_dir else DEFAULT_STATE_DIR,
         verbose=verbose,

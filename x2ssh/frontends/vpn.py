@@ -120,7 +120,7 @@ class VpnSession:
         self.tun = await self.host.open_tun()
         self.tun_stack = TunStack(
             self.tun.fd,
-            config=StackConfig(mtu=self.tun.mtu),
+            config=StackConfig(mtu=self.tun.mtu, buffer_budget=self.settings.vpn_buffer_budget << 20),
             on_tcp=self.bridge.on_tcp,
             on_udp=self._on_udp,
             on_icmp=self._on_icmp,
