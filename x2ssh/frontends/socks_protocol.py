@@ -15,8 +15,9 @@ after its request; after an error reply the caller closes.
 The first byte decides the flavor: 0x05 is SOCKS5, an upper-case letter an HTTP request line; anything else
 (SOCKS4, TLS, garbage) is refused. Every fault of the client raises `ProtocolError`, whose `reply` holds the
 bytes the protocol prescribes for it (possibly empty): send them, then close. Misuse by the caller raises
-`LocalProtocolError`. No more than `MAX_BUFFER` bytes are ever held, and an HTTP request head must fit in
-`MAX_HTTP_HEAD`, so memory per client is bounded whatever it sends.
+`LocalProtocolError`. The handshake is parsed as bytes arrive: an HTTP request head must fit in
+`MAX_HTTP_HEAD` (a SOCKS5 message is at most 513 bytes anyway), and what the client sends after its request
+and before the reply is kept up to `MAX_BUFFER`, so memory per client is bounded whatever it sends.
 
 The UDP ASSOCIATE datagram header (RFC 1928 section 7) is handled by `parse_udp_datagram` and
 `build_udp_datagram`; fragments (FRAG != 0) are refused, as most servers do.
@@ -33,7 +34,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-MAX_BUFFER = 16 * 1024  # bytes held for one client before its request is answered
+MAX_BUFFER = 256 * 1024  # bytes held for one client before its request is answered (one socket read)
 MAX_HTTP_HEAD = 8 * 1024  # request line and headers of an HTTP CONNECT
 MAX_HTTP_HEADERS = 100
 MAX_NAME = 255  # a domain name in SOCKS5 is at most 255 bytes (one length byte)
@@ -293,6 +294,7 @@ class ServerConnection:
         self._buf = bytearray()
         self._out = bytearray()
         self._eof = False
+        self._ready: Request | None = None
         self._username: str | None = None
 
     # -- input --
@@ -308,7 +310,11 @@ class ServerConnection:
         return self._state.value
 
     def receive_data(self, data: bytes) -> None:
-        """Bytes from the client; b"" means it closed its side. Raises `ProtocolError` beyond `MAX_BUFFER`."""
+        """Bytes from the client; b"" means it closed its side. Raises `ProtocolError` for a broken client.
+
+        The handshake is parsed as the bytes arrive, so what is held is only an unfinished message (an HTTP
+        head up to `MAX_HTTP_HEAD`) or, once the request is complete, what followed it (up to `MAX_BUFFER`;
+        the caller stops reading until it has replied)."""
         if self._state in (_State.TUNNEL, _State.CLOSED, _State.ERROR):
             raise LocalProtocolError(f"receive_data() in state {self._state.value}")
         if not data:
@@ -316,28 +322,39 @@ class ServerConnection:
             return
         if self._eof:
             raise LocalProtocolError("receive_data() after end of data")
-        if len(self._buf) + len(data) > MAX_BUFFER:
-            self._state = _State.ERROR
-            self._buf.clear()
-            raise ProtocolError(f"client sent more than {MAX_BUFFER} bytes before its request was answered")
-        self._buf += data
-
-    def next_event(self) -> Request | _NeedData:
-        """The next event: a `Request` (answer it with `reply()`) or `NEED_DATA`."""
         try:
-            return self._next_event()
+            if len(self._buf) + len(data) > MAX_BUFFER and self._state is _State.AWAIT_REPLY:
+                raise ProtocolError(
+                    f"client sent more than {MAX_BUFFER} bytes before its request was answered"
+                )
+            self._buf += data
+            self._advance()
+            if len(self._buf) > MAX_BUFFER:
+                raise ProtocolError(
+                    f"client sent more than {MAX_BUFFER} bytes before its request was answered"
+                )
         except ProtocolError:
-            self._state = _State.ERROR
-            self._buf.clear()
+            self._fail()
             raise
 
-    def _next_event(self) -> Request | _NeedData:
+    def next_event(self) -> Request | _NeedData:
+        """The next event: a `Request` (answer it with `reply()`) or `NEED_DATA`. Raises `ProtocolError` if
+        the client closed in the middle of the handshake."""
+        if self._state in (_State.ERROR, _State.CLOSED, _State.TUNNEL):
+            raise LocalProtocolError(f"next_event() in state {self._state.value}")
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            return ready
+        if self._state is not _State.AWAIT_REPLY and self._eof:
+            state = self._state.value
+            self._fail()
+            raise ProtocolError(f"client closed the connection during the handshake ({state})")
+        return NEED_DATA
+
+    def _advance(self) -> None:
+        """Run the handshake over the buffered bytes until it needs more or a request is complete."""
         state = self._state
-        if state in (_State.ERROR, _State.CLOSED, _State.TUNNEL):
-            raise LocalProtocolError(f"next_event() in state {state.value}")
-        while True:
-            if state is _State.AWAIT_REPLY:
-                return NEED_DATA
+        while state is not _State.AWAIT_REPLY:
             if state is _State.START:
                 event = self._start()
             elif state is _State.GREETING:
@@ -349,12 +366,16 @@ class ServerConnection:
             else:
                 event = self._http_head()
             if event is not None:
-                return event
+                self._ready = event
+                return
             if self._state is state:  # no progress: wait for bytes
-                if self._eof:
-                    raise ProtocolError(f"client closed the connection during the handshake ({state.value})")
-                return NEED_DATA
+                return
             state = self._state
+
+    def _fail(self) -> None:
+        self._state = _State.ERROR
+        self._buf.clear()
+        self._ready = None
 
     def data_to_send(self) -> bytes:
         """Handshake bytes to write to the client now (method selection, auth status)."""
