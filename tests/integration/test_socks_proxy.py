@@ -302,7 +302,9 @@ def test_curl_socks5_to_ipv6(port: int, web: dict[str, Any]) -> None:
     assert done.stdout == b"hello through the proxy\n"
 
 
-def test_curl_socks5_hostname_resolved_by_the_backend(proxy: Proxy, port: int, web: dict[str, Any]) -> None:
+def test_curl_socks5_hostname_resolved_by_the_backend(
+    proxy: Proxy, sshd: Any, port: int, web: dict[str, Any]
+) -> None:
     """The name reaches the backend's resolver, never sshd: the channel opens to the address."""
     proxy.lookups.clear()
     done = curl("--socks5-hostname", f"127.0.0.1:{port}", f"http://target.lab.test:{web['v4']}/small.txt")
@@ -311,6 +313,12 @@ def test_curl_socks5_hostname_resolved_by_the_backend(proxy: Proxy, port: int, w
     assert proxy.lookups == ["target.lab.test"]
     six = curl("--socks5-hostname", f"127.0.0.1:{port}", f"http://six.lab.test:{web['v6']}/small.txt")
     assert six.returncode == 0 and six.stdout == b"hello through the proxy\n", six.stderr
+    # sshd names what it failed to connect to: the address, never the name.
+    dead = closed_port()
+    with socks_request(port, 1, domain("down.lab.test", dead)) as sock:
+        assert read_reply(sock)[0] == 0x05
+    assert f"connect_to 127.0.0.1 port {dead}: failed." in sshd.log_text()
+    assert "lab.test" not in sshd.log_text()
 
 
 def test_unknown_name_is_host_unreachable(port: int, web: dict[str, Any]) -> None:

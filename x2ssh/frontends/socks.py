@@ -27,14 +27,21 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import asyncssh
 
 from x2ssh.errors import UsageError
+from x2ssh.frontends.socks_backend import (
+    Address,
+    NameNotFound,
+    SocksBackend,
+    SocksSettings,
+    SocksStats,
+    SshChannelBackend,
+    TcpChannel,
+    is_address,
+    reply_for_error,
+)
 from x2ssh.frontends.socks_protocol import (
     NEED_DATA,
     AddressType,
@@ -44,118 +51,30 @@ from x2ssh.frontends.socks_protocol import (
     Reply,
     Request,
     ServerConnection,
-    build_udp_datagram,
     describe_reply,
-    parse_udp_datagram,
 )
+from x2ssh.frontends.socks_udp import UdpAssociation
+
+__all__ = [
+    "Credentials",
+    "NameNotFound",
+    "ProxyBindRefused",
+    "SocksBackend",
+    "SocksServer",
+    "SocksSettings",
+    "SocksStats",
+    "SshChannelBackend",
+    "check_bind",
+    "parse_listen",
+]
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
-CHANNEL_WINDOW = 2 * 1024 * 1024  # as flows/tcp_bridge.py (not imported: it needs the native netstack)
-CHANNEL_MAX_PACKET = 32 * 1024
 MAX_ADDRESSES_TRIED = 4  # of a resolved name, in the resolver's order
-
-
-class NameNotFound(Exception):
-    """A backend's `resolve()` found no address for the name (the client gets "host unreachable")."""
 
 
 class ProxyBindRefused(UsageError):
     """The proxy would listen beyond loopback without credentials (and without an explicit allow_lan)."""
-
-
-class TcpChannel(Protocol):
-    """The channel side of a spliced flow (`asyncssh.SSHTCPChannel` is one)."""
-
-    def write(self, data: bytes) -> None: ...
-    def write_eof(self) -> None: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-
-
-class SocksBackend(Protocol):
-    """What the proxy needs from the session: resolve names, open TCP channels, send UDP datagrams.
-
-    The session implements it on its SSH connection pool and agent; `SshChannelBackend` below does the TCP
-    part for any object with asyncssh's `create_connection`.
-    """
-
-    async def resolve(self, name: str) -> list[str]:
-        """Addresses of `name` as the SSH server's resolver sees them (agent DNS or DNS over TCP).
-
-        Raise `NameNotFound` (or return []) for a name that does not exist; `TimeoutError` if no answer."""
-        ...
-
-    async def open_tcp(
-        self, host: str, port: int, session_factory: Callable[[], asyncssh.SSHTCPSession], origin: Address
-    ) -> tuple[TcpChannel, asyncssh.SSHTCPSession]:
-        """Open a `direct-tcpip` channel to the address `host`:`port` with the session `session_factory()`
-        makes, as `SSHClientConnection.create_connection` does (`origin` is the client's address). Raise
-        `asyncssh.ChannelOpenError` when the server refuses; wait (bounded) for a connection if needed."""
-        ...
-
-    def udp_send(self, src: Address, dst: Address, payload: bytes) -> None:
-        """Send `payload` from the association `src` to `dst` (an address) through the agent; drop it
-        when that is not possible. Replies go to `SocksServer.udp_from_remote(source, src, payload)`."""
-        ...
-
-
-@dataclass(frozen=True)
-class SocksSettings:
-    """Limits and timeouts of the proxy port."""
-
-    max_clients: int = 4096
-    handshake_timeout: float = 30.0  # from accept to a complete request
-    resolve_timeout: float = 10.0
-    open_timeout: float = 15.0
-    client_write_limit: int = 256 * 1024  # bytes queued towards one client before its channel pauses
-    udp_write_limit: int = 256 * 1024
-    udp_name_cache: int = 64
-    udp_resolving: int = 8
-
-
-@dataclass
-class SocksStats:
-    """Counters for the status view."""
-
-    clients: int = 0
-    active: int = 0
-    refused_clients: int = 0
-    protocol_errors: int = 0
-    requests: Counter[str] = field(default_factory=Counter)
-    replies: Counter[str] = field(default_factory=Counter)
-    bytes_up: int = 0  # client -> server
-    bytes_down: int = 0
-    udp_to_remote: int = 0
-    udp_to_client: int = 0
-    udp_drops: Counter[str] = field(default_factory=Counter)
-
-
-def reply_for_error(exc: BaseException) -> Reply:
-    """The SOCKS reply code that tells the client what went wrong."""
-    if isinstance(exc, asyncssh.ChannelOpenError):
-        reason = (exc.reason or "").lower()
-        if exc.code == asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED:
-            return Reply.NOT_ALLOWED
-        if "refused" in reason:
-            return Reply.CONNECTION_REFUSED
-        if "network is unreachable" in reason:
-            return Reply.NETWORK_UNREACHABLE
-        if "timed out" in reason:
-            return Reply.TTL_EXPIRED
-        if exc.code == asyncssh.OPEN_CONNECT_FAILED:  # "No route to host", "open failed", ...
-            return Reply.HOST_UNREACHABLE
-        return Reply.GENERAL_FAILURE
-    if isinstance(exc, TimeoutError):
-        return Reply.TTL_EXPIRED
-    if isinstance(exc, NameNotFound):
-        return Reply.HOST_UNREACHABLE
-    if isinstance(exc, ConnectionRefusedError):
-        return Reply.CONNECTION_REFUSED
-    return Reply.GENERAL_FAILURE
 
 
 def parse_listen(spec: str) -> Address:
@@ -195,42 +114,6 @@ def check_bind(host: str, credentials: Credentials | None, allow_lan: bool) -> N
         )
 
 
-class SshChannelBackend:
-    """The TCP part of a `SocksBackend` on anything with asyncssh's `create_connection` (a connection or
-    the session's `ConnectionPool`); names and UDP are delegated to the callables given."""
-
-    def __init__(
-        self,
-        connection: Callable[[], Awaitable[Any]],
-        resolve: Callable[[str], Awaitable[list[str]]],
-        udp_send: Callable[[Address, Address, bytes], None] | None = None,
-    ) -> None:
-        self._connection = connection
-        self._resolve = resolve
-        self._udp_send = udp_send
-
-    async def resolve(self, name: str) -> list[str]:
-        return await self._resolve(name)
-
-    async def open_tcp(
-        self, host: str, port: int, session_factory: Callable[[], asyncssh.SSHTCPSession], origin: Address
-    ) -> tuple[TcpChannel, asyncssh.SSHTCPSession]:
-        conn = await self._connection()
-        return await conn.create_connection(
-            session_factory,
-            host,
-            port,
-            origin[0],
-            origin[1],
-            window=CHANNEL_WINDOW,
-            max_pktsize=CHANNEL_MAX_PACKET,
-        )
-
-    def udp_send(self, src: Address, dst: Address, payload: bytes) -> None:
-        if self._udp_send is not None:
-            self._udp_send(src, dst, payload)
-
-
 class SocksServer:
     """Listens on (`host`, `port`) and serves SOCKS5 and HTTP CONNECT clients through `backend`."""
 
@@ -252,7 +135,7 @@ class SocksServer:
         self.stats = SocksStats()
         self._servers: list[asyncio.Server] = []
         self._clients: set[_Client] = set()
-        self._associations: dict[Address, _UdpAssociation] = {}
+        self._associations: dict[Address, UdpAssociation] = {}
 
     async def start(self) -> None:
         """Check the bind address (`ProxyBindRefused`), then listen. OSError if the port is taken."""
@@ -281,6 +164,10 @@ class SocksServer:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers.clear()
+
+    def _forget(self, association: UdpAssociation) -> None:
+        if self._associations.get(association.key) is association:
+            del self._associations[association.key]
 
     def udp_from_remote(self, src: Address, dst: Address, payload: bytes) -> None:
         """A UDP reply from `src` for the association `dst` (the key it sent with)."""
@@ -324,7 +211,7 @@ class _Client(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Address = ("", 0)
         self.channel: TcpChannel | None = None
-        self.association: _UdpAssociation | None = None
+        self.association: UdpAssociation | None = None
         self.spliced = False
         self.closed = False
         self.early: list[bytes | None] = []  # channel data (None: EOF) before the reply was written
@@ -500,7 +387,7 @@ class _Client(asyncio.Protocol):
         self._answer(reply_for_error(error), request)
 
     async def _addresses(self, host: str, kind: AddressType) -> list[str]:
-        if kind is not AddressType.DOMAIN or _is_address(host):
+        if kind is not AddressType.DOMAIN or is_address(host):
             return [host]
         found = await asyncio.wait_for(
             self.server.backend.resolve(host), self.server.settings.resolve_timeout
@@ -573,7 +460,10 @@ class _Client(asyncio.Protocol):
             and not ipaddress.ip_address(request.host).is_unspecified
         ):
             client_ip = request.host
-        association = _UdpAssociation(self.server, client_ip, request.port or None)
+        server = self.server
+        association = UdpAssociation(
+            server.backend, server.settings, self.stats, client_ip, request.port or None, server._forget
+        )
         loop = asyncio.get_running_loop()
         await loop.create_datagram_endpoint(lambda: association, local_addr=(local[0], 0))
         if self.closed:
@@ -584,115 +474,3 @@ class _Client(asyncio.Protocol):
         self._answer(Reply.SUCCEEDED, request, association.key)
         log.debug("proxy client %s: UDP association on %s:%d", self.label, *association.key)
         self.transport.resume_reading()  # to notice when the client closes (that ends the association)
-
-
-class _UdpAssociation(asyncio.DatagramProtocol):
-    """The UDP relay socket of one UDP ASSOCIATE, alive as long as its control connection."""
-
-    def __init__(self, server: SocksServer, client_ip: str, client_port: int | None) -> None:
-        self.server = server
-        self.stats = server.stats
-        self.client_ip = _canonical(client_ip)
-        self.client: Address | None = (self.client_ip, client_port) if client_port else None
-        self.transport: asyncio.DatagramTransport | None = None
-        self.key: Address = ("", 0)
-        self._names: OrderedDict[str, str] = OrderedDict()
-        self._resolving: set[asyncio.Task[None]] = set()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a DatagramTransport, not declared as one
-        host, port = transport.get_extra_info("sockname")[:2]
-        self.key = (str(host), int(port))
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        source = (_canonical(str(addr[0])), int(addr[1]))
-        drops = self.stats.udp_drops
-        if source[0] != self.client_ip or (self.client is not None and source != self.client):
-            drops["stranger"] += 1
-            return
-        self.client = source
-        try:
-            datagram = parse_udp_datagram(data)
-        except ProtocolError as exc:
-            drops["malformed"] += 1
-            log.debug("proxy UDP %s: %s", self.key, exc)
-            return
-        host = datagram.host
-        if datagram.address_type is AddressType.DOMAIN and not _is_address(host):
-            address = self._names.get(host)
-            if address is None:
-                self._resolve(host, datagram.port, datagram.payload)
-                return
-            self._names.move_to_end(host)
-            host = address
-        self._send(host, datagram.port, datagram.payload)
-
-    def _send(self, host: str, port: int, payload: bytes) -> None:
-        self.stats.udp_to_remote += 1
-        self.server.backend.udp_send(self.key, (host, port), payload)
-
-    def _resolve(self, name: str, port: int, payload: bytes) -> None:
-        if len(self._resolving) >= self.server.settings.udp_resolving:
-            self.stats.udp_drops["resolving"] += 1
-            return
-        task = asyncio.get_running_loop().create_task(self._resolve_then_send(name, port, payload))
-        self._resolving.add(task)
-        task.add_done_callback(self._resolving.discard)
-
-    async def _resolve_then_send(self, name: str, port: int, payload: bytes) -> None:
-        settings = self.server.settings
-        try:
-            found = await asyncio.wait_for(self.server.backend.resolve(name), settings.resolve_timeout)
-        except Exception as exc:
-            self.stats.udp_drops["name_not_resolved"] += 1
-            log.debug("proxy UDP %s: %s not resolved: %r", self.key, name, exc)
-            return
-        if not found or self.transport is None:
-            self.stats.udp_drops["name_not_resolved"] += 1
-            return
-        self._names[name] = found[0]
-        while len(self._names) > settings.udp_name_cache:
-            self._names.popitem(last=False)
-        self._send(found[0], port, payload)
-
-    def to_client(self, src: Address, payload: bytes) -> None:
-        transport, client = self.transport, self.client
-        if transport is None or client is None:
-            self.stats.udp_drops["no_client"] += 1
-            return
-        if transport.get_write_buffer_size() > self.server.settings.udp_write_limit:
-            self.stats.udp_drops["client_backpressure"] += 1
-            return
-        self.stats.udp_to_client += 1
-        transport.sendto(build_udp_datagram(src[0], src[1], payload), client)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("proxy UDP %s: %s", self.key, exc)  # e.g. ICMP port unreachable from the client
-
-    def close(self) -> None:
-        if self.server._associations.get(self.key) is self:
-            del self.server._associations[self.key]
-        for task in list(self._resolving):
-            task.cancel()
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
-
-
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _canonical(host: str) -> str:
-    """IPv4-mapped IPv6 addresses as IPv4, so a dual-stack socket's peer compares equal."""
-    try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
