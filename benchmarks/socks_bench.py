@@ -4,8 +4,9 @@
 
 One real sshd on 127.0.0.1 and a small HTTP target (its own process) serving GET /bytes/N and draining
 PUT bodies. Each proxy runs in its own process: `ssh -N -D`, and x2ssh's `SocksServer` over one asyncssh
-connection (tuned as the session tunes it). curl measures single-flow throughput down and up, and the
-new-connection rate (many small GETs, each on a new connection, 16 at a time). Prints each figure and the
+connection (tuned as the session tunes it). curl measures single-flow throughput down and up; a small client
+process measures the new-connection rate (SOCKS5 CONNECT + a 100-byte GET, each on a new connection, 16 at
+a time). Prints each figure and the
 ratio x2ssh / ssh -D; medians of --repeats runs.
 """
 
@@ -152,13 +153,44 @@ def upload(proxy: int, target: int, path: Path) -> float:
     return int(sent) / float(seconds) / 1e6
 
 
-def connection_rate(proxy: int, target: int, count: int, workdir: Path) -> float:
-    config = workdir / "urls.curl"
-    config.write_text("".join(f'url = "http://127.0.0.1:{target}/bytes/100?{i}"\noutput = "/dev/null"\n'
-                              for i in range(count)))  # fmt: skip
+async def _rate_client(proxy: int, target: int, count: int, concurrency: int) -> float:
+    """New connections per second: each one a SOCKS5 CONNECT, a small GET, and the reply read to its end."""
+    request = b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + target.to_bytes(2, "big")
+    left = count
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy)
+            writer.write(b"\x05\x01\x00")
+            assert await reader.readexactly(2) == b"\x05\x00"
+            writer.write(request)
+            assert (await reader.readexactly(10))[1] == 0
+            writer.write(b"GET /bytes/100 HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert (await reader.read()).endswith(bytes(100))
+            writer.close()
+
     start = time.perf_counter()
-    _curl("--socks5", f"127.0.0.1:{proxy}", "--parallel", "--parallel-max", "16", "-K", str(config))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return count / (time.perf_counter() - start)
+
+
+def connection_rate(proxy: int, target: int, count: int) -> float:
+    """Measured by a client process of its own (curl's --parallel is slow through any SOCKS proxy)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "benchmarks.socks_bench",
+        "--rate-client",
+        str(proxy),
+        str(target),
+        str(count),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"rate client failed: {done.stderr.strip()[-500:]}")
+    return float(done.stdout.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,8 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=500, help="connections per rate run [500]")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--serve-target", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rate-client", nargs=3, type=int, metavar=("PROXY", "TARGET", "N"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--serve-proxy", nargs=2, metavar=("WORKDIR", "SSHD_PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rate_client:
+        print(asyncio.run(_rate_client(*args.rate_client, concurrency=16)))
+        return 0
     if args.serve_target:
         asyncio.run(serve_target())
         return 0
@@ -208,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, port in proxies.items():  # interleaved, so drift on a shared machine hits both
                     results[name]["down"].append(download(port, target, size))
                     results[name]["up"].append(upload(port, target, payload))
-                    results[name]["conn"].append(connection_rate(port, target, args.connections, workdir))
+                    results[name]["conn"].append(connection_rate(port, target, args.connections))
         finally:
             for proc in procs:
                 proc.terminate()
@@ -218,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
     units = {"down": "MB/s", "up": "MB/s", "conn": "conn/s"}
-    labels = {"down": "download (1 flow)", "up": "upload (1 flow)", "conn": "new connections"}
+    labels = {"down": "download (1 flow)", "up": "upload (1 flow)", "conn": "new conns (16 par.)"}
     print(f"\n{'metric':<20}{'ssh -D':>14}{'x2ssh':>14}{'ratio':>9}   (median of {args.repeats}, "
           f"{args.size_mib} MiB / {args.connections} connections)")  # fmt: skip
     for metric in ("down", "up", "conn"):
