@@ -79,6 +79,7 @@ async def serve_proxy(workdir: Path, sshd_port: int) -> None:
 
     from x2ssh.frontends.socks import NameNotFound, SocksServer, SshChannelBackend
     from x2ssh.ssh import tuning
+    from x2ssh.ssh.connect import PREFERRED_CIPHERS
 
     tuning.install()
     key = workdir / "client_ed25519"
@@ -88,6 +89,7 @@ async def serve_proxy(workdir: Path, sshd_port: int) -> None:
         username="root",
         client_keys=[str(key)],
         known_hosts=str(workdir / "known_hosts"),
+        encryption_algs=list(PREFERRED_CIPHERS),  # as the session connects
     )
     tuning.coalesce_sends(conn)
 
