@@ -202,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=int, default=256, help="bytes per throughput run [256 MiB]")
     parser.add_argument("--connections", type=int, default=500, help="connections per rate run [500]")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--ssh-cipher",
+        default=None,
+        help="ssh -D's cipher (-c); default: OpenSSH's own choice (chacha20-poly1305)",
+    )
     parser.add_argument("--serve-target", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--rate-client", nargs=3, type=int, metavar=("PROXY", "TARGET", "N"), help=argparse.SUPPRESS
@@ -229,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             me = [sys.executable, "-m", "benchmarks.socks_bench"]
             target_proc, target = _started([*me, "--serve-target"])
             procs.append(target_proc)
+            cipher = ["-c", args.ssh_cipher] if args.ssh_cipher else []
             with socket.socket() as probe:
                 probe.bind(("127.0.0.1", 0))
                 ssh_port = probe.getsockname()[1]
-            procs.append(subprocess.Popen(sshd.ssh_command("-N", "-D", f"127.0.0.1:{ssh_port}"),
+            procs.append(subprocess.Popen(sshd.ssh_command(*cipher, "-N", "-D", f"127.0.0.1:{ssh_port}"),
                                           start_new_session=True))  # fmt: skip
             _wait_port(ssh_port)
             x2_proc, x2_port = _started([*me, "--serve-proxy", str(sshd.workdir), str(sshd.port)])
@@ -259,8 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                     proc.kill()
     units = {"down": "MB/s", "up": "MB/s", "conn": "conn/s"}
     labels = {"down": "download (1 flow)", "up": "upload (1 flow)", "conn": "new conns (16 par.)"}
-    print(f"\n{'metric':<20}{'ssh -D':>14}{'x2ssh':>14}{'ratio':>9}   (median of {args.repeats}, "
-          f"{args.size_mib} MiB / {args.connections} connections)")  # fmt: skip
+    cipher_name = args.ssh_cipher or "default"
+    run = f"median of {args.repeats}, {args.size_mib} MiB, {args.connections} conns, ssh -c {cipher_name}"
+    print(f"\n{'metric':<20}{'ssh -D':>14}{'x2ssh':>14}{'ratio':>9}   ({run})")
     for metric in ("down", "up", "conn"):
         base = statistics.median(results["ssh -D"][metric])
         ours = statistics.median(results["x2ssh"][metric])
