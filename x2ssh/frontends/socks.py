@@ -1,0 +1,476 @@
+"""The SOCKS5 / HTTP CONNECT proxy port (`x2ssh -D`): an asyncio adapter around `socks_protocol`.
+
+Theory of operation. Each client connection runs the sans-IO `ServerConnection` until it yields a request.
+Reading then pauses while the request is carried out through a `SocksBackend` (the session's SSH side):
+
+- CONNECT: a domain name is resolved by the *server's* resolver (`backend.resolve`) first, and the channel is
+  opened to the address, so sshd never blocks on a lookup. The outcome becomes the reply code (refused,
+  host or network unreachable, timed out). On success the client and the channel are spliced as in
+  `flows/tcp_bridge.py`: a full channel pauses reading from the client, a full client socket pauses reading
+  from the channel, FIN <-> EOF both ways, a reset aborts the other side.
+- UDP ASSOCIATE: a UDP socket is bound on the address the client reached us at; datagrams from the client
+  (only from its address) go to `backend.udp_send(key, destination, payload)` and replies come back through
+  `SocksServer.udp_from_remote(source, key, payload)`. `key` is the association's own bound address, unique
+  while it lives; the association ends with its TCP control connection (RFC 1928 section 7).
+- BIND: "command not supported".
+
+Memory per client is bounded: the handshake by `socks_protocol.MAX_BUFFER`, the tunnel by the channel window
+and the client socket's write-buffer limit (flow control), a UDP association by its write-buffer limit and
+a bounded name cache. A client that breaks the protocol gets the protocol's error reply and is closed;
+nothing it does reaches another client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+
+import asyncssh
+
+from x2ssh.errors import UsageError
+from x2ssh.frontends.socks_backend import (
+    Address,
+    NameNotFound,
+    SocksBackend,
+    SocksSettings,
+    SocksStats,
+    SshChannelBackend,
+    TcpChannel,
+    is_address,
+    reply_for_error,
+)
+from x2ssh.frontends.socks_protocol import (
+    NEED_DATA,
+    AddressType,
+    Command,
+    Credentials,
+    ProtocolError,
+    Reply,
+    Request,
+    ServerConnection,
+    describe_reply,
+)
+from x2ssh.frontends.socks_udp import UdpAssociation
+
+__all__ = [
+    "Credentials",
+    "NameNotFound",
+    "ProxyBindRefused",
+    "SocksBackend",
+    "SocksServer",
+    "SocksSettings",
+    "SocksStats",
+    "SshChannelBackend",
+    "check_bind",
+    "parse_listen",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_ADDRESSES_TRIED = 4  # of a resolved name, in the resolver's order
+
+
+class ProxyBindRefused(UsageError):
+    """The proxy would listen beyond loopback without credentials (and without an explicit allow_lan)."""
+
+
+def parse_listen(spec: str) -> Address:
+    """`[bind_address:]port` as OpenSSH's -D spells it. No address: "localhost"; "" or "*": all interfaces
+    (returned as ""). IPv6 addresses in brackets: `[::1]:1080`."""
+    text = spec.strip()
+    host = "localhost"
+    if text.startswith("["):
+        inside, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise UsageError(f"bad -D {spec!r}: expected [bind_address:]port")
+        host, text = inside, rest[1:]
+    elif ":" in text:
+        host, _, text = text.rpartition(":")
+        if ":" in host:
+            raise UsageError(f"bad -D {spec!r}: put an IPv6 bind address in brackets, e.g. [::1]:1080")
+        host = "" if host == "*" else host
+    if not text.isdigit() or not 0 < int(text) <= 0xFFFF:
+        raise UsageError(f"bad -D {spec!r}: the port must be 1 to 65535")
+    return host, int(text)
+
+
+def check_bind(host: str, credentials: Credentials | None, allow_lan: bool) -> None:
+    """Refuse to listen beyond loopback without credentials, unless the user explicitly allowed it."""
+    if credentials is not None or allow_lan:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise UsageError(f"cannot resolve the proxy's bind address {host!r}: {exc}") from None
+    exposed = sorted({info[4][0] for info in infos if not ipaddress.ip_address(info[4][0]).is_loopback})
+    if exposed:
+        raise ProxyBindRefused(
+            f"refusing to open the proxy on {', '.join(exposed)}: it is reachable from other machines and "
+            "would let anyone use your SSH server. Set a proxy username and password in the config file, or "
+            "pass --allow-lan if this network is trusted."
+        )
+
+
+class SocksServer:
+    """Listens on (`host`, `port`) and serves SOCKS5 and HTTP CONNECT clients through `backend`."""
+
+    def __init__(
+        self,
+        backend: SocksBackend,
+        host: str = "localhost",
+        port: int = 1080,
+        credentials: Credentials | None = None,
+        allow_lan: bool = False,
+        settings: SocksSettings | None = None,
+    ) -> None:
+        self.backend = backend
+        self.host = host
+        self.port = port
+        self.credentials = credentials
+        self.allow_lan = allow_lan
+        self.settings = settings or SocksSettings()
+        self.stats = SocksStats()
+        self._servers: list[asyncio.Server] = []
+        self._clients: set[_Client] = set()
+        self._associations: dict[Address, UdpAssociation] = {}
+
+    async def start(self) -> None:
+        """Check the bind address (`ProxyBindRefused`), then listen. OSError if the port is taken."""
+        check_bind(self.host, self.credentials, self.allow_lan)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: _Client(self), self.host or None, self.port, reuse_address=True
+        )
+        self._servers.append(server)
+        log.info(
+            "proxy (SOCKS5, HTTP CONNECT) listening on %s", ", ".join(f"{h}:{p}" for h, p in self.addresses)
+        )
+
+    @property
+    def addresses(self) -> list[Address]:
+        """The bound (host, port) pairs."""
+        return [sock.getsockname()[:2] for server in self._servers for sock in server.sockets]
+
+    async def close(self) -> None:
+        """Stop listening and drop every client and association."""
+        for server in self._servers:
+            server.close()
+        for client in list(self._clients):
+            client.abort()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+
+    def _forget(self, association: UdpAssociation) -> None:
+        if self._associations.get(association.key) is association:
+            del self._associations[association.key]
+
+    def udp_from_remote(self, src: Address, dst: Address, payload: bytes) -> None:
+        """A UDP reply from `src` for the association `dst` (the key it sent with)."""
+        association = self._associations.get(dst)
+        if association is None:
+            self.stats.udp_drops["no_association"] += 1
+            return
+        association.to_client(src, payload)
+
+
+class _ChannelSide(asyncssh.SSHTCPSession):
+    """Receives from the SSH channel; feeds the client."""
+
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._client.from_channel(data)
+
+    def eof_received(self) -> bool:
+        self._client.from_channel(None)
+        return True  # half-open: the client may still send
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client.channel_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._client.channel_full(True)
+
+    def resume_writing(self) -> None:
+        self._client.channel_full(False)
+
+
+class _Client(asyncio.Protocol):
+    """One client connection: handshake, then a splice to a channel (or the control of a UDP association)."""
+
+    def __init__(self, server: SocksServer) -> None:
+        self.server = server
+        self.stats = server.stats
+        self.conn = ServerConnection(server.credentials)
+        self.transport: asyncio.Transport | None = None
+        self.peer: Address = ("", 0)
+        self.channel: TcpChannel | None = None
+        self.association: UdpAssociation | None = None
+        self.spliced = False
+        self.closed = False
+        self.early: list[bytes | None] = []  # channel data (None: EOF) before the reply was written
+        self._channel_full = False
+        self._client_full = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("", 0)
+        self.peer = (str(peer[0]), int(peer[1]))
+        server = self.server
+        if len(server._clients) >= server.settings.max_clients:
+            self.stats.refused_clients += 1
+            log.warning("proxy: %d clients already; refusing %s", len(server._clients), self.label)
+            transport.abort()
+            return
+        server._clients.add(self)
+        self.stats.clients += 1
+        self.stats.active += 1
+        transport.set_write_buffer_limits(high=server.settings.client_write_limit)
+        self._timer = asyncio.get_running_loop().call_later(server.settings.handshake_timeout, self._too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        if self.spliced:
+            if self.channel is not None:
+                self.stats.bytes_up += len(data)
+                self.channel.write(data)
+        elif self.association is not None:
+            pass  # nothing is meant to come on a UDP association's control connection (RFC 1928 section 7)
+        else:
+            self._handshake(data)
+
+    def eof_received(self) -> bool:
+        if self.spliced:
+            if self.channel is not None:
+                self.channel.write_eof()
+            return True
+        if self.association is None and self._task is None:
+            self._handshake(b"")  # mid-handshake: a protocol error, logged and closed
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self in self.server._clients:
+            self.server._clients.discard(self)
+            self.stats.active -= 1
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            if exc is None:
+                channel.close()
+            else:
+                channel.abort()
+        if self.association is not None:
+            self.association.close()
+            self.association = None
+
+    def pause_writing(self) -> None:
+        self._client_full = True
+        if self.channel is not None:
+            self.channel.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._client_full = False
+        if self.channel is not None:
+            self.channel.resume_reading()
+
+    # -- the handshake --
+
+    @property
+    def label(self) -> str:
+        return f"{self.peer[0]}:{self.peer[1]}"
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _too_slow(self) -> None:
+        if not self.spliced and self.association is None and self._task is None:
+            log.info(
+                "proxy client %s: no complete request in %.0f s; closed",
+                self.label,
+                self.server.settings.handshake_timeout,
+            )
+            self.abort()
+
+    def _handshake(self, data: bytes) -> None:
+        assert self.transport is not None
+        conn = self.conn
+        try:
+            conn.receive_data(data)
+            event = conn.next_event()
+        except ProtocolError as exc:
+            self.stats.protocol_errors += 1
+            log.info("proxy client %s: %s", self.label, exc)
+            self.transport.write(conn.data_to_send() + exc.reply)  # e.g. the method selection, then the error
+            self.transport.close()
+            return
+        out = conn.data_to_send()
+        if out:
+            self.transport.write(out)
+        if event is NEED_DATA:
+            return
+        assert isinstance(event, Request)
+        if self._timer is not None:
+            self._timer.cancel()
+        self.transport.pause_reading()
+        self._task = asyncio.get_running_loop().create_task(self._serve(event))
+
+    async def _serve(self, request: Request) -> None:
+        self.stats.requests[f"{request.flavor.value} {request.command.name}"] += 1
+        try:
+            if request.command is Command.CONNECT:
+                await self._connect(request)
+            elif request.command is Command.UDP_ASSOCIATE:
+                await self._associate(request)
+            else:
+                self._answer(Reply.COMMAND_NOT_SUPPORTED, request)
+        except Exception:  # a bug must not take the proxy down; the client learns it failed
+            log.exception("proxy client %s: %s failed", self.label, request.command.name)
+            if self.conn.state == "await reply":
+                self._answer(Reply.GENERAL_FAILURE, request)
+            else:
+                self.abort()
+
+    def _answer(self, code: Reply, request: Request, bound: Address = ("0.0.0.0", 0)) -> None:
+        """Write the reply; an error reply closes the client."""
+        self.stats.replies[code.name] += 1
+        if code != Reply.SUCCEEDED:
+            log.info(
+                "proxy client %s: %s %s:%d: %s",
+                self.label,
+                request.command.name,
+                request.host,
+                request.port,
+                describe_reply(code),
+            )
+        if self.closed or self.transport is None:
+            return
+        self.transport.write(self.conn.reply(code, bound))
+        if code != Reply.SUCCEEDED:
+            self.transport.close()
+
+    # -- CONNECT --
+
+    async def _connect(self, request: Request) -> None:
+        settings = self.server.settings
+        try:
+            addresses = await self._addresses(request.host, request.address_type)
+        except Exception as exc:
+            self._answer(reply_for_error(exc), request)
+            return
+        error: BaseException = NameNotFound(request.host)
+        backend = self.server.backend
+        for address in addresses[:MAX_ADDRESSES_TRIED]:
+            try:
+                channel, _ = await asyncio.wait_for(
+                    backend.open_tcp(address, request.port, lambda: _ChannelSide(self), self.peer),
+                    settings.open_timeout,
+                )
+            except (asyncssh.Error, OSError, TimeoutError, ConnectionError) as exc:
+                error = exc
+                log.debug("proxy: %s:%d (%s) failed: %r", request.host, request.port, address, exc)
+                continue
+            self._splice(channel, request)
+            return
+        self._answer(reply_for_error(error), request)
+
+    async def _addresses(self, host: str, kind: AddressType) -> list[str]:
+        if kind is not AddressType.DOMAIN or is_address(host):
+            return [host]
+        found = await asyncio.wait_for(
+            self.server.backend.resolve(host), self.server.settings.resolve_timeout
+        )
+        if not found:
+            raise NameNotFound(host)
+        return list(found)
+
+    def _splice(self, channel: TcpChannel, request: Request) -> None:
+        if self.closed or self.transport is None:  # the client gave up while the channel was opening
+            channel.close()
+            return
+        self.channel = channel
+        self._answer(Reply.SUCCEEDED, request)
+        self.spliced = True
+        early = self.conn.trailing_data()
+        if early:
+            self.stats.bytes_up += len(early)
+            channel.write(early)
+        for item in self.early:
+            self._to_client(item)
+        self.early.clear()
+        if self._client_full:
+            channel.pause_reading()
+        if not self._channel_full and not self.closed:
+            self.transport.resume_reading()
+
+    def from_channel(self, data: bytes | None) -> None:
+        if self.spliced:
+            self._to_client(data)
+        else:
+            self.early.append(data)
+
+    def _to_client(self, data: bytes | None) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if data is None:
+            if transport.can_write_eof():
+                transport.write_eof()
+            return
+        self.stats.bytes_down += len(data)
+        transport.write(data)
+
+    def channel_lost(self, exc: Exception | None) -> None:
+        if self.channel is None or self.transport is None:
+            return
+        self.channel = None
+        if exc is None:
+            self.transport.close()  # after what is buffered
+        else:
+            self.transport.abort()
+
+    def channel_full(self, full: bool) -> None:
+        self._channel_full = full
+        if self.spliced and self.transport is not None and not self.closed:
+            if full:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    # -- UDP ASSOCIATE --
+
+    async def _associate(self, request: Request) -> None:
+        assert self.transport is not None
+        local = self.transport.get_extra_info("sockname")
+        client_ip = self.peer[0]
+        if (
+            request.address_type is not AddressType.DOMAIN
+            and not ipaddress.ip_address(request.host).is_unspecified
+        ):
+            client_ip = request.host
+        server = self.server
+        association = UdpAssociation(
+            server.backend, server.settings, self.stats, client_ip, request.port or None, server._forget
+        )
+        loop = asyncio.get_running_loop()
+        await loop.create_datagram_endpoint(lambda: association, local_addr=(local[0], 0))
+        if self.closed:
+            association.close()
+            return
+        self.association = association
+        self.server._associations[association.key] = association
+        self._answer(Reply.SUCCEEDED, request, association.key)
+        log.debug("proxy client %s: UDP association on %s:%d", self.label, *association.key)
+        self.transport.resume_reading()  # to notice when the client closes (that ends the association)
