@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if settings.vpn_cleanup:
             return _cleanup_only(settings)
+        if settings.dynamic is not None:
+            return _run_proxy(settings)
         return _run_vpn(settings)
     except X2sshError as e:
         log.debug("error details", exc_info=True)
@@ -92,6 +94,16 @@ def _cleanup_only(settings: Settings) -> int:
     if not done:
         log.info("nothing to clean up")
     return 0
+
+
+def _run_proxy(settings: Settings) -> int:
+    """`x2ssh -D`: no root, no helper, no host change: the proxy runs as whoever started it."""
+    from x2ssh.frontends import proxy  # imported late: it pulls in asyncssh
+
+    try:
+        return asyncio.run(proxy.run_proxy(settings))
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
 
 
 def _run_vpn(settings: Settings) -> int:

@@ -34,7 +34,7 @@ from x2ssh.agent_client.deploy import (
     reattach_agent,
 )
 from x2ssh.errors import SshAuthFailed, SshConnectError
-from x2ssh.flows.dns_over_tcp import DnsOverTcp, server_resolver
+from x2ssh.flows.dns_over_tcp import DnsOverTcp, lookup_name, server_resolver
 from x2ssh.flows.udp_relay import DnsOverride, IcmpToApp, UdpRelay, UdpRelaySettings
 from x2ssh.host.privileges import agent_hint
 from x2ssh.settings import Settings
@@ -273,6 +273,15 @@ class SshSession:
         if self.conn is not None and self.server_dns is None and self.settings.vpn_dns == "remote":
             self.server_dns = await server_resolver(self.conn)
         self.relay.expire(time.monotonic())
+
+    async def resolve(self, name: str) -> list[str]:
+        """Addresses of `name` from the server's own resolver, asked over TCP through the connection."""
+        conn = self.conn
+        if conn is None:
+            raise TimeoutError("no SSH connection")
+        if self.server_dns is None:
+            self.server_dns = await server_resolver(conn)
+        return await lookup_name(conn, self.server_dns, name)
 
     @property
     def udp_mode(self) -> str:

@@ -91,6 +91,10 @@ class Settings:
     ssh_connections: int | None = None  # None: auto (as many as flows need, up to AUTO_MAX_CONNECTIONS)
     agent_reattach_grace: float = DEFAULT_REATTACH_GRACE  # seconds the agent keeps flows of a lost link
     vpn_buffer_budget: int = DEFAULT_BUFFER_BUDGET_MIB  # MiB buffered across all TCP flows before pausing
+    dynamic: tuple[str, int] | None = None  # -D: the SOCKS5/HTTP CONNECT proxy's (bind address, port)
+    socks_username: str | None = None  # proxy credentials (config file): required beyond loopback
+    socks_password: str | None = None
+    allow_lan: bool = False  # -D on a non-loopback address without credentials, explicitly allowed
     config: Path | None = None
     state_dir: Path = DEFAULT_STATE_DIR
     verbose: int = 0
@@ -134,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The argparse parser; every default is None so that 'not given' can be told from 'given'."""
     p = _Parser(
         prog="x2ssh",
-        usage="x2ssh --vpn [options] DESTINATION\n       x2ssh --vpn-cleanup",
+        usage=(
+            "x2ssh --vpn [options] DESTINATION\n       x2ssh -D [bind_address:]port [options] DESTINATION"
+            "\n       x2ssh --vpn-cleanup\n       x2ssh status [--json] | down"
+        ),
         description="A full-tunnel VPN over plain SSH: every TCP connection and UDP datagram (IPv4 and IPv6) "
         "of this machine leaves from the SSH server. Needs root or CAP_NET_ADMIN.",
         epilog=_EPILOG,
@@ -144,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("destination", nargs="?", metavar="DESTINATION", help="[user@]host[:port] or a Host alias")
     p.add_argument("--vpn", action="store_true", default=None, help="run the VPN")
+    p.add_argument(
+        "-D",
+        "--dynamic",
+        metavar="[BIND_ADDRESS:]PORT",
+        help="run a SOCKS5 and HTTP CONNECT proxy on this port instead (no root needed)",
+    )
+    p.add_argument(
+        "--allow-lan",
+        action="store_true",
+        default=None,
+        help="let -D listen beyond loopback without credentials (socks-username/password in the config)",
+    )
     p.add_argument("--version", action="version", version=f"x2ssh {__version__}")
     ssh = p.add_argument_group("SSH")
     ssh.add_argument("-p", "--port", metavar="PORT", help="port of the SSH server")
@@ -204,6 +223,10 @@ _CONFIG_KEYS = {
     "retry_initial",
     "retry_max_delay",
     "ssh_connections",
+    "dynamic",
+    "socks_username",
+    "socks_password",
+    "allow_lan",
     "agent_reattach_grace",
     "vpn_buffer_budget",
     "vpn_dns",
@@ -236,8 +259,15 @@ def parse_args(argv: list[str] | None) -> Settings:
     cleanup = bool(cli["vpn_cleanup"])
     if vpn and cleanup:
         raise UsageError("--vpn and --vpn-cleanup exclude each other")
-    if not vpn and not cleanup:
-        raise UsageError("--vpn is required (x2ssh only has the VPN mode so far)")
+    dynamic_raw = pick("dynamic")
+    dynamic = parse_listen(str(dynamic_raw)) if dynamic_raw is not None else None
+    if dynamic is not None and (vpn or cleanup):
+        raise UsageError("-D runs instead of --vpn (one mode per x2ssh; run two for both)")
+    if not vpn and not cleanup and dynamic is None:
+        raise UsageError("--vpn or -D is required")
+    socks_username, socks_password = pick("socks_username"), pick("socks_password")
+    if (socks_username is None) != (socks_password is None):
+        raise UsageError("socks-username and socks-password go together")
     verbose = _int_option("--verbose", _or(pick("verbose"), 0), minimum=0)
     quiet = bool(pick("quiet"))
     if cli["verbose"] and cli["quiet"]:
@@ -318,6 +348,10 @@ def parse_args(argv: list[str] | None) -> Settings:
         retry_initial=retry_initial,
         retry_max_delay=retry_max_delay,
         ssh_connections=parse_ssh_connections(pick("ssh_connections")),
+        dynamic=dynamic,
+        socks_username=_nonempty("socks-username", socks_username) if socks_username is not None else None,
+        socks_password=_nonempty("socks-password", socks_password) if socks_password is not None else None,
+        allow_lan=bool(pick("allow_lan")),
         agent_reattach_grace=_number(
             "--agent-reattach-grace", pick("agent_reattach_grace"), DEFAULT_REATTACH_GRACE
         ),
@@ -339,6 +373,26 @@ def parse_ssh_connections(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
         return None
     return _int_option("--ssh-connections", value, minimum=1, maximum=64)
+
+
+def parse_listen(spec: str) -> tuple[str, int]:
+    """`[bind_address:]port` as OpenSSH's -D spells it. No address: "localhost"; "" or "*": all interfaces
+    (returned as ""). IPv6 addresses in brackets: `[::1]:1080`."""
+    text = spec.strip()
+    host = "localhost"
+    if text.startswith("["):
+        inside, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise UsageError(f"bad -D {spec!r}: expected [bind_address:]port")
+        host, text = inside, rest[1:]
+    elif ":" in text:
+        host, _, text = text.rpartition(":")
+        if ":" in host:
+            raise UsageError(f"bad -D {spec!r}: put an IPv6 bind address in brackets, e.g. [::1]:1080")
+        host = "" if host == "*" else host
+    if not text.isdigit() or not 0 < int(text) <= 0xFFFF:
+        raise UsageError(f"bad -D {spec!r}: the port must be 1 to 65535")
+    return host, int(text)
 
 
 def load_config(path: Path) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def test_no_arguments_prints_usage(capsys):
     assert cli.main([]) == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: x2ssh --vpn [options] DESTINATION")
-    assert "--vpn is required" in err
+    assert "--vpn or -D is required" in err
 
 
 def test_usage_error_exit_2(capsys):

@@ -66,7 +66,7 @@ def test_missing_destination():
 
 
 def test_vpn_flag_required_and_cleanup_needs_no_destination():
-    with pytest.raises(UsageError, match="--vpn is required"):
+    with pytest.raises(UsageError, match="--vpn or -D is required"):
         parse_args(["host"])
     s = parse_args(["--vpn-cleanup"])
     assert s.vpn_cleanup and not s.vpn and s.destination is None

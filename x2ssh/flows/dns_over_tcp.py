@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import struct
 from collections.abc import Callable
 
 import asyncssh
 
-from x2ssh.ssh.resolve_outside import nameservers
+from x2ssh.ssh.resolve_outside import TYPE_A, TYPE_AAAA, build_query, nameservers, parse_answers
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,30 @@ async def server_resolver(conn: asyncssh.SSHClientConnection, timeout: float = 1
         log.warning("cannot read the server's /etc/resolv.conf (%s); using 127.0.0.1", exc)
         return "127.0.0.1"
     return next(iter(nameservers(text)), "127.0.0.1")
+
+
+async def ask_over_tcp(
+    conn: asyncssh.SSHClientConnection, resolver: Address, query: bytes, timeout: float = QUERY_TIMEOUT
+) -> bytes:
+    """One DNS message to `resolver` over TCP through a `direct-tcpip` channel of `conn`; its answer."""
+    reader, writer = await asyncio.wait_for(conn.open_connection(*resolver, encoding=None), timeout)
+    try:
+        writer.write(struct.pack("!H", len(query)) + query)
+        size = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), timeout))[0]
+        return await asyncio.wait_for(reader.readexactly(size), timeout)
+    finally:
+        writer.close()
+
+
+async def lookup_name(conn: asyncssh.SSHClientConnection, resolver: str, name: str) -> list[str]:
+    """A and AAAA addresses of `name` from the server-side `resolver` (so sshd itself never resolves a name:
+    its getaddrinfo would block the whole connection). Empty if the name has none."""
+    found: list[str] = []
+    for qtype in (TYPE_A, TYPE_AAAA):
+        ident = secrets.randbelow(0x10000)
+        answer = await ask_over_tcp(conn, (resolver, 53), build_query(name, qtype, ident))
+        found += [str(a) for a in parse_answers(answer, ident)]
+    return found
 
 
 class DnsOverTcp:
@@ -66,15 +91,7 @@ class DnsOverTcp:
             return
         host, port = self._resolver(dst)
         try:
-            reader, writer = await asyncio.wait_for(
-                conn.open_connection(host, port, encoding=None), QUERY_TIMEOUT
-            )
-            try:
-                writer.write(struct.pack("!H", len(payload)) + payload)
-                size = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), QUERY_TIMEOUT))[0]
-                answer = await asyncio.wait_for(reader.readexactly(size), QUERY_TIMEOUT)
-            finally:
-                writer.close()
+            answer = await ask_over_tcp(conn, (host, port), payload)
         except (TimeoutError, asyncssh.Error, OSError, asyncio.IncompleteReadError) as exc:
             self.failed += 1
             log.debug("DNS over TCP to %s:%d failed: %s", host, port, exc)

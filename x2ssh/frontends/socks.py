@@ -54,6 +54,7 @@ from x2ssh.frontends.socks_protocol import (
     describe_reply,
 )
 from x2ssh.frontends.socks_udp import UdpAssociation
+from x2ssh.settings import parse_listen
 
 __all__ = [
     "Credentials",
@@ -75,26 +76,6 @@ MAX_ADDRESSES_TRIED = 4  # of a resolved name, in the resolver's order
 
 class ProxyBindRefused(UsageError):
     """The proxy would listen beyond loopback without credentials (and without an explicit allow_lan)."""
-
-
-def parse_listen(spec: str) -> Address:
-    """`[bind_address:]port` as OpenSSH's -D spells it. No address: "localhost"; "" or "*": all interfaces
-    (returned as ""). IPv6 addresses in brackets: `[::1]:1080`."""
-    text = spec.strip()
-    host = "localhost"
-    if text.startswith("["):
-        inside, sep, rest = text[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise UsageError(f"bad -D {spec!r}: expected [bind_address:]port")
-        host, text = inside, rest[1:]
-    elif ":" in text:
-        host, _, text = text.rpartition(":")
-        if ":" in host:
-            raise UsageError(f"bad -D {spec!r}: put an IPv6 bind address in brackets, e.g. [::1]:1080")
-        host = "" if host == "*" else host
-    if not text.isdigit() or not 0 < int(text) <= 0xFFFF:
-        raise UsageError(f"bad -D {spec!r}: the port must be 1 to 65535")
-    return host, int(text)
 
 
 def check_bind(host: str, credentials: Credentials | None, allow_lan: bool) -> None:

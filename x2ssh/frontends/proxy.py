@@ -1,0 +1,123 @@
+"""`x2ssh -D [bind_address:]port DESTINATION`: the SOCKS5 and HTTP CONNECT proxy as a run of its own.
+
+No root and no TUN: the proxy hands its TCP flows to the session's connection pool, names to the server's
+own resolver (asked over TCP through the connection, so sshd never blocks on a lookup), and UDP ASSOCIATE
+datagrams to the agent. The SSH side reconnects as in VPN mode; the proxy keeps listening meanwhile and new
+requests wait (bounded) for the next connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+from x2ssh.frontends.socks import SocksServer, check_bind
+from x2ssh.frontends.socks_backend import SshChannelBackend
+from x2ssh.frontends.socks_protocol import Credentials
+from x2ssh.session import Address, SshSession
+from x2ssh.settings import Settings
+from x2ssh.ssh.connect import plain_socket
+
+log = logging.getLogger("x2ssh.proxy")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+CONNECTION_WAIT = 15.0  # how long a new request waits for the SSH connection while it reconnects
+STATUS_INTERVAL = 1.0
+LOG_INTERVAL = 60.0
+
+
+async def run_proxy(settings: Settings) -> int:
+    """Serve the proxy until a signal or a final failure; returns the process exit code."""
+    return await ProxyRun(settings).run()
+
+
+class ProxyRun:
+    """The session plus the proxy server on top of it."""
+
+    def __init__(self, settings: Settings) -> None:
+        assert settings.dynamic is not None
+        self.settings = settings
+        self._attached = asyncio.Event()
+        self.ssh = SshSession(
+            settings,
+            plain_socket,
+            self._udp_to_app,
+            on_attach=self._attached.set,
+            on_detach=self._attached.clear,
+        )
+        credentials = (
+            Credentials(settings.socks_username, settings.socks_password)
+            if settings.socks_username is not None and settings.socks_password is not None
+            else None
+        )
+        backend = SshChannelBackend(self._pool, self.ssh.resolve, self.ssh.udp_from_app)
+        host, port = settings.dynamic
+        self.server = SocksServer(backend, host, port, credentials=credentials, allow_lan=settings.allow_lan)
+        self._stop = asyncio.Event()
+        self._signal = 0
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            s = self.server
+            check_bind(s.host, s.credentials, s.allow_lan)  # a LAN bind without credentials: before anything
+            conn = await self.ssh.open()
+            try:
+                await self.server.start()
+                self.ssh.follow_moves = False  # no tunnel: the name resolves normally on reconnect
+                self.ssh.attach(conn)
+                where = ", ".join(_endpoint(a) for a in self.server.addresses)
+                log.info("proxy up: SOCKS5 and HTTP CONNECT on %s via %s", where, self.ssh.server_label)
+                self.ssh.spawn(self._status_loop())
+                stopped = await self.ssh.serve(self._stop)
+                return (128 + self._signal if self._signal else 0) if stopped else 1
+            finally:
+                with contextlib.suppress(Exception):
+                    await self.server.close()
+                await self.ssh.close()
+                log.info("proxy down")
+        finally:
+            for sig in STOP_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("%s received: stopping", signal.Signals(sig).name)
+        self._signal = sig
+        self._stop.set()
+
+    async def _pool(self) -> Any:
+        """Where channels open: the pool, once a connection is there (bounded wait while reconnecting)."""
+        if not self._attached.is_set():
+            await asyncio.wait_for(self._attached.wait(), CONNECTION_WAIT)
+        return self.ssh.pool
+
+    def _udp_to_app(self, src: Address, dst: Address, payload: bytes) -> None:
+        self.server.udp_from_remote(src, dst, payload)
+
+    async def _status_loop(self) -> None:
+        elapsed = 0.0
+        while True:
+            await self.ssh.tick()
+            await asyncio.sleep(STATUS_INTERVAL)
+            elapsed += STATUS_INTERVAL
+            if elapsed >= LOG_INTERVAL:
+                elapsed = 0.0
+                pool = self.ssh.pool.describe()
+                log.info(
+                    "status: %s, ssh %d conn, udp %d flows (%s), %d reconnects",
+                    self.ssh.state,
+                    len(pool),
+                    self.ssh.relay.flow_count,
+                    self.ssh.udp_mode,
+                    self.ssh.reconnects,
+                )
+
+
+def _endpoint(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
