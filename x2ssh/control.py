@@ -26,6 +26,7 @@ import os
 import socket
 import stat
 import struct
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,27 @@ class ControlSocketBusy(X2sshError):
 def control_dir(run_dir: Path = RUN_DIR) -> Path:
     """The directory of the current network namespace's control socket: run_dir/<namespace key>."""
     return namespace_run_dir(run_dir)
+
+
+def user_run_dir() -> Path:
+    """Where a run without root (`x2ssh -D`) keeps its control socket: $XDG_RUNTIME_DIR/x2ssh, else a
+    per-user directory in the temporary directory."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "x2ssh"
+    return Path(tempfile.gettempdir()) / f"x2ssh-{os.getuid()}"
+
+
+def private_control_dir(root: Path) -> Path:
+    """Make `root`/<namespace> for this user only (0700, and `root` too); refuse one owned by someone else."""
+    directory = namespace_run_dir(root)
+    for path in (root, directory):
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise ControlFailed(f"{path} is not a directory of this user: no control socket there")
+        os.chmod(path, 0o700)
+    return directory
 
 
 def control_socket_path(run_dir: Path = RUN_DIR) -> Path:

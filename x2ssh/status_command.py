@@ -16,7 +16,14 @@ from typing import NoReturn
 
 from rich.console import Console
 
-from x2ssh.control import RUN_DIR, ControlNotRunning, control_socket_path, exchange_sync, request_sync
+from x2ssh.control import (
+    RUN_DIR,
+    ControlNotRunning,
+    control_socket_path,
+    exchange_sync,
+    request_sync,
+    user_run_dir,
+)
 from x2ssh.errors import UsageError, X2sshError
 from x2ssh.status_report import render_status
 
@@ -126,7 +133,14 @@ def _parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
 
 
 def _socket(args: argparse.Namespace) -> Path:
-    return args.socket if args.socket is not None else control_socket_path(args.run_dir)
+    """--socket, else the namespace's socket under --run-dir (a VPN run), else the user's own (`x2ssh -D`)."""
+    if args.socket is not None:
+        return args.socket
+    system = control_socket_path(args.run_dir)
+    if system.exists():
+        return system
+    users = control_socket_path(user_run_dir())
+    return users if users.exists() else system
 
 
 class _Done(X2sshError):

@@ -6,6 +6,7 @@ reaches it went through the SSH server."""
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ from benchmarks.services import TargetServices
 from benchmarks.sshd import SshServer
 from tests.integration.laptop_user import HOST_ALIAS, LaptopUser
 from tests.integration.vpn_runner import VpnProcess, kill_connection, wait_until
+from x2ssh.status_report import check_status
 
 pytestmark = pytest.mark.netns
 
@@ -148,3 +150,15 @@ def test_lan_bind_without_credentials_is_refused(lab: Lab, lab_sshd: SshServer, 
     assert done.returncode == 2, done.stdout + done.stderr
     assert "--allow-lan" in done.stderr and "username and password" in done.stderr, done.stderr
     assert "proxy down" not in done.stderr  # refused before connecting anywhere
+
+
+def test_status_and_down_reach_the_proxy_run(lab: Lab, erin: LaptopUser, proxy: VpnProcess) -> None:
+    """Last in this module: `x2ssh status` finds the run in the user's runtime directory; `down` ends it."""
+    status = lab.run(lab.client, erin.argv("plain", "status", "--json"), timeout=60)
+    assert status.returncode == 0, status.stdout + status.stderr
+    doc = json.loads(status.stdout)
+    assert check_status(doc) == [] and doc["state"] == "up" and doc["tun"] is None, doc
+    assert doc["reconnects"] == 1 and doc["tcp"]["total"] >= 5, doc  # the tests above
+    down = lab.run(lab.client, erin.argv("plain", "down"), timeout=60)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert wait_until(lambda: not proxy.running, 30), proxy.describe()

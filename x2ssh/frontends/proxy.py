@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from typing import Any
 
+from x2ssh import __version__
+from x2ssh.control import SOCKET_NAME, ControlServer, private_control_dir, user_run_dir
 from x2ssh.frontends.socks import SocksServer, check_bind
 from x2ssh.frontends.socks_backend import SshChannelBackend
 from x2ssh.frontends.socks_protocol import Credentials
 from x2ssh.session import Address, SshSession
 from x2ssh.settings import Settings
 from x2ssh.ssh.connect import plain_socket
+from x2ssh.status_report import SCHEMA_VERSION, split_state
 
 log = logging.getLogger("x2ssh.proxy")
 
@@ -56,6 +60,7 @@ class ProxyRun:
         backend = SshChannelBackend(self._pool, self.ssh.resolve, self.ssh.udp_from_app)
         host, port = settings.dynamic
         self.server = SocksServer(backend, host, port, credentials=credentials, allow_lan=settings.allow_lan)
+        self.control: ControlServer | None = None
         self._stop = asyncio.Event()
         self._signal = 0
 
@@ -71,12 +76,16 @@ class ProxyRun:
                 await self.server.start()
                 self.ssh.follow_moves = False  # no tunnel: the name resolves normally on reconnect
                 self.ssh.attach(conn)
+                await self._start_control()
                 where = ", ".join(_endpoint(a) for a in self.server.addresses)
                 log.info("proxy up: SOCKS5 and HTTP CONNECT on %s via %s", where, self.ssh.server_label)
                 self.ssh.spawn(self._status_loop())
                 stopped = await self.ssh.serve(self._stop)
                 return (128 + self._signal if self._signal else 0) if stopped else 1
             finally:
+                if self.control is not None:
+                    with contextlib.suppress(Exception):
+                        await self.control.close()
                 with contextlib.suppress(Exception):
                     await self.server.close()
                 await self.ssh.close()
@@ -89,6 +98,59 @@ class ProxyRun:
         log.info("%s received: stopping", signal.Signals(sig).name)
         self._signal = sig
         self._stop.set()
+
+    async def _start_control(self) -> None:
+        """`x2ssh status` / `x2ssh down` reach this run through a socket in the user's runtime directory."""
+        try:
+            directory = private_control_dir(user_run_dir())
+            self.control = ControlServer(
+                directory / SOCKET_NAME,
+                self.status_document,
+                lambda: self._on_signal(signal.SIGTERM),
+                {os.getuid()},
+            )
+            await self.control.start()
+        except Exception as exc:
+            log.warning("no control socket (x2ssh status/down will not reach this run): %s", exc)
+            self.control = None
+
+    def status_document(self) -> dict[str, Any]:
+        """The same schema as the VPN's (x2ssh.status_report); no TUN, no routes, no DNS changes here."""
+        ssh, stats = self.ssh, self.server.stats
+        state, detail = split_state(ssh.state)
+        endpoint = ssh.endpoint
+        s = self.settings
+        return {
+            "schema": SCHEMA_VERSION,
+            "state": state,
+            "state_detail": detail,
+            "server": {
+                "name": s.host or s.destination or "",
+                "address": endpoint[0] if endpoint else None,
+                "port": endpoint[1] if endpoint else None,
+            },
+            "ssh_connections": [
+                {"label": m["label"], "channels": m["channels"], "up_s": m["up_s"]}
+                for m in ssh.pool.describe()
+            ],
+            "tun": None,
+            "routing": "none (proxy on " + ", ".join(_endpoint(a) for a in self.server.addresses) + ")",
+            "dns": {"mode": "server", "backend": None},
+            "kill_switch": False,
+            "tcp": {
+                "open": stats.active,
+                "total": stats.clients,
+                "refused": stats.replies.get("CONNECTION_REFUSED", 0),
+                "failed": stats.protocol_errors,
+            },
+            "udp": {"flows": ssh.relay.flow_count},
+            "agent": {"transport": ssh.agent.transport if ssh.agent else None},
+            "bytes": {"up": stats.bytes_up, "down": stats.bytes_down},
+            "rates": {"up_bps": 0.0, "down_bps": 0.0},
+            "reconnects": ssh.reconnects,
+            "pid": os.getpid(),
+            "version": __version__,
+        }
 
     async def _pool(self) -> Any:
         """Where channels open: the pool, once a connection is there (bounded wait while reconnecting)."""
