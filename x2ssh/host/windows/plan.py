@@ -486,3 +486,14 @@ def _plan_kill_switch(plan: ApplyPlan, wishes: Wishes, fam: int, tun_iface: Cond
             )
     for layer, kind in ((CONNECT[fam], "out"), (ACCEPT[fam], "in")):
         plan.add(_filter(f"ks-block-{kind}-v{fam}", layer, "BLOCK", W_BLOCK_ALL), None)
+
+
+def lookup(wishes: Wishes, executor: Executor) -> dict[IPAddress, BestRoute]:
+    """Run `lookup_plan` through the executor: each destination's original path, for `apply_plan`."""
+    answers: dict[IPAddress, BestRoute] = {}
+    for query in lookup_plan(wishes):
+        answer = executor.call(query)
+        if not isinstance(answer, BestRoute):
+            raise PlanError(f"GetBestRoute2 for {query.destination} gave no route")
+        answers[query.destination] = answer
+    return answers
