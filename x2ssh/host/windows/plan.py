@@ -38,7 +38,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 from x2ssh.host.api import TUN_V4, TUN_V6
 
@@ -53,7 +53,7 @@ INTERFACE_METRIC = 1  # the adapter's own metric, so Windows prefers it for DNS 
 PINNED_METRIC = 0  # host routes for the server keep their path whatever the interface metric
 
 # The Wintun adapter, named symbolically: its LUID is known only once the executor has created it.
-TUN = "wintun"
+TUN: Final = "wintun"
 Interface = int | Literal["wintun"]  # an interface LUID (from GetBestRoute2) or the Wintun adapter
 
 
@@ -394,7 +394,9 @@ def _plan_dns(plan: ApplyPlan, wishes: Wishes) -> None:
                 )
 
 
-def _filter(name: str, layer: str, action: Literal["PERMIT", "BLOCK"], weight: int, *conds: Condition):
+def _filter(
+    name: str, layer: str, action: Literal["PERMIT", "BLOCK"], weight: int, *conds: Condition
+) -> FwpmFilterAdd:
     return FwpmFilterAdd(name, layer, action, weight, tuple(conds))
 
 
