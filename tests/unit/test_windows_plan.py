@@ -223,3 +223,16 @@ def test_undo_all_goes_on_past_failures() -> None:
 
 def test_v4_address_is_the_shared_tunnel_address() -> None:
     assert P.Wishes("t", 1400, (SERVER,)).v4 == ip_interface("100.100.83.1/24")
+
+
+def test_lookup_runs_the_queries_and_refuses_a_missing_answer() -> None:
+    class Answers(Recorder):
+        def call(self, record: P.Call) -> object:
+            super().call(record)
+            return BEST.get(record.destination) if isinstance(record, P.GetBestRoute2) else None
+
+    rec = Answers()
+    assert P.lookup(wishes(), rec) == BEST
+    assert rec.calls == [P.GetBestRoute2(ip_address("198.18.0.10"))]
+    with pytest.raises(P.PlanError, match="gave no route"):
+        P.lookup(wishes(excludes=(ip_network("198.19.0.0/16"),)), Answers())
