@@ -236,3 +236,10 @@ def test_lookup_runs_the_queries_and_refuses_a_missing_answer() -> None:
     assert rec.calls == [P.GetBestRoute2(ip_address("198.18.0.10"))]
     with pytest.raises(P.PlanError, match="gave no route"):
         P.lookup(wishes(excludes=(ip_network("198.19.0.0/16"),)), Answers())
+
+
+def test_without_ipv6_in_the_tunnel_ipv6_is_still_filtered() -> None:
+    w = wishes(v6=None, kill_switch=True, app_path="x", dns_servers=(ip_address("100.100.83.53"),))
+    names = [c.name for c in P.apply_plan(w, BEST).apply if isinstance(c, P.FwpmFilterAdd)]
+    assert {"dns-block-udp-v6", "dns-block-tcp-v6", "ks-block-out-v6", "ks-block-in-v6"} <= set(names)
+    assert "ks-tunnel-out-v6" in names  # harmless: the adapter has no IPv6 address then

@@ -406,8 +406,9 @@ def _plan_filters(plan: ApplyPlan, wishes: Wishes) -> None:
     plan.add(FwpmEngineOpen(dynamic=True), FwpmEngineClose())
     plan.add(FwpmSubLayerAdd(SUBLAYER_NAME, SUBLAYER_WEIGHT), None)  # goes with the dynamic session
     tun_iface = Condition("FWPM_CONDITION_IP_LOCAL_INTERFACE", "FWP_MATCH_EQUAL", TUN)
-    families = [4] + ([6] if wishes.v6 is not None else [])
-    for fam in families:
+    # Both families even when IPv6 stays out of the tunnel: an IPv6 path must not leak DNS or bypass the kill
+    # switch just because the tunnel does not carry IPv6.
+    for fam in (4, 6):
         connect = CONNECT[fam]
         if wishes.dns_servers:
             # Port 53 through the tunnel is allowed; port 53 anywhere else is not (no leak via other NICs).
