@@ -35,6 +35,7 @@ import socket
 import stat
 import struct
 import sys
+import threading
 import time
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
@@ -57,6 +58,8 @@ HANDSHAKE_TIMEOUT = 10.0
 TOKEN_READ_TIMEOUT = 30.0
 MAX_SELECT_TIMEOUT = 1.0
 RESOLV_CONF = "/etc/resolv.conf"
+IS_WINDOWS = sys.platform == "win32"
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, n))
 
 
 class AgentConfig:
@@ -206,7 +209,7 @@ class Agent:
         self,
         config: AgentConfig,
         token: bytes,
-        listener: socket.socket,
+        listener: Optional[socket.socket],
         stdin_fd: Optional[int],
         wakeup: Optional[socket.socket] = None,
         clock: Callable[[], float] = time.monotonic,
@@ -248,7 +251,8 @@ class Agent:
         self._signal = signum
 
     def run(self) -> str:
-        self._selector.register(self._listener, selectors.EVENT_READ, self._on_listener)
+        if self._listener is not None:  # None on Windows: stdio only
+            self._selector.register(self._listener, selectors.EVENT_READ, self._on_listener)
         if self._stdin_fd is not None:
             # stdin is a client connection that has not said HELLO (yet): over streamlocal it never will,
             # and its EOF then means the SSH session is gone.
@@ -320,10 +324,10 @@ class Agent:
     # --- stdin, signals, listener -------------------------------------------------------------------
 
     def _close_stdio(self) -> None:
-        for fd in (self._stdin_fd, self._stdout_fd):
+        for fd in {self._stdin_fd, self._stdout_fd}:  # one fd on Windows (the stdio bridge's socket)
             if fd is not None:
                 with contextlib.suppress(OSError):
-                    os.close(fd)
+                    fd_close(fd)
 
     def _on_wakeup(self, _mask: int) -> None:
         with contextlib.suppress(OSError):
@@ -354,7 +358,7 @@ class Agent:
         if client.closed or not mask & selectors.EVENT_READ:
             return
         try:
-            data = os.read(client.rfd, CLIENT_RECV_SIZE)
+            data = fd_read(client.rfd, CLIENT_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -538,7 +542,7 @@ class Agent:
         while out and not client.closed:
             buffers = [item[0] for item in (out[i] for i in range(min(len(out), SENDMSG_MAX_BUFFERS)))]
             try:
-                sent = os.writev(client.wfd, buffers)
+                sent = fd_writev(client.wfd, buffers)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
@@ -818,6 +822,78 @@ class Agent:
         self._selector.close()
 
 
+# --- Windows: stdin/stdout through a socket ---------------------------------------------------------
+# select() on Windows takes sockets only, and a socket's fileno() is not a C runtime fd there (os.read,
+# os.writev and os.close do not apply). So on Windows stdin/stdout are bridged to one end of a socketpair
+# by two threads, and the loop reads, writes and closes that socket through the fd_* functions below.
+
+FILE_ATTRIBUTE_REPARSE_POINT = 0x400
+_SOCKETS = {}  # type: Dict[int, socket.socket]
+
+
+def stdio_bridge(rfd: int, wfd: int) -> socket.socket:
+    """A socket that carries what arrives on `rfd` and whose sends go to `wfd` (EOF passed both ways)."""
+    ours, theirs = socket.socketpair()
+
+    def pump_in() -> None:
+        try:
+            while True:
+                data = os.read(rfd, CLIENT_RECV_SIZE)
+                if not data:
+                    break
+                theirs.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            theirs.shutdown(socket.SHUT_WR)
+
+    def pump_out() -> None:
+        try:
+            while True:
+                data = theirs.recv(CLIENT_RECV_SIZE)
+                if not data:
+                    break
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(wfd, view) :]
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            os.close(wfd)  # the client sees the end of our output
+
+    for target in (pump_in, pump_out):
+        threading.Thread(target=target, name="stdio-" + target.__name__, daemon=True).start()
+    _SOCKETS[ours.fileno()] = ours
+    return ours
+
+
+def _socket_read(fd: int, size: int) -> bytes:
+    return _SOCKETS[fd].recv(size)
+
+
+def _socket_writev(fd: int, buffers: List[bytes]) -> int:
+    return _SOCKETS[fd].send(b"".join(buffers))
+
+
+def _socket_close(fd: int) -> None:
+    sock = _SOCKETS.pop(fd, None)
+    if sock is not None:
+        sock.close()
+
+
+def set_nonblocking(fd: int) -> None:
+    if fd in _SOCKETS:
+        _SOCKETS[fd].setblocking(False)
+    else:
+        os.set_blocking(fd, False)
+
+
+if IS_WINDOWS:
+    fd_read, fd_writev, fd_close = _socket_read, _socket_writev, _socket_close
+else:
+    fd_read, fd_writev, fd_close = os.read, os.writev, os.close
+
+
 def read_resolver(path: str = RESOLV_CONF) -> Optional[p.Address]:
     """The first nameserver of a resolv.conf as (host, 53); 127.0.0.1 when it names none."""
     try:
@@ -832,11 +908,17 @@ def read_resolver(path: str = RESOLV_CONF) -> Optional[p.Address]:
     return ("127.0.0.1", 53)
 
 
-def check_private_directory(directory: str) -> None:
+def check_private_directory(directory: str, windows: bool = IS_WINDOWS) -> None:
     """Raise RuntimeError unless `directory` is a real directory of ours with mode 0700."""
     info = os.lstat(directory)
     if not stat.S_ISDIR(info.st_mode):
         raise RuntimeError("%s is not a directory" % directory)
+    if windows:
+        # No uid or mode bits there: the bootstrap gave the directory an ACL for this user only (icacls).
+        # A junction or symlink could lead anywhere: refuse reparse points.
+        if getattr(info, "st_file_attributes", 0) & FILE_ATTRIBUTE_REPARSE_POINT:
+            raise RuntimeError("%s is a junction or symbolic link" % directory)
+        return
     if info.st_uid != os.getuid():
         raise RuntimeError("%s is not owned by uid %d" % (directory, os.getuid()))
     if info.st_mode & 0o077:
@@ -851,7 +933,7 @@ def read_token(fd: int, timeout: float) -> bytes:
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
             raise RuntimeError("no token on stdin within %g s" % timeout)
-        chunk = os.read(fd, 1)  # one byte at a time: whatever follows the line stays unread
+        chunk = fd_read(fd, 1)  # one byte at a time: whatever follows the line stays unread
         if not chunk:
             raise RuntimeError("stdin closed before the token")
         line += chunk
@@ -890,6 +972,8 @@ def cleanup(config: AgentConfig) -> None:
             pass
         except OSError as exc:
             log.warning("cannot remove %s: %s", path, exc)
+    if IS_WINDOWS and os.path.exists(os.path.join(config.directory, "lock")):
+        return  # the bootstrap that started us holds the lock and removes the directory after we exit
     try:
         os.rmdir(config.directory)
     except FileNotFoundError:
@@ -944,15 +1028,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     wakeup_r.setblocking(False)
     wakeup_w.setblocking(False)
     stopping = []
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, lambda signum, _frame: stopping.append(signum))
     signal.set_wakeup_fd(wakeup_w.fileno())
     directory_is_ours = False
+    stdin_fd, stdout_fd = 0, 1
     try:
         check_private_directory(config.directory)
         directory_is_ours = True
-        token = read_token(0, TOKEN_READ_TIMEOUT)
-        listener = open_listener(config.socket_path)
+        if IS_WINDOWS:  # select() waits on sockets only there; no Unix socket either: stdio only
+            stdin_fd = stdout_fd = stdio_bridge(0, 1).fileno()
+        token = read_token(stdin_fd, TOKEN_READ_TIMEOUT)
+        listener = None if IS_WINDOWS else open_listener(config.socket_path)
     except (OSError, RuntimeError) as exc:
         log.error("cannot start: %s", exc)
         if directory_is_ours:
@@ -960,15 +1047,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         with contextlib.suppress(OSError):
             _say("%s %s" % (ERROR_PREFIX, exc))
         return 2
-    agent = Agent(config, token, listener, 0, wakeup_r, stdout_fd=1)
-    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+    agent = Agent(config, token, listener, stdin_fd, wakeup_r, stdout_fd=stdout_fd)
+    for signum in STOP_SIGNALS:
         signal.signal(signum, agent.on_signal)
     if stopping:
         agent.on_signal(stopping[0])
     try:
-        _say("%s %s" % (READY_PREFIX, config.socket_path))
+        _say("%s %s" % (READY_PREFIX, config.socket_path if listener is not None else "stdio"))
         # From here on stdout carries frames only (when the client speaks over stdin/stdout).
-        os.set_blocking(1, False)
+        set_nonblocking(stdout_fd)
     except OSError:
         agent.stop("stdout closed")
     reason = "crashed"
@@ -976,7 +1063,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         reason = agent.run()
     finally:
         agent.close()
-        listener.close()
+        if listener is not None:
+            listener.close()
         cleanup(config)
         log.info("exiting: %s; %s", reason, agent.stats.summary())
     return 0

@@ -1,0 +1,45 @@
+"""Static type check of the Windows backend for the win32 platform (mypy --platform win32), kept clean.
+
+The code under x2ssh/host/windows cannot run here; mypy checks it against typeshed's Windows view of the
+standard library (ctypes.WinDLL, WinError, get_last_error exist only there).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = "x2ssh/host/windows"
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("mypy") is None,
+    reason="mypy is not installed (pip install -e '.[test]' brings it)",
+)
+
+
+def _mypy(platform: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable, "-m", "mypy", "--platform", platform, "--python-version", "3.11", "--strict",
+            "--follow-imports=silent", "--ignore-missing-imports", "--no-incremental", PACKAGE,
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+
+
+def test_windows_backend_type_checks_clean_for_win32() -> None:
+    result = _mypy("win32")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Success: no issues found" in result.stdout
+
+
+def test_the_platform_flag_matters() -> None:
+    """Checked as Linux, the Windows-only ctypes names are missing: proof that the check above looks."""
+    result = _mypy("linux")
+    assert result.returncode == 1
+    assert 'Module has no attribute "WinError"' in result.stdout
