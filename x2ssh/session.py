@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Coroutine
@@ -26,6 +27,7 @@ from typing import Any
 
 import asyncssh
 
+from x2ssh import __version__
 from x2ssh.agent_client.deploy import (
     AgentHandle,
     AgentSettings,
@@ -42,6 +44,7 @@ from x2ssh.ssh import tuning
 from x2ssh.ssh.connect import ProxySettings, SocketFactory, connect_ssh, peer_endpoint, proxy_settings
 from x2ssh.ssh.pool import AUTO_MAX_CONNECTIONS, ConnectionPool
 from x2ssh.ssh.resolve_outside import nameservers, resolve_outside
+from x2ssh.status_report import SCHEMA_VERSION, split_state
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +285,32 @@ class SshSession:
         if self.server_dns is None:
             self.server_dns = await server_resolver(conn)
         return await lookup_name(conn, self.server_dns, name)
+
+    def status_fields(self) -> dict[str, Any]:
+        """The keys of the status document (x2ssh.status_report) that the SSH side knows; a front end adds
+        its own (tun, routing, dns, kill_switch, tcp, bytes, rates)."""
+        state, detail = split_state(self.state)
+        endpoint = self.endpoint
+        s = self.settings
+        return {
+            "schema": SCHEMA_VERSION,
+            "state": state,
+            "state_detail": detail,
+            "server": {
+                "name": s.host or s.destination or "",
+                "address": endpoint[0] if endpoint else None,
+                "port": endpoint[1] if endpoint else None,
+            },
+            "ssh_connections": [
+                {"label": m["label"], "channels": m["channels"], "up_s": m["up_s"]}
+                for m in self.pool.describe()
+            ],
+            "udp": {"flows": self.relay.flow_count},
+            "agent": {"transport": self.agent.transport if self.agent else None},
+            "reconnects": self.reconnects,
+            "pid": os.getpid(),
+            "version": __version__,
+        }
 
     @property
     def udp_mode(self) -> str:

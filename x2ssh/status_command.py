@@ -137,8 +137,11 @@ def _socket(args: argparse.Namespace) -> Path:
     if args.socket is not None:
         return args.socket
     system = control_socket_path(args.run_dir)
-    if system.exists():
-        return system
+    try:
+        if system.exists():
+            return system
+    except PermissionError:
+        return system  # there, but another user's run: connecting says so
     users = control_socket_path(user_run_dir())
     return users if users.exists() else system
 

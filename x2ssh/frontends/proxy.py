@@ -15,7 +15,6 @@ import os
 import signal
 from typing import Any
 
-from x2ssh import __version__
 from x2ssh.control import SOCKET_NAME, ControlServer, private_control_dir, user_run_dir
 from x2ssh.frontends.socks import SocksServer, check_bind
 from x2ssh.frontends.socks_backend import SshChannelBackend
@@ -23,7 +22,6 @@ from x2ssh.frontends.socks_protocol import Credentials
 from x2ssh.session import Address, SshSession
 from x2ssh.settings import Settings
 from x2ssh.ssh.connect import plain_socket
-from x2ssh.status_report import SCHEMA_VERSION, split_state
 
 log = logging.getLogger("x2ssh.proxy")
 
@@ -116,23 +114,9 @@ class ProxyRun:
 
     def status_document(self) -> dict[str, Any]:
         """The same schema as the VPN's (x2ssh.status_report); no TUN, no routes, no DNS changes here."""
-        ssh, stats = self.ssh, self.server.stats
-        state, detail = split_state(ssh.state)
-        endpoint = ssh.endpoint
-        s = self.settings
+        stats = self.server.stats
         return {
-            "schema": SCHEMA_VERSION,
-            "state": state,
-            "state_detail": detail,
-            "server": {
-                "name": s.host or s.destination or "",
-                "address": endpoint[0] if endpoint else None,
-                "port": endpoint[1] if endpoint else None,
-            },
-            "ssh_connections": [
-                {"label": m["label"], "channels": m["channels"], "up_s": m["up_s"]}
-                for m in ssh.pool.describe()
-            ],
+            **self.ssh.status_fields(),
             "tun": None,
             "routing": "none (proxy on " + ", ".join(_endpoint(a) for a in self.server.addresses) + ")",
             "dns": {"mode": "server", "backend": None},
@@ -143,13 +127,8 @@ class ProxyRun:
                 "refused": stats.replies.get("CONNECTION_REFUSED", 0),
                 "failed": stats.protocol_errors,
             },
-            "udp": {"flows": ssh.relay.flow_count},
-            "agent": {"transport": ssh.agent.transport if ssh.agent else None},
             "bytes": {"up": stats.bytes_up, "down": stats.bytes_down},
             "rates": {"up_bps": 0.0, "down_bps": 0.0},
-            "reconnects": ssh.reconnects,
-            "pid": os.getpid(),
-            "version": __version__,
         }
 
     async def _pool(self) -> Any:

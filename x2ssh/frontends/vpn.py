@@ -28,7 +28,6 @@ from typing import Any
 
 from netstack import IcmpEchoRequest, LocalProtocolError, StackConfig, UdpDatagram
 from netstack.aio import TunStack
-from x2ssh import __version__
 from x2ssh.control import SOCKET_NAME, ControlServer
 from x2ssh.flows.icmp_to_tun import IcmpToTun
 from x2ssh.flows.tcp_bridge import TcpBridge
@@ -39,7 +38,7 @@ from x2ssh.session import Address, SshSession
 from x2ssh.settings import Settings
 from x2ssh.ssh.connect import bypass_addresses
 from x2ssh.status import Snapshot, StatusView
-from x2ssh.status_report import SCHEMA_VERSION, split_state, status_line
+from x2ssh.status_report import status_line
 
 log = logging.getLogger("x2ssh.vpn")
 _libc = ctypes.CDLL(None)
@@ -236,7 +235,6 @@ class VpnSession:
     def status_document(self) -> dict[str, Any]:
         """The status document of `x2ssh status --json` (schema in x2ssh.status_report)."""
         snap = self.snapshot()
-        state, detail = split_state(snap.state)
         now = time.monotonic()
         when, last_up, last_down = self._rate_mark
         if now - when >= 1.0:
@@ -244,22 +242,9 @@ class VpnSession:
             self._rates = ((snap.bytes_up - last_up) * bits, (snap.bytes_down - last_down) * bits)
             self._rate_mark = (now, snap.bytes_up, snap.bytes_down)
         up_bps, down_bps = self._rates
-        endpoint = self.ssh.endpoint
-        agent = self.ssh.agent
         s = self.settings
         return {
-            "schema": SCHEMA_VERSION,
-            "state": state,
-            "state_detail": detail,
-            "server": {
-                "name": s.host or s.destination or "",
-                "address": endpoint[0] if endpoint else None,
-                "port": endpoint[1] if endpoint else None,
-            },
-            "ssh_connections": [
-                {"label": m["label"], "channels": m["channels"], "up_s": m["up_s"]}
-                for m in self.ssh.pool.describe()
-            ],
+            **self.ssh.status_fields(),
             "tun": {"name": self.tun.name, "mtu": self.tun.mtu} if self.tun else None,
             "routing": self.routing_mode,
             "dns": {"mode": str(s.vpn_dns), "backend": self.dns_backend or None},
@@ -270,13 +255,8 @@ class VpnSession:
                 "refused": snap.tcp_refused,
                 "failed": snap.tcp_failed,
             },
-            "udp": {"flows": snap.udp_flows},
-            "agent": {"transport": agent.transport if agent else None},
             "bytes": {"up": snap.bytes_up, "down": snap.bytes_down},
             "rates": {"up_bps": up_bps, "down_bps": down_bps},
-            "reconnects": self.ssh.reconnects,
-            "pid": os.getpid(),
-            "version": __version__,
         }
 
     def snapshot(self) -> Snapshot:
