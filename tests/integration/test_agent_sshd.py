@@ -80,9 +80,9 @@ class UdpEcho:
                 continue
             except OSError:
                 return
-            self.reply_sock.sendto(data, peer)
             self.answered += 1
-            self.peers.append(peer)
+            self.peers.append(peer)  # before the answer: a test that got the answer may look at once
+            self.reply_sock.sendto(data, peer)
 
     def close(self) -> None:
         self._stop.set()
