@@ -43,16 +43,16 @@ class LaptopUser:
         self.agent_sock = ""
 
     @classmethod
-    def create(cls, server: SshServer, proxy_command: str | None = None) -> LaptopUser:
+    def create(cls, server: SshServer, proxy_command: str | None = None, sudo: bool = True) -> LaptopUser:
         user = cls(f"x2u{secrets.token_hex(3)}")
         try:
-            user._create(server, proxy_command)
+            user._create(server, proxy_command, sudo)
         except BaseException:
             user.remove()
             raise
         return user
 
-    def _create(self, server: SshServer, proxy_command: str | None) -> None:
+    def _create(self, server: SshServer, proxy_command: str | None, sudo: bool) -> None:
         _run(["useradd", "--create-home", "--shell", "/bin/bash", self.name])
         entry = pwd.getpwnam(self.name)
         self.home = Path(entry.pw_dir)
@@ -85,8 +85,9 @@ class LaptopUser:
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
         askpass.unlink()
-        self.sudoers.write_text(f"{self.name} ALL=(root) NOPASSWD: ALL\n")
-        self.sudoers.chmod(0o440)
+        if sudo:
+            self.sudoers.write_text(f"{self.name} ALL=(root) NOPASSWD: ALL\n")
+            self.sudoers.chmod(0o440)
 
     def _write(self, path: Path, text: str, mode: int = 0o600) -> None:
         path.write_text(text)

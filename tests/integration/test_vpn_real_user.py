@@ -150,3 +150,21 @@ def test_proxy_command_is_refused_before_anything_changes(
     assert code == 78, vpn.describe()
     assert "ProxyCommand" in vpn.output and "ProxyJump" in vpn.output, vpn.describe()
     assert snapshot(lab) == client_baseline, snapshot(lab).differences(client_baseline)
+
+
+def test_a_user_sudo_refuses_gets_a_clear_error_and_nothing_changes(
+    lab: Lab, lab_sshd: SshServer, client_baseline: NetSnapshot
+) -> None:
+    """Not in sudoers: the helper cannot start; x2ssh says why and changes nothing."""
+    frank = LaptopUser.create(lab_sshd, sudo=False)
+    try:
+        vpn = vpn_as(lab, lab_sshd, frank, "plain").start(wait_up=False)
+        try:
+            code = vpn.wait(60)
+        finally:
+            vpn.stop()
+    finally:
+        frank.remove()
+    assert code == 77, vpn.describe()
+    assert "privileged helper" in vpn.output and "sudo" in vpn.output, vpn.describe()
+    assert snapshot(lab) == client_baseline, snapshot(lab).differences(client_baseline)

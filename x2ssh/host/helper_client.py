@@ -35,9 +35,10 @@ STOP_TIMEOUT = 30.0
 class HelperError(X2sshError):
     """The privileged helper refused a request or could not carry it out; its exit code travels along."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 class HelperGone(HelperError):
@@ -100,7 +101,7 @@ class HelperClient:
                 data, ancdata, _, _ = self._sock.recvmsg(proto.MAX_MESSAGE, socket.CMSG_SPACE(4))
             except OSError as e:
                 self.closed = True
-                raise HelperGone(f"lost the privileged helper: {e.strerror}") from e
+                raise HelperGone(self._why_gone(f"lost the privileged helper: {e.strerror}")) from e
         fds = [fd for level, kind, raw in ancdata if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
                for fd in array.array("i", raw[: len(raw) - len(raw) % 4])]  # fmt: skip
         fd = fds[0] if fds else None
@@ -108,7 +109,7 @@ class HelperClient:
             os.close(extra)
         if not data:
             self.closed = True
-            raise HelperGone(self._why_gone())
+            raise HelperGone(self._why_gone("the privileged helper closed the connection"))
         try:
             reply = proto.decode(data)
         except proto.RequestRejected:
@@ -221,7 +222,7 @@ class HelperClient:
             except subprocess.TimeoutExpired:
                 log.error("the privileged helper did not stop within %g s", STOP_TIMEOUT)
 
-    def _why_gone(self) -> str:
+    def _why_gone(self, otherwise: str) -> str:
         if self._process is not None:
             try:
                 code = self._process.wait(5)
@@ -232,4 +233,4 @@ class HelperClient:
                     f"the privileged helper exited with status {code} (sudo refused or failed? "
                     "x2ssh needs root for the TUN device, routes and DNS)"
                 )
-        return "the privileged helper closed the connection"
+        return otherwise
