@@ -36,7 +36,7 @@ class SdistWithLwip(sdist):
 
 # lwIP's license travels with its code: in the sdist's lwip/ and in the wheel's metadata. A checkout has no
 # lwip/ (the pattern would match nothing), so the file is named only where it exists.
-LICENSE_FILES = ["lwip/COPYING"] if (TOP / "lwip" / "COPYING").is_file() else []
+LICENSE_FILES = ["LICENSE"] + (["lwip/COPYING"] if (TOP / "lwip" / "COPYING").is_file() else [])
 
 setup(
     license_files=LICENSE_FILES,

@@ -185,6 +185,7 @@ def test_wheel_is_manylinux_abi3_and_complete(dists: Dists) -> None:
     assert any(n.endswith(".dist-info/licenses/lwip/COPYING") for n in names), (
         "lwIP's license not in the wheel"
     )
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), "x2ssh's license not in the wheel"
     for package in ("x2ssh", "netstack", "agent"):
         for module in (TOP / package).rglob("*.py"):
             assert module.relative_to(TOP).as_posix() in names, f"{module.relative_to(TOP)} missing"
