@@ -27,7 +27,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define NS_ABI_VERSION 1
+#define NS_ABI_VERSION 2  /* bump when the C interface changes (2: ICMP, buffer accounting, flush) */
 
 enum ns_event_type {
     NS_EV_TCP_CONNECT = 1,  /* a new SYN waits for ns_tcp_accept / ns_tcp_refuse; addresses filled */

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-EXPECTED_ABI = 1
+EXPECTED_ABI = 2
 BUILD_HINT = (
-    "build it with `pip install -e .` (or `make build`) from the x2ssh checkout; "
-    "the build fetches the pinned lwIP 2.1.3 source itself"
+    "reinstall x2ssh (the wheel carries the core; the sdist builds it with a C compiler), or from a "
+    "checkout run `pip install -e .` (or `make build`), which fetches the pinned lwIP 2.1.3 source itself"
 )
 
 
