@@ -247,3 +247,42 @@ def test_gcm_shim_gives_the_same_bytes_and_rejects_a_forgery() -> None:
             assert forged.verify_and_decrypt(body[:4], body[4:], bytes(16)) is None
             outputs.append(sealed)
     assert outputs[0] == outputs[1]
+
+
+def _keepalives(interval: float) -> tuple[int, int, bool]:
+    """Keepalives sent while bytes keep arriving (every interval/4), then during 3 silent intervals."""
+
+    async def main() -> tuple[int, int, bool]:
+        sent: list[float] = []
+        original = asyncssh.connection.SSHConnection._make_keepalive_request
+
+        async def counted(self: Any) -> None:
+            sent.append(asyncio.get_running_loop().time())
+            await original(self)
+
+        asyncssh.connection.SSHConnection._make_keepalive_request = counted  # type: ignore[method-assign]
+        try:
+            async with lab() as lab_:
+                conn = lab_["conn"]
+                conn.set_keepalive(interval, 3)
+                chan, _ = await conn.create_connection(Recorder, "127.0.0.1", lab_["echo"])
+                for _ in range(12):  # 3 intervals of traffic from the server
+                    chan.write(b"x")
+                    await asyncio.sleep(interval / 4)
+                during_traffic = len(sent)
+                await asyncio.sleep(3 * interval)
+                chan.close()
+                return during_traffic, len(sent) - during_traffic, conn.is_closed()
+        finally:
+            asyncssh.connection.SSHConnection._make_keepalive_request = original  # type: ignore[method-assign]
+
+    return asyncio.run(main())
+
+
+def test_keepalives_wait_for_silence_and_then_go_out_as_before() -> None:
+    for on in (False, True):
+        with tuned(on):
+            during, after, closed = _keepalives(0.4)
+        assert during == 0, on  # bytes kept arriving: no keepalive needed
+        assert after >= 1, on  # silence: keepalives go out and are answered
+        assert not closed, on

@@ -134,6 +134,37 @@ def _run_to_end(conn: SSHConnection, coro: Any, task_logger: Any) -> None:
     raise RuntimeError("asyncssh's SSHChannel._start_reading suspended; x2ssh.ssh.tuning needs review")
 
 
+# -- The keepalive timer: moved lazily instead of replaced on every read --
+#
+# With keepalives on, asyncssh cancels its keepalive timer and schedules a new one each time bytes
+# arrive from the server: a TimerHandle per socket read, and cancelled handles piling up in the loop's
+# heap. Here a read only pushes a deadline forward; when the timer fires before that deadline it is
+# armed again for the deadline, so the keepalive still goes out one interval after the last bytes
+# received, as before.
+
+_original_reset_keepalive = SSHConnection._reset_keepalive_timer
+_original_keepalive_callback = SSHConnection._keepalive_timer_callback
+
+
+def _reset_keepalive_timer(self: SSHConnection) -> None:
+    timer = self._keepalive_timer
+    if self._auth_complete and self._keepalive_interval and timer is not None:
+        due = self._loop.time() + self._keepalive_interval
+        if due >= timer.when():  # not when a shorter interval was just set: that one is rescheduled
+            self.__dict__["_x2ssh_keepalive_due"] = due
+            return
+    self.__dict__.pop("_x2ssh_keepalive_due", None)
+    _original_reset_keepalive(self)
+
+
+def _keepalive_timer_callback(self: SSHConnection) -> None:
+    due = self.__dict__.pop("_x2ssh_keepalive_due", None)
+    if due is not None and due > self._loop.time():
+        self._keepalive_timer = self._loop.call_at(due, self._keepalive_timer_callback)
+        return
+    _original_keepalive_callback(self)
+
+
 def install() -> None:
     """Apply the adjustments (idempotent)."""
     SSHPacketLogger._log_packet = _log_packet_when_debugging  # type: ignore[method-assign]
@@ -142,6 +173,8 @@ def install() -> None:
     GCMCipher.encrypt_and_sign = _gcm_encrypt_and_sign  # type: ignore[method-assign]
     GCMCipher.verify_and_decrypt = _gcm_verify_and_decrypt  # type: ignore[method-assign]
     SSHConnection.create_task = _create_task  # type: ignore[method-assign]
+    SSHConnection._reset_keepalive_timer = _reset_keepalive_timer  # type: ignore[method-assign]
+    SSHConnection._keepalive_timer_callback = _keepalive_timer_callback  # type: ignore[method-assign]
 
 
 def uninstall() -> None:
@@ -152,6 +185,8 @@ def uninstall() -> None:
     GCMCipher.encrypt_and_sign = _original_gcm_encrypt  # type: ignore[method-assign]
     GCMCipher.verify_and_decrypt = _original_gcm_decrypt  # type: ignore[method-assign]
     SSHConnection.create_task = _original_create_task  # type: ignore[method-assign]
+    SSHConnection._reset_keepalive_timer = _original_reset_keepalive  # type: ignore[method-assign]
+    SSHConnection._keepalive_timer_callback = _original_keepalive_callback  # type: ignore[method-assign]
 
 
 def coalesce_sends(conn: Any) -> None:
