@@ -286,3 +286,19 @@ def test_keepalives_wait_for_silence_and_then_go_out_as_before() -> None:
         assert during == 0, on  # bytes kept arriving: no keepalive needed
         assert after >= 1, on  # silence: keepalives go out and are answered
         assert not closed, on
+
+
+def test_padding_comes_from_a_pool_of_kernel_random_bytes() -> None:
+    import asyncssh.connection as connection_module
+
+    with tuned(True):
+        pooled = connection_module.os
+        assert pooled is not os and pooled.path is os.path and pooled.environ is os.environ
+        parts = [pooled.urandom(n) for n in [4, 19, 7] * 300]  # spans several 4 KiB blocks
+        assert [len(p) for p in parts] == [4, 19, 7] * 300
+        joined = b"".join(parts)
+        assert len(set(joined)) > 200  # random bytes, not a repeated pattern
+        assert joined.count(joined[:64]) == 1  # no block handed out twice
+        assert len(pooled.urandom(10_000)) == 10_000  # larger than the pool: straight from the kernel
+    with tuned(False):
+        assert connection_module.os is os

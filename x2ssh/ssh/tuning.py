@@ -12,8 +12,10 @@ first; with packet debugging on (`asyncssh.set_debug_level(3)`, x2ssh -vvv) the 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
+import asyncssh.connection as _asyncssh_connection
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.constants import MSG_IGNORE
@@ -165,6 +167,37 @@ def _keepalive_timer_callback(self: SSHConnection) -> None:
     _original_keepalive_callback(self)
 
 
+# -- Random padding from a pool instead of a getrandom() per packet --
+#
+# Every SSH packet carries 4-19 bytes of random padding, which asyncssh takes with os.urandom: one
+# system call per packet. Here asyncssh.connection sees an `os` whose urandom hands out slices of a
+# 4 KiB block drawn from os.urandom (so the same kernel CSPRNG, a call per ~400 packets); everything
+# else it uses from `os` is the real module. A request larger than the pool goes to os.urandom.
+
+RANDOM_POOL = 4096
+
+
+class _OsWithPooledRandom:
+    """The `os` module as asyncssh.connection uses it, with urandom served from a pool."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self._pool = b""
+        self._at = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def urandom(self, n: int) -> bytes:
+        at = self._at
+        if at + n > len(self._pool):
+            if n > RANDOM_POOL:
+                return self._real.urandom(n)
+            self._pool, at = self._real.urandom(RANDOM_POOL), 0
+        self._at = at + n
+        return self._pool[at : at + n]
+
+
 def install() -> None:
     """Apply the adjustments (idempotent)."""
     SSHPacketLogger._log_packet = _log_packet_when_debugging  # type: ignore[method-assign]
@@ -175,6 +208,8 @@ def install() -> None:
     SSHConnection.create_task = _create_task  # type: ignore[method-assign]
     SSHConnection._reset_keepalive_timer = _reset_keepalive_timer  # type: ignore[method-assign]
     SSHConnection._keepalive_timer_callback = _keepalive_timer_callback  # type: ignore[method-assign]
+    if not isinstance(_asyncssh_connection.os, _OsWithPooledRandom):
+        _asyncssh_connection.os = _OsWithPooledRandom(os)  # type: ignore[attr-defined]
 
 
 def uninstall() -> None:
@@ -187,6 +222,7 @@ def uninstall() -> None:
     SSHConnection.create_task = _original_create_task  # type: ignore[method-assign]
     SSHConnection._reset_keepalive_timer = _original_reset_keepalive  # type: ignore[method-assign]
     SSHConnection._keepalive_timer_callback = _original_keepalive_callback  # type: ignore[method-assign]
+    _asyncssh_connection.os = os  # type: ignore[attr-defined]
 
 
 def coalesce_sends(conn: Any) -> None:
