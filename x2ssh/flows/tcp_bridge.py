@@ -193,6 +193,7 @@ class TcpBridge:
         self._expired: set[int] = set()  # opens cancelled by the sweeper: a timeout, not a shutdown
         self._sweeper: asyncio.TimerHandle | None = None
         self._waiting: deque[TcpFlow] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def on_tcp(self, flow: TcpFlow) -> None:
         """Netstack callback for a new connection request (the app's SYN is held meanwhile)."""
@@ -215,7 +216,9 @@ class TcpBridge:
 
     def _start_open(self, flow: TcpFlow) -> None:
         self.stats.opening += 1
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # asyncio.get_running_loop costs a getpid() per call on Python 3.11
+            loop = self._loop = asyncio.get_running_loop()
         task = loop.create_task(self._open(flow))
         self._opening[flow.id] = (task, loop.time() + self._open_timeout)
         if self._sweeper is None:
@@ -227,7 +230,8 @@ class TcpBridge:
     def _sweep(self) -> None:
         """Cancel opens past their deadline: one timer for all of them, not one per connection."""
         self._sweeper = None
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         now = loop.time()
         for flow_id, (task, deadline) in list(self._opening.items()):
             if deadline <= now and flow_id not in self._expired:
@@ -248,58 +252,56 @@ class TcpBridge:
         self.stats.waiting = len(waiting)
 
     async def _open(self, flow: TcpFlow) -> None:
+        """Open the flow's channel, then accept the flow (or refuse it); one task per new flow."""
         try:
-            await self._open_and_accept(flow)
+            host, port = self._rewrite(flow.dst)
+            link = _Link(self.stats)
+            try:
+                conn = self.connection
+                if conn is None:
+                    await self.connection_ready.wait()
+                    conn = self.connection
+                    assert conn is not None
+                channel, _ = await conn.create_connection(
+                    lambda: _ChannelSide(link),
+                    host,
+                    port,
+                    flow.src[0],
+                    flow.src[1],
+                    window=CHANNEL_WINDOW,
+                    max_pktsize=CHANNEL_MAX_PACKET,
+                )
+            except asyncio.CancelledError:
+                if flow.id not in self._expired:
+                    raise  # the bridge is closing
+                self.stats.failed += 1
+                log.debug("%s:%d: no channel within %.0f s", host, port, self._open_timeout)
+                self._refuse(flow)
+                return
+            except asyncssh.ChannelOpenError as exc:
+                self.stats.refused += 1
+                log.debug("%s:%d refused by the server: %s", host, port, exc.reason)
+                self._refuse(flow)
+                return
+            except (TimeoutError, OSError, asyncssh.Error, ConnectionError) as exc:
+                self.stats.failed += 1
+                log.debug("%s:%d: channel failed: %s", host, port, exc)
+                self._refuse(flow)
+                return
+            if flow.closed:  # the app gave up (or the stack closed) while the channel was opening
+                channel.close()
+                return
+            link.channel = channel
+            self.stats.opened += 1
+            self.stats.active += 1
+            try:
+                link.attach(self._tun().accept(flow, lambda: _AppSide(link)))
+            except Exception as exc:  # the flow vanished between the check and the accept
+                log.debug("accept failed for %r: %s", flow, exc)
+                channel.abort()
+                link._finish()
         finally:
             self._open_done(flow)
-
-    async def _open_and_accept(self, flow: TcpFlow) -> None:
-        host, port = self._rewrite(flow.dst)
-        link = _Link(self.stats)
-        try:
-            conn = self.connection
-            if conn is None:
-                await self.connection_ready.wait()
-                conn = self.connection
-                assert conn is not None
-            channel, _ = await conn.create_connection(
-                lambda: _ChannelSide(link),
-                host,
-                port,
-                flow.src[0],
-                flow.src[1],
-                window=CHANNEL_WINDOW,
-                max_pktsize=CHANNEL_MAX_PACKET,
-            )
-        except asyncio.CancelledError:
-            if flow.id not in self._expired:
-                raise  # the bridge is closing
-            self.stats.failed += 1
-            log.debug("%s:%d: no channel within %.0f s", host, port, self._open_timeout)
-            self._refuse(flow)
-            return
-        except asyncssh.ChannelOpenError as exc:
-            self.stats.refused += 1
-            log.debug("%s:%d refused by the server: %s", host, port, exc.reason)
-            self._refuse(flow)
-            return
-        except (TimeoutError, OSError, asyncssh.Error, ConnectionError) as exc:
-            self.stats.failed += 1
-            log.debug("%s:%d: channel failed: %s", host, port, exc)
-            self._refuse(flow)
-            return
-        if flow.closed:  # the app gave up (or the stack closed) while the channel was opening
-            channel.close()
-            return
-        link.channel = channel
-        self.stats.opened += 1
-        self.stats.active += 1
-        try:
-            link.attach(self._tun().accept(flow, lambda: _AppSide(link)))
-        except Exception as exc:  # the flow vanished between the check and the accept
-            log.debug("accept failed for %r: %s", flow, exc)
-            channel.abort()
-            link._finish()
 
     @staticmethod
     def _refuse(flow: TcpFlow) -> None:

@@ -1,18 +1,30 @@
 """Hot-path adjustments to asyncssh that change no behaviour.
 
-asyncssh formats a description of every packet it sends or receives (type name, byte count, and for some
-packets a copy of the payload) before its logger checks whether packet debugging (level 3) is on. On a bulk
-transfer that is about 8 % of x2ssh's CPU (profiled with py-spy). Here the check comes first; with packet
-debugging on (`asyncssh.set_debug_level(3)`, x2ssh -vvv) the original runs unchanged.
+Each one is checked by tests/unit/test_asyncssh_tuning*.py against a real asyncssh server in the same
+process; asyncssh is pinned below 2.25 because these reach into its internals.
+
+Logging. asyncssh formats a description of every packet it sends or receives (type name, byte count,
+and for some packets a copy of the payload) before its logger checks whether packet debugging (level 3)
+is on. On a bulk transfer that is about 8 % of x2ssh's CPU (profiled with py-spy). Here the check comes
+first; with packet debugging on (`asyncssh.set_debug_level(3)`, x2ssh -vvv) the original runs unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
+import asyncssh.connection as _asyncssh_connection
+from asyncssh.channel import SSHChannel
+from asyncssh.connection import SSHConnection
+from asyncssh.constants import MSG_IGNORE
+from asyncssh.crypto.cipher import GCMCipher
+from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.logging import SSHLogger
-from asyncssh.packet import SSHPacketLogger
+from asyncssh.packet import SSHPacketLogger, String
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 PACKET_DEBUG_LEVEL = 3
 _original_log_packet = SSHPacketLogger._log_packet
@@ -33,10 +45,184 @@ def _log_when_enabled(self: SSHLogger, level: int, msg: object, *args: Any, **kw
         _original_log(self, level, msg, *args, **kwargs)
 
 
+# -- The empty SSH_MSG_IGNORE asyncssh puts before every packet --
+#
+# asyncssh sends an empty IGNORE ahead of each packet after the key exchange: a cover for the first
+# packets against the Terrapin prefix truncation when the peer lacks strict key exchange, and the old
+# countermeasure for CBC's predictable IVs. With strict kex negotiated and an AEAD cipher (AES-GCM,
+# chacha20-poly1305) neither applies, yet it costs an encryption, a random padding and a sequence number
+# per packet: a short connection's 4-6 packets become 8-12. Only then is it left out; with CBC, CTR or
+# no strict kex every IGNORE is sent as before.
+
+_AEAD_ENCRYPTIONS = (GCMEncryption, ChachaEncryption)
+_EMPTY_STRING = String(b"")
+_original_send_packet = SSHConnection.send_packet
+
+
+def _send_packet_without_cover(self: SSHConnection, pkttype: int, *args: bytes, **kwargs: Any) -> None:
+    if (
+        pkttype == MSG_IGNORE
+        and self._strict_kex
+        and isinstance(self._send_encryption, _AEAD_ENCRYPTIONS)
+        and args == (_EMPTY_STRING,)
+    ):
+        return
+    _original_send_packet(self, pkttype, *args, **kwargs)
+
+
+# -- AES-GCM: one AESGCM object per key, not one per packet --
+#
+# asyncssh's GCMCipher builds an AESGCM (a key schedule and an OpenSSL context) for every packet it
+# encrypts or decrypts; the key never changes for the cipher's life (a rekey makes a new GCMCipher).
+# Same IV sequence, same bytes out.
+
+_GCM_TAG = 16
+_original_gcm_encrypt = GCMCipher.encrypt_and_sign
+_original_gcm_decrypt = GCMCipher.verify_and_decrypt
+
+
+def _aead(cipher: GCMCipher) -> AESGCM:
+    aead = cipher.__dict__.get("_x2ssh_aead")
+    if aead is None:
+        aead = cipher.__dict__["_x2ssh_aead"] = AESGCM(cipher._key)
+    return aead
+
+
+def _gcm_encrypt_and_sign(self: GCMCipher, header: bytes, data: bytes) -> tuple[bytes, bytes]:
+    sealed = _aead(self).encrypt(self._iv, data, header)
+    self._update_iv()
+    return header + sealed[:-_GCM_TAG], sealed[-_GCM_TAG:]
+
+
+def _gcm_verify_and_decrypt(self: GCMCipher, header: bytes, data: bytes, mac: bytes) -> bytes | None:
+    try:
+        opened: bytes | None = _aead(self).decrypt(self._iv, data + mac, header)
+    except InvalidTag:
+        opened = None
+    self._update_iv()
+    return opened
+
+
+# -- Starting to read a new channel without a task --
+#
+# Once a channel is open, asyncssh starts its reading with `conn.create_task(chan._start_reading())`: a
+# coroutine, a Task, a done-callback and a set entry per channel, for a coroutine that never waits. Here
+# that one coroutine is run to its end from a plain callback at the same point of the loop (the next turn,
+# where the task's first step would run); an error it raises goes to the connection's task reaper, exactly
+# as the task's would. Every other task is created as before.
+
+_original_create_task = SSHConnection.create_task
+_START_READING = SSHChannel._start_reading.__code__
+
+
+def _create_task(self: SSHConnection, coro: Any, task_logger: Any = None) -> Any:
+    if getattr(coro, "cr_code", None) is _START_READING:
+        self._loop.call_soon(_run_to_end, self, coro, task_logger)
+        return None  # asyncssh drops this task handle at every call site
+    return _original_create_task(self, coro, task_logger)
+
+
+def _run_to_end(conn: SSHConnection, coro: Any, task_logger: Any) -> None:
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    except BaseException as exc:  # reported exactly as asyncssh reports a failed task
+        failed = conn._loop.create_future()
+        failed.set_exception(exc)
+        conn._reap_task(task_logger, failed)  # type: ignore[arg-type]
+        return
+    coro.close()  # it waited on something: not the asyncssh this was written for
+    raise RuntimeError("asyncssh's SSHChannel._start_reading suspended; x2ssh.ssh.tuning needs review")
+
+
+# -- The keepalive timer: moved lazily instead of replaced on every read --
+#
+# With keepalives on, asyncssh cancels its keepalive timer and schedules a new one each time bytes
+# arrive from the server: a TimerHandle per socket read, and cancelled handles piling up in the loop's
+# heap. Here a read only pushes a deadline forward; when the timer fires before that deadline it is
+# armed again for the deadline, so the keepalive still goes out one interval after the last bytes
+# received, as before.
+
+_original_reset_keepalive = SSHConnection._reset_keepalive_timer
+_original_keepalive_callback = SSHConnection._keepalive_timer_callback
+
+
+def _reset_keepalive_timer(self: SSHConnection) -> None:
+    timer = self._keepalive_timer
+    if self._auth_complete and self._keepalive_interval and timer is not None:
+        due = self._loop.time() + self._keepalive_interval
+        if due >= timer.when():  # not when a shorter interval was just set: that one is rescheduled
+            self.__dict__["_x2ssh_keepalive_due"] = due
+            return
+    self.__dict__.pop("_x2ssh_keepalive_due", None)
+    _original_reset_keepalive(self)
+
+
+def _keepalive_timer_callback(self: SSHConnection) -> None:
+    due = self.__dict__.pop("_x2ssh_keepalive_due", None)
+    if due is not None and due > self._loop.time():
+        self._keepalive_timer = self._loop.call_at(due, self._keepalive_timer_callback)
+        return
+    _original_keepalive_callback(self)
+
+
+# -- Random padding from a pool instead of a getrandom() per packet --
+#
+# Every SSH packet carries 4-19 bytes of random padding, which asyncssh takes with os.urandom: one
+# system call per packet. Here asyncssh.connection sees an `os` whose urandom hands out slices of a
+# 4 KiB block drawn from os.urandom (so the same kernel CSPRNG, a call per ~400 packets); everything
+# else it uses from `os` is the real module. A request larger than the pool goes to os.urandom.
+
+RANDOM_POOL = 4096
+
+
+class _OsWithPooledRandom:
+    """The `os` module as asyncssh.connection uses it, with urandom served from a pool."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self._pool = b""
+        self._at = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def urandom(self, n: int) -> bytes:
+        at = self._at
+        if at + n > len(self._pool):
+            if n > RANDOM_POOL:
+                return self._real.urandom(n)
+            self._pool, at = self._real.urandom(RANDOM_POOL), 0
+        self._at = at + n
+        return self._pool[at : at + n]
+
+
 def install() -> None:
     """Apply the adjustments (idempotent)."""
     SSHPacketLogger._log_packet = _log_packet_when_debugging  # type: ignore[method-assign]
     SSHLogger.log = _log_when_enabled  # type: ignore[method-assign]
+    SSHConnection.send_packet = _send_packet_without_cover  # type: ignore[method-assign]
+    GCMCipher.encrypt_and_sign = _gcm_encrypt_and_sign  # type: ignore[method-assign]
+    GCMCipher.verify_and_decrypt = _gcm_verify_and_decrypt  # type: ignore[method-assign]
+    SSHConnection.create_task = _create_task  # type: ignore[method-assign]
+    SSHConnection._reset_keepalive_timer = _reset_keepalive_timer  # type: ignore[method-assign]
+    SSHConnection._keepalive_timer_callback = _keepalive_timer_callback  # type: ignore[method-assign]
+    if not isinstance(_asyncssh_connection.os, _OsWithPooledRandom):
+        _asyncssh_connection.os = _OsWithPooledRandom(os)  # type: ignore[attr-defined]
+
+
+def uninstall() -> None:
+    """Undo `install` (for tests that compare with asyncssh's own behaviour)."""
+    SSHPacketLogger._log_packet = _original_log_packet  # type: ignore[method-assign]
+    SSHLogger.log = _original_log  # type: ignore[method-assign]
+    SSHConnection.send_packet = _original_send_packet  # type: ignore[method-assign]
+    GCMCipher.encrypt_and_sign = _original_gcm_encrypt  # type: ignore[method-assign]
+    GCMCipher.verify_and_decrypt = _original_gcm_decrypt  # type: ignore[method-assign]
+    SSHConnection.create_task = _original_create_task  # type: ignore[method-assign]
+    SSHConnection._reset_keepalive_timer = _original_reset_keepalive  # type: ignore[method-assign]
+    SSHConnection._keepalive_timer_callback = _original_keepalive_callback  # type: ignore[method-assign]
+    _asyncssh_connection.os = os  # type: ignore[attr-defined]
 
 
 def coalesce_sends(conn: Any) -> None:
