@@ -7,7 +7,6 @@ plain IPRoute() and /etc/resolv.conf (the bind mount of /etc/netns/NAME/resolv.c
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -18,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.integration.netns_kit import json_reports, run
 
 pytestmark = pytest.mark.netns
 
@@ -80,10 +81,6 @@ for check in (lambda: check_tun_name_free(sys.argv[1]), lambda: open_tun(sys.arg
 """
 
 
-def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=60)
-
-
 @dataclass
 class Lab:
     client: str
@@ -112,7 +109,7 @@ class Lab:
 
     def scenario(self, mode: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
         done = self.python(SCENARIO, mode, str(self.state_dir), str(self.resolv_conf), TUN)
-        reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        reports = json_reports(done.stdout)
         return done, reports
 
 

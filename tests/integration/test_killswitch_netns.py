@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.netns_kit import json_reports, run, veth
+
 pytestmark = pytest.mark.netns
 
 REPO = Path(__file__).resolve().parents[2]
@@ -199,10 +201,6 @@ PASSED_DURING = {
 CONTAINER_PASSED_DURING = {"excluded v4", "excluded v6", "tun"}
 
 
-def run(*argv: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=60, input=stdin)
-
-
 # Runs in the client namespace: policy routing (as x2ssh sets it up) without, then with the kill switch;
 # where the container's forwarded traffic goes, by route lookup and by the peer's per-link counters.
 POLICY_SCENARIO = r"""
@@ -307,22 +305,12 @@ class Lab:
     def scenario(self, mode: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
         args = (mode, str(self.state_dir), TUN, self.peer, self.container, str(PROBE_TIMEOUT), PROBE)
         done = self.in_client(sys.executable, "-c", SCENARIO, *args)
-        return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        return done, json_reports(done.stdout)
 
     def policy_scenario(self) -> tuple[subprocess.CompletedProcess, list[dict]]:
         args = (str(self.state_dir), TUN, self.peer, self.container, str(PROBE_TIMEOUT), PROBE)
         done = self.in_client(sys.executable, "-c", POLICY_SCENARIO, *args)
-        return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-
-
-def _veth(client: str, peer: str, client_dev: str, peer_dev: str, net: int) -> None:
-    run(
-        "ip", "-n", client, "link", "add", client_dev, "type", "veth", "peer", "name", peer_dev, "netns", peer
-    )
-    for ns, dev, last in ((client, client_dev, 2), (peer, peer_dev, 1)):
-        run("ip", "-n", ns, "addr", "add", f"198.18.{net}.{last}/24", "dev", dev)
-        run("ip", "-n", ns, "-6", "addr", "add", f"fd78:{net}{net}::{last}/64", "dev", dev, "nodad")
-        run("ip", "-n", ns, "link", "set", dev, "up")
+        return done, json_reports(done.stdout)
 
 
 @pytest.fixture
@@ -336,9 +324,9 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             # no duplicate address detection: link-local routes exist at once, before any snapshot
             run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
             run("ip", "-n", ns, "link", "set", "lo", "up")
-        _veth(client, peer, "x2kc0", "x2kp0", 70)  # the physical link
-        _veth(client, peer, TUN, "x2kt0", 73)  # the stand-in TUN
-        _veth(client, container, "x2kb0", "x2kk0", 74)  # the container: 198.18.74.1, fd78:7474::1
+        veth(client, peer, "x2kc0", "x2kp0", 70)  # the physical link
+        veth(client, peer, TUN, "x2kt0", 73)  # the stand-in TUN
+        veth(client, container, "x2kb0", "x2kk0", 74)  # the container: 198.18.74.1, fd78:7474::1
         for addr in ("198.18.71.1/32", "198.18.72.1/32", "fd78:7171::1/128", "fd78:7272::1/128"):
             run("ip", "-n", peer, "addr", "add", addr, "dev", "lo")
         run("ip", "-n", client, "route", "add", "default", "via", "198.18.70.1")

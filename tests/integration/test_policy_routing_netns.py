@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.netns_kit import json_reports, run, veth
+
 pytestmark = pytest.mark.netns
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,10 +155,6 @@ print(json.dumps(cleanup(Path(sys.argv[1]))))
 """
 
 
-def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=60)
-
-
 @dataclass
 class Lab:
     client: str
@@ -190,17 +188,7 @@ class Lab:
     ) -> tuple[subprocess.CompletedProcess, list[dict]]:
         flags = ["yes" if restore else "no", "yes" if kill_switch else "no"]
         done = self.in_client(sys.executable, "-c", SCENARIO, mode, str(self.state_dir), TUN, *flags)
-        return done, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-
-
-def _veth(client: str, peer: str, client_dev: str, peer_dev: str, net: int) -> None:
-    run(
-        "ip", "-n", client, "link", "add", client_dev, "type", "veth", "peer", "name", peer_dev, "netns", peer
-    )
-    for ns, dev, last in ((client, client_dev, 2), (peer, peer_dev, 1)):
-        run("ip", "-n", ns, "addr", "add", f"198.18.{net}.{last}/24", "dev", dev)
-        run("ip", "-n", ns, "-6", "addr", "add", f"fd78:{net}{net}::{last}/64", "dev", dev, "nodad")
-        run("ip", "-n", ns, "link", "set", dev, "up")
+        return done, json_reports(done.stdout)
 
 
 @pytest.fixture
@@ -216,8 +204,8 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             # that the "before" snapshot is not taken while they still appear
             run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0")
             run("ip", "-n", ns, "link", "set", "lo", "up")
-        _veth(client, peer, "x2pa0", "x2pa1", 80)  # uplink A
-        _veth(client, peer, "x2pb0", "x2pb1", 81)  # uplink B
+        veth(client, peer, "x2pa0", "x2pa1", 80)  # uplink A
+        veth(client, peer, "x2pb0", "x2pb1", 81)  # uplink B
         for addr in ("198.18.85.1/32", "198.18.86.5/32", "fd78:8585::1/128", "fd78:8686::5/128"):
             run("ip", "-n", peer, "addr", "add", addr, "dev", "lo")
         run("ip", "-n", client, "route", "add", "default", "via", "198.18.80.1")
