@@ -202,13 +202,7 @@ def encode_address(address: Optional[Address]) -> bytes:
     host, port = address
     if not 0 < port < 65536:
         raise ValueError("port out of range: %r" % (port,))
-    host = host.split("%", 1)[0]  # a link-local scope id has no meaning on the other end
-    try:
-        if ":" in host:
-            return b"\x06" + socket.inet_pton(socket.AF_INET6, host) + _U16.pack(port)
-        return b"\x04" + socket.inet_pton(socket.AF_INET, host) + _U16.pack(port)
-    except OSError:
-        raise ValueError("not an IP address: %r" % (host,)) from None
+    return encode_host(host) + _U16.pack(port)
 
 
 def _decode_address(body: bytes, offset: int) -> Tuple[Optional[Address], int]:
@@ -220,27 +214,20 @@ def _decode_address(body: bytes, offset: int) -> Tuple[Optional[Address], int]:
         return None, offset
     if kind == ADDR_SERVER_RESOLVER:
         return SERVER_RESOLVER, offset
-    if kind == ADDR_IPV4:
-        size, family = 4, socket.AF_INET
-    elif kind == ADDR_IPV6:
-        size, family = 16, socket.AF_INET6
-    else:
-        raise ProtocolError("bad address kind 0x%02x" % kind)
-    end = offset + size + 2
-    if end > len(body):
+    host, offset = _decode_ip(body, offset, kind, "address")
+    if offset + 2 > len(body):
         raise ProtocolError("truncated address")
-    host = socket.inet_ntop(family, body[offset : offset + size])
-    (port,) = _U16.unpack_from(body, offset + size)
+    (port,) = _U16.unpack_from(body, offset)
     if port == 0:
         raise ProtocolError("address with port 0")
-    return (host, port), end
+    return (host, port), offset + 2
 
 
 def encode_host(host: Optional[str]) -> bytes:
     """Encode a host address without a port (NONE for None): kind, then 4 or 16 bytes."""
     if host is None:
         return b"\x00"
-    host = host.split("%", 1)[0]
+    host = host.split("%", 1)[0]  # a link-local scope id has no meaning on the other end
     try:
         if ":" in host:
             return b"\x06" + socket.inet_pton(socket.AF_INET6, host)
@@ -256,12 +243,17 @@ def _decode_host(body: bytes, offset: int) -> Tuple[Optional[str], int]:
     offset += 1
     if kind == ADDR_NONE:
         return None, offset
+    return _decode_ip(body, offset, kind, "host address")
+
+
+def _decode_ip(body: bytes, offset: int, kind: int, what: str) -> Tuple[str, int]:
+    """The IPv4 or IPv6 address of `kind` at `offset` (after the kind byte) and the offset after it."""
     if kind == ADDR_IPV4:
         size, family = 4, socket.AF_INET
     elif kind == ADDR_IPV6:
         size, family = 16, socket.AF_INET6
     else:
-        raise ProtocolError("bad host address kind 0x%02x" % kind)
+        raise ProtocolError("bad %s kind 0x%02x" % (what, kind))
     end = offset + size
     if end > len(body):
         raise ProtocolError("truncated address")

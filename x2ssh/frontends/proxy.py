@@ -12,20 +12,19 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 from typing import Any
 
 from x2ssh.control import SOCKET_NAME, ControlServer, private_control_dir, user_run_dir
 from x2ssh.frontends.socks import SocksServer, check_bind
 from x2ssh.frontends.socks_backend import SshChannelBackend
 from x2ssh.frontends.socks_protocol import Credentials
+from x2ssh.frontends.stop import StopRequest
 from x2ssh.session import Address, SshSession
 from x2ssh.settings import Settings
 from x2ssh.ssh.connect import plain_socket
 
 log = logging.getLogger("x2ssh.proxy")
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CONNECTION_WAIT = 15.0  # how long a new request waits for the SSH connection while it reconnects
 STATUS_INTERVAL = 1.0
 LOG_INTERVAL = 60.0
@@ -59,14 +58,10 @@ class ProxyRun:
         host, port = settings.dynamic
         self.server = SocksServer(backend, host, port, credentials=credentials, allow_lan=settings.allow_lan)
         self.control: ControlServer | None = None
-        self._stop = asyncio.Event()
-        self._signal = 0
+        self._stop = StopRequest("stopping")
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        try:
+        with self._stop:
             s = self.server
             check_bind(s.host, s.credentials, s.allow_lan)  # a LAN bind without credentials: before anything
             conn = await self.ssh.open()
@@ -78,8 +73,7 @@ class ProxyRun:
                 where = ", ".join(_endpoint(a) for a in self.server.addresses)
                 log.info("proxy up: SOCKS5 and HTTP CONNECT on %s via %s", where, self.ssh.server_label)
                 self.ssh.spawn(self._status_loop())
-                stopped = await self.ssh.serve(self._stop)
-                return (128 + self._signal if self._signal else 0) if stopped else 1
+                return self._stop.exit_code(await self.ssh.serve(self._stop.event))
             finally:
                 if self.control is not None:
                     with contextlib.suppress(Exception):
@@ -88,14 +82,6 @@ class ProxyRun:
                     await self.server.close()
                 await self.ssh.close()
                 log.info("proxy down")
-        finally:
-            for sig in STOP_SIGNALS:
-                loop.remove_signal_handler(sig)
-
-    def _on_signal(self, sig: int) -> None:
-        log.info("%s received: stopping", signal.Signals(sig).name)
-        self._signal = sig
-        self._stop.set()
 
     async def _start_control(self) -> None:
         """`x2ssh status` / `x2ssh down` reach this run through a socket in the user's runtime directory."""
@@ -104,7 +90,7 @@ class ProxyRun:
             self.control = ControlServer(
                 directory / SOCKET_NAME,
                 self.status_document,
-                lambda: self._on_signal(signal.SIGTERM),
+                self._stop.request,
                 {os.getuid()},
             )
             await self.control.start()

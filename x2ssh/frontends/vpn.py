@@ -21,7 +21,6 @@ import ctypes
 import ipaddress
 import logging
 import os
-import signal
 import socket
 import time
 from typing import Any
@@ -32,6 +31,7 @@ from x2ssh.control import SOCKET_NAME, ControlServer
 from x2ssh.flows.icmp_to_tun import IcmpToTun
 from x2ssh.flows.tcp_bridge import TcpBridge
 from x2ssh.flows.udp_relay import DnsOverride
+from x2ssh.frontends.stop import StopRequest
 from x2ssh.host.api import DNS_V4, DNS_V6, HostControl, NetworkWatcher, TunHandle
 from x2ssh.sd_notify import Notifier, watchdog_loop
 from x2ssh.session import Address, SshSession
@@ -44,7 +44,6 @@ log = logging.getLogger("x2ssh.vpn")
 _libc = ctypes.CDLL(None)
 
 STATUS_INTERVAL = 1.0
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def release_free_memory() -> None:
@@ -88,31 +87,20 @@ class VpnSession:
         self.dns_backend = ""
         self.status = StatusView()
         self.netwatch: NetworkWatcher | None = None
-        self._stop = asyncio.Event()
-        self._signal = 0
+        self._stop = StopRequest("restoring routes and DNS")
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        watchdog = loop.create_task(watchdog_loop(self.notifier))
+        watchdog = asyncio.get_running_loop().create_task(watchdog_loop(self.notifier))
         try:
-            conn = await self.ssh.open()
-            try:
-                await self._bring_up(conn)
-                stopped = await self.ssh.serve(self._stop)
-                return (128 + self._signal if self._signal else 0) if stopped else 1
-            finally:
-                await self._tear_down()
+            with self._stop:
+                conn = await self.ssh.open()
+                try:
+                    await self._bring_up(conn)
+                    return self._stop.exit_code(await self.ssh.serve(self._stop.event))
+                finally:
+                    await self._tear_down()
         finally:
             watchdog.cancel()
-            for sig in STOP_SIGNALS:
-                loop.remove_signal_handler(sig)
-
-    def _on_signal(self, sig: int) -> None:
-        log.info("%s received: restoring routes and DNS", signal.Signals(sig).name)
-        self._signal = sig
-        self._stop.set()
 
     async def _bring_up(self, conn: object) -> None:
         s = self.settings
@@ -160,7 +148,7 @@ class VpnSession:
             self.control = ControlServer(
                 path / SOCKET_NAME,
                 self.status_document,
-                lambda: self._on_signal(signal.SIGTERM),
+                self._stop.request,
                 {os.getuid()},
             )
             await self.control.start()

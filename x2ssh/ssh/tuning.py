@@ -198,30 +198,31 @@ class _OsWithPooledRandom:
         return self._pool[at : at + n]
 
 
+# (class, attribute, replacement, asyncssh's own): what `install` swaps in and `uninstall` puts back.
+_PATCHES: tuple[tuple[Any, str, Any, Any], ...] = (
+    (SSHPacketLogger, "_log_packet", _log_packet_when_debugging, _original_log_packet),
+    (SSHLogger, "log", _log_when_enabled, _original_log),
+    (SSHConnection, "send_packet", _send_packet_without_cover, _original_send_packet),
+    (GCMCipher, "encrypt_and_sign", _gcm_encrypt_and_sign, _original_gcm_encrypt),
+    (GCMCipher, "verify_and_decrypt", _gcm_verify_and_decrypt, _original_gcm_decrypt),
+    (SSHConnection, "create_task", _create_task, _original_create_task),
+    (SSHConnection, "_reset_keepalive_timer", _reset_keepalive_timer, _original_reset_keepalive),
+    (SSHConnection, "_keepalive_timer_callback", _keepalive_timer_callback, _original_keepalive_callback),
+)
+
+
 def install() -> None:
     """Apply the adjustments (idempotent)."""
-    SSHPacketLogger._log_packet = _log_packet_when_debugging  # type: ignore[method-assign]
-    SSHLogger.log = _log_when_enabled  # type: ignore[method-assign]
-    SSHConnection.send_packet = _send_packet_without_cover  # type: ignore[method-assign]
-    GCMCipher.encrypt_and_sign = _gcm_encrypt_and_sign  # type: ignore[method-assign]
-    GCMCipher.verify_and_decrypt = _gcm_verify_and_decrypt  # type: ignore[method-assign]
-    SSHConnection.create_task = _create_task  # type: ignore[method-assign]
-    SSHConnection._reset_keepalive_timer = _reset_keepalive_timer  # type: ignore[method-assign]
-    SSHConnection._keepalive_timer_callback = _keepalive_timer_callback  # type: ignore[method-assign]
+    for owner, name, replacement, _ in _PATCHES:
+        setattr(owner, name, replacement)
     if not isinstance(_asyncssh_connection.os, _OsWithPooledRandom):
         _asyncssh_connection.os = _OsWithPooledRandom(os)  # type: ignore[attr-defined]
 
 
 def uninstall() -> None:
     """Undo `install` (for tests that compare with asyncssh's own behaviour)."""
-    SSHPacketLogger._log_packet = _original_log_packet  # type: ignore[method-assign]
-    SSHLogger.log = _original_log  # type: ignore[method-assign]
-    SSHConnection.send_packet = _original_send_packet  # type: ignore[method-assign]
-    GCMCipher.encrypt_and_sign = _original_gcm_encrypt  # type: ignore[method-assign]
-    GCMCipher.verify_and_decrypt = _original_gcm_decrypt  # type: ignore[method-assign]
-    SSHConnection.create_task = _original_create_task  # type: ignore[method-assign]
-    SSHConnection._reset_keepalive_timer = _original_reset_keepalive  # type: ignore[method-assign]
-    SSHConnection._keepalive_timer_callback = _original_keepalive_callback  # type: ignore[method-assign]
+    for owner, name, _, original in _PATCHES:
+        setattr(owner, name, original)
     _asyncssh_connection.os = os  # type: ignore[attr-defined]
 
 
