@@ -88,3 +88,42 @@ def test_the_lock_is_per_namespace_and_in_the_state_dir(tmp_path):
         assert state.stat().st_mode & 0o777 == 0o700
         with pytest.raises(AlreadyRunning, match=f"pid {os.getpid()}"):
             RunLock(state).acquire()  # a second descriptor in the same process is refused too
+
+
+def test_release_deletes_the_file_so_dead_namespaces_leave_nothing(tmp_path):
+    state = tmp_path / "state"
+    with RunLock(state):
+        assert lock_path(state).exists()
+    assert not lock_path(state).exists()
+    assert list(state.iterdir()) == []
+
+
+def test_a_waiter_that_locked_a_deleted_file_retries_on_the_new_one(tmp_path, monkeypatch):
+    """The race that deleting lock files opens: B opens the file, A releases (deletes it), B's flock
+    succeeds on the dead inode. B must notice, and then hold the lock on the file that the path names,
+    so that a third process is refused."""
+    import x2ssh.host.lock as lock_module
+
+    state = tmp_path / "state"
+    first = RunLock(state)
+    first.acquire()
+    real_flock = lock_module.fcntl.flock
+    calls = []
+
+    def flock_after_release(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:
+            first.release()  # deletes the file B has open
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", flock_after_release)
+    second = RunLock(state)
+    second.acquire()
+    monkeypatch.setattr(lock_module.fcntl, "flock", real_flock)
+    try:
+        assert len(calls) == 2  # the first attempt locked the deleted inode and was given up
+        assert lock_path(state).read_text() == f"{os.getpid()}\n"
+        with pytest.raises(AlreadyRunning):
+            RunLock(state).acquire()
+    finally:
+        second.release()

@@ -6,8 +6,10 @@ not per TUN: two runs in the same namespace with different TUN names would still
 route and resolv.conf. The holder writes its PID into the file so that the next one can say who holds it.
 
 The kernel drops a flock when its last file descriptor closes, so a run killed by SIGKILL (or a reboot)
-never leaves a stale lock behind. The file itself is never deleted: unlinking a lock file while another
-process waits on it would let two processes hold "the" lock at once.
+never leaves a stale lock behind. The holder deletes the file when it lets go, so files of namespaces that
+are gone do not pile up in the state directory. Deleting a lock file is safe only because every acquirer,
+once it holds the flock, checks that the path still names the inode it locked: one that locked a file
+unlinked meanwhile lets go and tries again on the new file, so two processes never both hold "the" lock.
 """
 
 from __future__ import annotations
@@ -50,6 +52,15 @@ class RunLock:
         if self._fd is not None:
             return
         ensure_state_dir(self.path.parent)
+        for _ in range(_ATTEMPTS):
+            fd = self._try_once()
+            if fd is not None:
+                self._fd = fd
+                return
+        raise StateError(f"cannot lock {self.path}: it keeps being replaced")
+
+    def _try_once(self) -> int | None:
+        """One attempt: the locked fd, or None if the file was unlinked or replaced while we locked it."""
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         except OSError as e:
@@ -67,18 +78,22 @@ class RunLock:
         except OSError as e:
             os.close(fd)
             raise StateError(f"cannot lock {self.path}: {e.strerror}") from e
+        if not _names(self.path, fd):  # the previous holder deleted it as we locked it
+            os.close(fd)
+            return None
         with contextlib.suppress(OSError):  # the PID only informs; the lock itself is held
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+        return fd
 
     def release(self) -> None:
-        """Let go of the lock (idempotent). The file stays, emptied of our PID."""
+        """Let go of the lock (idempotent) and delete its file while still holding it."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+        if _names(self.path, fd):
+            with contextlib.suppress(OSError):
+                self.path.unlink()
         os.close(fd)  # closing the last descriptor releases the flock
 
     def __enter__(self) -> RunLock:
@@ -92,6 +107,18 @@ class RunLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+_ATTEMPTS = 16
+
+
+def _names(path: Path, fd: int) -> bool:
+    """True if `path` is (still) the file open on `fd`."""
+    try:
+        there, ours = os.stat(path, follow_symlinks=False), os.fstat(fd)
+    except OSError:
+        return False
+    return (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def _read_pid(fd: int) -> int | None:
