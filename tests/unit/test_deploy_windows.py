@@ -133,7 +133,7 @@ def test_every_command_deploy_sends_parses_alike_in_cmd_and_powershell() -> None
         'python "$env:TEMP"',  # PowerShell expands it
         "python 60.0",  # PowerShell reads a number
         "java -Dx.y=1",  # PowerShell splits at the dot
-        '"C:\\Program Files\\python.exe" -V',  # cmd /c strips the outer quotes
+        '"C:\\Program Files\\python.exe" -V',  # PowerShell: a string expression, then a stray -V
         "python a;b",  # PowerShell statement separator
     ],
 )

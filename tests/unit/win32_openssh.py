@@ -74,10 +74,12 @@ def crt_argv(line: str) -> list[str]:
 
 
 def cmd_argv(line: str) -> list[str]:
-    """What a program gets when Win32-OpenSSH runs `cmd.exe /c LINE` (cmd leaves the line as it is unless
-    it meets syntax, which this refuses)."""
-    if line.startswith('"'):
-        raise ShellSyntax("cmd /c strips the first and last quote of a line that starts with one")
+    """What a program gets when Win32-OpenSSH runs `cmd.exe /c "LINE"`: cmd strips those outer quotes and
+    leaves the line as it is unless it meets syntax (which this refuses); the program splits it."""
+    wrapped = f'"{line}"'
+    if len("cmd.exe /c ") + len(wrapped) > 8191:
+        raise ShellSyntax("longer than cmd's 8191-character command line")
+    line = wrapped[1:-1]  # more than one quoted word, or not an executable's name: cmd /c strips them
     quoted = False
     for c in line:
         if c in "%!":
@@ -98,6 +100,8 @@ def ps_argv(line: str) -> list[str]:
     """What a native program gets when Win32-OpenSSH runs `powershell -c LINE`: PowerShell's argument mode
     (bare words and double-quoted strings), then its own re-quoting for the native command line."""
     words: list[str] = []
+    if line.startswith('"'):
+        raise ShellSyntax("PowerShell reads a line starting with a quoted string as an expression")
     i = 0
     while i < len(line):
         if line[i] in " \t":
