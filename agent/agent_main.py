@@ -1023,10 +1023,15 @@ def open_listener(path: str) -> socket.socket:
 
 
 def cleanup(config: AgentConfig) -> None:
-    """Remove the socket, the zipapp (when it lives in the directory) and the directory."""
+    """Remove the socket, the zipapp (when it lives in the directory) and the directory.
+
+    A `lock` file in the directory means a bootstrap waits for us and removes the directory itself (the
+    Windows bootstrap: Windows may refuse to delete the zipapp while this process runs from it)."""
+    bootstrap_owns_it = os.path.exists(os.path.join(config.directory, "lock"))
     paths = [config.socket_path]
-    if config.zipapp_path and os.path.dirname(os.path.abspath(config.zipapp_path)) == config.directory:
-        paths.append(config.zipapp_path)
+    zipapp = config.zipapp_path
+    if zipapp and os.path.dirname(os.path.abspath(zipapp)) == config.directory and not bootstrap_owns_it:
+        paths.append(zipapp)
     for path in paths:
         try:
             os.unlink(path)
@@ -1034,8 +1039,8 @@ def cleanup(config: AgentConfig) -> None:
             pass
         except OSError as exc:
             log.warning("cannot remove %s: %s", path, exc)
-    if IS_WINDOWS and os.path.exists(os.path.join(config.directory, "lock")):
-        return  # the bootstrap that started us holds the lock and removes the directory after we exit
+    if bootstrap_owns_it:
+        return
     try:
         os.rmdir(config.directory)
     except FileNotFoundError:

@@ -257,3 +257,21 @@ def test_windows_flow_cap_fits_select() -> None:
     assert A.effective_max_flows(1024, windows=True) == A.WINDOWS_MAX_FLOWS < 512
     assert A.effective_max_flows(100, windows=True) == 100
     assert A.effective_max_flows(1024, windows=False) == 1024
+
+
+@pytest.mark.parametrize("bootstrap_waits", [False, True])
+def test_cleanup_leaves_a_bootstrap_owned_directory_to_the_bootstrap(
+    tmp_path: Path, bootstrap_waits: bool, caplog
+) -> None:
+    d = tmp_path / ".x2ssh-agent-ab12"
+    d.mkdir(mode=0o700)
+    for name in ("agent.pyz", "agent.sock", *(["lock"] if bootstrap_waits else [])):
+        (d / name).write_bytes(b"")
+    config = A.AgentConfig(directory=str(d), zipapp_path=str(d / "agent.pyz"))
+    caplog.set_level("WARNING", logger="x2ssh.agent")
+    A.cleanup(config)
+    if bootstrap_waits:  # the Windows bootstrap removes the rest once the agent has exited
+        assert sorted(os.listdir(d)) == ["agent.pyz", "lock"]
+    else:
+        assert not d.exists()
+    assert not caplog.records

@@ -11,6 +11,7 @@ for %TEMP%. Its stdin/stdout/stderr are what deploy and AgentHandle see as the e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import types
@@ -198,6 +199,10 @@ class FakeProcess:
         except TimeoutError:
             self._proc.kill()
             await self._proc.wait()
+        # A process that exited while deploy still wrote to it left a BrokenPipeError on its stdin: fetch
+        # it, so asyncio does not report it as never retrieved.
+        with contextlib.suppress(OSError):
+            await self.stdin.wait_closed()
 
     async def wait(self) -> int:
         return await self._proc.wait()
