@@ -16,6 +16,10 @@ server-side ports) stay for `--reattach-grace` seconds; a new connection that pr
 sends RESUME first adopts them. Whatever way the loop ends, `cleanup()` removes the socket, the zipapp and
 the private directory.
 
+On Windows (see PROTOCOL.md): no listener, so stdio only and no re-attach; stdin/stdout are bridged to a
+socket because select() takes only sockets there; no ping sockets and no error queue. Branches that call
+what one platform lacks test `sys.platform` directly, so `mypy --platform win32` can check the Windows path.
+
 Stdlib only; must run on Python 3.8 (see PROTOCOL.md for the wire format and the lifecycle rules).
 """
 

@@ -223,6 +223,11 @@ async def _start(
     log.info(
         "starting the UDP agent with %s (Python %d.%d) in %s", python.command, *python.version, directory
     )
+    if windows:
+        log.info(
+            "Windows server: the agent is reached over its exec channel (no re-attach after a reconnect), "
+            "relays no ICMP echo and carries at most 500 UDP flows"
+        )
     try:
         process = await conn.create_process(command, encoding=None)
     except (asyncssh.Error, OSError) as exc:
