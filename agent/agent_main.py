@@ -16,6 +16,10 @@ server-side ports) stay for `--reattach-grace` seconds; a new connection that pr
 sends RESUME first adopts them. Whatever way the loop ends, `cleanup()` removes the socket, the zipapp and
 the private directory.
 
+On Windows (see PROTOCOL.md): no listener, so stdio only and no re-attach; stdin/stdout are bridged to a
+socket because select() takes only sockets there; no ping sockets and no error queue. Branches that call
+what one platform lacks test `sys.platform` directly, so `mypy --platform win32` can check the Windows path.
+
 Stdlib only; must run on Python 3.8 (see PROTOCOL.md for the wire format and the lifecycle rules).
 """
 
@@ -60,6 +64,18 @@ MAX_SELECT_TIMEOUT = 1.0
 RESOLV_CONF = "/etc/resolv.conf"
 IS_WINDOWS = sys.platform == "win32"
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, n))
+# What the platform offers (module flags, so tests on Linux can take the Windows branches):
+PING_SOCKETS = not IS_WINDOWS  # unprivileged ICMP datagram sockets: Linux (ping_group_range), not Windows
+ERROR_QUEUE = not IS_WINDOWS  # IP_RECVERR and recvmsg(MSG_ERRQUEUE): Windows sockets have no recvmsg at all
+# Windows reports a UDP destination's ICMP port unreachable as WSAECONNRESET on the next recv.
+CONNRESET_IS_PORT_UNREACHABLE = IS_WINDOWS
+# CPython on Windows builds select() with FD_SETSIZE 512: the selector refuses more sockets than that. One
+# socket per flow, plus the stdio bridge and the signal wakeup, leave this many flows with some margin.
+WINDOWS_MAX_FLOWS = 500
+NO_PING_SOCKETS = (
+    "ICMP echo is not supported by the agent on Windows (no unprivileged ping sockets there): "
+    "pings through the tunnel get 'administratively prohibited'"
+)
 
 
 class AgentConfig:
@@ -485,9 +501,15 @@ class Agent:
                 self.stop("client disconnected (%s)" % how)
 
     def _client_lost(self, client: ClientConnection, how: str) -> None:
-        """The connection ended without GOODBYE: a v2 client may re-attach, so its flows wait for it."""
-        if not client.authenticated or client.version < p.VERSION_ICMP or self.config.reattach_grace <= 0:
-            if client.authenticated and self.config.reattach_grace <= 0:
+        """The connection ended without GOODBYE: a v2 client may re-attach, so its flows wait for it.
+
+        Only through the listening socket, though: without one (Windows, stdio only) nobody can come back,
+        so the agent ends at once instead of lingering for the grace period."""
+        reattachable = self._listener is not None and self.config.reattach_grace > 0
+        if not client.authenticated or client.version < p.VERSION_ICMP or not reattachable:
+            if client.authenticated and self._listener is None:
+                how += "; no re-attach without a listening socket"
+            elif client.authenticated and self.config.reattach_grace <= 0:
                 how += "; re-attach disabled"
             self._client_finished(client, how, flush=False)
             return
@@ -619,6 +641,12 @@ class Agent:
     def _open_echo(self, client: ClientConnection, frame: p.OpenEcho) -> None:
         if not self._admit(client, frame.flow_id):
             return
+        if not PING_SOCKETS:
+            if not self._ping_refused_logged:
+                self._ping_refused_logged = True
+                log.warning(NO_PING_SOCKETS)
+            self._queue(client, p.encode(p.CloseFlow(frame.flow_id, p.CLOSE_NOT_PERMITTED)), None)
+            return
         try:
             sock, sockaddr = netio.open_ping(frame.destination)
         except OSError as exc:
@@ -627,9 +655,9 @@ class Agent:
                     self._ping_refused_logged = True
                     log.warning(
                         "cannot open a ping socket (%s): net.ipv4.ping_group_range excludes this user's "
-                        "groups (gid %d); pings get 'administratively prohibited'",
+                        "groups (%s); pings get 'administratively prohibited'",
                         exc,
-                        os.getgid(),
+                        _group_hint(),
                     )
                 self._queue(client, p.encode(p.CloseFlow(frame.flow_id, p.CLOSE_NOT_PERMITTED)), None)
                 return
@@ -732,9 +760,9 @@ class Agent:
         self._report_errors(flow, exc.errno, seq)
 
     def _report_errors(self, flow: Flow, number: Optional[int], seq: int = 0) -> None:
-        errors = netio.read_errors(flow.sock)
+        errors = netio.read_errors(flow.sock) if ERROR_QUEUE else []
         if not errors:
-            code = netio.error_from_errno(number)
+            code = unreachable_from_errno(number)
             if code is None:
                 return
             errors = [netio.IcmpError(code, None, seq)]
@@ -867,6 +895,15 @@ def stdio_bridge(rfd: int, wfd: int) -> socket.socket:
     return ours
 
 
+def _binary_stdio() -> None:
+    """No newline translation on fds 0 and 1: they carry frames (CPython sets this too; be explicit)."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        for fd in (0, 1):
+            msvcrt.setmode(fd, os.O_BINARY)
+
+
 def _socket_read(fd: int, size: int) -> bytes:
     return _SOCKETS[fd].recv(size)
 
@@ -884,14 +921,40 @@ def _socket_close(fd: int) -> None:
 def set_nonblocking(fd: int) -> None:
     if fd in _SOCKETS:
         _SOCKETS[fd].setblocking(False)
+    elif sys.platform == "win32":  # every descriptor the loop uses there is a socket
+        raise OSError("descriptor %d is not a socket" % fd)
     else:
         os.set_blocking(fd, False)
 
 
-if IS_WINDOWS:
+# `sys.platform` tests (not IS_WINDOWS) where a branch calls what one platform lacks: mypy --platform win32
+# then skips the POSIX branch, so a POSIX-only call reachable on Windows fails tests/unit's type check.
+fd_read: Callable[[int, int], bytes]
+fd_writev: Callable[[int, List[bytes]], int]
+fd_close: Callable[[int], None]
+if sys.platform == "win32":
     fd_read, fd_writev, fd_close = _socket_read, _socket_writev, _socket_close
 else:
     fd_read, fd_writev, fd_close = os.read, os.writev, os.close
+
+
+def unreachable_from_errno(number: Optional[int]) -> Optional[int]:
+    """The UNREACHABLE code an errno from a flow's socket stands for, on this platform (None: none)."""
+    code = netio.error_from_errno(number)
+    if code is None and CONNRESET_IS_PORT_UNREACHABLE and number == errno.ECONNRESET:
+        return p.UNREACH_PORT
+    return code
+
+
+def _group_hint() -> str:
+    if sys.platform == "win32":
+        return "no groups on Windows"
+    return "gid %d" % os.getgid()
+
+
+def effective_max_flows(requested: int, windows: bool = IS_WINDOWS) -> int:
+    """The flow cap the agent can honour: on Windows select() takes at most 512 sockets."""
+    return min(requested, WINDOWS_MAX_FLOWS) if windows else requested
 
 
 def read_resolver(path: str = RESOLV_CONF) -> Optional[p.Address]:
@@ -913,7 +976,7 @@ def check_private_directory(directory: str, windows: bool = IS_WINDOWS) -> None:
     info = os.lstat(directory)
     if not stat.S_ISDIR(info.st_mode):
         raise RuntimeError("%s is not a directory" % directory)
-    if windows:
+    if windows or sys.platform == "win32":
         # No uid or mode bits there: the bootstrap gave the directory an ACL for this user only (icacls).
         # A junction or symlink could lead anywhere: refuse reparse points.
         if getattr(info, "st_file_attributes", 0) & FILE_ATTRIBUTE_REPARSE_POINT:
@@ -949,6 +1012,9 @@ def read_token(fd: int, timeout: float) -> bytes:
 
 
 def open_listener(path: str) -> socket.socket:
+    """The agent's Unix socket (POSIX only: Windows servers are reached over stdin/stdout)."""
+    if sys.platform == "win32":
+        raise OSError("no Unix sockets on Windows")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
@@ -961,10 +1027,15 @@ def open_listener(path: str) -> socket.socket:
 
 
 def cleanup(config: AgentConfig) -> None:
-    """Remove the socket, the zipapp (when it lives in the directory) and the directory."""
+    """Remove the socket, the zipapp (when it lives in the directory) and the directory.
+
+    A `lock` file in the directory means a bootstrap waits for us and removes the directory itself (the
+    Windows bootstrap: Windows may refuse to delete the zipapp while this process runs from it)."""
+    bootstrap_owns_it = os.path.exists(os.path.join(config.directory, "lock"))
     paths = [config.socket_path]
-    if config.zipapp_path and os.path.dirname(os.path.abspath(config.zipapp_path)) == config.directory:
-        paths.append(config.zipapp_path)
+    zipapp = config.zipapp_path
+    if zipapp and os.path.dirname(os.path.abspath(zipapp)) == config.directory and not bootstrap_owns_it:
+        paths.append(zipapp)
     for path in paths:
         try:
             os.unlink(path)
@@ -972,8 +1043,8 @@ def cleanup(config: AgentConfig) -> None:
             pass
         except OSError as exc:
             log.warning("cannot remove %s: %s", path, exc)
-    if IS_WINDOWS and os.path.exists(os.path.join(config.directory, "lock")):
-        return  # the bootstrap that started us holds the lock and removes the directory after we exit
+    if bootstrap_owns_it:
+        return
     try:
         os.rmdir(config.directory)
     except FileNotFoundError:
@@ -1037,7 +1108,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_private_directory(config.directory)
         directory_is_ours = True
         if IS_WINDOWS:  # select() waits on sockets only there; no Unix socket either: stdio only
+            _binary_stdio()
             stdin_fd = stdout_fd = stdio_bridge(0, 1).fileno()
+            config.max_flows = effective_max_flows(config.max_flows)
+            log.info(
+                "Windows: stdin/stdout only (no re-attach), at most %d flows, no ICMP echo", config.max_flows
+            )
         token = read_token(stdin_fd, TOKEN_READ_TIMEOUT)
         listener = None if IS_WINDOWS else open_listener(config.socket_path)
     except (OSError, RuntimeError) as exc:

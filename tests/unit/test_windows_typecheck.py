@@ -7,6 +7,7 @@ standard library (ctypes.WinDLL, WinError, get_last_error exist only there).
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,42 @@ def test_the_platform_flag_matters() -> None:
     result = _mypy("linux")
     assert result.returncode == 1
     assert 'Module has no attribute "WinError"' in result.stdout
+
+
+# ---- the agent: no POSIX-only call reachable on its Windows path ----------------------------------------
+# The agent (stdlib only, runs on servers) is not typed to --strict, and its data path has type errors of
+# its own on every platform. What matters here is the difference: an error that appears only when checked
+# as win32 is a POSIX-only name (os.getuid, os.writev, socket.AF_UNIX...) reachable on Windows. Branches
+# for one platform test `sys.platform` directly, which mypy understands.
+
+AGENT_FILES = ("agent/agent_main.py", "agent/protocol.py", "agent/zipapp.py")
+
+
+def _agent_errors(root: Path, platform: str) -> set[str]:
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "mypy", "--platform", platform, "--python-version", "3.10",
+            "--follow-imports=silent", "--ignore-missing-imports", "--no-incremental", "--no-error-summary",
+            *AGENT_FILES,
+        ],
+        cwd=root, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert result.returncode in (0, 1), result.stdout + result.stderr  # 2: mypy itself failed
+    return {line for line in result.stdout.splitlines() if ": error: " in line}
+
+
+def test_agent_has_no_posix_only_call_on_its_windows_path() -> None:
+    only_windows = _agent_errors(ROOT, "win32") - _agent_errors(ROOT, "linux")
+    assert not only_windows, "\n".join(sorted(only_windows))
+
+
+def test_the_agent_check_catches_an_unguarded_posix_call(tmp_path: Path) -> None:
+    """Drop one `sys.platform` guard (the directory check's uid test) and the check above must fail."""
+    shutil.copytree(ROOT / "agent", tmp_path / "agent")
+    main = tmp_path / "agent" / "agent_main.py"
+    guarded = 'if windows or sys.platform == "win32":'
+    text = main.read_text()
+    assert text.count(guarded) == 1
+    main.write_text(text.replace(guarded, "if windows:"))
+    only_windows = _agent_errors(tmp_path, "win32") - _agent_errors(tmp_path, "linux")
+    assert any('has no attribute "getuid"' in line for line in only_windows), only_windows

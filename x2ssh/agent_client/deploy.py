@@ -2,10 +2,12 @@
 
 `deploy_agent(conn)` does, over the one SSH connection:
 
-1. Probe: run each python candidate (`python3`, `/usr/bin/python3`, `python`) with `-I -c` to print its
-   version, `sys.platform` and path, all at once (one exec channel each, no shell syntax beyond a
-   plainly quoted argv, so any login shell runs it; `-I` ignores PYTHON* variables and user site).
-2. Upload and start in one exec channel: a tiny bootstrap run by the chosen python creates
+1. Probe (`probe.py`, once per server, cached for reconnects): the server's OS (`uname -s`, else
+   `cmd /c ver`, else PowerShell), then each python candidate (`python3`, `/usr/bin/python3`, `python`;
+   on Windows `python`, `py -3`) with `-I -c` to print its version, `sys.platform` and path, all at once
+   (one exec channel each, no shell syntax beyond a plainly quoted argv, so any login shell runs it; `-I`
+   ignores PYTHON* variables and user site).
+2. POSIX servers: upload and start in one exec channel: a tiny bootstrap run by the chosen python creates
    `/tmp/.x2ssh-agent-<random>` (mode 0700, `mkdir` fails rather than reuse anything), reads exactly
    the zipapp's size from stdin into `agent.pyz` (O_EXCL|O_NOFOLLOW, 0600) and `exec`s
    `python -I agent.pyz --dir DIR ...`. The agent then reads the token line from the same stdin.
@@ -21,12 +23,16 @@
    forwarding (`AllowStreamLocalForwarding no`), the same frames go over the exec channel's
    stdin/stdout instead (the agent reads its stdin as a client connection), so any sshd works.
 
+Windows servers (`remote_os.windows_start_command`): one command line that cmd and PowerShell parse alike
+runs a bootstrap that creates `%TEMP%\\.x2ssh-agent-<random>` with an ACL for the user only (icacls),
+reads the zipapp from stdin, runs the agent as its child and deletes the directory when it exits. The
+frames always ride the exec channel's stdin/stdout: Win32-OpenSSH cannot forward to named pipes
+(PowerShell/Win32-OpenSSH issue 435), so such an agent cannot be re-attached either; it exits with its
+exec channel.
+
 `reattach_agent(conn, previous)` reaches an agent that lost its SSH connection through a new one, with the
 same token, and resumes its flows (their server-side ports stay): over streamlocal, or by running a small
 connector (stdin/stdout <-> the agent's socket) where streamlocal is refused.
-
-Windows servers are a designed seam only: `NamedPipeTransport` raises NotImplementedError, which
-`deploy_agent` reports as AgentUnavailable.
 """
 
 from __future__ import annotations
@@ -38,12 +44,12 @@ import logging
 import secrets
 import shlex
 import zlib
-from collections.abc import Sequence
 
 import asyncssh
 
 from agent import protocol as p
 from agent.zipapp import build_zipapp
+from x2ssh.agent_client import remote_os as ros
 from x2ssh.agent_client.link import (
     AgentHandle,
     AgentReceiver,
@@ -51,12 +57,16 @@ from x2ssh.agent_client.link import (
     AgentUnavailable,
     ServerPython,
 )
+from x2ssh.agent_client.probe import ServerFacts, ServerFactsCache, server_facts, server_key
 
 __all__ = [
+    "SERVER_FACTS",
     "AgentHandle",
     "AgentReceiver",
     "AgentSettings",
     "AgentUnavailable",
+    "ServerFacts",
+    "ServerFactsCache",
     "ServerPython",
     "deploy_agent",
     "reattach_agent",
@@ -66,14 +76,12 @@ log = logging.getLogger(__name__)
 
 READY_PREFIX = b"X2SSH-AGENT READY "
 ERROR_PREFIX = b"X2SSH-AGENT ERROR "
-MIN_PYTHON = (3, 8)
 AGENT_DIR_PREFIX = "/tmp/.x2ssh-agent-"
-WINDOWS_NOT_IMPLEMENTED = "Windows servers: named pipe transport not implemented yet"
+STDIO_ONLY = "stdio"  # what a Windows agent's READY line names instead of a socket path
 
-_PROBE_CODE = (
-    "import sys;sys.stdout.write('X2SSH-PY %d %d %s %s\\n' % "
-    "(sys.version_info[0], sys.version_info[1], sys.platform, sys.executable))"
-)
+# What deployments learnt about each server; deploy_agent() uses it unless given a cache of its own. One per
+# process: the session calls deploy_agent() afresh after every reconnect.
+SERVER_FACTS = ServerFactsCache()
 
 # Runs on the server under the chosen python (3.8+). argv: DIR SIZE AGENT-ARGS...
 _BOOTSTRAP = r"""
@@ -152,120 +160,74 @@ _CONNECTOR_PACKED = base64.b64encode(zlib.compress(_CONNECTOR.encode(), 9)).deco
 _CONNECTOR_COMMAND = f"import base64,zlib;exec(zlib.decompress(base64.b64decode('{_CONNECTOR_PACKED}')))"
 
 
-# --- transport seam ----------------------------------------------------------------------------------
-
-
-class AgentTransport:
-    """How the agent's endpoint is named on the server."""
-
-    def directory(self, name: str) -> str:
-        raise NotImplementedError
-
-
-class UnixSocketTransport(AgentTransport):
-    """POSIX servers: a Unix socket in a private /tmp directory (streamlocal forwarding, else stdio)."""
-
-    def directory(self, name: str) -> str:
-        return AGENT_DIR_PREFIX + name
-
-
-class NamedPipeTransport(AgentTransport):
-    """Windows servers: the agent would live under %TEMP%\\.x2ssh-agent-<random>.
-
-    Design: OpenSSH for Windows has no streamlocal forwarding to named pipes, so the client would talk
-    to the agent over the exec channel's stdin/stdout (the "stdio" transport POSIX servers already use
-    when streamlocal is refused), still authenticated by the token.
-    """
-
-    def directory(self, name: str) -> str:
-        raise NotImplementedError(WINDOWS_NOT_IMPLEMENTED)
-
-
-def transport_for(platform: str) -> AgentTransport:
-    """The transport for a server whose python reports `sys.platform` == platform."""
-    if platform.startswith(("win", "cygwin", "msys")):
-        return NamedPipeTransport()
-    return UnixSocketTransport()
-
-
 # --- deployment --------------------------------------------------------------------------------------
 
 
-async def probe_python(
-    conn: asyncssh.SSHClientConnection, candidates: Sequence[str], timeout: float
-) -> tuple[ServerPython | None, list[str]]:
-    """Find the first candidate that is Python >= 3.8; also return what was found for each (for errors)."""
-
-    async def probe(command: str) -> ServerPython | str:
-        try:
-            result = await conn.run(shlex.join([command, "-I", "-c", _PROBE_CODE]), timeout=timeout)
-        except (asyncssh.Error, OSError, TimeoutError) as exc:
-            return f"{command}: {exc}"
-        for line in str(result.stdout or "").splitlines():
-            fields = line.split(" ", 4)
-            if len(fields) == 5 and fields[0] == "X2SSH-PY":
-                version = (int(fields[1]), int(fields[2]))
-                return ServerPython(command, version, fields[3], fields[4])
-        if result.exit_status == 127:
-            return f"{command}: not found"
-        stderr = str(result.stderr or "").strip().splitlines()
-        return f"{command}: exit status {result.exit_status}" + (f" ({stderr[-1]})" if stderr else "")
-
-    results = await asyncio.gather(*(probe(command) for command in candidates))
-    found = None
-    notes = []
-    for result in results:
-        if isinstance(result, str):
-            notes.append(result)
-        elif result.version < MIN_PYTHON:
-            notes.append(f"{result.command}: Python {result.version[0]}.{result.version[1]} is too old")
-        else:
-            found = found or result
-    return found, notes
-
-
-async def _server_is_windows(conn: asyncssh.SSHClientConnection, timeout: float) -> bool:
-    try:
-        uname = await conn.run("uname -s", timeout=timeout)
-        if uname.exit_status == 0:
-            return False
-        ver = await conn.run("cmd /c ver", timeout=timeout)
-    except (asyncssh.Error, OSError, TimeoutError):
-        return False
-    return "windows" in str(ver.stdout or "").lower()
-
-
 async def deploy_agent(
-    conn: asyncssh.SSHClientConnection, settings: AgentSettings | None = None
+    conn: asyncssh.SSHClientConnection,
+    settings: AgentSettings | None = None,
+    cache: ServerFactsCache | None = None,
 ) -> AgentHandle:
     """Upload and start the UDP agent on the server of `conn` and connect to it.
 
-    Raises AgentUnavailable with a clear reason when no python >= 3.8 is found, the upload fails, the
-    agent does not come up within `settings.start_timeout`, or the server is Windows (not yet supported).
+    The server's OS and python come from `cache` (default: SERVER_FACTS) or are probed and stored there.
+    Raises AgentUnavailable with a clear reason when the OS cannot be told, no python >= 3.8 is found
+    (POSIX or Windows), the upload fails, or the agent does not come up within `settings.start_timeout`.
     """
     settings = settings or AgentSettings()
-    python, notes = await probe_python(conn, settings.python_candidates, settings.probe_timeout)
-    if python is None:
-        if await _server_is_windows(conn, settings.probe_timeout):
-            raise AgentUnavailable(WINDOWS_NOT_IMPLEMENTED)
-        raise AgentUnavailable(
-            f"no Python >= {MIN_PYTHON[0]}.{MIN_PYTHON[1]} on the server ({'; '.join(notes)}); "
-            "TCP still works, DNS falls back to DNS over TCP"
+    cache = SERVER_FACTS if cache is None else cache
+    key = server_key(conn)
+    facts = cache.get(key)
+    if facts is not None:
+        try:
+            return await _start(conn, facts, settings)
+        except AgentUnavailable as exc:
+            # The server may have changed (python removed or upgraded): probe again, once.
+            log.info(
+                "the agent did not start with what was known about the server (%s): probing again", exc.reason
+            )
+            cache.forget(key)
+    facts = await server_facts(conn, settings.python_candidates, settings.probe_timeout)
+    handle = await _start(conn, facts, settings)
+    cache.put(key, facts)
+    return handle
+
+
+async def _start(
+    conn: asyncssh.SSHClientConnection, facts: ServerFacts, settings: AgentSettings
+) -> AgentHandle:
+    python = facts.python
+    name = secrets.token_hex(8)
+    zipapp = build_zipapp()
+    token = secrets.token_bytes(p.TOKEN_SIZE)
+    windows = facts.os is ros.RemoteOS.WINDOWS
+    if windows:
+        directory = "%TEMP%\\" + ros.WINDOWS_AGENT_PREFIX + name  # the bootstrap resolves %TEMP% itself
+        try:
+            command = ros.windows_start_command(python.command, name, len(zipapp), settings.agent_args())
+        except ros.NotNeutral as exc:
+            raise AgentUnavailable(f"cannot write the agent's command line for Windows: {exc}") from exc
+    else:
+        directory = AGENT_DIR_PREFIX + name
+        command = shlex.join(
+            [
+                python.command,
+                "-I",
+                "-c",
+                _BOOTSTRAP_COMMAND,
+                directory,
+                str(len(zipapp)),
+                *settings.agent_args(),
+            ]
         )
-    transport = transport_for(python.platform)
-    try:
-        directory = transport.directory(secrets.token_hex(8))
-    except NotImplementedError as exc:
-        raise AgentUnavailable(str(exc)) from exc
     log.info(
         "starting the UDP agent with %s (Python %d.%d) in %s", python.command, *python.version, directory
     )
-
-    zipapp = build_zipapp()
-    token = secrets.token_bytes(p.TOKEN_SIZE)
-    command = shlex.join(
-        [python.command, "-I", "-c", _BOOTSTRAP_COMMAND, directory, str(len(zipapp)), *settings.agent_args()]
-    )
+    if windows:
+        log.info(
+            "Windows server: the agent is reached over its exec channel (no re-attach after a reconnect), "
+            "relays no ICMP echo and carries at most 500 UDP flows"
+        )
     try:
         process = await conn.create_process(command, encoding=None)
     except (asyncssh.Error, OSError) as exc:
@@ -276,17 +238,24 @@ async def deploy_agent(
     try:
         process.stdin.write(zipapp + token.hex().encode() + b"\n")
         socket_path = await asyncio.wait_for(_read_ready_line(process, stderr_tail), settings.start_timeout)
+        if windows:
+            socket_path = STDIO_ONLY
         handle = AgentHandle(
             process, directory, socket_path, python, token, settings, stderr_tail, stderr_task
         )
-        try:
-            await handle.open_socket(conn)
-        except asyncssh.ChannelOpenError as exc:
-            # AllowStreamLocalForwarding no (or a server without it): the exec channel carries the frames.
-            log.info(
-                "streamlocal forwarding refused (%s): talking to the agent over its stdin/stdout", exc.reason
-            )
+        if windows:
+            # Win32-OpenSSH cannot forward to named pipes (PowerShell/Win32-OpenSSH issue 435).
             handle.use_stdio(process)
+        else:
+            try:
+                await handle.open_socket(conn)
+            except asyncssh.ChannelOpenError as exc:
+                # AllowStreamLocalForwarding no (or a server without it): the exec channel carries the frames.
+                log.info(
+                    "streamlocal forwarding refused (%s): talking to the agent over its stdin/stdout",
+                    exc.reason,
+                )
+                handle.use_stdio(process)
         await handle.handshake(settings.start_timeout)
     except (TimeoutError, AgentUnavailable, asyncssh.Error, OSError) as exc:
         process.close()  # stdin EOF: an agent that did start removes its files and exits
@@ -318,6 +287,11 @@ async def reattach_agent(
     AgentUnavailable when the agent is gone (its grace period passed, or the server rebooted).
     """
     settings = settings or previous.settings
+    if previous.socket_path == STDIO_ONLY:
+        raise AgentUnavailable(
+            "the agent on a Windows server is reached over its exec channel only, so it cannot be "
+            "re-attached (it exits with that channel)"
+        )
     handle = AgentHandle(
         None, previous.directory, previous.socket_path, previous.python, previous.token, settings,
         collections.deque(maxlen=20),

@@ -11,7 +11,15 @@ shell, cmd.exe or PowerShell, which quote differently. `neutral_command` writes 
 (only characters neither shell treats specially) or in double quotes with none of `"`, `$`, backtick, `%`
 and `!` inside: in double quotes cmd expands only %VAR% (and !VAR! with delayed expansion) and PowerShell
 only $variables and backtick escapes, so the program gets the same argv from either shell. Anything else
-is refused rather than guessed.
+is refused rather than guessed. Bare words start with a letter, `/` or `\`, or are plain `-flags`:
+PowerShell reads a bare word that starts with a digit as a number (`1kb`, `60.0`) and splits a bare
+`-name.value` at the dot, so those go in quotes. Only printable ASCII (PowerShell also takes typographic
+quotes and dashes as syntax). The first word is never quoted: PowerShell reads a line that starts with a
+quoted string as an expression, not a command (it would need `& "..."`, which cmd does not know).
+
+How Win32-OpenSSH hands the command over (contrib/win32/win32compat/w32-doexec.c): to cmd.exe as
+`cmd.exe /c "COMMAND"` (cmd strips those outer quotes again), to PowerShell as the single argument after
+`-c`; so each shell parses COMMAND exactly as written.
 
 The agent on Windows (`windows_start_command`): one exec channel runs the chosen python with a bootstrap
 program (compressed and base64-encoded into a neutral argument) that
@@ -20,8 +28,10 @@ program (compressed and base64-encoded into a neutral argument) that
 2. gives it an ACL for this user only: `icacls DIR /inheritance:r /grant:r *<user SID>:(OI)(CI)F`, the SID
    from `whoami /user` (argv lists through subprocess, no shell);
 3. reads exactly the zipapp's size from stdin (binary mode) into `agent.pyz` (exclusive create);
-4. runs `python -I agent.pyz --dir DIR ...` as a child that inherits stdin/stdout (Windows has no exec:
-   os.execv would start a new process and end this one, and the SSH channel with it), waits for it, and
+4. runs `python -I agent.pyz --dir DIR ...` as a child that gets stdin/stdout/stderr passed explicitly
+   (without them, subprocess on Windows turns handle inheritance off and relies on the console's
+   implicit copy of standard handles, which an sshd session need not offer), waits for it (Windows has
+   no exec: os.execv would start a new process and end this one, and the SSH channel with it), and
    then deletes the directory (the agent's own cleanup cannot delete agent.pyz while Python has it open);
 5. removes stale agent directories of earlier runs: a live run holds `lock` open, which Windows refuses to
    delete, so only directories whose bootstrap is gone are removed.
@@ -98,8 +108,8 @@ async def detect_remote_os(run: Runner) -> RemoteOS:
 
 # ---- neutral command lines ------------------------------------------------------------------------------
 
-_BARE = re.compile(r"[A-Za-z0-9_.:/=+\\-]+")
-_NEVER_IN_QUOTES = set('"$`%!\r\n\0')
+_BARE = re.compile(r"[A-Za-z_/\\][A-Za-z0-9_.:/=+\\-]*|--?[A-Za-z0-9][A-Za-z0-9-]*")
+_NEVER_IN_QUOTES = set('"$`%!')
 
 
 def neutral_arg(arg: str) -> str:
@@ -108,7 +118,8 @@ def neutral_arg(arg: str) -> str:
         raise NotNeutral("--% is PowerShell's stop-parsing token")
     if _BARE.fullmatch(arg):
         return arg
-    if not arg or _NEVER_IN_QUOTES & set(arg) or arg.endswith("\\"):
+    printable = all(" " <= c <= "~" for c in arg)
+    if not arg or not printable or _NEVER_IN_QUOTES & set(arg) or arg.endswith("\\"):
         raise NotNeutral(f"cannot write {arg!r} so that cmd and PowerShell parse it alike")
     return f'"{arg}"'
 
@@ -117,6 +128,8 @@ def neutral_command(argv: Sequence[str]) -> str:
     """A command line that cmd.exe and PowerShell both turn into `argv` (raises NotNeutral otherwise)."""
     if not argv:
         raise NotNeutral("empty command")
+    if not _BARE.fullmatch(argv[0]) or argv[0].startswith("-"):
+        raise NotNeutral(f"the program name {argv[0]!r} must be a bare word (PowerShell would not run it)")
     return " ".join(neutral_arg(a) for a in argv)
 
 
@@ -130,7 +143,7 @@ def _packed(code: str) -> str:
     return f"import base64,zlib;exec(zlib.decompress(base64.b64decode('{data}')))"
 
 
-_PROBE_CODE = (
+PROBE_CODE = (
     "import sys;sys.stdout.write('X2SSH-PY %d %d %s %s\\n' % "
     "(sys.version_info[0], sys.version_info[1], sys.platform, sys.executable))"
 )
@@ -138,7 +151,7 @@ _PROBE_CODE = (
 
 def python_probe_command(python: str) -> str:
     """Run a python candidate to print 'X2SSH-PY MAJOR MINOR PLATFORM EXECUTABLE' (as deploy's probe)."""
-    return neutral_command([*python_argv(python), "-I", "-c", _packed(_PROBE_CODE)])
+    return neutral_command([*python_argv(python), "-I", "-c", _packed(PROBE_CODE)])
 
 
 # ---- the agent on Windows -------------------------------------------------------------------------------
@@ -200,7 +213,8 @@ try:
             f.write(chunk); left -= len(chunk)
 except OSError as e:
     remove(); say('upload failed: %s' % e)
-try: rc = subprocess.call([sys.executable, '-I', path, '--dir', d] + sys.argv[3:])
+argv = [sys.executable, '-I', path, '--dir', d] + sys.argv[3:]
+try: rc = subprocess.call(argv, stdin=0, stdout=1, stderr=2)
 except OSError as e: remove(); say('cannot start the agent: %s' % e)
 remove()
 sys.exit(rc)
