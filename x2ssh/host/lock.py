@@ -8,13 +8,17 @@ route and resolv.conf. The holder writes its PID into the file so that the next 
 The kernel drops a flock when its last file descriptor closes, so a run killed by SIGKILL (or a reboot)
 never leaves a stale lock behind. The file itself is never deleted: unlinking a lock file while another
 process waits on it would let two processes hold "the" lock at once.
+
+Windows has no flock: there the lock is a byte range locked with `msvcrt.locking` (past the PID, so others
+can still read who holds it), which Windows also releases when the process ends (not run there: no
+Windows machine).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
+import sys
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +26,24 @@ from x2ssh.errors import AlreadyRunning, StateError
 from x2ssh.host.journal import current_netns_identity, ensure_state_dir
 
 LOCK_SUFFIX = ".lock"
+_OPEN_FLAGS = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+_WINDOWS_LOCK_OFFSET = 4096  # the byte locked on Windows: beyond any PID written at offset 0
+
+
+def _lock(fd: int) -> None:
+    """Lock `fd` exclusively without waiting; BlockingIOError if another process holds it."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except PermissionError as e:  # EACCES: locked by another process
+            raise BlockingIOError(str(e)) from e
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def lock_path(state_dir: Path) -> Path:
@@ -51,11 +73,11 @@ class RunLock:
             return
         ensure_state_dir(self.path.parent)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
         except OSError as e:
             raise StateError(f"cannot open lock file {self.path}: {e.strerror}") from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
         except BlockingIOError:
             holder = _read_pid(fd)
             os.close(fd)
@@ -69,7 +91,8 @@ class RunLock:
             raise StateError(f"cannot lock {self.path}: {e.strerror}") from e
         with contextlib.suppress(OSError):  # the PID only informs; the lock itself is held
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
     def release(self) -> None:
@@ -96,7 +119,8 @@ class RunLock:
 
 def _read_pid(fd: int) -> int | None:
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None

@@ -236,6 +236,8 @@ class WintunRing:
         fn("SetEvent")(self.cancel_event)
 
     def send(self, packet: bytes) -> bool:
+        if not self.session:
+            return False  # ended (the run is going down): dropped, like a full ring
         ptr = fn("WintunAllocateSendPacket")(self.session, len(packet))
         if not ptr:
             err = ctypes.get_last_error()
