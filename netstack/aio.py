@@ -1,7 +1,9 @@
-"""asyncio adapter: attach a :class:`~netstack.Stack` to a TUN file descriptor.
+"""asyncio adapter: attach a :class:`~netstack.Stack` to a TUN device through a packet port.
 
-``TunStack`` reads packets in C (``Stack.pump``) when the fd is readable, lets the stack write its output
-straight back to the fd, keeps lwIP's timers armed with ``loop.call_at``, and turns events into calls:
+``TunStack`` reads batches of packets from a :class:`~netstack.port.PacketPort` when it says it is readable
+and hands the stack's output back to it: with a TUN file descriptor (:class:`~netstack.port.FdPort`) the
+native core reads and writes the fd itself; a port without an fd (a Wintun session) gets the queued output
+after each batch of work. It keeps lwIP's timers armed with ``loop.call_at``, and turns events into calls:
 ``on_tcp(flow)`` for each new connection (accept it with ``TunStack.accept`` — possibly later, once an
 upstream is ready — or ``flow.refuse()``), ``on_udp(datagram)`` for each UDP datagram, ``on_icmp(request)``
 for each ICMP echo request. An accepted flow
@@ -45,6 +47,7 @@ from netstack.events import (
     TcpWritable,
     UdpDatagram,
 )
+from netstack.port import FdPort, PacketPort
 from netstack.stack import Stack, StackConfig, TcpFlow
 
 log = logging.getLogger(__name__)
@@ -254,18 +257,23 @@ class TcpTransport(asyncio.Transport):
         self._connection_lost(exc)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._protocol
+        protocol: asyncio.BaseProtocol = self._protocol
+        return protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self._protocol = protocol
 
 
 class TunStack:
-    """Drive a netstack ``Stack`` from a TUN fd on the running asyncio loop."""
+    """Drive a netstack ``Stack`` from a TUN device on the running asyncio loop.
+
+    ``port`` is the device: a non-blocking TUN fd (wrapped in an :class:`FdPort`) or any
+    :class:`PacketPort`.
+    """
 
     def __init__(
         self,
-        fd: int,
+        port: int | PacketPort,
         stack: Stack | None = None,
         *,
         config: StackConfig | None = None,
@@ -274,7 +282,7 @@ class TunStack:
         loop: asyncio.AbstractEventLoop | None = None,
         on_icmp: Callable[[IcmpEchoRequest], None] | None = None,
     ) -> None:
-        self.fd = fd
+        self.port: PacketPort = FdPort(port) if isinstance(port, int) else port
         self.stack = stack or Stack(config)
         self.on_tcp = on_tcp or (lambda flow: flow.refuse())
         self.on_udp = on_udp or (lambda datagram: None)
@@ -290,22 +298,28 @@ class TunStack:
         self.budget_pauses = 0  # how often all flows were paused for the budget
 
     def start(self) -> None:
-        """Start reading the fd; output goes straight to it."""
-        self.stack.set_output_fd(self.fd)
-        self._loop.add_reader(self.fd, self._on_readable)
+        """Start reading the port; the stack's output goes back to it."""
+        self.port.start(self.stack, self._loop, self._on_readable, self._port_failed)
         self._started = True
         self._arm_timer()
 
     def close(self) -> None:
         """Stop reading, reset every flow and free the stack."""
         if self._started:
-            self._loop.remove_reader(self.fd)
+            self.port.stop()
             self._started = False
         if self._timer:
             self._timer.cancel()
         for transport in list(self._transports.values()):
             transport._connection_lost(ConnectionAbortedError("netstack closed"))
         self._transports.clear()
+        if not isinstance(self.port, FdPort) and not self.stack._closed:
+            # Stack.close resets the apps' connections in C; an fd receives those RSTs at once, a queue
+            # would be freed with them. Reset the flows here, so the port can still send them.
+            for flow in list(self.stack.flows.values()):
+                flow.abort()
+            self.stack.flush()
+            self.port.write_batch(self.stack)
         self.stack.close()
 
     def accept(self, flow: TcpFlow, protocol_factory: Callable[[], asyncio.BaseProtocol]) -> TcpTransport:
@@ -321,16 +335,19 @@ class TunStack:
     def udp_send(self, src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> None:
         """Deliver a datagram to an app (see ``Stack.udp_send``)."""
         self.stack.udp_send(src, dst, payload)
+        self.port.write_batch(self.stack)
 
     def icmp_echo_reply(self, src: str, dst: str, ident: int, seq: int, payload: bytes) -> None:
         """Deliver a real echo reply to an app (see ``Stack.icmp_echo_reply``)."""
         self.stack.icmp_echo_reply(src, dst, ident, seq, payload)
+        self.port.write_batch(self.stack)
 
     def icmp_unreachable(
         self, reporter: str, app: tuple[str, int], dst: tuple[str, int], code: int, echo: bool = False
     ) -> None:
         """Send an app an ICMP destination-unreachable error (see ``Stack.icmp_unreachable``)."""
         self.stack.icmp_unreachable(reporter, app, dst, code, echo)
+        self.port.write_batch(self.stack)
 
     @property
     def transports(self) -> dict[int, TcpTransport]:
@@ -359,18 +376,24 @@ class TunStack:
     # -- the loop's side --
 
     def _on_readable(self) -> None:
+        read_batch, stack = self.port.read_batch, self.stack
         try:
             for _ in range(8):  # bounded, so other callbacks get their turn under load
-                n = self.stack.pump(self.fd, PUMP_BATCH)
+                n = read_batch(stack, PUMP_BATCH)
                 self._dispatch()
                 if n < PUMP_BATCH:
                     break
         except OSError as exc:
-            # The device is gone (deleted, or the fd detached): stop reading instead of spinning.
-            log.error("TUN read failed, no longer reading it: %s", exc)
-            self._loop.remove_reader(self.fd)
-            self._started = False
+            self._port_failed(exc)
         self._arm_timer()
+
+    def _port_failed(self, exc: BaseException) -> None:
+        # The device is gone (deleted, the fd detached, the Wintun session ended): stop reading instead
+        # of spinning. The flows stay until the owner closes; their timers still run.
+        if self._started:
+            log.error("TUN read failed, no longer reading it: %s", exc)
+            self.port.stop()
+            self._started = False
 
     def _kick(self) -> None:
         """Operations outside a batch may queue events or start lwIP timers: handle them soon."""
@@ -407,6 +430,7 @@ class TunStack:
             except Exception:  # one misbehaving protocol must not take the others down
                 log.exception("error while handling %s", type(event).__name__)
         self.stack.flush()  # what this turn wrote leaves now, a FIN with the last data
+        self.port.write_batch(self.stack)  # (an fd port: it already left)
         self._check_budget()
 
     def _handle(self, event: object) -> None:

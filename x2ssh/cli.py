@@ -14,7 +14,8 @@ import traceback
 from types import FrameType
 
 from x2ssh.errors import UsageError, X2sshError
-from x2ssh.host.helper_client import HelperClient
+from x2ssh.host.api import Host
+from x2ssh.host.platform import open_host
 from x2ssh.host.privileges import drop_to, sudo_user
 from x2ssh.sd_notify import Notifier
 from x2ssh.settings import Settings, build_parser, parse_args
@@ -84,7 +85,7 @@ class _Formatter(logging.Formatter):
 
 
 def _cleanup_only(settings: Settings) -> int:
-    helper = HelperClient.spawn(settings.state_dir, settings.verbose)
+    helper = open_host(settings.state_dir, settings.verbose)
     try:
         done = helper.cleanup()
     finally:
@@ -119,11 +120,11 @@ def _run_vpn(settings: Settings) -> int:
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    helper: HelperClient | None = None
+    helper: Host | None = None
     notifier = Notifier(unset_environment=True)  # the helper and ssh children must not inherit it
     try:
         invoker = sudo_user()
-        helper = HelperClient.spawn(settings.state_dir, settings.verbose)
+        helper = open_host(settings.state_dir, settings.verbose)
         if invoker is not None:
             drop_to(invoker)  # SSH and the data plane run as the user who typed `sudo x2ssh`
         s = settings

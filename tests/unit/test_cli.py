@@ -15,6 +15,7 @@ import x2ssh
 import x2ssh.frontends
 from x2ssh import cli
 from x2ssh.errors import AlreadyRunning, NotPrivileged, SshHostKeyRejected, TunNameTaken
+from x2ssh.host.helper_client import HelperClient
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,7 +78,7 @@ class Fake:
                 raise self.helper.refuse["spawn"]
             return self.helper
 
-        monkeypatch.setattr(cli.HelperClient, "spawn", staticmethod(spawn))
+        monkeypatch.setattr(HelperClient, "spawn", staticmethod(spawn))  # what x2ssh.host.platform picks here
         monkeypatch.setattr(cli, "sudo_user", lambda: None)
 
 

@@ -107,19 +107,19 @@ def test_a_waiter_that_locked_a_deleted_file_retries_on_the_new_one(tmp_path, mo
     state = tmp_path / "state"
     first = RunLock(state)
     first.acquire()
-    real_flock = lock_module.fcntl.flock
+    real_lock = lock_module._lock
     calls = []
 
-    def flock_after_release(fd, op):
+    def lock_after_release(fd):
         calls.append(fd)
         if len(calls) == 1:
             first.release()  # deletes the file B has open
-        return real_flock(fd, op)
+        return real_lock(fd)
 
-    monkeypatch.setattr(lock_module.fcntl, "flock", flock_after_release)
+    monkeypatch.setattr(lock_module, "_lock", lock_after_release)
     second = RunLock(state)
     second.acquire()
-    monkeypatch.setattr(lock_module.fcntl, "flock", real_flock)
+    monkeypatch.setattr(lock_module, "_lock", real_lock)
     try:
         assert len(calls) == 2  # the first attempt locked the deleted inode and was given up
         assert lock_path(state).read_text() == f"{os.getpid()}\n"

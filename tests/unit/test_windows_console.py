@@ -42,6 +42,16 @@ def test_ending_events_clean_up_before_returning_and_only_once(event: int) -> No
     assert calls.cleanups == 1 and calls.interrupts == []
 
 
+def test_without_an_interrupt_hook_ctrl_c_goes_on_to_python_and_ctrl_break_cleans_up_first() -> None:
+    calls = Calls()
+    d = C.CtrlDispatcher(None, calls.cleanup)
+    assert d.handle(C.CTRL_C_EVENT) is False  # Python's handler: KeyboardInterrupt, the orderly tear-down
+    assert calls.cleanups == 0
+    assert d.handle(C.CTRL_BREAK_EVENT) is False  # the default handler ends the process: undone before
+    assert calls.cleanups == 1
+    assert d.handle(C.CTRL_CLOSE_EVENT) is True and calls.cleanups == 1
+
+
 def test_unknown_event_goes_to_the_default_handler() -> None:
     calls = Calls()
     assert C.CtrlDispatcher(calls.interrupt, calls.cleanup).handle(99) is False

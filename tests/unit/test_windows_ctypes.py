@@ -1,7 +1,8 @@
 """Every ctypes prototype of the Windows backend against the documented C signature, and structure layouts.
 
 The signatures below are written down from the documentation, not from our table: Microsoft's docs for
-netioapi.h (iphlpapi.dll), fwpmu.h (fwpuclnt.dll), consoleapi.h / synchapi.h / handleapi.h (kernel32.dll),
+netioapi.h (iphlpapi.dll), fwpmu.h (fwpuclnt.dll), consoleapi.h / synchapi.h / handleapi.h /
+processthreadsapi.h (kernel32.dll),
 shlobj_core.h (shell32.dll), and wintun.h as shipped in pytun-pmd3 (pytun_pmd3/wintun/include/wintun.h).
 """
 
@@ -62,6 +63,12 @@ C_TYPES = {
     "BYTE *": POINTER(c_uint8),
     "const BYTE *": POINTER(c_uint8),
     "DWORD *": POINTER(S.DWORD),
+    "LPDWORD": POINTER(S.DWORD),
+    "LPFILETIME": POINTER(S.FILETIME),
+    "ADDRESS_FAMILY": S.ADDRESS_FAMILY,
+    "BOOLEAN": S.BOOLEAN,
+    "PVOID": c_void_p,
+    "PUNICAST_IPADDRESS_CHANGE_CALLBACK": c_void_p,
 }
 
 DOCUMENTED = [
@@ -83,6 +90,12 @@ DOCUMENTED = [
     ("NETIO_STATUS SetInterfaceDnsSettings(GUID Interface, const DNS_INTERFACE_SETTINGS * Settings)"),
     ("NETIO_STATUS ConvertInterfaceLuidToIndex(const NET_LUID * InterfaceLuid, PNET_IFINDEX InterfaceIndex)"),
     ("NETIO_STATUS ConvertInterfaceLuidToGuid(const NET_LUID * InterfaceLuid, GUID * InterfaceGuid)"),
+    (
+        "NETIO_STATUS NotifyUnicastIpAddressChange(ADDRESS_FAMILY Family,"
+        " PUNICAST_IPADDRESS_CHANGE_CALLBACK Callback, PVOID CallerContext, BOOLEAN InitialNotification,"
+        " HANDLE * NotificationHandle)"
+    ),
+    ("NETIO_STATUS CancelMibChangeNotify2(HANDLE NotificationHandle)"),
     # fwpmu.h
     (
         "DWORD FwpmEngineOpen0(const wchar_t * serverName, UINT32 authnService,"
@@ -107,6 +120,13 @@ DOCUMENTED = [
     (
         "DWORD WaitForMultipleObjects(DWORD nCount, const HANDLE * lpHandles, BOOL bWaitAll,"
         " DWORD dwMilliseconds)"
+    ),
+    # processthreadsapi.h
+    ("HANDLE OpenProcess(DWORD dwDesiredAccess, BOOL bInheritHandle, DWORD dwProcessId)"),
+    ("BOOL GetExitCodeProcess(HANDLE hProcess, LPDWORD lpExitCode)"),
+    (
+        "BOOL GetProcessTimes(HANDLE hProcess, LPFILETIME lpCreationTime, LPFILETIME lpExitTime,"
+        " LPFILETIME lpKernelTime, LPFILETIME lpUserTime)"
     ),
     ("BOOL IsUserAnAdmin()"),
     # wintun.h
@@ -157,6 +177,7 @@ def test_fixed_width_types_match_llp64() -> None:
     ("struct", "size"),
     [  # sizeof() on 64-bit Windows, as wireguard-go's winipcfg and wireguard-nt's headers check them
         (S.GUID, 16),
+        (S.FILETIME, 8),
         (S.SOCKADDR_INET, 28),
         (S.IP_ADDRESS_PREFIX, 32),
         (S.MIB_UNICASTIPADDRESS_ROW, 80),

@@ -1,7 +1,9 @@
 """Static type check of the Windows backend for the win32 platform (mypy --platform win32), kept clean.
 
 The code under x2ssh/host/windows cannot run here; mypy checks it against typeshed's Windows view of the
-standard library (ctypes.WinDLL, WinError, get_last_error exist only there).
+standard library (ctypes.WinDLL, WinError, get_last_error exist only there). The shared host modules a
+Windows run uses (journal, lock, cleanup, the interfaces, the platform factory) and netstack's packet-port
+adapter are checked the same way: a Linux-only name there (fcntl.flock, os.O_CLOEXEC, os.geteuid) fails it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGE = "x2ssh/host/windows"
+CHECKED = (
+    "x2ssh/host/windows",
+    "x2ssh/host/journal.py",
+    "x2ssh/host/lock.py",
+    "x2ssh/host/cleanup.py",
+    "x2ssh/host/api.py",
+    "x2ssh/host/platform.py",
+    "netstack/port.py",
+    "netstack/aio.py",
+)
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("mypy") is None,
@@ -27,7 +38,7 @@ def _mypy(platform: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             sys.executable, "-m", "mypy", "--platform", platform, "--python-version", "3.11", "--strict",
-            "--follow-imports=silent", "--ignore-missing-imports", "--no-incremental", PACKAGE,
+            "--follow-imports=silent", "--ignore-missing-imports", "--no-incremental", *CHECKED,
         ],
         cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip

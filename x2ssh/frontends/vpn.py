@@ -32,7 +32,7 @@ from x2ssh.flows.icmp_to_tun import IcmpToTun
 from x2ssh.flows.tcp_bridge import TcpBridge
 from x2ssh.flows.udp_relay import DnsOverride
 from x2ssh.frontends.stop import StopRequest
-from x2ssh.host.api import DNS_V4, DNS_V6, HostControl, NetworkWatcher, TunHandle
+from x2ssh.host.api import DNS_V4, DNS_V6, HostControl, NetworkWatcher, TunDevice
 from x2ssh.sd_notify import Notifier, watchdog_loop
 from x2ssh.session import Address, SshSession
 from x2ssh.settings import Settings
@@ -68,7 +68,7 @@ class VpnSession:
         self.control: ControlServer | None = None
         self._rate_mark = (time.monotonic(), 0, 0)  # when, bytes up, bytes down: rates are taken from here
         self._rates = (0.0, 0.0)  # bits/s up, down
-        self.tun: TunHandle | None = None
+        self.tun: TunDevice | None = None
         self.tun_stack: TunStack | None = None
         remote_dns = settings.vpn_dns == "remote"
         tunnel_dns = (str(DNS_V4), str(DNS_V6))
@@ -106,7 +106,7 @@ class VpnSession:
         s = self.settings
         self.tun = await self.host.open_tun()
         self.tun_stack = TunStack(
-            self.tun.fd,
+            self.tun.packet_port(),  # a TUN fd on Linux, the Wintun port on Windows
             config=StackConfig(mtu=self.tun.mtu, buffer_budget=self.settings.vpn_buffer_budget << 20),
             on_tcp=self.bridge.on_tcp,
             on_udp=self._on_udp,

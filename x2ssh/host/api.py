@@ -37,11 +37,34 @@ class TunHandle:
     def fileno(self) -> int:
         return self.fd
 
+    def packet_port(self) -> int:
+        """What `netstack.aio.TunStack` drives: the fd itself (wrapped there in `netstack.port.FdPort`)."""
+        return self.fd
+
     def close(self) -> None:
         """Close the device (the kernel removes it and its routes). Idempotent."""
         if not self.closed:
             self.closed = True
             os.close(self.fd)
+
+
+class TunDevice(Protocol):
+    """The tunnel device as the data plane sees it, on any platform (`TunHandle` on Linux, a Wintun adapter
+    on Windows)."""
+
+    name: str
+    mtu: int
+    v4: IPv4Interface
+    v6: IPv6Interface | None
+
+    def packet_port(self) -> Any:
+        """What `netstack.aio.TunStack` reads and writes: a non-blocking fd, or a `netstack.port.PacketPort`
+        (typed loosely: nothing here imports netstack)."""
+        ...
+
+    def close(self) -> None:
+        """Close the device. Idempotent."""
+        ...
 
 
 class NetworkWatcher(Protocol):
@@ -59,7 +82,7 @@ class HostControl(Protocol):
         """Lock the run, undo what crashed runs left, check that the changes asked for can be made."""
         ...
 
-    async def open_tun(self) -> TunHandle: ...
+    async def open_tun(self) -> TunDevice: ...
 
     async def marked_socket(self, family: int, kind: int) -> socket.socket:
         """An unconnected socket whose traffic keeps the machine's own path (never enters the tunnel)."""
@@ -81,4 +104,13 @@ class HostControl(Protocol):
         self, on_change: Callable[[str], None], ignore: Callable[[], set[int]]
     ) -> NetworkWatcher:
         """A watcher of network changes (no privileges needed); `ignore` gives interfaces not to report."""
+        ...
+
+
+class Host(HostControl, Protocol):
+    """A `HostControl` as the command line holds it (`x2ssh.host.platform.open_host`): it also undoes what
+    crashed runs left (`--vpn-cleanup`)."""
+
+    def cleanup(self) -> list[str]:
+        """Undo what crashed runs left behind; returns what was undone."""
         ...

@@ -28,6 +28,12 @@ namespace is recognised
   name; its journals can only be matched in the boot that wrote them.
 The journal's file name uses the same key (`<tun>.<key>.journal`, the key being "init", "ns-NAME" or
 "ino-DEV-INO"), so a named namespace finds its journal under the same name after a reboot.
+
+Windows (not run there: no Windows machine). There are no network namespaces (every journal is the initial
+namespace's), no boot id (a process's creation time, unique across boots, stands in for the start time:
+`x2ssh.host.windows.process`), no uid and mode bits (the state directory's ACL is the Windows backend's
+business) and no O_CLOEXEC/O_NOFOLLOW/O_DIRECTORY. The platform package whose undo functions fill the
+registry is `x2ssh.host.windows` there.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import json
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +65,9 @@ BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns add NAME` bind-mounts the namespace it creates
 INITIAL_NETNS_KEY = "init"
 _PROC_NET_INIT_INO = 0xEFFFFFF9  # recent kernels give the initial namespace this fixed inode
+# Not inherited by programs x2ssh runs, never through a symbolic link (flags Windows does not have).
+_OPEN_FLAGS = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+_WINDOWS_NETNS = "windows"  # the one "namespace" of a Windows machine
 
 Undo = Callable[[dict[str, Any]], str]
 """Reverts one recorded change given its data; returns a short description; must tolerate 'already gone'."""
@@ -108,12 +118,16 @@ def current_boot_id() -> str | None:
 
 def current_netns() -> str:
     """An identifier of this process's network namespace (device and inode of /proc/self/ns/net)."""
+    if sys.platform == "win32":
+        return _WINDOWS_NETNS
     st = os.stat("/proc/self/ns/net")
     return f"{st.st_dev}:{st.st_ino}"
 
 
 def current_netns_identity() -> NetnsIdentity:
     """This process's network namespace: its id, and its name under /run/netns or "initial" if it has one."""
+    if sys.platform == "win32":
+        return NetnsIdentity(_WINDOWS_NETNS, initial=True)
     here = os.stat("/proc/self/ns/net")
     ident = f"{here.st_dev}:{here.st_ino}"
     if _is_initial_netns(here):
@@ -165,6 +179,8 @@ def ensure_state_dir(path: Path) -> None:
         raise StateError(f"cannot use state directory {path}: {e.strerror}") from e
     if not stat.S_ISDIR(st.st_mode):
         raise StateError(f"state directory {path} is not a directory")
+    if sys.platform == "win32":
+        return  # no uid or mode bits: the directory's ACL is set by the Windows backend
     if st.st_uid != os.geteuid():
         raise StateError(f"state directory {path} belongs to uid {st.st_uid}, not to uid {os.geteuid()}")
     if st.st_mode & 0o022:
@@ -176,7 +192,12 @@ def process_start_time(pid: int) -> int | None:
     zombie: it was killed and only waits for its parent to collect its status).
 
     Stored next to the PID so that a PID reused by an unrelated process is not mistaken for the owner.
+    On Windows it is the process's creation time.
     """
+    if sys.platform == "win32":
+        from x2ssh.host.windows.process import process_start_time as windows_start_time
+
+        return windows_start_time(pid)
     try:
         stat_line = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -224,7 +245,7 @@ class StateJournal:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _OPEN_FLAGS, 0o600)
                 try:
                     _write_all(fd, content)
                     os.fsync(fd)
@@ -234,7 +255,7 @@ class StateJournal:
             finally:
                 tmp.unlink(missing_ok=True)
             _fsync_dir(self.path.parent)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _OPEN_FLAGS)
         except FileExistsError:
             raise StateError(
                 f"state journal {self.path} already exists: run x2ssh --vpn-cleanup first"
@@ -382,7 +403,7 @@ class StateJournal:
     def _mark_undone(self, seq: int) -> None:
         if self._fd is None and self.path.exists():
             try:
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _OPEN_FLAGS)
             except OSError:
                 return  # a read-only journal is still undone; the mark only saves repeating it
         if self._fd is not None:
@@ -403,7 +424,8 @@ class StateJournal:
 
 
 _UNDOERS: dict[str, Undo] = {}
-PLATFORM_PACKAGE = "x2ssh.host.linux"  # importing it registers the undo function of each change it makes
+# Importing it registers the undo function of each change it makes.
+PLATFORM_PACKAGE = "x2ssh.host.windows" if sys.platform == "win32" else "x2ssh.host.linux"
 
 
 def register_undo(kind: str, undo: Undo) -> None:
@@ -449,7 +471,7 @@ def _link_no_replace(src: Path, dst: Path) -> None:
 
 def _fsync_dir(path: Path) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))  # Windows: refused, skipped
     except OSError:
         return
     try:

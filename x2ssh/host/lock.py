@@ -10,13 +10,17 @@ never leaves a stale lock behind. The holder deletes the file when it lets go, s
 are gone do not pile up in the state directory. Deleting a lock file is safe only because every acquirer,
 once it holds the flock, checks that the path still names the inode it locked: one that locked a file
 unlinked meanwhile lets go and tries again on the new file, so two processes never both hold "the" lock.
+
+Windows has no flock: there the lock is a byte range locked with `msvcrt.locking` (past the PID, so others
+can still read who holds it), which Windows also releases when the process ends (not run there: no
+Windows machine). An open file cannot be deleted there, so the file stays.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
+import sys
 from pathlib import Path
 from types import TracebackType
 
@@ -24,6 +28,24 @@ from x2ssh.errors import AlreadyRunning, StateError
 from x2ssh.host.journal import current_netns_identity, ensure_state_dir
 
 LOCK_SUFFIX = ".lock"
+_OPEN_FLAGS = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+_WINDOWS_LOCK_OFFSET = 4096  # the byte locked on Windows: beyond any PID written at offset 0
+
+
+def _lock(fd: int) -> None:
+    """Lock `fd` exclusively without waiting; BlockingIOError if another process holds it."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except PermissionError as e:  # EACCES: locked by another process
+            raise BlockingIOError(str(e)) from e
+    else:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def lock_path(state_dir: Path) -> Path:
@@ -62,11 +84,11 @@ class RunLock:
     def _try_once(self) -> int | None:
         """One attempt: the locked fd, or None if the file was unlinked or replaced while we locked it."""
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600)
         except OSError as e:
             raise StateError(f"cannot open lock file {self.path}: {e.strerror}") from e
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock(fd)
         except BlockingIOError:
             holder = _read_pid(fd)
             os.close(fd)
@@ -83,7 +105,8 @@ class RunLock:
             return None
         with contextlib.suppress(OSError):  # the PID only informs; the lock itself is held
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
         return fd
 
     def release(self) -> None:
@@ -123,7 +146,8 @@ def _names(path: Path, fd: int) -> bool:
 
 def _read_pid(fd: int) -> int | None:
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None

@@ -1,9 +1,14 @@
 """The process on Windows: the Administrator check, and cleanup on Ctrl-C, Ctrl-Break and console close.
 
 Windows calls a console control handler on a thread of its own. For Ctrl-C and Ctrl-Break the run stops
-the normal way (`on_interrupt`, which should hand over to the event loop). For CTRL_CLOSE_EVENT (the console
-window closed), CTRL_LOGOFF_EVENT and CTRL_SHUTDOWN_EVENT the process is terminated as soon as the handler
-returns (after about 5 s for close), so the handler runs the undo itself, synchronously, before returning.
+the normal way (`on_interrupt`, which should hand over to the event loop). Without an `on_interrupt`
+(how `host.WindowsHost` installs it: the host control does not know the front end), Ctrl-C goes on to
+Python's own handler, which raises KeyboardInterrupt, and `asyncio.run` cancels the run, whose tear-down
+undoes everything; Ctrl-Break, whose default ends the process, is cleaned up here first.
+
+For CTRL_CLOSE_EVENT (the console window closed), CTRL_LOGOFF_EVENT and CTRL_SHUTDOWN_EVENT the process
+is terminated as soon as the handler returns (after about 5 s for close), so the handler runs the undo
+itself, synchronously, before returning.
 
 What the handler cannot cover, written down so nobody counts on it (Microsoft's SetConsoleCtrlHandler
 docs): interactive processes are not sent CTRL_LOGOFF_EVENT/CTRL_SHUTDOWN_EVENT (only services are), and a
@@ -48,7 +53,7 @@ ADMIN_MESSAGE = (
 class CtrlDispatcher:
     """Decides what a console control event does; `handle` returns what the handler routine returns."""
 
-    def __init__(self, on_interrupt: Callable[[str], None], cleanup: Callable[[], None]) -> None:
+    def __init__(self, on_interrupt: Callable[[str], None] | None, cleanup: Callable[[], None]) -> None:
         self.on_interrupt = on_interrupt
         self.cleanup = cleanup
         self._lock = threading.Lock()
@@ -62,6 +67,10 @@ class CtrlDispatcher:
         if ctrl_type in ENDING:
             self.cleanup_once(reason)
             return True
+        if self.on_interrupt is None:
+            if ctrl_type == CTRL_BREAK_EVENT:
+                self.cleanup_once(reason)  # the default handler that runs next ends the process
+            return False
         try:
             self.on_interrupt(reason)
         except Exception:
@@ -101,3 +110,9 @@ def install(dispatcher: CtrlDispatcher) -> Any:
     if not fn("SetConsoleCtrlHandler")(routine, True):
         raise ctypes.WinError(ctypes.get_last_error())
     return routine
+
+
+def uninstall(routine: Any) -> None:
+    """Remove a handler that `install` registered (Windows only; errors are ignored: the run is ending)."""
+    if sys.platform == "win32":
+        fn("SetConsoleCtrlHandler")(routine, False)

@@ -9,7 +9,14 @@ The run is planned in two phases, because one answer must come from the machine 
 
 1. `lookup_plan(wishes)` asks `GetBestRoute2` for each SSH server endpoint and each `--vpn-exclude`
    network's first address: the path they take *now*, before any route of ours exists.
-2. `apply_plan(wishes, best)` turns those answers into the changes.
+2. `apply_plan(wishes, best)` turns those answers into the changes. Its first part, `adapter_plan(wishes)`
+   (the adapter, its MTU, metric and addresses), needs no answer and no endpoint, so the adapter can exist
+   before the SSH connection's endpoints are known.
+
+A run asks for its changes step by step (`HostControl.open_tun`, `routes`, `dns`, `kill_switch`): the host
+control plans the whole run with the wishes known so far and carries out the calls it has not made yet
+(`host.StagedPlan`). Each step's calls depend only on the wishes of that step and the earlier ones, so an
+earlier step's calls are the same in every later plan.
 
 Routing policy (the same as Linux's split-route mode). Windows has no fwmark and no policy rules, so the
 SSH connection keeps its path through host routes: /32 (/128) to each server endpoint, and a route for
@@ -62,10 +69,11 @@ Interface = int | Literal["wintun"]  # an interface LUID (from GetBestRoute2) or
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One TCP endpoint of the SSH connection (the server, or a ProxyJump first hop)."""
+    """One TCP endpoint of the SSH connection (the server, or a ProxyJump first hop); port 0: any port
+    (the session gives the host control addresses only)."""
 
     address: IPAddress
-    port: int
+    port: int = 0
 
 
 @dataclass(frozen=True)
@@ -303,11 +311,15 @@ def _host_network(address: IPAddress) -> IPNetwork:
     return ipaddress.ip_network(address)
 
 
-def _check(wishes: Wishes) -> None:
+def _check_adapter(wishes: Wishes) -> None:
     if not wishes.tun or len(wishes.tun) > 127:
         raise PlanError(f"adapter name must be 1..127 characters (Wintun's limit): {wishes.tun!r}")
     if not 576 <= wishes.mtu <= 65535:
         raise PlanError(f"MTU {wishes.mtu} is outside 576..65535")
+
+
+def _check(wishes: Wishes) -> None:
+    _check_adapter(wishes)
     if not wishes.ssh_endpoints:
         raise PlanError("no SSH server endpoint to keep on its path: the tunnel would carry itself")
     if wishes.kill_switch and not wishes.app_path:
@@ -328,6 +340,20 @@ def apply_plan(wishes: Wishes, best: dict[IPAddress, BestRoute]) -> ApplyPlan:
     missing = [q.destination for q in lookup_plan(wishes) if q.destination not in best]
     if missing:
         raise PlanError(f"no original route known for {', '.join(map(str, missing))}")
+    plan = adapter_plan(wishes)
+    _plan_pinned_routes(plan, wishes, best)
+    for net in HALF_SPACES_V4 + (HALF_SPACES_V6 if wishes.v6 is not None else ()):
+        hop = _unspecified(net.network_address)
+        plan.add(CreateIpForwardEntry2(TUN, net, hop, TUNNEL_METRIC), DeleteIpForwardEntry2(TUN, net, hop))
+    _plan_dns(plan, wishes)
+    _plan_filters(plan, wishes)
+    return plan
+
+
+def adapter_plan(wishes: Wishes) -> ApplyPlan:
+    """The first part of `apply_plan`: the Wintun adapter with its MTU, metric and addresses (no endpoint or
+    route answer needed)."""
+    _check_adapter(wishes)
     plan = ApplyPlan()
     families = [4] + ([6] if wishes.v6 is not None else [])
     plan.add(WintunCreateAdapter(wishes.tun), WintunCloseAdapter(wishes.tun))
@@ -339,13 +365,15 @@ def apply_plan(wishes: Wishes, best: dict[IPAddress, BestRoute]) -> ApplyPlan:
         addresses.append(wishes.v6)
     for addr in addresses:
         plan.add(CreateUnicastIpAddressEntry(TUN, addr), DeleteUnicastIpAddressEntry(TUN, addr))
-    _plan_pinned_routes(plan, wishes, best)
-    for net in HALF_SPACES_V4 + (HALF_SPACES_V6 if wishes.v6 is not None else ()):
-        hop = _unspecified(net.network_address)
-        plan.add(CreateIpForwardEntry2(TUN, net, hop, TUNNEL_METRIC), DeleteIpForwardEntry2(TUN, net, hop))
-    _plan_dns(plan, wishes)
-    _plan_filters(plan, wishes)
     return plan
+
+
+def pinned_route(call: Call) -> CreateIpForwardEntry2 | None:
+    """The call if it pins a route through an uplink (the one change that outlives the process: the
+    journal's business), else None."""
+    if isinstance(call, CreateIpForwardEntry2) and call.interface != TUN:
+        return call
+    return None
 
 
 def _af(family: int) -> int:
@@ -439,16 +467,17 @@ def _plan_kill_switch(plan: ApplyPlan, wishes: Wishes, fam: int, tun_iface: Cond
     for e in wishes.ssh_endpoints:
         if e.address.version != fam:
             continue
+        port = (Condition("FWPM_CONDITION_IP_REMOTE_PORT", "FWP_MATCH_EQUAL", e.port),) if e.port else ()
         plan.add(
             _filter(
-                f"ks-ssh-{e.address}-{e.port}",
+                f"ks-ssh-{e.address}-{e.port}" if e.port else f"ks-ssh-{e.address}",
                 CONNECT[fam],
                 "PERMIT",
                 W_PERMIT,
                 Condition("FWPM_CONDITION_ALE_APP_ID", "FWP_MATCH_EQUAL", wishes.app_path),
                 Condition("FWPM_CONDITION_IP_PROTOCOL", "FWP_MATCH_EQUAL", IPPROTO_TCP),
                 Condition("FWPM_CONDITION_IP_REMOTE_ADDRESS", "FWP_MATCH_EQUAL", e.address),
-                Condition("FWPM_CONDITION_IP_REMOTE_PORT", "FWP_MATCH_EQUAL", e.port),
+                *port,
             ),
             None,
         )

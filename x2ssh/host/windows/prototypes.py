@@ -8,7 +8,7 @@ shell32; wintun.h as bundled with pytun-pmd3 for Wintun).
 
 Pointers to structures the callee only reads are declared as POINTER(struct); ctypes then refuses a wrong
 structure type. Handles are c_void_p. SetConsoleCtrlHandler's callback is passed as c_void_p, which accepts
-a WINFUNCTYPE instance.
+a WINFUNCTYPE instance; so is NotifyUnicastIpAddressChange's callback.
 """
 
 from __future__ import annotations
@@ -62,6 +62,13 @@ PROTOTYPES: tuple[Prototype, ...] = (
     Prototype("iphlpapi", "SetInterfaceDnsSettings", S.DWORD, (S.GUID, _P(S.DNS_INTERFACE_SETTINGS))),
     Prototype("iphlpapi", "ConvertInterfaceLuidToIndex", S.DWORD, (_P(S.NET_LUID), _P(S.NET_IFINDEX))),
     Prototype("iphlpapi", "ConvertInterfaceLuidToGuid", S.DWORD, (_P(S.NET_LUID), _P(S.GUID))),
+    Prototype(
+        "iphlpapi",
+        "NotifyUnicastIpAddressChange",
+        S.DWORD,
+        (S.ADDRESS_FAMILY, c_void_p, c_void_p, S.BOOLEAN, _P(S.HANDLE)),
+    ),
+    Prototype("iphlpapi", "CancelMibChangeNotify2", S.DWORD, (S.HANDLE,)),
     # fwpuclnt.dll (fwpmu.h)
     Prototype(
         "fwpuclnt",
@@ -80,6 +87,15 @@ PROTOTYPES: tuple[Prototype, ...] = (
     Prototype("kernel32", "SetEvent", S.BOOL, (S.HANDLE,)),
     Prototype("kernel32", "CloseHandle", S.BOOL, (S.HANDLE,)),
     Prototype("kernel32", "WaitForMultipleObjects", S.DWORD, (S.DWORD, _P(S.HANDLE), S.BOOL, S.DWORD)),
+    # kernel32.dll (processthreadsapi.h)
+    Prototype("kernel32", "OpenProcess", S.HANDLE, (S.DWORD, S.BOOL, S.DWORD)),
+    Prototype("kernel32", "GetExitCodeProcess", S.BOOL, (S.HANDLE, _P(S.DWORD))),
+    Prototype(
+        "kernel32",
+        "GetProcessTimes",
+        S.BOOL,
+        (S.HANDLE, _P(S.FILETIME), _P(S.FILETIME), _P(S.FILETIME), _P(S.FILETIME)),
+    ),
     # shell32.dll (shlobj_core.h)
     Prototype("shell32", "IsUserAnAdmin", S.BOOL, ()),
     # wintun.dll (wintun.h)

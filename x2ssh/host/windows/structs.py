@@ -40,6 +40,10 @@ ERROR_OBJECT_ALREADY_EXISTS = 5010  # CreateIpForwardEntry2 / CreateUnicastIpAdd
 ERROR_NOT_FOUND = 1168  # Delete*: already gone
 ERROR_NO_MORE_ITEMS = 259  # WintunReceivePacket: the ring is empty
 ERROR_HANDLE_EOF = 38  # WintunReceivePacket: the adapter is going away
+ERROR_INVALID_PARAMETER = 87  # OpenProcess: no such process
+AF_UNSPEC = 0
+PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
+STILL_ACTIVE = 259  # GetExitCodeProcess: the process runs
 
 IpDadStatePreferred = 4  # NL_DAD_STATE
 MIB_IPPROTO_NETMGMT = 3  # NL_ROUTE_PROTOCOL: a route added by management (us)
@@ -64,6 +68,16 @@ class GUID(Structure):
 
 class NET_LUID(Structure):
     _fields_ = [("Value", c_uint64)]
+
+
+class FILETIME(Structure):
+    """100-ns intervals since 1601 in two 32-bit halves (4-byte aligned, so not a UINT64)."""
+
+    _fields_ = [("dwLowDateTime", DWORD), ("dwHighDateTime", DWORD)]
+
+    @property
+    def value(self) -> int:
+        return int(self.dwHighDateTime) << 32 | int(self.dwLowDateTime)
 
 
 class SOCKADDR_IN(Structure):
