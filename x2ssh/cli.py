@@ -14,6 +14,7 @@ import traceback
 from types import FrameType
 
 from x2ssh.errors import UsageError, X2sshError
+from x2ssh.frontends.stop import STOP_SIGNALS
 from x2ssh.host.api import Host
 from x2ssh.host.platform import open_host
 from x2ssh.host.privileges import drop_to, sudo_user
@@ -119,7 +120,7 @@ def _run_vpn(settings: Settings) -> int:
         received.append(signum)
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS if sig != signal.SIGINT}
     helper: Host | None = None
     notifier = Notifier(unset_environment=True)  # the helper and ssh children must not inherit it
     try:

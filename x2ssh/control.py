@@ -14,6 +14,10 @@ SIGTERM does and answers {"stopping": true} at once, before the teardown has fin
 end of the run by the server's process going away. A peer that is neither root nor an allowed user gets
 {"ok": false, "error": "permission denied"}. A malformed, oversized or late request gets an error reply; no
 request ever raises into the session.
+
+Platforms. The peer check uses Linux's SO_PEERCRED; on macOS and the BSDs (not run there) the private 0700
+directory is the only gate. Windows has no Unix sockets in asyncio: there is no control socket there, and
+`x2ssh status`/`down` say so (`x2ssh -D` runs without one).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import socket
 import stat
 import struct
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +50,7 @@ MAX_REPLY = 1 << 20
 REQUEST_TIMEOUT = 5.0  # a client that connects and says nothing is dropped after this
 MAX_CLIENTS = 16  # concurrent connections; more are closed at once
 DENIED = "permission denied"
+NO_CONTROL_ON_WINDOWS = "x2ssh status/down need a Unix socket, which x2ssh does not use on Windows yet"
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -81,11 +87,15 @@ def user_run_dir() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "x2ssh"
+    if sys.platform == "win32":
+        return Path(tempfile.gettempdir()) / "x2ssh"  # %TEMP% is per user already
     return Path(tempfile.gettempdir()) / f"x2ssh-{os.getuid()}"
 
 
 def private_control_dir(root: Path) -> Path:
     """Make `root`/<namespace> for this user only (0700, and `root` too); refuse one owned by someone else."""
+    if sys.platform == "win32":
+        raise ControlFailed(NO_CONTROL_ON_WINDOWS)
     directory = namespace_run_dir(root)
     for path in (root, directory):
         path.mkdir(mode=0o700, exist_ok=True)
@@ -111,8 +121,10 @@ class PeerCredentials:
     gid: int
 
 
-def peer_credentials(sock: socket.socket) -> PeerCredentials:
-    """SO_PEERCRED of a connected AF_UNIX socket."""
+def peer_credentials(sock: socket.socket) -> PeerCredentials | None:
+    """SO_PEERCRED of a connected AF_UNIX socket; None where the platform has no SO_PEERCRED."""
+    if sys.platform != "linux":
+        return None
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     return PeerCredentials(pid, uid, gid)
 
@@ -209,6 +221,8 @@ class ControlServer:
     async def start(self) -> None:
         """Bind and listen. ControlSocketBusy if another live server answers at `path` (a stale socket of a
         dead run is replaced); OSError if the directory is missing or not writable."""
+        if sys.platform == "win32":
+            raise ControlFailed(NO_CONTROL_ON_WINDOWS)
         await self._clear_stale()
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with contextlib.suppress(FileNotFoundError):
@@ -248,6 +262,8 @@ class ControlServer:
         self._unlink_if_ours()
 
     async def _clear_stale(self) -> None:
+        if sys.platform == "win32":
+            return
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
@@ -313,7 +329,7 @@ class ControlServer:
             problem = f"request longer than {MAX_REQUEST} bytes"
         except TimeoutError:
             problem = f"no request within {REQUEST_TIMEOUT:g} s"
-        if not peer_allowed(peer.uid, self._allowed):
+        if peer is not None and not peer_allowed(peer.uid, self._allowed):
             log.warning("control socket: refused uid %d (pid %d)", peer.uid, peer.pid)
             return encode_reply({"ok": False, "error": DENIED})
         if problem is not None:
@@ -349,6 +365,8 @@ async def request(path: Path, op: str, *, timeout: float = REQUEST_TIMEOUT) -> d
     """Send `op` to the control socket at `path` and return the reply's result.
 
     Raises ControlNotRunning (no socket, or nobody listens), ControlDenied, or ControlFailed."""
+    if sys.platform == "win32":
+        raise ControlFailed(NO_CONTROL_ON_WINDOWS)
     data = encode_request(op)
     try:
         reader, writer = await asyncio.wait_for(
@@ -383,6 +401,8 @@ def request_sync(path: Path, op: str, *, timeout: float = REQUEST_TIMEOUT) -> di
 
 def exchange_sync(path: Path, op: str, *, timeout: float = REQUEST_TIMEOUT) -> Exchange:
     """Blocking request that also reports the server's PID (from SO_PEERCRED, in our PID namespace)."""
+    if sys.platform == "win32":
+        raise ControlFailed(NO_CONTROL_ON_WINDOWS)
     data = encode_request(op)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
@@ -393,7 +413,8 @@ def exchange_sync(path: Path, op: str, *, timeout: float = REQUEST_TIMEOUT) -> E
         except OSError as e:
             raise _connect_error(path, e) from e
         try:
-            pid: int | None = peer_credentials(sock).pid or None
+            peer = peer_credentials(sock)
+            pid: int | None = peer.pid if peer is not None and peer.pid else None
         except OSError:
             pid = None
         try:

@@ -1,15 +1,25 @@
-"""How a front end's run ends: SIGINT, SIGTERM and SIGHUP (a closed terminal) all stop it in order."""
+"""How a front end's run ends: SIGINT, SIGTERM and SIGHUP (a closed terminal) all stop it in order.
+
+On Windows there is no SIGHUP, and its event loop cannot watch signals (`add_signal_handler` raises
+NotImplementedError): there Ctrl-C (SIGINT) and Ctrl-Break / console close (SIGBREAK) are caught with
+`signal.signal` and handed to the loop thread-safely. Not run on Windows (no Windows machine here); the
+fallback path is exercised on Linux by the unit tests.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import sys
 from types import TracebackType
 
 log = logging.getLogger("x2ssh")
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+if sys.platform == "win32":
+    STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGBREAK)
+else:
+    STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopRequest:
@@ -21,19 +31,31 @@ class StopRequest:
         self.signal = 0
         self._doing = doing
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: dict[signal.Signals, object] = {}  # handlers replaced by the fallback
 
     def __enter__(self) -> StopRequest:
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         for sig in STOP_SIGNALS:
-            self._loop.add_signal_handler(sig, self.request, sig)
+            try:
+                loop.add_signal_handler(sig, self.request, sig)
+            except NotImplementedError:  # Windows' loops
+                self._previous[sig] = signal.signal(sig, self._from_handler)
         return self
+
+    def _from_handler(self, signum: int, frame: object) -> None:
+        """A `signal.signal` handler: runs between bytecodes of the main thread, so only schedule."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.request, signum)
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._loop is not None:
             for sig in STOP_SIGNALS:
-                self._loop.remove_signal_handler(sig)
+                if sig in self._previous:
+                    signal.signal(sig, self._previous.pop(sig))  # type: ignore[arg-type]
+                else:
+                    self._loop.remove_signal_handler(sig)
 
     def request(self, sig: int = signal.SIGTERM) -> None:
         log.info("%s received: %s", signal.Signals(sig).name, self._doing)

@@ -3,16 +3,23 @@
 Started with `sudo`, x2ssh is root but works for `SUDO_USER`: that user's ssh config, identities,
 known_hosts and agent. The privileged helper keeps root; the rest of the process (SSH and the data plane,
 which parse the server's bytes and untrusted packets) drops to that user before it touches any of them.
+There is no sudo on Windows (the VPN needs an elevated console there), so there nobody is "behind sudo".
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pwd
+import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from x2ssh.errors import X2sshError
+
+if TYPE_CHECKING and sys.platform != "win32":
+    from pwd import struct_passwd as Account
+else:
+    Account = Any
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +30,18 @@ class PrivilegeDropFailed(X2sshError):
     exit_code = 77
 
 
-def sudo_user(env: Mapping[str, str] | None = None, euid: int | None = None) -> pwd.struct_passwd | None:
+def sudo_user(env: Mapping[str, str] | None = None, euid: int | None = None) -> Account | None:
     """The account that ran `sudo x2ssh`, or None (not root, not via sudo, or sudo from root itself)."""
+    if sys.platform == "win32":
+        return None
     env = os.environ if env is None else env
     if (os.geteuid() if euid is None else euid) != 0:
         return None
     name, uid = env.get("SUDO_USER"), env.get("SUDO_UID")
     if not name or not uid or not uid.isdigit() or int(uid) == 0:
         return None
+    import pwd  # not on Windows
+
     try:
         user = pwd.getpwnam(name)
     except KeyError:
@@ -38,12 +49,18 @@ def sudo_user(env: Mapping[str, str] | None = None, euid: int | None = None) -> 
     return user if user.pw_uid == int(uid) else None
 
 
-def drop_to(user: pwd.struct_passwd) -> None:
+def drop_to(user: Account) -> None:
     """Become `user` for good (groups, gid, uid), with its HOME, USER and LOGNAME; verify root is gone."""
+    if sys.platform == "win32":
+        raise PrivilegeDropFailed("there is no sudo user to become on Windows")
     try:
         os.initgroups(user.pw_name, user.pw_gid)
-        os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
-        os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
+        if sys.platform == "linux":
+            os.setresgid(user.pw_gid, user.pw_gid, user.pw_gid)
+            os.setresuid(user.pw_uid, user.pw_uid, user.pw_uid)
+        else:  # BSDs and macOS: setuid as root sets the real, effective and saved ids alike
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
     except OSError as e:
         raise PrivilegeDropFailed(f"cannot become {user.pw_name}: {e.strerror}") from e
     try:
