@@ -55,7 +55,7 @@ class AgentSettings:
     idle_timeout: float = 60.0
     dns_idle_timeout: float = 10.0
     max_flows: int = 1024
-    max_queue_bytes: int = 256 * 1024
+    max_queue_bytes: int = 1024 * 1024  # per flow and direction: ~8 ms at 1 Gbit/s
     connect_timeout: float = 30.0  # the agent exits when no client has connected by then
     keepalive_interval: float = 15.0  # the client proves it is alive this often ...
     client_silence_timeout: float = 60.0  # ... and the agent drops a client after this much silence
@@ -333,7 +333,13 @@ class AgentHandle:
             return
         try:
             for frame in self._decoder.feed(data):
-                self._handle_frame(frame)
+                # The hot path (a reply datagram) without the dispatch below; the receiver is looked up
+                # each time since a frame may end the link.
+                receiver = self._receiver
+                if type(frame) is p.Datagram and frame.peer is not None and receiver is not None:
+                    receiver.datagram_from_agent(frame.flow_id, frame.peer, frame.payload)
+                else:
+                    self._handle_frame(frame)
         except p.ProtocolError as exc:
             log.error("protocol error from the UDP agent: %s; closing the agent connection", exc.reason)
             self._write(p.encode(p.Error(exc.code, exc.reason)))
