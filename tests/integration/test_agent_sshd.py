@@ -233,6 +233,29 @@ def test_local_agent_echo_and_replies_only_from_the_destination(local_agent: Loc
         other.close()
 
 
+def test_a_burst_of_replies_arrives_whole_and_in_order(local_agent: LocalAgent) -> None:
+    # The agent reads a burst from a flow's socket in batches and queues each batch as one buffer: the
+    # frames must come out intact, in order and each with the destination as its peer.
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(WAIT)
+    try:
+        address = peer.getsockname()[:2]
+        conn = local_agent.connect()
+        conn.send(p.OpenFlow(1, address))
+        conn.send(p.Datagram(1, None, b"where are you"))
+        data, agent_side = peer.recvfrom(65535)
+        assert data == b"where are you"
+        payloads = [i.to_bytes(2, "big") * 500 for i in range(64)]  # fits the socket's default buffer
+        for payload in payloads:
+            peer.sendto(payload, agent_side)
+        assert [conn.expect(p.Datagram) for _ in payloads] == [p.Datagram(1, address, x) for x in payloads]
+        conn.send(p.Goodbye())
+        assert conn.at_eof()
+    finally:
+        peer.close()
+
+
 def test_local_agent_ipv6(local_agent: LocalAgent) -> None:
     try:
         server = UdpEcho("::1")
