@@ -146,7 +146,9 @@ class Flow:
         "echo",
         "family",
         "flow_id",
+        "gso",
         "last_active",
+        "outbox",
         "pending",
         "pending_bytes",
         "prefix",
@@ -180,6 +182,8 @@ class Flow:
         # UDP flows: the DATAGRAM fields before the payload (flow id, the destination as peer), encoded once.
         self.prefix = b"" if echo else p.datagram_prefix(flow_id, sockaddr[:2])
         self.bulk = False  # its socket's buffers were grown (a full receive batch, or a full send buffer)
+        self.gso = not echo and netio.gso_supported(sock)  # datagrams leave in segmented batches
+        self.outbox: List[bytes] = []  # datagrams from the client waiting for the end of this loop turn
 
 
 class ClientConnection:
@@ -242,6 +246,7 @@ class Agent:
         self._session_gone = False  # stdin (the exec channel) ended
         self._flow_count = 0
         self._pending_total = 0  # bytes in every flow's send queue
+        self._outboxes: List[Flow] = []  # flows with datagrams to send at the end of this loop turn
         self._stop_reason: Optional[str] = None
         self._signal: Optional[int] = None
         self._no_client_deadline: Optional[float] = clock() + config.connect_timeout
@@ -281,6 +286,7 @@ class Agent:
                     break
             if self._signal is not None:
                 self.stop("signal %d" % self._signal)
+            self._send_outboxes()
             self._flush_dirty()
             self._expire(self._clock())
         return self._stop_reason
@@ -705,6 +711,12 @@ class Agent:
         if flow.pending:
             self._queue_udp(flow, payload)
             return
+        if flow.gso:
+            # Collected until the end of the loop turn: a client read carries many datagrams of a flow.
+            if not flow.outbox:
+                self._outboxes.append(flow)
+            flow.outbox.append(payload)
+            return
         try:
             if flow.echo:
                 flow.sock.sendto(payload, flow.sockaddr)
@@ -718,6 +730,62 @@ class Agent:
             return
         self.stats.datagrams_sent += 1
         self.stats.bytes_sent += len(payload)
+
+    def _send_outboxes(self) -> None:
+        flows, self._outboxes = self._outboxes, []
+        for flow in flows:
+            payloads, flow.outbox = flow.outbox, []
+            if flow.sock.fileno() >= 0:  # else closed meanwhile: the datagrams go with it
+                self._send_batch(flow, payloads)
+
+    def _send_batch(self, flow: Flow, payloads: List[bytes]) -> None:
+        """Send a flow's datagrams in order: runs of one size (the last of a run may be shorter) as one
+        segmented send each, the rest one by one; what the kernel will not take now waits in the queue."""
+        stats = self.stats
+        count = len(payloads)
+        i = 0
+        while i < count:
+            size = len(payloads[i])
+            j = i + 1
+            total = size
+            if 0 < size <= netio.GSO_MAX_SEGMENT:
+                limit = min(count, i + netio.GSO_MAX_SEGMENTS)
+                while j < limit and len(payloads[j]) == size and total + size <= netio.GSO_MAX_BYTES:
+                    total += size
+                    j += 1
+                if (
+                    j < limit
+                    and 0 < len(payloads[j]) < size
+                    and total + len(payloads[j]) <= netio.GSO_MAX_BYTES
+                ):
+                    total += len(payloads[j])
+                    j += 1
+            try:
+                if j - i == 1:
+                    flow.sock.send(payloads[i])
+                else:
+                    netio.send_segments(flow.sock, payloads[i:j], size)
+            except (BlockingIOError, InterruptedError):
+                for payload in payloads[i:]:
+                    self._queue_udp(flow, payload)
+                return
+            except OSError as exc:
+                if j - i > 1 and exc.errno in (errno.EINVAL, errno.EIO, errno.EMSGSIZE, errno.ENOPROTOOPT):
+                    # The kernel or the device refuses segmentation here: this flow sends one by one.
+                    log.debug(
+                        "flow %d: segmented send refused (%s); sending datagrams singly", flow.flow_id, exc
+                    )
+                    flow.gso = False
+                    for payload in payloads[i:]:
+                        self._send(flow, payload)
+                    return
+                self._send_failed(flow, exc, payloads[i])
+                if j - i > 1:
+                    stats.drops["send_" + errno.errorcode.get(exc.errno or 0, "error")] += j - i - 1
+            else:
+                stats.datagrams_sent += j - i
+                stats.bytes_sent += total
+            i = j
 
     def _queue_udp(self, flow: Flow, payload: bytes) -> None:
         if not flow.bulk:  # the kernel's send buffer is full: a busy flow
