@@ -55,7 +55,7 @@ class AgentSettings:
     idle_timeout: float = 60.0
     dns_idle_timeout: float = 10.0
     max_flows: int = 1024
-    max_queue_bytes: int = 1024 * 1024  # per flow and direction: ~8 ms at 1 Gbit/s
+    max_queue_bytes: int = 2 * 1024 * 1024  # per flow and direction: ~16 ms at 1 Gbit/s
     connect_timeout: float = 30.0  # the agent exits when no client has connected by then
     keepalive_interval: float = 15.0  # the client proves it is alive this often ...
     client_silence_timeout: float = 60.0  # ... and the agent drops a client after this much silence
