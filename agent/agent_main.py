@@ -54,10 +54,11 @@ SOCKET_NAME = "agent.sock"
 ZIPAPP_NAME = "agent.pyz"
 SOFTWARE = "x2ssh-agent/1 python/%d.%d.%d" % sys.version_info[:3]
 
-RECV_BATCH = 64  # datagrams read from one flow socket per loop turn, so one busy flow cannot starve others
+RECV_BATCH = 128  # datagrams read from one flow socket per loop turn, so one busy flow cannot starve others
 SENDMSG_MAX_BUFFERS = 256
 CLIENT_RECV_SIZE = 256 * 1024
-MAX_CLIENT_BUFFER = 4 * 1024 * 1024  # all replies waiting for one client connection
+MAX_CLIENT_BUFFER = 8 * 1024 * 1024  # all replies waiting for one client connection
+MAX_SEND_BUFFER = 16 * 1024 * 1024  # all datagrams of all flows waiting for their sockets
 HANDSHAKE_TIMEOUT = 10.0
 TOKEN_READ_TIMEOUT = 30.0
 MAX_SELECT_TIMEOUT = 1.0
@@ -87,7 +88,7 @@ class AgentConfig:
         idle_timeout: float = 60.0,
         dns_idle_timeout: float = 10.0,
         max_flows: int = 1024,
-        max_queue_bytes: int = 256 * 1024,
+        max_queue_bytes: int = 1024 * 1024,
         connect_timeout: float = 30.0,
         zipapp_path: Optional[str] = None,
         resolv_conf: str = RESOLV_CONF,
@@ -155,14 +156,18 @@ class Flow:
     """
 
     __slots__ = (
+        "bulk",
         "client",
         "dns",
         "echo",
         "family",
         "flow_id",
+        "gso",
         "last_active",
+        "outbox",
         "pending",
         "pending_bytes",
+        "prefix",
         "queued_to_client",
         "sock",
         "sockaddr",
@@ -190,6 +195,11 @@ class Flow:
         self.pending_bytes = 0
         self.queued_to_client = 0  # bytes of this flow's replies in the client's output queue
         self.writing = False
+        # UDP flows: the DATAGRAM fields before the payload (flow id, the destination as peer), encoded once.
+        self.prefix = b"" if echo else p.datagram_prefix(flow_id, sockaddr[:2])
+        self.bulk = False  # its socket's buffers were grown (a full receive batch, or a full send buffer)
+        self.gso = not echo and netio.gso_supported(sock)  # datagrams leave in segmented batches
+        self.outbox: List[bytes] = []  # datagrams from the client waiting for the end of this loop turn
 
 
 class ClientConnection:
@@ -251,6 +261,8 @@ class Agent:
         self._stdin_client: Optional[ClientConnection] = None
         self._session_gone = False  # stdin (the exec channel) ended
         self._flow_count = 0
+        self._pending_total = 0  # bytes in every flow's send queue
+        self._outboxes: List[Flow] = []  # flows with datagrams to send at the end of this loop turn
         self._stop_reason: Optional[str] = None
         self._signal: Optional[int] = None
         self._no_client_deadline: Optional[float] = clock() + config.connect_timeout
@@ -290,6 +302,7 @@ class Agent:
                     break
             if self._signal is not None:
                 self.stop("signal %d" % self._signal)
+            self._send_outboxes()
             self._flush_dirty()
             self._expire(self._clock())
         return self._stop_reason
@@ -359,6 +372,7 @@ class Agent:
                 log.warning("accept failed: %s", exc)
                 return
             sock.setblocking(False)
+            netio.grow_buffers(sock)  # room in the kernel for bursts of replies while sshd catches up
             fd = sock.fileno()
             client = ClientConnection(fd, fd, self._clock(), sock.close, "socket")
             self._clients.append(client)
@@ -684,6 +698,9 @@ class Agent:
             return
         self._recency[flow.dns].pop(flow, None)
         self._flow_count -= 1
+        self._pending_total -= flow.pending_bytes
+        flow.pending.clear()
+        flow.pending_bytes = 0
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(flow.sock)
         flow.sock.close()
@@ -722,6 +739,12 @@ class Agent:
         if flow.pending:
             self._queue_udp(flow, payload)
             return
+        if flow.gso:
+            # Collected until the end of the loop turn: a client read carries many datagrams of a flow.
+            if not flow.outbox:
+                self._outboxes.append(flow)
+            flow.outbox.append(payload)
+            return
         try:
             if flow.echo:
                 flow.sock.sendto(payload, flow.sockaddr)
@@ -736,10 +759,73 @@ class Agent:
         self.stats.datagrams_sent += 1
         self.stats.bytes_sent += len(payload)
 
+    def _send_outboxes(self) -> None:
+        flows, self._outboxes = self._outboxes, []
+        for flow in flows:
+            payloads, flow.outbox = flow.outbox, []
+            if flow.sock.fileno() >= 0:  # else closed meanwhile: the datagrams go with it
+                self._send_batch(flow, payloads)
+
+    def _send_batch(self, flow: Flow, payloads: List[bytes]) -> None:
+        """Send a flow's datagrams in order: runs of one size (the last of a run may be shorter) as one
+        segmented send each, the rest one by one; what the kernel will not take now waits in the queue."""
+        stats = self.stats
+        count = len(payloads)
+        i = 0
+        while i < count:
+            size = len(payloads[i])
+            j = i + 1
+            total = size
+            if 0 < size <= netio.GSO_MAX_SEGMENT:
+                limit = min(count, i + netio.GSO_MAX_SEGMENTS)
+                while j < limit and len(payloads[j]) == size and total + size <= netio.GSO_MAX_BYTES:
+                    total += size
+                    j += 1
+                if (
+                    j < limit
+                    and 0 < len(payloads[j]) < size
+                    and total + len(payloads[j]) <= netio.GSO_MAX_BYTES
+                ):
+                    total += len(payloads[j])
+                    j += 1
+            try:
+                if j - i == 1:
+                    flow.sock.send(payloads[i])
+                else:
+                    netio.send_segments(flow.sock, payloads[i:j], size)
+            except (BlockingIOError, InterruptedError):
+                for payload in payloads[i:]:
+                    self._queue_udp(flow, payload)
+                return
+            except OSError as exc:
+                if j - i > 1 and exc.errno in (errno.EINVAL, errno.EIO, errno.EMSGSIZE, errno.ENOPROTOOPT):
+                    # The kernel or the device refuses segmentation here: this flow sends one by one.
+                    log.debug(
+                        "flow %d: segmented send refused (%s); sending datagrams singly", flow.flow_id, exc
+                    )
+                    flow.gso = False
+                    for payload in payloads[i:]:
+                        self._send(flow, payload)
+                    return
+                self._send_failed(flow, exc, payloads[i])
+                if j - i > 1:
+                    stats.drops["send_" + errno.errorcode.get(exc.errno or 0, "error")] += j - i - 1
+            else:
+                stats.datagrams_sent += j - i
+                stats.bytes_sent += total
+            i = j
+
     def _queue_udp(self, flow: Flow, payload: bytes) -> None:
+        if not flow.bulk:  # the kernel's send buffer is full: a busy flow
+            flow.bulk = True
+            netio.grow_buffers(flow.sock)
         if flow.pending_bytes + len(payload) > self.config.max_queue_bytes:
             self.stats.drops["send_queue_full"] += 1
             return
+        if self._pending_total + len(payload) > MAX_SEND_BUFFER:
+            self.stats.drops["send_buffer_full"] += 1
+            return
+        self._pending_total += len(payload)
         flow.pending.append(payload)
         flow.pending_bytes += len(payload)
         if not flow.writing:
@@ -804,40 +890,60 @@ class Agent:
                 self.stats.bytes_sent += len(payload)
             flow.pending.popleft()
             flow.pending_bytes -= len(payload)
+            self._pending_total -= len(payload)
         flow.writing = False
         self._selector.modify(flow.sock, selectors.EVENT_READ, self._flow_key(flow))
 
     def _receive(self, flow: Flow) -> None:
+        """Read what the flow's socket holds (up to a batch) and queue it for the client as one buffer."""
         client = flow.client
-        limit = self.config.max_queue_bytes
+        sock = flow.sock
+        stats = self.stats
+        frames: List[bytes] = []
+        room = 0
+        if client is not None:
+            room = self.config.max_queue_bytes - flow.queued_to_client
+            room = min(room, MAX_CLIENT_BUFFER - client.out_bytes)
+        received = 0
+        failure: Optional[OSError] = None
         for _ in range(RECV_BATCH):
             try:
-                payload = flow.sock.recv(65535)
+                payload = sock.recv(65535)
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as exc:
-                # An ICMP error for this flow (port/host unreachable ...): tell the client.
-                self._report_errors(flow, exc.errno)
-                return
-            self._touch(flow)
+                failure = exc  # an ICMP error for this flow (port/host unreachable ...): reported below
+                break
+            received += 1
             if flow.echo:
                 reply = netio.parse_echo_reply(flow.family, payload)
                 if reply is None:
-                    self.stats.drops["not_an_echo_reply"] += 1
+                    stats.drops["not_an_echo_reply"] += 1
                     continue
-                self.stats.echoes += 1
+                stats.echoes += 1
                 data = p.encode_echo(flow.flow_id, reply[0], reply[1])
             else:
-                self.stats.datagrams_received += 1
-                self.stats.bytes_received += len(payload)
-                data = p.encode_datagram(flow.flow_id, payload, flow.sockaddr[:2])
+                stats.datagrams_received += 1
+                stats.bytes_received += len(payload)
+                data = p.encode_datagram_with(flow.prefix, payload)
             if client is None:
-                self.stats.drops["reply_while_detached"] += 1
-                continue
-            if flow.queued_to_client + len(data) > limit or client.out_bytes + len(data) > MAX_CLIENT_BUFFER:
-                self.stats.drops["reply_queue_full"] += 1
-                continue
-            self._queue(client, data, flow)
+                stats.drops["reply_while_detached"] += 1
+            elif len(data) > room:
+                stats.drops["reply_queue_full"] += 1
+            else:
+                room -= len(data)
+                frames.append(data)
+        else:
+            if not flow.bulk:  # a full batch was waiting: a busy flow, give its socket room for bursts
+                flow.bulk = True
+                netio.grow_buffers(sock)
+        if received:
+            self._touch(flow)
+        if frames:
+            # One queue entry (one writev buffer) per batch instead of one per datagram.
+            self._queue(client, frames[0] if len(frames) == 1 else b"".join(frames), flow)
+        if failure is not None:
+            self._report_errors(flow, failure.errno)
 
     # --- end ----------------------------------------------------------------------------------------
 
@@ -1059,7 +1165,7 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[argparse.Namespace, AgentConf
     parser.add_argument("--idle-timeout", type=float, default=60.0)
     parser.add_argument("--dns-idle-timeout", type=float, default=10.0)
     parser.add_argument("--max-flows", type=int, default=1024)
-    parser.add_argument("--max-queue-bytes", type=int, default=256 * 1024)
+    parser.add_argument("--max-queue-bytes", type=int, default=1024 * 1024)
     parser.add_argument("--connect-timeout", type=float, default=30.0)
     parser.add_argument("--client-silence-timeout", type=float, default=60.0)
     parser.add_argument("--reattach-grace", type=float, default=60.0)

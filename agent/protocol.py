@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 import socket
 import struct
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 PROTOCOL_VERSION = 2
 MIN_VERSION = 1
@@ -29,6 +29,7 @@ MAX_ERROR_MESSAGE = 1024
 _MAX_ADDRESS = 1 + 16 + 2
 MAX_BODY = 4 + _MAX_ADDRESS + MAX_PAYLOAD
 HEADER_SIZE = 5
+_PEER_CACHE_SIZE = 256  # decoded DATAGRAM peers a Decoder keeps
 
 # Frame types.
 HELLO = 0x01
@@ -81,6 +82,7 @@ Address = Tuple[str, int]
 SERVER_RESOLVER: Address = ("server-resolver", 53)
 
 _HEADER = struct.Struct("!IB")
+_NO_PEER_HEADER = struct.Struct("!IBIB")  # frame header, flow id, peer kind NONE
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
 _HELLO_FIXED = struct.Struct("!4sBB")
@@ -273,12 +275,29 @@ def _check_flow_id(flow_id: int) -> None:
 
 
 def encode_datagram(flow_id: int, payload: bytes, peer: Optional[Address] = None) -> bytes:
-    """Encode a DATAGRAM frame (the hot path: no frame object needed)."""
+    """Encode a DATAGRAM frame (no frame object needed; the client's, without a peer, in one pack)."""
+    if peer is not None:
+        return encode_datagram_with(datagram_prefix(flow_id, peer), payload)
     if len(payload) > MAX_PAYLOAD:
         raise ValueError("payload of %d bytes exceeds %d" % (len(payload), MAX_PAYLOAD))
     _check_flow_id(flow_id)
-    address = encode_address(peer)
-    return _HEADER.pack(4 + len(address) + len(payload), DATAGRAM) + _U32.pack(flow_id) + address + payload
+    return _NO_PEER_HEADER.pack(5 + len(payload), DATAGRAM, flow_id, ADDR_NONE) + payload
+
+
+def datagram_prefix(flow_id: int, peer: Optional[Address] = None) -> bytes:
+    """The DATAGRAM body's fields before the payload (flow id, peer), for `encode_datagram_with()`.
+
+    A sender of many datagrams on one flow encodes these once, not once per datagram.
+    """
+    _check_flow_id(flow_id)
+    return _U32.pack(flow_id) + encode_address(peer)
+
+
+def encode_datagram_with(prefix: bytes, payload: bytes) -> bytes:
+    """A DATAGRAM frame from a `datagram_prefix()` and the payload (the hot path)."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError("payload of %d bytes exceeds %d" % (len(payload), MAX_PAYLOAD))
+    return _HEADER.pack(len(prefix) + len(payload), DATAGRAM) + prefix + payload
 
 
 def encode_echo(flow_id: int, seq: int, payload: bytes) -> bytes:
@@ -445,6 +464,9 @@ class Decoder:
         # peer dribbling a large frame byte by byte costs linear, not quadratic, copying.
         self._need = HEADER_SIZE
         self._error: Optional[ProtocolError] = None
+        # Encoded peer address -> decoded: a flow's replies all come from one peer, so decoding it (and
+        # allocating its text) once per peer instead of once per datagram matters at high rates.
+        self._peers: Dict[bytes, Address] = {}
 
     @property
     def buffered(self) -> int:
@@ -477,7 +499,10 @@ class Decoder:
                 if end - body_start < length:
                     need = HEADER_SIZE + length
                     break
-                frames.append(_decode_body(frame_type, buffer[body_start : body_start + length]))
+                if frame_type == DATAGRAM:
+                    frames.append(self._datagram(buffer, body_start, body_start + length))
+                else:
+                    frames.append(_decode_body(frame_type, buffer[body_start : body_start + length]))
                 offset = body_start + length
         except ProtocolError as exc:
             self._error = exc
@@ -487,6 +512,30 @@ class Decoder:
         self._size = len(rest)
         self._need = need
         return frames
+
+    def _datagram(self, buffer: bytes, start: int, end: int) -> Datagram:
+        """DATAGRAM body at buffer[start:end]: the common shapes decoded in place (one copy, the payload;
+        peers from a small cache); anything unusual goes through `_decode_body` and its error messages."""
+        if end - start >= 5:
+            kind = buffer[start + 4]
+            if kind == ADDR_NONE:
+                flow_id = _U32.unpack_from(buffer, start)[0]
+                if flow_id and end - start - 5 <= MAX_PAYLOAD:
+                    return Datagram(flow_id, None, buffer[start + 5 : end])
+            elif kind in (ADDR_IPV4, ADDR_IPV6):
+                payload_at = start + (11 if kind == ADDR_IPV4 else 23)
+                if payload_at <= end and end - payload_at <= MAX_PAYLOAD:
+                    key = buffer[start + 4 : payload_at]
+                    peer = self._peers.get(key)
+                    flow_id = _U32.unpack_from(buffer, start)[0]
+                    if peer is not None and flow_id:
+                        return Datagram(flow_id, peer, buffer[payload_at:end])
+                    frame = _decode_body(DATAGRAM, buffer[start:end])
+                    if len(self._peers) >= _PEER_CACHE_SIZE:
+                        self._peers.clear()
+                    self._peers[key] = frame.peer
+                    return frame
+        return _decode_body(DATAGRAM, buffer[start:end])
 
     def eof(self) -> None:
         """The stream ended: raise ProtocolError if it ended inside a frame."""

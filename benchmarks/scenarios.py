@@ -12,6 +12,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -304,6 +305,115 @@ class UdpRates(Scenario):
         return values
 
 
+AGENT_MARK = b"agent.pyz"  # the agent runs as `python3 -I DIR/agent.pyz --dir DIR ...` under sshd
+
+
+def _agent_pids(env: BenchEnv) -> list[int]:
+    """The UDP agent's processes among sshd's descendants (empty for transports without one)."""
+    found = []
+    for pid in _server_pids(env):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if AGENT_MARK in cmdline:
+            found.append(pid)
+    return found
+
+
+# Sends a datagram to a UDP echo service every 0.2 s until one comes back (exit 0) or time runs out (exit 1).
+_UDP_PROBE = """
+import socket, sys, time
+host, port, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(0.2)
+while time.monotonic() < deadline:
+    sock.sendto(b"probe", (host, port))
+    try:
+        if sock.recv(64) == b"probe":
+            sys.exit(0)
+    except OSError:
+        pass
+sys.exit(1)
+"""
+
+
+def _wait_udp_path(env: BenchEnv, transport: Transport, timeout: float = 30.0) -> None:
+    """Wait until UDP crosses the transport (x2ssh's agent starts after the VPN is up)."""
+    ep = transport.reach("udp-echo")
+    done = env.lab.run(ep.ns, [sys.executable, "-c", _UDP_PROBE, ep.host, str(ep.port), str(timeout)],
+                       timeout=timeout + 10)  # fmt: skip
+    if done.returncode != 0:
+        raise ScenarioError(f"no UDP echo through {transport.name} within {timeout:g} s")
+
+
+class UdpRate(Scenario):
+    """iperf3 -u at high offered rates with 1,400-byte datagrams, both directions, with the CPU it costs.
+
+    CPU is reported in percent of one core over the test: the transport's client processes (x2ssh), the
+    UDP agent on the server, and the rest of sshd's session processes (encryption). The `direct` transport
+    shows what the lab itself carries; port forwarding (`ssh -L`) has no UDP.
+    """
+
+    name = "udp-rate"
+    requires = UDP
+    description = "iperf3 -u, 1400-byte datagrams, 300/600/1000 Mbit/s offered, up and down"
+    datagram = 1400
+    socket_buffer = "2M"  # iperf3's own sockets: so its receiver's buffer is not what loses datagrams
+
+    def __init__(self, rates_mbit: tuple[int, ...] = (300, 600, 1000)) -> None:
+        self.rates_mbit = rates_mbit
+
+    def _cases(self) -> list[tuple[str, int]]:
+        return [(direction, rate) for direction in ("up", "down") for rate in self.rates_mbit]
+
+    def metrics(self, settings: Settings) -> list[Metric]:
+        metrics = []
+        for direction, rate in self._cases():
+            key = f"udp-rate-{direction}-{rate}"
+            label = f"UDP {direction} {rate} Mbit/s offered ({self.datagram} B)"
+            metrics += [
+                Metric(f"{key}-recv", f"{label}: received", "Mbit/s", "higher"),
+                Metric(f"{key}-loss", f"{label}: loss", "%", "lower"),
+                Metric(f"{key}-cpu-client", f"{label}: client CPU", "% core", "lower"),
+                Metric(f"{key}-cpu-agent", f"{label}: agent CPU", "% core", "lower"),
+                Metric(f"{key}-cpu-sshd", f"{label}: sshd CPU", "% core", "lower"),
+            ]
+        return metrics
+
+    def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
+        _wait_udp_path(env, transport)
+        ep = transport.reach("iperf3")
+        values: Values = {}
+        metered = bool(transport.client_pids())
+        for direction, rate in self._cases():
+            key = f"udp-rate-{direction}-{rate}"
+            args = ["-u", "-b", f"{rate}M", "-l", str(self.datagram), "-w", self.socket_buffer]
+            args += ["-R"] if direction == "down" else []
+            with (
+                ResourceMeter(transport.client_pids) as client,
+                ResourceMeter(lambda: _agent_pids(env)) as agent,
+                ResourceMeter(lambda: _server_pids(env)) as server,
+            ):
+                started = time.monotonic()
+                data = _iperf3(env, ep, args, settings.udp_seconds)
+                elapsed = time.monotonic() - started
+            total = data["end"]["sum"]
+            received = data["end"].get("sum_received", total)
+            extra = {"packets": total.get("packets"), "lost": total.get("lost_packets"), "args": args}
+            values[f"{key}-recv"] = (received["bits_per_second"] / 1e6, extra)
+            values[f"{key}-loss"] = (total["lost_percent"], {})
+            if metered:
+                agent_cpu = agent.cpu_seconds
+                values[f"{key}-cpu-client"] = (client.cpu_seconds / elapsed * 100, {})
+                values[f"{key}-cpu-agent"] = (agent_cpu / elapsed * 100, {})
+                values[f"{key}-cpu-sshd"] = ((server.cpu_seconds - agent_cpu) / elapsed * 100, {})
+            else:
+                for suffix in ("cpu-client", "cpu-agent", "cpu-sshd"):
+                    values[f"{key}-{suffix}"] = (None, {})
+        return values
+
+
 class DnsLatency(Scenario):
     name = "dns"
     requires = UDP
@@ -506,6 +616,7 @@ def all_scenarios() -> list[Scenario]:
         NaglePattern(),
         LossyDownload(),
         UdpRates(),
+        UdpRate(),
         DnsLatency(),
         IdleFlows(),
         PortScanDuringDownload(),

@@ -233,6 +233,51 @@ def test_local_agent_echo_and_replies_only_from_the_destination(local_agent: Loc
         other.close()
 
 
+def test_a_burst_of_replies_arrives_whole_and_in_order(local_agent: LocalAgent) -> None:
+    # The agent reads a burst from a flow's socket in batches and queues each batch as one buffer: the
+    # frames must come out intact, in order and each with the destination as its peer.
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(WAIT)
+    try:
+        address = peer.getsockname()[:2]
+        conn = local_agent.connect()
+        conn.send(p.OpenFlow(1, address))
+        conn.send(p.Datagram(1, None, b"where are you"))
+        data, agent_side = peer.recvfrom(65535)
+        assert data == b"where are you"
+        payloads = [i.to_bytes(2, "big") * 500 for i in range(64)]  # fits the socket's default buffer
+        for payload in payloads:
+            peer.sendto(payload, agent_side)
+        assert [conn.expect(p.Datagram) for _ in payloads] == [p.Datagram(1, address, x) for x in payloads]
+        conn.send(p.Goodbye())
+        assert conn.at_eof()
+    finally:
+        peer.close()
+
+
+def test_a_burst_from_the_client_leaves_as_separate_datagrams_in_order(local_agent: LocalAgent) -> None:
+    # Datagrams of one client read go out at the end of the agent's loop turn, runs of one size as one
+    # segmented send where the kernel offers it: the destination must still see each datagram as sent.
+    sizes = [1400] * 100 + [700] + [1400] * 3 + [0] + [3000] + [100] * 5 + [99] + [1452] * 70 + [1453]
+    payloads = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(WAIT)
+    try:
+        conn = local_agent.connect()
+        conn.send(p.OpenFlow(1, peer.getsockname()[:2]))
+        conn.send_raw(b"".join(p.encode(p.Datagram(1, None, payload)) for payload in payloads))
+        assert [peer.recv(65535) for _ in payloads] == payloads
+        conn.send(p.Goodbye())
+        assert conn.at_eof()
+        assert local_agent.wait_exit() == 0
+        assert f"sent {len(payloads)} datagrams" in local_agent.stderr()
+    finally:
+        peer.close()
+
+
 def test_local_agent_ipv6(local_agent: LocalAgent) -> None:
     try:
         server = UdpEcho("::1")

@@ -6,7 +6,7 @@ import pytest
 
 from agent import protocol as p
 from agent.protocol import MAX_PAYLOAD, SERVER_RESOLVER
-from x2ssh.flows.udp_relay import DnsOverride, UdpRelay, UdpRelaySettings
+from x2ssh.flows.udp_relay import RECENCY_STEP, DnsOverride, UdpRelay, UdpRelaySettings
 
 APP = ("100.100.83.1", 40000)
 APP2 = ("100.100.83.1", 40001)
@@ -377,3 +377,27 @@ def test_v1_agent_pings_are_prohibited(to_app, clock) -> None:
     agent.supports_icmp = False
     relay.echo_from_app("100.100.83.1", "198.19.0.2", 1, 1, b"")
     assert agent.opened == [] and icmp.sent[0][4] == p.UNREACH_PROHIBITED
+
+
+def test_a_busy_flow_stays_alive_with_activity_refreshed_in_steps(to_app, clock) -> None:
+    # Activity is recorded at most every RECENCY_STEP (not per datagram): a flow busy for longer than its
+    # timeout never expires, and one that falls silent expires at most one step early, never late.
+    relay, agent = make_relay(to_app, clock, UdpRelaySettings(idle_timeout=60.0))
+    relay.datagram_from_app(APP, TARGET, b"first")
+    relay.datagram_from_app(APP2, TARGET, b"other flow, then silent")
+    busy, quiet = (flow_id for flow_id, _ in agent.opened)
+    start = clock.now
+    for tick in range(1, 1501):  # 150 s, a datagram each way every 0.1 s
+        clock.now = start + tick * 0.1
+        relay.datagram_from_app(APP, TARGET, b"up")
+        relay.datagram_from_agent(busy, TARGET, b"down")
+        relay.expire(clock.now)
+    assert agent.closed == [quiet]
+    last = clock.now
+    deadline = relay.next_deadline()
+    assert deadline is not None
+    assert last + 60.0 - RECENCY_STEP <= deadline <= last + 60.0
+    assert relay.expire(deadline - 0.01) == 0
+    assert relay.expire(deadline) == 1
+    assert agent.closed == [quiet, busy]
+    assert len(to_app) == 1500

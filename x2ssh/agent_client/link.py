@@ -55,7 +55,7 @@ class AgentSettings:
     idle_timeout: float = 60.0
     dns_idle_timeout: float = 10.0
     max_flows: int = 1024
-    max_queue_bytes: int = 256 * 1024
+    max_queue_bytes: int = 2 * 1024 * 1024  # per flow and direction: ~16 ms at 1 Gbit/s
     connect_timeout: float = 30.0  # the agent exits when no client has connected by then
     keepalive_interval: float = 15.0  # the client proves it is alive this often ...
     client_silence_timeout: float = 60.0  # ... and the agent drops a client after this much silence
@@ -65,6 +65,10 @@ class AgentSettings:
     start_timeout: float = 20.0
     close_timeout: float = 10.0
     max_write_buffer: int = 4 * 1024 * 1024  # datagrams are dropped while more is waiting for the channel
+    # What the agent may send before we acknowledge it (SSH channel window; asyncssh's default is 2 MiB,
+    # 16 ms at 1 Gbit/s): replies then wait in the network, not in the agent's bounded queues, while this
+    # process is busy. asyncssh holds at most this much for the channel.
+    channel_window: int = 8 * 1024 * 1024
     log_level: str = "INFO"
 
     def agent_args(self) -> list[str]:
@@ -176,7 +180,9 @@ class AgentHandle:
 
     async def open_socket(self, conn: asyncssh.SSHClientConnection) -> None:
         """Reach the agent's Unix socket through streamlocal forwarding (raises asyncssh errors)."""
-        await conn.create_unix_connection(lambda: _AgentChannelSession(self), self.socket_path)
+        await conn.create_unix_connection(
+            lambda: _AgentChannelSession(self), self.socket_path, window=self.settings.channel_window
+        )
         self.transport = TRANSPORT_SOCKET
 
     def use_stdio(self, process: asyncssh.SSHClientProcess) -> None:
@@ -273,6 +279,9 @@ class AgentHandle:
             self._shutdown("closed")
             if self.process is not None:
                 self.process.close()
+            if self.drops:
+                counts = ", ".join(f"{reason}={n}" for reason, n in sorted(self.drops.items()))
+                log.info("UDP agent link: datagrams dropped: %s", counts)
 
     async def handshake(self, timeout: float, resume: bool = False) -> None:
         """HELLO with the token; WELCOME completes it. `resume`: then ask for the previous flows."""
@@ -333,7 +342,13 @@ class AgentHandle:
             return
         try:
             for frame in self._decoder.feed(data):
-                self._handle_frame(frame)
+                # The hot path (a reply datagram) without the dispatch below; the receiver is looked up
+                # each time since a frame may end the link.
+                receiver = self._receiver
+                if type(frame) is p.Datagram and frame.peer is not None and receiver is not None:
+                    receiver.datagram_from_agent(frame.flow_id, frame.peer, frame.payload)
+                else:
+                    self._handle_frame(frame)
         except p.ProtocolError as exc:
             log.error("protocol error from the UDP agent: %s; closing the agent connection", exc.reason)
             self._write(p.encode(p.Error(exc.code, exc.reason)))

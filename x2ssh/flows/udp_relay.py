@@ -53,6 +53,9 @@ __all__ = [
 ]
 
 MAX_DNS_QUERIES = 64  # outstanding query ids tracked per DNS flow
+# A busy flow's activity time is refreshed (and its place in the recency order) at most this often (clock
+# units): idle timeouts are many seconds, and at 1 Gbit/s a flow carries ~90,000 datagrams a second.
+RECENCY_STEP = 0.25
 
 
 class IcmpToApp(Protocol):
@@ -237,13 +240,15 @@ class UdpRelay:
             return
         key = (src, dst)
         flow = self._by_key.get(key)
+        now = self._clock()
         if flow is None:
             flow = self._open(agent, key)
             if flow is None:
                 return
-        else:
+            flow.last_active = now
+        elif now - flow.last_active >= RECENCY_STEP:
+            flow.last_active = now
             self._recency[flow.dns].move_to_end(flow)
-        flow.last_active = self._clock()
         if flow.queries is not None and len(payload) >= 2 and len(flow.queries) < MAX_DNS_QUERIES:
             flow.queries.add(payload[:2])
         if agent.send_datagram(flow.flow_id, payload):
@@ -342,8 +347,10 @@ class UdpRelay:
                 if self._agent is not None:
                     self._agent.close_flow(flow_id)
                 return
-        flow.last_active = self._clock()
-        self._recency[flow.dns].move_to_end(flow)
+        now = self._clock()
+        if now - flow.last_active >= RECENCY_STEP:
+            flow.last_active = now
+            self._recency[flow.dns].move_to_end(flow)
 
     def echo_from_agent(self, flow_id: int, seq: int, payload: bytes) -> None:
         """The real echo reply the agent's ping socket received."""
