@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
+import sys
 from typing import List, NamedTuple, Optional, Tuple
 
 from agent import protocol as p
@@ -88,6 +89,8 @@ def family_of(host: str) -> int:
 
 
 def _enable_recverr(sock: socket.socket, family: int) -> None:
+    if sys.platform != "linux":
+        return  # the numbers are Linux's; on Windows 11 and 25 are IP_MULTICAST_LOOP and an IPv6 option
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(SOL_IPV6, IPV6_RECVERR, 1)
