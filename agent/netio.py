@@ -157,6 +157,8 @@ def gso_supported(sock: socket.socket) -> bool:
 
 def send_segments(sock: socket.socket, payloads: List[bytes], size: int) -> None:
     """Send `payloads` (each `size` bytes, the last possibly shorter) as separate datagrams in one call."""
+    if sys.platform == "win32":
+        raise OSError("no UDP segmentation offload on Windows")  # gso_supported() says False there
     sock.sendmsg([b"".join(payloads)], [(SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))])
 
 
@@ -224,6 +226,8 @@ def parse_extended_error(cmsg_data: bytes, original: bytes) -> Optional[IcmpErro
 def read_errors(sock: socket.socket, limit: int = 64) -> List[IcmpError]:
     """Drain the socket's error queue (it must be drained: epoll keeps reporting it otherwise)."""
     found: List[IcmpError] = []
+    if sys.platform == "win32":
+        return found  # no error queue (and no recvmsg) there
     for _ in range(limit):
         try:
             original, ancillary, _flags, _address = sock.recvmsg(512, 512, MSG_ERRQUEUE)

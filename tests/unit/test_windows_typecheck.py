@@ -63,7 +63,7 @@ def test_the_platform_flag_matters() -> None:
 # as win32 is a POSIX-only name (os.getuid, os.writev, socket.AF_UNIX...) reachable on Windows. Branches
 # for one platform test `sys.platform` directly, which mypy understands.
 
-AGENT_FILES = ("agent/agent_main.py", "agent/protocol.py", "agent/zipapp.py")
+AGENT_FILES = ("agent/agent_main.py", "agent/netio.py", "agent/protocol.py", "agent/zipapp.py")
 
 
 def _agent_errors(root: Path, platform: str) -> set[str]:
