@@ -1,0 +1,124 @@
+"""Profile x2ssh's per-connection path: ApacheBench through `x2ssh --vpn` while py-spy samples the data plane.
+
+    python -m benchmarks.profile_connect [--seconds 8] [--native] [--out DIR]
+
+Builds the namespace lab, starts x2ssh (the harness's `x2ssh` transport), runs `ab -c 50` with one
+connection per 1 KiB request, and records the busiest x2ssh process with py-spy (raw collapsed stacks).
+Prints the top functions by own time and by inclusive time, as shares of all samples. Needs root and
+py-spy; not a benchmark (no baseline), a tool to see where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from benchmarks.env import build_env
+from benchmarks.lab import Lab, cleanup_stale
+from benchmarks.procstat import ResourceMeter
+from benchmarks.scenarios import parse_ab
+from benchmarks.transports import X2ssh
+
+
+def _times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of `pid` so far ((-1, -1) when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return -1.0, -1.0
+    hz = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / hz, int(fields[12]) / hz
+
+
+def _busiest(pids: list[int]) -> int:
+    return max(pids, key=lambda pid: sum(_times(pid)))
+
+
+def summarize(raw: Path, top: int) -> str:
+    """Top entries (own and inclusive time) of py-spy's raw (collapsed) output."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] += n
+        for frame in set(frames):
+            incl[frame] += n
+    lines = [f"{total} samples", "own time:"]
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
+    lines.append("inclusive time:")
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in incl.most_common(top)]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_connect", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "x2ssh-profile")
+    args = parser.parse_args()
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw = args.out / "connect.raw"
+    cleanup_stale()
+    with Lab() as lab:
+        env = build_env(lab, args.out / "logs", 1024 * 1024)
+        transport = X2ssh()
+        transport.start(env)
+        try:
+            ep = transport.reach("http")
+            url = f"http://{ep.host}:{ep.port}/1k.bin"
+            lab.run(ep.ns, ["ab", "-q", "-c", "10", "-n", "2000", url], timeout=60)  # warm up
+            pid = _busiest(transport.client_pids())
+            record = [spy, "record", "--pid", str(pid), "--duration", str(int(args.seconds)), "-r", "500"]
+            record += ["-f", "raw", "-o", str(raw), "--nonblocking"]
+            if args.native:
+                record.append("--native")
+            spy_proc = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            out: dict[str, str] = {}
+
+            def bench() -> None:
+                argv = ["ab", "-q", "-r", "-c", str(args.concurrency), "-t", str(args.seconds)]
+                argv += ["-n", "10000000"]
+                out["ab"] = lab.run(ep.ns, [*argv, url], timeout=args.seconds + 60).stdout
+
+            before = _times(pid)
+            with ResourceMeter(transport.client_pids) as meter:
+                worker = threading.Thread(target=bench)
+                worker.start()
+                worker.join()
+            after = _times(pid)
+            spy_proc.wait(timeout=120)
+            ab = parse_ab(out["ab"])
+            print(
+                f"ab: {ab['rate']:.0f} req/s, p50 {ab['p50']:.0f} ms, {ab['complete']:.0f} requests, "
+                f"client CPU {meter.cpu_seconds / ab['complete'] * 1e6:.0f} µs per connection "
+                "(under py-spy); "
+                f"data plane user {(after[0] - before[0]) / ab['complete'] * 1e6:.0f} µs, "
+                f"system {(after[1] - before[1]) / ab['complete'] * 1e6:.0f} µs"
+            )
+        finally:
+            transport.stop()
+    if spy_proc.returncode != 0 or not raw.exists():
+        print(f"py-spy failed: {spy_proc.stderr.read() if spy_proc.stderr else ''}")
+        return 1
+    print(summarize(raw, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
