@@ -20,11 +20,26 @@ import tempfile
 import threading
 from pathlib import Path
 
-from benchmarks.env import build_env
+from benchmarks.env import BenchEnv, build_env
 from benchmarks.lab import Lab, cleanup_stale
 from benchmarks.procstat import ResourceMeter
 from benchmarks.scenarios import parse_ab
-from benchmarks.transports import X2ssh
+from benchmarks.transports import REPO_ROOT, X2ssh
+
+
+class _X2sshUnderCProfile(X2ssh):
+    """The harness's x2ssh, run by benchmarks.cprofile_x2ssh (stats written to `out` at exit)."""
+
+    out = ""
+
+    def start(self, env: BenchEnv) -> None:
+        self.env = env
+        sshd = env.sshd
+        argv = [
+            sys.executable, "-m", "benchmarks.cprofile_x2ssh", self.out, "--vpn", "-F", str(sshd.ssh_config),
+            "-i", str(sshd.client_key), "-p", str(sshd.port), "--vpn-dns", "off", sshd.destination,
+        ]  # fmt: skip
+        self._spawn_watched(argv, r"VPN up", cwd=str(REPO_ROOT))
 
 
 def _times(pid: int) -> tuple[float, float]:
@@ -68,6 +83,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    parser.add_argument("--cprofile", action="store_true", help="cProfile on CPU time instead of py-spy")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "x2ssh-profile")
     args = parser.parse_args()
@@ -77,16 +93,23 @@ def main() -> int:
     cleanup_stale()
     with Lab() as lab:
         env = build_env(lab, args.out / "logs", 1024 * 1024)
-        transport = X2ssh()
+        transport = _X2sshUnderCProfile() if args.cprofile else X2ssh()
+        stats = args.out / "connect.pstats"
+        transport.out = str(stats)  # type: ignore[attr-defined]
         transport.start(env)
         try:
             ep = transport.reach("http")
             url = f"http://{ep.host}:{ep.port}/1k.bin"
             lab.run(ep.ns, ["ab", "-q", "-c", "10", "-n", "2000", url], timeout=60)  # warm up
             pid = _busiest(transport.client_pids())
-            record = [spy, "record", "--pid", str(pid), "--duration", str(int(args.seconds)), "-r", "500"]
-            record += ["-f", "raw", "-o", str(raw), "--nonblocking"]
-            if args.native:
+            record = (
+                ["true"]
+                if args.cprofile
+                else [spy, "record", "--pid", str(pid), "--duration", str(int(args.seconds)), "-r", "500"]
+            )
+            if not args.cprofile:
+                record += ["-f", "raw", "-o", str(raw), "--nonblocking"]
+            if args.native and not args.cprofile:
                 record.append("--native")
             spy_proc = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             out: dict[str, str] = {}
@@ -113,6 +136,12 @@ def main() -> int:
             )
         finally:
             transport.stop()
+    if args.cprofile:
+        import pstats
+
+        pstats.Stats(str(stats)).sort_stats("tottime").print_stats(args.top)
+        pstats.Stats(str(stats)).sort_stats("cumtime").print_stats(args.top)
+        return 0
     if spy_proc.returncode != 0 or not raw.exists():
         print(f"py-spy failed: {spy_proc.stderr.read() if spy_proc.stderr else ''}")
         return 1

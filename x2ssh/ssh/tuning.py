@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import asyncssh.connection as _asyncssh_connection
@@ -101,6 +102,51 @@ def _gcm_verify_and_decrypt(self: GCMCipher, header: bytes, data: bytes, mac: by
         opened = None
     self._update_iv()
     return opened
+
+
+# -- One SSH packet out without the detours, for AES-GCM after the key exchange --
+#
+# asyncssh's send_packet checks, per packet, for a due rekey, for packets to defer during a key exchange,
+# inserts (here: skips) the empty IGNORE through a second call, compresses, builds the packet from several
+# small byte strings, encrypts through two shims, and formats a log record. A short connection sends four
+# packets; every one is a channel message on an established connection. For exactly that case (auth and
+# kex complete, no rekey due, strict kex, AES-GCM, no compression, a connection-protocol message) the same
+# bytes are built and sealed in one go (same padding rule, same random source, same IV sequence); every
+# other packet takes asyncssh's own path, which also sends the KEXINIT when a rekey falls due.
+
+_BYTE = tuple(bytes((i,)) for i in range(256))
+_FIRST_CONNECTION_MSG = 80  # SSH_MSG_GLOBAL_REQUEST: the connection protocol (RFC 4254) starts here
+
+
+def _send_packet_fast(self: SSHConnection, pkttype: int, *args: bytes, handler: Any = None) -> None:
+    enc = self._send_encryption
+    if (
+        pkttype < _FIRST_CONNECTION_MSG
+        or enc.__class__ is not GCMEncryption
+        or not (self._strict_kex and self._auth_complete and self._kex_complete)
+        or self._compressor is not None
+        or self._rekey_bytes_sent >= self._rekey_bytes
+        or (self._rekey_seconds and time.monotonic() >= self._rekey_time)
+    ):
+        _send_packet_without_cover(self, pkttype, *args, handler=handler)
+        return
+    payload = _BYTE[pkttype] + b"".join(args)
+    blocksize = self._send_blocksize
+    padlen = -(self._send_enchdrlen + len(payload)) % blocksize
+    if padlen < 4:
+        padlen += blocksize
+    packet = _BYTE[padlen] + payload + _asyncssh_connection.os.urandom(padlen)
+    pktlen = len(packet)
+    header = pktlen.to_bytes(4, "big")
+    cipher = enc._cipher
+    sealed = _aead(cipher).encrypt(cipher._iv, packet, header)  # ciphertext + tag, as header + mac
+    cipher._update_iv()
+    self._send(header + sealed)
+    seq = self._send_seq
+    self._send_seq = (seq + 1) & 0xFFFFFFFF
+    self._rekey_bytes_sent += pktlen
+    if SSHLogger._debug_level >= PACKET_DEBUG_LEVEL:
+        (handler or self).log_sent_packet(pkttype, seq, payload)
 
 
 # -- Starting to read a new channel without a task --
@@ -202,7 +248,7 @@ class _OsWithPooledRandom:
 _PATCHES: tuple[tuple[Any, str, Any, Any], ...] = (
     (SSHPacketLogger, "_log_packet", _log_packet_when_debugging, _original_log_packet),
     (SSHLogger, "log", _log_when_enabled, _original_log),
-    (SSHConnection, "send_packet", _send_packet_without_cover, _original_send_packet),
+    (SSHConnection, "send_packet", _send_packet_fast, _original_send_packet),
     (GCMCipher, "encrypt_and_sign", _gcm_encrypt_and_sign, _original_gcm_encrypt),
     (GCMCipher, "verify_and_decrypt", _gcm_verify_and_decrypt, _original_gcm_decrypt),
     (SSHConnection, "create_task", _create_task, _original_create_task),
