@@ -27,6 +27,57 @@ from benchmarks.scenarios import parse_ab
 from benchmarks.transports import REPO_ROOT, X2ssh
 
 
+class _X2sshFromTree(X2ssh):
+    """The harness's x2ssh run from another checkout `tree` (same venv, same native module)."""
+
+    tree = ""
+
+    def start(self, env: BenchEnv) -> None:
+        self.env = env
+        sshd = env.sshd
+        argv = [
+            sys.executable, "-m", "x2ssh", "--vpn", "-F", str(sshd.ssh_config), "-i", str(sshd.client_key),
+            "-p", str(sshd.port), "--vpn-dns", "off", sshd.destination,
+        ]  # fmt: skip
+        self._spawn_watched(argv, r"VPN up", cwd=self.tree)  # `-m` puts the working directory first
+
+
+def compare(tree: Path, rounds: int, seconds: float, concurrency: int, out: Path) -> int:
+    """CPU per connection of this checkout and of `tree`, alternating in one lab (same load, same time)."""
+    cleanup_stale()
+    figures: dict[str, list[tuple[float, float, float]]] = {"this": [], "other": []}
+    with Lab() as lab:
+        env = build_env(lab, out / "logs", 1024 * 1024)
+        for _ in range(rounds):
+            for name in ("this", "other"):
+                transport = X2ssh() if name == "this" else _X2sshFromTree()
+                transport.tree = str(tree)  # type: ignore[attr-defined]
+                transport.start(env)
+                try:
+                    ep = transport.reach("http")
+                    url = f"http://{ep.host}:{ep.port}/1k.bin"
+                    lab.run(ep.ns, ["ab", "-q", "-c", "10", "-n", "2000", url], timeout=60)
+                    pids = transport.client_pids()
+                    before = [_times(pid) for pid in pids]
+                    argv = ["ab", "-q", "-r", "-c", str(concurrency), "-t", str(seconds), "-n", "10000000"]
+                    ab = parse_ab(lab.run(ep.ns, [*argv, url], timeout=seconds + 60).stdout)
+                    after = [_times(pid) for pid in pids]
+                finally:
+                    transport.stop()
+                n = ab["complete"]
+                user = sum(a[0] - b[0] for a, b in zip(after, before, strict=True)) / n * 1e6
+                system = sum(a[1] - b[1] for a, b in zip(after, before, strict=True)) / n * 1e6
+                figures[name].append((ab["rate"], user, system))
+                print(f"{name}: {ab['rate']:.0f} req/s: user {user:.1f} µs, system {system:.1f} µs")
+    for name, rows in figures.items():
+        rates, users, systems = (sorted(col) for col in zip(*rows, strict=True))
+        mid = len(rows) // 2
+        print(
+            f"median {name}: {rates[mid]:.0f} req/s, user {users[mid]:.1f} µs, system {systems[mid]:.1f} µs"
+        )
+    return 0
+
+
 class _X2sshUnderCProfile(X2ssh):
     """The harness's x2ssh, run by benchmarks.cprofile_x2ssh (stats written to `out` at exit)."""
 
@@ -86,7 +137,11 @@ def main() -> int:
     parser.add_argument("--cprofile", action="store_true", help="cProfile on CPU time instead of py-spy")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "x2ssh-profile")
+    parser.add_argument("--compare", type=Path, default=None, metavar="TREE", help="A/B CPU per connection")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.compare is not None:
+        return compare(args.compare, args.rounds, args.seconds, args.concurrency, args.out)
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "connect.raw"
