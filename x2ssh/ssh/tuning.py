@@ -19,11 +19,12 @@ from typing import Any
 import asyncssh.connection as _asyncssh_connection
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
-from asyncssh.constants import MSG_IGNORE
+from asyncssh.constants import MSG_CHANNEL_FAILURE, MSG_CHANNEL_WINDOW_ADJUST, MSG_IGNORE
 from asyncssh.crypto.cipher import GCMCipher
 from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.logging import SSHLogger
-from asyncssh.packet import SSHPacketLogger, String
+from asyncssh.misc import ProtocolError
+from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketLogger, String
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -149,6 +150,83 @@ def _send_packet_fast(self: SSHConnection, pkttype: int, *args: bytes, handler: 
         (handler or self).log_sent_packet(pkttype, seq, payload)
 
 
+# -- One SSH packet in without the detours: channel messages on an established AES-GCM connection --
+#
+# For each received packet asyncssh calls three shims to decrypt, slices the header and the body apart and
+# together again, routes by packet type through a chain of checks, formats a log record and asks
+# `inspect.isawaitable` about the handler's result. Here, on an established AES-GCM connection without
+# compression, the packet is opened with the same AESGCM call (same IV sequence); a channel message
+# (window adjust, data, EOF, close, request, success, failure) for a known channel goes straight to that
+# channel's handler, and the bookkeeping after it (sequence number, next header) is asyncssh's own. Any other
+# packet, an unknown channel, a bad tag or a short packet is handed to asyncssh's `_recv_packet` as it is,
+# with the bytes already opened (a stand-in receive cipher returns them), so its checks and errors apply.
+
+_CHANNEL_MSGS = range(MSG_CHANNEL_WINDOW_ADJUST, MSG_CHANNEL_FAILURE + 1)
+_original_recv_packet = SSHConnection._recv_packet
+
+
+class _Opened:
+    """Stands in for the receive cipher while asyncssh handles a packet the direct path already opened."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | None) -> None:
+        self.data = data
+
+    def decrypt_packet(
+        self, seq: int, first: bytes, rest: bytes, header_len: int, mac: bytes
+    ) -> bytes | None:
+        return self.data
+
+
+def _recv_packet_fast(self: SSHConnection) -> bool:
+    enc = self._recv_encryption
+    if enc.__class__ is not GCMEncryption or self._decompressor is not None or not self._auth_complete:
+        return _original_recv_packet(self)
+    rem = 4 + self._pktlen + self._recv_macsize - self._recv_blocksize
+    inpbuf = self._inpbuf
+    if len(inpbuf) < rem:
+        return False
+    first = self._packet
+    cipher = enc._cipher
+    try:
+        data: bytes | None = _aead(cipher).decrypt(cipher._iv, first[4:] + inpbuf[:rem], first[:4])
+    except InvalidTag:
+        data = None
+    cipher._update_iv()
+    if not data or not data[0] or data[1] not in _CHANNEL_MSGS or len(data) - data[0] < 6:
+        return _recv_opened(self, enc, data)
+    packet = SSHPacket(data[1 : len(data) - data[0]])
+    pkttype = packet.get_byte()
+    handler = self._channels.get(packet.get_uint32())
+    if handler is None:
+        return _recv_opened(self, enc, data)
+    seq = self._recv_seq
+    self._inpbuf = inpbuf[rem:]
+    self._packet = b""
+    if SSHLogger._debug_level >= PACKET_DEBUG_LEVEL:
+        handler.log_received_packet(pkttype, seq, packet)
+    try:
+        result = handler.process_packet(pkttype, seq, packet)
+    except PacketDecodeError as exc:
+        raise ProtocolError(str(exc)) from None
+    if result is not True:  # asyncssh's channels always answer True for these types
+        raise RuntimeError(f"asyncssh channel handler returned {result!r}; x2ssh.ssh.tuning needs review")
+    self._finish_recv_packet(pkttype, seq)
+    return True
+
+
+def _recv_opened(self: SSHConnection, enc: Any, data: bytes | None) -> bool:
+    """asyncssh's own `_recv_packet` for a packet whose bytes were already opened (`data`; None: bad tag)."""
+    stand_in = _Opened(data)
+    self._recv_encryption = stand_in
+    try:
+        return _original_recv_packet(self)
+    finally:
+        if self._recv_encryption is stand_in:  # a NEWKEYS handled meanwhile installed a new cipher: keep it
+            self._recv_encryption = enc
+
+
 # -- Starting to read a new channel without a task --
 #
 # Once a channel is open, asyncssh starts its reading with `conn.create_task(chan._start_reading())`: a
@@ -249,6 +327,7 @@ _PATCHES: tuple[tuple[Any, str, Any, Any], ...] = (
     (SSHPacketLogger, "_log_packet", _log_packet_when_debugging, _original_log_packet),
     (SSHLogger, "log", _log_when_enabled, _original_log),
     (SSHConnection, "send_packet", _send_packet_fast, _original_send_packet),
+    (SSHConnection, "_recv_packet", _recv_packet_fast, _original_recv_packet),
     (GCMCipher, "encrypt_and_sign", _gcm_encrypt_and_sign, _original_gcm_encrypt),
     (GCMCipher, "verify_and_decrypt", _gcm_verify_and_decrypt, _original_gcm_decrypt),
     (SSHConnection, "create_task", _create_task, _original_create_task),
