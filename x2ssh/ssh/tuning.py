@@ -19,7 +19,13 @@ from typing import Any
 import asyncssh.connection as _asyncssh_connection
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
-from asyncssh.constants import MSG_CHANNEL_FAILURE, MSG_CHANNEL_WINDOW_ADJUST, MSG_IGNORE
+from asyncssh.constants import (
+    MSG_CHANNEL_FAILURE,
+    MSG_CHANNEL_OPEN_CONFIRMATION,
+    MSG_CHANNEL_OPEN_FAILURE,
+    MSG_CHANNEL_WINDOW_ADJUST,
+    MSG_IGNORE,
+)
 from asyncssh.crypto.cipher import GCMCipher
 from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.logging import SSHLogger
@@ -157,11 +163,13 @@ def _send_packet_fast(self: SSHConnection, pkttype: int, *args: bytes, handler: 
 # `inspect.isawaitable` about the handler's result. Here, on an established AES-GCM connection without
 # compression, the packet is opened with the same AESGCM call (same IV sequence); a channel message
 # (window adjust, data, EOF, close, request, success, failure) for a known channel goes straight to that
-# channel's handler, and the bookkeeping after it (sequence number, next header) is asyncssh's own. Any other
-# packet, an unknown channel, a bad tag or a short packet is handed to asyncssh's `_recv_packet` as it is,
+# channel's handler, an open confirmation or failure to the connection's (where asyncssh routes them), and
+# the bookkeeping after it (sequence number, next header) is asyncssh's own. Any other packet, an unknown
+# channel, a bad tag or a short packet is handed to asyncssh's `_recv_packet` as it is,
 # with the bytes already opened (a stand-in receive cipher returns them), so its checks and errors apply.
 
-_CHANNEL_MSGS = range(MSG_CHANNEL_WINDOW_ADJUST, MSG_CHANNEL_FAILURE + 1)
+_OPEN_REPLIES = (MSG_CHANNEL_OPEN_CONFIRMATION, MSG_CHANNEL_OPEN_FAILURE)
+_CHANNEL_MSGS = frozenset((*_OPEN_REPLIES, *range(MSG_CHANNEL_WINDOW_ADJUST, MSG_CHANNEL_FAILURE + 1)))
 _original_recv_packet = SSHConnection._recv_packet
 
 
@@ -198,9 +206,12 @@ def _recv_packet_fast(self: SSHConnection) -> bool:
         return _recv_opened(self, enc, data)
     packet = SSHPacket(data[1 : len(data) - data[0]])
     pkttype = packet.get_byte()
-    handler = self._channels.get(packet.get_uint32())
-    if handler is None:
-        return _recv_opened(self, enc, data)
+    if pkttype in _OPEN_REPLIES:
+        handler: Any = self  # the connection matches the reply to its channel, as asyncssh routes it
+    else:
+        handler = self._channels.get(packet.get_uint32())
+        if handler is None:
+            return _recv_opened(self, enc, data)
     seq = self._recv_seq
     self._inpbuf = inpbuf[rem:]
     self._packet = b""
@@ -210,7 +221,7 @@ def _recv_packet_fast(self: SSHConnection) -> bool:
         result = handler.process_packet(pkttype, seq, packet)
     except PacketDecodeError as exc:
         raise ProtocolError(str(exc)) from None
-    if result is not True:  # asyncssh's channels always answer True for these types
+    if result is not True:  # asyncssh's handlers of these types always answer True
         raise RuntimeError(f"asyncssh channel handler returned {result!r}; x2ssh.ssh.tuning needs review")
     self._finish_recv_packet(pkttype, seq)
     return True
