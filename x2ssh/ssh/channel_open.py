@@ -115,11 +115,11 @@ def open_tcp_channel(
     chan = conn.create_tcp_channel(None, "strict", window, max_pktsize)
     chan.set_extra_info(peername=("", 0), local_peername=(orig_host, orig_port), remote_peername=(host, port))
     opening = ChannelOpening(chan, session_factory, on_done)
-    chan._open_waiter = opening
+    chan._open_waiter = opening  # type: ignore[assignment]  # what asyncssh calls on it, nothing more
     conn.send_packet(
         MSG_CHANNEL_OPEN,
         _DIRECT_TCPIP,
-        UInt32(chan._recv_chan),
+        UInt32(chan._recv_chan),  # type: ignore[arg-type]  # set by create_tcp_channel
         UInt32(chan._recv_window),
         UInt32(chan._recv_pktsize),
         String(host),

@@ -230,7 +230,7 @@ def _recv_packet_fast(self: SSHConnection) -> bool:
 def _recv_opened(self: SSHConnection, enc: Any, data: bytes | None) -> bool:
     """asyncssh's own `_recv_packet` for a packet whose bytes were already opened (`data`; None: bad tag)."""
     stand_in = _Opened(data)
-    self._recv_encryption = stand_in
+    self._recv_encryption = stand_in  # type: ignore[assignment]
     try:
         return _original_recv_packet(self)
     finally:
@@ -352,7 +352,7 @@ def install() -> None:
     for owner, name, replacement, _ in _PATCHES:
         setattr(owner, name, replacement)
     if not isinstance(_asyncssh_connection.os, _OsWithPooledRandom):
-        _asyncssh_connection.os = _OsWithPooledRandom(os)  # type: ignore[attr-defined]
+        _asyncssh_connection.os = _OsWithPooledRandom(os)  # type: ignore[attr-defined,assignment]
 
 
 def uninstall() -> None:
