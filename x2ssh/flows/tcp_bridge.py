@@ -2,7 +2,9 @@
 
 Theory of operation. A new flow arrives as a pending SYN. The bridge opens a channel to the flow's
 destination first and only then accepts the flow (the app's handshake completes); a refused or failed
-open refuses the flow, so the app sees a RST at once. From then on two small protocols face each other:
+open refuses the flow, so the app sees a RST at once. The open is a callback, not a task, when the
+connection offers `open_tcp_channel` (the pool does): no coroutine, task or future per new flow. From
+then on two small protocols face each other:
 
     app <-> TcpTransport (netstack) <-> _AppSide ... _ChannelSide <-> SSHTCPChannel <-> sshd <-> destination
 
@@ -189,9 +191,7 @@ class TcpBridge:
         self.connection: asyncssh.SSHClientConnection | None = None
         self.connection_ready = asyncio.Event()
         self.stats = BridgeStats()
-        self._opening: dict[
-            int, tuple[asyncio.Task[None] | _FlowOpen, float]
-        ] = {}  # flow id -> (open, deadline)
+        self._opening: dict[int, tuple[_Opening, float]] = {}  # flow id -> (the open in flight, deadline)
         self._expired: set[int] = set()  # opens cancelled by the sweeper: a timeout, not a shutdown
         self._sweeper: asyncio.TimerHandle | None = None
         self._waiting: deque[TcpFlow] = deque()
@@ -222,7 +222,7 @@ class TcpBridge:
         if loop is None:  # asyncio.get_running_loop costs a getpid() per call on Python 3.11
             loop = self._loop = asyncio.get_running_loop()
         opener = getattr(self.connection, "open_tcp_channel", None)
-        handle: asyncio.Task[None] | _FlowOpen
+        handle: _Opening
         if opener is None:  # no connection yet, or one that can only be awaited
             handle = loop.create_task(self._open(flow))
         else:
@@ -410,3 +410,6 @@ class _FlowOpen:
         if self._handle is not None:
             self._handle.cancel()
         self._bridge._open_done(self._flow)
+
+
+_Opening = asyncio.Task[None] | _FlowOpen  # by callback when the connection offers it, else a task
