@@ -71,11 +71,40 @@ class FakeConnection:
     def answer_all(self, open_ports: set[int]) -> int:
         answered, self.pending = self.pending, []
         for port, future in answered:
+            if future.done():  # given up by the bridge
+                continue
             if port in open_ports:
                 future.set_result((FakeChannel(), None))
             else:
                 future.set_exception(asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "refused"))
         return len(answered)
+
+
+class FakeCallbackConnection(FakeConnection):
+    """The same, opened by callback (the shape of ConnectionPool.open_tcp_channel)."""
+
+    def open_tcp_channel(self, factory: Any, host: str, port: int, *args: Any, **kw: Any) -> Any:
+        on_done = args[2]
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        future = asyncio.get_running_loop().create_future()
+
+        def settle(f: asyncio.Future[Any]) -> None:
+            self.in_flight -= 1
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is None:
+                on_done(f.result()[0], None)
+            else:
+                on_done(None, exc)
+
+        future.add_done_callback(settle)
+        self.pending.append((port, future))
+        return future  # cancel() is all the bridge calls on it
+
+
+CONNECTIONS = pytest.mark.parametrize("make_conn", [FakeConnection, FakeCallbackConnection])
 
 
 class FakeTun:
@@ -100,14 +129,14 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def test_a_port_scan_holds_a_bounded_number_of_opens_and_ordinary_flows_get_through():
-    asyncio.run(_port_scan())
+@CONNECTIONS
+def test_a_port_scan_holds_a_bounded_number_of_opens_and_ordinary_flows_get_through(make_conn: Any):
+    asyncio.run(_port_scan(make_conn()))
 
 
-async def _port_scan() -> None:
+async def _port_scan(conn: FakeConnection) -> None:
     tun = FakeTun()
     bridge = TcpBridge(lambda: tun, limits=BridgeLimits(max_opening=8, max_waiting=100))  # type: ignore[arg-type]
-    conn = FakeConnection()
     bridge.set_connection(conn)  # type: ignore[arg-type]
     scan = [FakeFlow(20000 + i) for i in range(1000)]
     for flow in scan[:50]:
@@ -133,13 +162,14 @@ async def _port_scan() -> None:
     assert bridge.stats.opening == 0 and bridge.stats.waiting == 0
 
 
-def test_closing_the_bridge_refuses_the_waiting_syns():
-    asyncio.run(_close_with_waiting())
+@CONNECTIONS
+def test_closing_the_bridge_refuses_the_waiting_syns(make_conn: Any):
+    asyncio.run(_close_with_waiting(make_conn()))
 
 
-async def _close_with_waiting() -> None:
+async def _close_with_waiting(conn: FakeConnection) -> None:
     bridge = TcpBridge(FakeTun, limits=BridgeLimits(max_opening=1, max_waiting=10))  # type: ignore[arg-type]
-    bridge.set_connection(FakeConnection())  # type: ignore[arg-type]
+    bridge.set_connection(conn)  # type: ignore[arg-type]
     flows = [FakeFlow(1000 + i) for i in range(5)]
     for flow in flows:
         bridge.on_tcp(flow)  # type: ignore[arg-type]
@@ -147,16 +177,16 @@ async def _close_with_waiting() -> None:
     bridge.close()
     await settle()
     assert all(f.refused for f in flows[1:]), "the SYNs still waiting for an open slot get a RST"
-    assert bridge.stats.opening == 0 and bridge.stats.waiting == 0
+    assert bridge.stats.opening == 0 and bridge.stats.waiting == 0 and conn.in_flight == 0
 
 
-def test_an_open_that_never_completes_is_refused_after_the_timeout():
-    asyncio.run(_open_timeout())
+@CONNECTIONS
+def test_an_open_that_never_completes_is_refused_after_the_timeout(make_conn: Any):
+    asyncio.run(_open_timeout(make_conn()))
 
 
-async def _open_timeout() -> None:
+async def _open_timeout(conn: FakeConnection) -> None:
     bridge = TcpBridge(FakeTun, limits=BridgeLimits(open_timeout=0.05))  # type: ignore[arg-type]
-    conn = FakeConnection()
     bridge.set_connection(conn)  # type: ignore[arg-type]
     silent = FakeFlow(25)
     bridge.on_tcp(silent)  # type: ignore[arg-type]

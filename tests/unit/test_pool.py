@@ -46,6 +46,9 @@ class FakeConn:
 
     async def create_connection(self, factory, host, port, *args, **kwargs):
         await asyncio.sleep(0)  # opens interleave, as they do on a real connection
+        return self.open_now(factory, port)
+
+    def open_now(self, factory, port):
         if port in self.closed_ports:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection refused")
         if self.open >= self.capacity:
@@ -53,6 +56,61 @@ class FakeConn:
         self.open += 1
         session = factory()
         return FakeChannel(self, session), session
+
+
+class FakeOpening:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def fake_opener(conn, factory, host, port, orig_host, orig_port, on_done, *, window, max_pktsize):
+    """channel_open.open_tcp_channel on a FakeConn: the answer comes a loop turn later."""
+    if conn.closed:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "SSH connection closed")
+    handle = FakeOpening()
+
+    def answer() -> None:
+        if handle.cancelled:
+            return
+        try:
+            chan, _ = conn.open_now(factory, port)
+        except asyncssh.ChannelOpenError as exc:
+            on_done(None, exc)
+            return
+        on_done(chan, None)
+
+    asyncio.get_running_loop().call_soon(answer)
+    return handle
+
+
+async def open_via(via: str, pool: ConnectionPool, factory, host: str, port: int):
+    """One channel through the pool: awaited (`create_connection`) or by callback (`open_tcp_channel`)."""
+    if via == "await":
+        return await pool.create_connection(factory, host, port)
+    done = asyncio.get_running_loop().create_future()
+    sessions = []
+
+    def make():
+        sessions.append(factory())
+        return sessions[-1]
+
+    def on_done(chan, exc) -> None:
+        assert not done.done()
+        if exc is None:
+            done.set_result(chan)
+        else:
+            done.set_exception(exc)
+
+    pool.open_tcp_channel(make, host, port, "", 0, on_done, window=1, max_pktsize=1)
+    assert not done.done()
+    chan = await done
+    return chan, sessions[0]
+
+
+VIAS = pytest.mark.parametrize("via", ["await", "callback"])
 
 
 def make_pool(capacity: int, max_connections: int = 32) -> tuple[ConnectionPool, list[FakeConn]]:
@@ -63,7 +121,7 @@ def make_pool(capacity: int, max_connections: int = 32) -> tuple[ConnectionPool,
         made.append(conn)
         return conn
 
-    pool = ConnectionPool(connect, max_connections=max_connections)  # type: ignore[arg-type]
+    pool = ConnectionPool(connect, max_connections=max_connections, opener=fake_opener)  # type: ignore[arg-type]
     primary = FakeConn(capacity)
     made.append(primary)
     pool.set_primary(primary)  # type: ignore[arg-type]
@@ -79,11 +137,12 @@ def test_capacity_refusal_is_told_apart_from_a_closed_port():
     assert is_capacity_refusal(shortage, 0)
 
 
-def test_ten_thousand_concurrent_channels_spread_over_connections_none_refused():
+@VIAS
+def test_ten_thousand_concurrent_channels_spread_over_connections_none_refused(via: str):
     async def main() -> None:
         pool, made = make_pool(capacity=1019)
         results = await asyncio.gather(
-            *(pool.create_connection(FakeSession, "198.19.0.2", 80) for _ in range(10_000)),
+            *(open_via(via, pool, FakeSession, "198.19.0.2", 80) for _ in range(10_000)),
             return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, BaseException)]
@@ -100,31 +159,34 @@ def test_ten_thousand_concurrent_channels_spread_over_connections_none_refused()
     asyncio.run(main())
 
 
-def test_a_closed_port_is_refused_at_once_without_growing():
+@VIAS
+def test_a_closed_port_is_refused_at_once_without_growing(via: str):
     async def main() -> None:
         pool, made = make_pool(capacity=100)
         with pytest.raises(asyncssh.ChannelOpenError, match="Connection refused"):
-            await pool.create_connection(FakeSession, "198.19.0.2", 1)
+            await open_via(via, pool, FakeSession, "198.19.0.2", 1)
         assert len(made) == 1 and pool.capacity_refusals == 0
 
     asyncio.run(main())
 
 
-def test_open_failed_on_an_idle_connection_is_a_real_refusal():
+@VIAS
+def test_open_failed_on_an_idle_connection_is_a_real_refusal(via: str):
     async def main() -> None:
         pool, made = make_pool(capacity=0)
         with pytest.raises(asyncssh.ChannelOpenError, match="open failed"):
-            await pool.create_connection(FakeSession, "198.19.0.2", 80)
+            await open_via(via, pool, FakeSession, "198.19.0.2", 80)
         assert len(made) == 1
 
     asyncio.run(main())
 
 
-def test_a_full_pool_refuses_with_resource_shortage():
+@VIAS
+def test_a_full_pool_refuses_with_resource_shortage(via: str):
     async def main() -> None:
         pool, made = make_pool(capacity=40, max_connections=2)
         results = await asyncio.gather(
-            *(pool.create_connection(FakeSession, "198.19.0.2", 80) for _ in range(100)),
+            *(open_via(via, pool, FakeSession, "198.19.0.2", 80) for _ in range(100)),
             return_exceptions=True,
         )
         errors = [r for r in results if isinstance(r, asyncssh.ChannelOpenError)]
@@ -134,10 +196,11 @@ def test_a_full_pool_refuses_with_resource_shortage():
     asyncio.run(main())
 
 
-def test_primary_replaced_on_reconnect_keeps_the_extra_connections():
+@VIAS
+def test_primary_replaced_on_reconnect_keeps_the_extra_connections(via: str):
     async def main() -> None:
         pool, made = make_pool(capacity=40)
-        await asyncio.gather(*(pool.create_connection(FakeSession, "h", 80) for _ in range(60)))
+        await asyncio.gather(*(open_via(via, pool, FakeSession, "h", 80) for _ in range(60)))
         assert len(pool.describe()) == 2
         made[0].closed = True
         pool.set_primary(None)
@@ -145,7 +208,34 @@ def test_primary_replaced_on_reconnect_keeps_the_extra_connections():
         pool.set_primary(new_primary)  # type: ignore[arg-type]
         labels = [m["label"] for m in pool.describe()]
         assert labels == ["primary", "extra-1"]
-        channel, _ = await pool.create_connection(FakeSession, "h", 80)
+        channel, _ = await open_via(via, pool, FakeSession, "h", 80)
         assert channel.conn is new_primary  # the emptiest connection with room
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_open_gives_its_channel_slot_back_and_no_callback():
+    async def main() -> None:
+        pool, made = make_pool(capacity=10)
+        calls = []
+        opening = pool.open_tcp_channel(
+            FakeSession, "h", 80, "", 0, lambda *a: calls.append(a), window=1, max_pktsize=1
+        )
+        assert pool.members[0].channels == 1
+        opening.cancel()
+        await asyncio.sleep(0.01)
+        assert calls == [] and pool.members[0].channels == 0 and made[0].open == 0
+
+    asyncio.run(main())
+
+
+def test_a_closed_connection_fails_the_open_on_a_later_turn():
+    async def main() -> None:
+        pool, made = make_pool(capacity=10, max_connections=1)
+        made[0].is_closed = lambda: False  # type: ignore[method-assign]  # not yet seen as closed...
+        made[0].closed = True  # ...but closed: asyncssh raises at once
+        with pytest.raises(asyncssh.ChannelOpenError, match="SSH connection closed"):
+            await open_via("callback", pool, FakeSession, "h", 80)
+        assert pool.members[0].channels == 0
 
     asyncio.run(main())

@@ -2,7 +2,9 @@
 
 Theory of operation. A new flow arrives as a pending SYN. The bridge opens a channel to the flow's
 destination first and only then accepts the flow (the app's handshake completes); a refused or failed
-open refuses the flow, so the app sees a RST at once. From then on two small protocols face each other:
+open refuses the flow, so the app sees a RST at once. The open is a callback, not a task, when the
+connection offers `open_tcp_channel` (the pool does): no coroutine, task or future per new flow. From
+then on two small protocols face each other:
 
     app <-> TcpTransport (netstack) <-> _AppSide ... _ChannelSide <-> SSHTCPChannel <-> sshd <-> destination
 
@@ -189,7 +191,7 @@ class TcpBridge:
         self.connection: asyncssh.SSHClientConnection | None = None
         self.connection_ready = asyncio.Event()
         self.stats = BridgeStats()
-        self._opening: dict[int, tuple[asyncio.Task[None], float]] = {}  # flow id -> (task, deadline)
+        self._opening: dict[int, tuple[_Opening, float]] = {}  # flow id -> (the open in flight, deadline)
         self._expired: set[int] = set()  # opens cancelled by the sweeper: a timeout, not a shutdown
         self._sweeper: asyncio.TimerHandle | None = None
         self._waiting: deque[TcpFlow] = deque()
@@ -219,8 +221,14 @@ class TcpBridge:
         loop = self._loop
         if loop is None:  # asyncio.get_running_loop costs a getpid() per call on Python 3.11
             loop = self._loop = asyncio.get_running_loop()
-        task = loop.create_task(self._open(flow))
-        self._opening[flow.id] = (task, loop.time() + self._open_timeout)
+        opener = getattr(self.connection, "open_tcp_channel", None)
+        handle: _Opening
+        if opener is None:  # no connection yet, or one that can only be awaited
+            handle = loop.create_task(self._open(flow))
+        else:
+            handle = _FlowOpen(self, flow)
+            handle.start(opener, loop)
+        self._opening[flow.id] = (handle, loop.time() + self._open_timeout)
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
 
@@ -233,10 +241,13 @@ class TcpBridge:
         loop = self._loop
         assert loop is not None
         now = loop.time()
-        for flow_id, (task, deadline) in list(self._opening.items()):
+        for flow_id, (handle, deadline) in list(self._opening.items()):
             if deadline <= now and flow_id not in self._expired:
-                self._expired.add(flow_id)
-                task.cancel()
+                if isinstance(handle, _FlowOpen):
+                    handle.expire()
+                else:
+                    self._expired.add(flow_id)
+                    handle.cancel()
         if self._opening:
             self._sweeper = loop.call_later(self._sweep_interval(), self._sweep)
 
@@ -274,34 +285,44 @@ class TcpBridge:
             except asyncio.CancelledError:
                 if flow.id not in self._expired:
                     raise  # the bridge is closing
-                self.stats.failed += 1
-                log.debug("%s:%d: no channel within %.0f s", host, port, self._open_timeout)
-                self._refuse(flow)
-                return
-            except asyncssh.ChannelOpenError as exc:
-                self.stats.refused += 1
-                log.debug("%s:%d refused by the server: %s", host, port, exc.reason)
-                self._refuse(flow)
+                self._timed_out(flow, host, port)
                 return
             except (TimeoutError, OSError, asyncssh.Error, ConnectionError) as exc:
-                self.stats.failed += 1
-                log.debug("%s:%d: channel failed: %s", host, port, exc)
-                self._refuse(flow)
+                self._failed(flow, host, port, exc)
                 return
-            if flow.closed:  # the app gave up (or the stack closed) while the channel was opening
-                channel.close()
-                return
-            link.channel = channel
-            self.stats.opened += 1
-            self.stats.active += 1
-            try:
-                link.attach(self._tun().accept(flow, lambda: _AppSide(link)))
-            except Exception as exc:  # the flow vanished between the check and the accept
-                log.debug("accept failed for %r: %s", flow, exc)
-                channel.abort()
-                link._finish()
+            self._opened(flow, link, channel)
         finally:
             self._open_done(flow)
+
+    def _opened(self, flow: TcpFlow, link: _Link, channel: Any) -> None:
+        """The channel is open: accept the app's connection and splice the two."""
+        if flow.closed:  # the app gave up (or the stack closed) while the channel was opening
+            channel.close()
+            return
+        link.channel = channel
+        self.stats.opened += 1
+        self.stats.active += 1
+        try:
+            link.attach(self._tun().accept(flow, lambda: _AppSide(link)))
+        except Exception as exc:  # the flow vanished between the check and the accept
+            log.debug("accept failed for %r: %s", flow, exc)
+            channel.abort()
+            link._finish()
+
+    def _failed(self, flow: TcpFlow, host: str, port: int, exc: BaseException) -> None:
+        """The channel could not be opened: the app's SYN gets a RST at once."""
+        if isinstance(exc, asyncssh.ChannelOpenError):
+            self.stats.refused += 1
+            log.debug("%s:%d refused by the server: %s", host, port, exc.reason)
+        else:
+            self.stats.failed += 1
+            log.debug("%s:%d: channel failed: %s", host, port, exc)
+        self._refuse(flow)
+
+    def _timed_out(self, flow: TcpFlow, host: str, port: int) -> None:
+        self.stats.failed += 1
+        log.debug("%s:%d: no channel within %.0f s", host, port, self._open_timeout)
+        self._refuse(flow)
 
     @staticmethod
     def _refuse(flow: TcpFlow) -> None:
@@ -325,8 +346,70 @@ class TcpBridge:
         self.stats.waiting = 0
         for flow in waiting:
             self._refuse(flow)
-        for task, _ in list(self._opening.values()):
-            task.cancel()
+        for handle, _ in list(self._opening.values()):
+            handle.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+
+
+class _FlowOpen:
+    """A new flow's channel open by callback (no task): the bridge's side of `open_tcp_channel`."""
+
+    __slots__ = ("_bridge", "_flow", "_handle", "_host", "_link", "_over", "_port")
+
+    def __init__(self, bridge: TcpBridge, flow: TcpFlow) -> None:
+        self._bridge = bridge
+        self._flow = flow
+        self._host, self._port = bridge._rewrite(flow.dst)
+        self._link = _Link(bridge.stats)
+        self._handle: Any = None
+        self._over = False  # answered, expired or cancelled: whatever comes later is ignored
+
+    def start(self, opener: Callable[..., Any], loop: asyncio.AbstractEventLoop) -> None:
+        link, flow = self._link, self._flow
+        try:
+            self._handle = opener(
+                lambda: _ChannelSide(link), self._host, self._port, flow.src[0], flow.src[1], self._done,
+                window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PACKET,
+            )  # fmt: skip
+        except Exception as exc:  # reported on the next turn, like every other outcome
+            loop.call_soon(self._done, None, exc)
+
+    def _done(self, channel: Any, exc: BaseException | None) -> None:
+        if self._over:
+            if channel is not None:
+                channel.close()
+            return
+        self._over = True
+        bridge, flow = self._bridge, self._flow
+        try:
+            if exc is None:
+                bridge._opened(flow, self._link, channel)
+            else:
+                bridge._failed(flow, self._host, self._port, exc)
+        finally:
+            bridge._open_done(flow)
+
+    def expire(self) -> None:
+        """The open took too long: give up on it and refuse the app."""
+        if self._over:
+            return
+        self._over = True
+        if self._handle is not None:
+            self._handle.cancel()
+        bridge, flow = self._bridge, self._flow
+        bridge._timed_out(flow, self._host, self._port)
+        bridge._open_done(flow)
+
+    def cancel(self) -> None:
+        """The bridge is closing: give up quietly (the app's SYN is left to the closing stack)."""
+        if self._over:
+            return
+        self._over = True
+        if self._handle is not None:
+            self._handle.cancel()
+        self._bridge._open_done(self._flow)
+
+
+_Opening = asyncio.Task[None] | _FlowOpen  # by callback when the connection offers it, else a task

@@ -25,6 +25,8 @@ from typing import Any
 
 import asyncssh
 
+from x2ssh.ssh.channel_open import OpenDone, open_tcp_channel
+
 log = logging.getLogger(__name__)
 
 OPENSSH_MAX_CHANNELS = 16384
@@ -34,6 +36,7 @@ CAPACITY_REASONS = ("open failed", "too many open files", "resource shortage")
 BUSY = 32  # a refusal "open failed" counts as "full" only on a connection with at least this many channels
 
 Connector = Callable[[], Awaitable[asyncssh.SSHClientConnection]]
+Opener = Callable[..., Any]  # channel_open.open_tcp_channel's signature; tests pass a fake
 
 
 def is_capacity_refusal(exc: asyncssh.ChannelOpenError, channels: int) -> bool:
@@ -69,8 +72,10 @@ class ConnectionPool:
         connect: Connector,
         max_connections: int = AUTO_MAX_CONNECTIONS,
         channel_bound: int = DEFAULT_CHANNEL_BOUND,
+        opener: Opener = open_tcp_channel,
     ) -> None:
         self._connect = connect
+        self._opener = opener
         self.max_connections = max(1, max_connections)
         self.channel_bound = min(channel_bound, OPENSSH_MAX_CHANNELS)
         self.members: list[PoolMember] = []
@@ -153,6 +158,25 @@ class ConnectionPool:
                     member.channels -= 1
                 raise
 
+    def open_tcp_channel(
+        self,
+        session_factory: Callable[[], Any],
+        host: str,
+        port: int,
+        orig_host: str,
+        orig_port: int,
+        on_done: OpenDone,
+        *,
+        window: int,
+        max_pktsize: int,
+    ) -> PoolOpening:
+        """`create_connection` by callback (see `channel_open.open_tcp_channel`): no task while a connection
+        has room; `on_done(channel, None)` or `on_done(None, exc)` follows, never from within this call."""
+        opening = PoolOpening(self, session_factory, (host, port, orig_host, orig_port), on_done)
+        opening.window, opening.max_pktsize = window, max_pktsize
+        opening.start()
+        return opening
+
     def _pick(self, tried: set[int]) -> PoolMember | None:
         open_members = [m for m in self.members if m.has_room and id(m) not in tried]
         return min(open_members, key=lambda m: m.channels, default=None)
@@ -192,3 +216,130 @@ class ConnectionPool:
             self.connections_opened += 1
             log.info("opened SSH connection %s: %d in the pool", member.label, len(self.members))
             return member
+
+
+class _CountedLoss:
+    """A session's `connection_lost`, wrapped so that its pool member counts the channel as gone."""
+
+    __slots__ = ("lost", "member")
+
+    def __init__(self, member: PoolMember, lost: Callable[[Exception | None], None]) -> None:
+        self.member = member
+        self.lost = lost
+
+    def __call__(self, exc: Exception | None) -> None:
+        self.member.channels -= 1
+        self.member.established -= 1
+        self.lost(exc)
+
+
+class PoolOpening:
+    """One channel open through the pool, by callback: the same choices as `create_connection` makes.
+
+    Tries the connection with the fewest channels that has room; a capacity refusal teaches the pool and
+    the open moves to another connection; only growing the pool (connecting) runs in a task.
+    """
+
+    __slots__ = (
+        "_args", "_factory", "_inflight", "_inner", "_made", "_member", "_on_done", "_pool", "_state",
+        "_task", "_tried", "max_pktsize", "window",
+    )  # fmt: skip
+
+    def __init__(
+        self, pool: ConnectionPool, factory: Callable[[], Any], args: tuple[Any, ...], on_done: OpenDone
+    ) -> None:
+        self._pool = pool
+        self._factory = factory
+        self._args = args
+        self._on_done = on_done
+        self._tried: set[int] = set()
+        self._member: PoolMember | None = None
+        self._inner: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._inflight = False
+        self._made = False
+        self._state = 0  # 0: opening, 1: done, 2: cancelled
+        self.window = 0
+        self.max_pktsize = 0
+
+    def start(self) -> None:
+        member = self._pool._pick(self._tried)
+        if member is None:
+            self._task = asyncio.get_running_loop().create_task(self._grow_then_try())
+        else:
+            self._try(member)
+
+    def cancel(self) -> None:
+        """Give up: no callback follows; a channel confirmed later is closed."""
+        if self._state:
+            return
+        self._state = 2
+        if self._inflight:
+            self._inflight = False
+            if not self._made and self._member is not None:
+                self._member.channels -= 1
+            self._inner.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _grow_then_try(self) -> None:
+        member = await self._pool._grow(self._tried)
+        if self._state:
+            return
+        if member is None:
+            self._state = 1
+            self._on_done(
+                None,
+                asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_RESOURCE_SHORTAGE, "every SSH connection of the pool is full"
+                ),
+            )
+        else:
+            self._try(member)
+
+    def _try(self, member: PoolMember) -> None:
+        self._member = member
+        self._made = False
+        member.channels += 1
+        try:
+            self._inner = self._pool._opener(
+                member.conn, self._session, *self._args, self._done,
+                window=self.window, max_pktsize=self.max_pktsize,
+            )  # fmt: skip
+        except Exception as exc:  # the connection closed under us: asyncssh refuses at once
+            member.channels -= 1
+            asyncio.get_running_loop().call_soon(self._retry_or_fail, member, exc)
+            return
+        self._inflight = True
+
+    def _session(self) -> Any:
+        member = self._member
+        assert member is not None
+        self._made = True
+        member.established += 1
+        session = self._factory()
+        session.connection_lost = _CountedLoss(member, session.connection_lost)
+        return session
+
+    def _done(self, chan: Any, exc: BaseException | None) -> None:
+        self._inflight = False
+        member = self._member
+        assert member is not None
+        if exc is None:
+            self._state = 1
+            self._on_done(chan, None)
+            return
+        if not self._made:
+            member.channels -= 1
+        self._retry_or_fail(member, exc)
+
+    def _retry_or_fail(self, member: PoolMember, exc: BaseException) -> None:
+        if self._state:
+            return
+        if isinstance(exc, asyncssh.ChannelOpenError) and is_capacity_refusal(exc, member.channels + 1):
+            self._pool._learn_full(member, exc)
+            self._tried.add(id(member))
+            self.start()
+            return
+        self._state = 1
+        self._on_done(None, exc)

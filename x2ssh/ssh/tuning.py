@@ -13,16 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 import asyncssh.connection as _asyncssh_connection
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
-from asyncssh.constants import MSG_IGNORE
+from asyncssh.constants import (
+    MSG_CHANNEL_FAILURE,
+    MSG_CHANNEL_OPEN_CONFIRMATION,
+    MSG_CHANNEL_OPEN_FAILURE,
+    MSG_CHANNEL_WINDOW_ADJUST,
+    MSG_IGNORE,
+)
 from asyncssh.crypto.cipher import GCMCipher
 from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.logging import SSHLogger
-from asyncssh.packet import SSHPacketLogger, String
+from asyncssh.misc import ProtocolError
+from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketLogger, String
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -101,6 +109,133 @@ def _gcm_verify_and_decrypt(self: GCMCipher, header: bytes, data: bytes, mac: by
         opened = None
     self._update_iv()
     return opened
+
+
+# -- One SSH packet out without the detours, for AES-GCM after the key exchange --
+#
+# asyncssh's send_packet checks, per packet, for a due rekey, for packets to defer during a key exchange,
+# inserts (here: skips) the empty IGNORE through a second call, compresses, builds the packet from several
+# small byte strings, encrypts through two shims, and formats a log record. A short connection sends four
+# packets; every one is a channel message on an established connection. For exactly that case (auth and
+# kex complete, no rekey due, strict kex, AES-GCM, no compression, a connection-protocol message) the same
+# bytes are built and sealed in one go (same padding rule, same random source, same IV sequence); every
+# other packet takes asyncssh's own path, which also sends the KEXINIT when a rekey falls due.
+
+_BYTE = tuple(bytes((i,)) for i in range(256))
+_FIRST_CONNECTION_MSG = 80  # SSH_MSG_GLOBAL_REQUEST: the connection protocol (RFC 4254) starts here
+
+
+def _send_packet_fast(self: SSHConnection, pkttype: int, *args: bytes, handler: Any = None) -> None:
+    enc = self._send_encryption
+    if (
+        pkttype < _FIRST_CONNECTION_MSG
+        or enc.__class__ is not GCMEncryption
+        or not (self._strict_kex and self._auth_complete and self._kex_complete)
+        or self._compressor is not None
+        or self._rekey_bytes_sent >= self._rekey_bytes
+        or (self._rekey_seconds and time.monotonic() >= self._rekey_time)
+    ):
+        _send_packet_without_cover(self, pkttype, *args, handler=handler)
+        return
+    payload = _BYTE[pkttype] + b"".join(args)
+    blocksize = self._send_blocksize
+    padlen = -(self._send_enchdrlen + len(payload)) % blocksize
+    if padlen < 4:
+        padlen += blocksize
+    packet = _BYTE[padlen] + payload + _asyncssh_connection.os.urandom(padlen)
+    pktlen = len(packet)
+    header = pktlen.to_bytes(4, "big")
+    cipher = enc._cipher
+    sealed = _aead(cipher).encrypt(cipher._iv, packet, header)  # ciphertext + tag, as header + mac
+    cipher._update_iv()
+    self._send(header + sealed)
+    seq = self._send_seq
+    self._send_seq = (seq + 1) & 0xFFFFFFFF
+    self._rekey_bytes_sent += pktlen
+    if SSHLogger._debug_level >= PACKET_DEBUG_LEVEL:
+        (handler or self).log_sent_packet(pkttype, seq, payload)
+
+
+# -- One SSH packet in without the detours: channel messages on an established AES-GCM connection --
+#
+# For each received packet asyncssh calls three shims to decrypt, slices the header and the body apart and
+# together again, routes by packet type through a chain of checks, formats a log record and asks
+# `inspect.isawaitable` about the handler's result. Here, on an established AES-GCM connection without
+# compression, the packet is opened with the same AESGCM call (same IV sequence); a channel message
+# (window adjust, data, EOF, close, request, success, failure) for a known channel goes straight to that
+# channel's handler, an open confirmation or failure to the connection's (where asyncssh routes them), and
+# the bookkeeping after it (sequence number, next header) is asyncssh's own. Any other packet, an unknown
+# channel, a bad tag or a short packet is handed to asyncssh's `_recv_packet` as it is,
+# with the bytes already opened (a stand-in receive cipher returns them), so its checks and errors apply.
+
+_OPEN_REPLIES = (MSG_CHANNEL_OPEN_CONFIRMATION, MSG_CHANNEL_OPEN_FAILURE)
+_CHANNEL_MSGS = frozenset((*_OPEN_REPLIES, *range(MSG_CHANNEL_WINDOW_ADJUST, MSG_CHANNEL_FAILURE + 1)))
+_original_recv_packet = SSHConnection._recv_packet
+
+
+class _Opened:
+    """Stands in for the receive cipher while asyncssh handles a packet the direct path already opened."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | None) -> None:
+        self.data = data
+
+    def decrypt_packet(
+        self, seq: int, first: bytes, rest: bytes, header_len: int, mac: bytes
+    ) -> bytes | None:
+        return self.data
+
+
+def _recv_packet_fast(self: SSHConnection) -> bool:
+    enc = self._recv_encryption
+    if enc.__class__ is not GCMEncryption or self._decompressor is not None or not self._auth_complete:
+        return _original_recv_packet(self)
+    rem = 4 + self._pktlen + self._recv_macsize - self._recv_blocksize
+    inpbuf = self._inpbuf
+    if len(inpbuf) < rem:
+        return False
+    first = self._packet
+    cipher = enc._cipher
+    try:
+        data: bytes | None = _aead(cipher).decrypt(cipher._iv, first[4:] + inpbuf[:rem], first[:4])
+    except InvalidTag:
+        data = None
+    cipher._update_iv()
+    if not data or not data[0] or data[1] not in _CHANNEL_MSGS or len(data) - data[0] < 6:
+        return _recv_opened(self, enc, data)
+    packet = SSHPacket(data[1 : len(data) - data[0]])
+    pkttype = packet.get_byte()
+    if pkttype in _OPEN_REPLIES:
+        handler: Any = self  # the connection matches the reply to its channel, as asyncssh routes it
+    else:
+        handler = self._channels.get(packet.get_uint32())
+        if handler is None:
+            return _recv_opened(self, enc, data)
+    seq = self._recv_seq
+    self._inpbuf = inpbuf[rem:]
+    self._packet = b""
+    if SSHLogger._debug_level >= PACKET_DEBUG_LEVEL:
+        handler.log_received_packet(pkttype, seq, packet)
+    try:
+        result = handler.process_packet(pkttype, seq, packet)
+    except PacketDecodeError as exc:
+        raise ProtocolError(str(exc)) from None
+    if result is not True:  # asyncssh's handlers of these types always answer True
+        raise RuntimeError(f"asyncssh channel handler returned {result!r}; x2ssh.ssh.tuning needs review")
+    self._finish_recv_packet(pkttype, seq)
+    return True
+
+
+def _recv_opened(self: SSHConnection, enc: Any, data: bytes | None) -> bool:
+    """asyncssh's own `_recv_packet` for a packet whose bytes were already opened (`data`; None: bad tag)."""
+    stand_in = _Opened(data)
+    self._recv_encryption = stand_in  # type: ignore[assignment]
+    try:
+        return _original_recv_packet(self)
+    finally:
+        if self._recv_encryption is stand_in:  # a NEWKEYS handled meanwhile installed a new cipher: keep it
+            self._recv_encryption = enc
 
 
 # -- Starting to read a new channel without a task --
@@ -202,7 +337,8 @@ class _OsWithPooledRandom:
 _PATCHES: tuple[tuple[Any, str, Any, Any], ...] = (
     (SSHPacketLogger, "_log_packet", _log_packet_when_debugging, _original_log_packet),
     (SSHLogger, "log", _log_when_enabled, _original_log),
-    (SSHConnection, "send_packet", _send_packet_without_cover, _original_send_packet),
+    (SSHConnection, "send_packet", _send_packet_fast, _original_send_packet),
+    (SSHConnection, "_recv_packet", _recv_packet_fast, _original_recv_packet),
     (GCMCipher, "encrypt_and_sign", _gcm_encrypt_and_sign, _original_gcm_encrypt),
     (GCMCipher, "verify_and_decrypt", _gcm_verify_and_decrypt, _original_gcm_decrypt),
     (SSHConnection, "create_task", _create_task, _original_create_task),
@@ -216,7 +352,7 @@ def install() -> None:
     for owner, name, replacement, _ in _PATCHES:
         setattr(owner, name, replacement)
     if not isinstance(_asyncssh_connection.os, _OsWithPooledRandom):
-        _asyncssh_connection.os = _OsWithPooledRandom(os)  # type: ignore[attr-defined]
+        _asyncssh_connection.os = _OsWithPooledRandom(os)  # type: ignore[attr-defined,assignment]
 
 
 def uninstall() -> None:

@@ -1,0 +1,146 @@
+"""The direct send path of x2ssh.ssh.tuning puts exactly asyncssh's bytes on the wire.
+
+On a real connection to an asyncssh server (AES-GCM, strict kex), each packet is built twice from the same
+state and the same padding bytes: once by asyncssh's path (with the IGNORE adjustment) and once by the
+direct path; the wire bytes, the sequence number, the IV and the rekey count must match. Other ciphers and
+a due rekey must take asyncssh's path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncssh
+import asyncssh.connection as asyncssh_connection
+import pytest
+from asyncssh.constants import (
+    MSG_CHANNEL_DATA,
+    MSG_CHANNEL_EOF,
+    MSG_CHANNEL_WINDOW_ADJUST,
+    MSG_GLOBAL_REQUEST,
+)
+from asyncssh.packet import Boolean, String, UInt32
+
+from tests.unit.test_asyncssh_channel_tuning import Recorder, lab
+from x2ssh.ssh import tuning
+
+tuning.install()  # as x2ssh runs (importing x2ssh.ssh.connect does the same)
+
+
+class _CountingRandom:
+    """`os` for asyncssh.connection with predictable padding, so two builds can be compared."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.n = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def urandom(self, n: int) -> bytes:
+        self.n += 1
+        return bytes((self.n + i) & 0xFF for i in range(n))
+
+
+def _state(conn: Any) -> tuple[Any, ...]:
+    return conn._send_seq, conn._send_encryption._cipher._iv, conn._rekey_bytes_sent
+
+
+def _set_state(conn: Any, state: tuple[Any, ...]) -> None:
+    conn._send_seq, conn._send_encryption._cipher._iv, conn._rekey_bytes_sent = state
+
+
+def _build(conn: Any, send: Any, pkttype: int, args: tuple[bytes, ...]) -> tuple[bytes, tuple[Any, ...]]:
+    sent: list[bytes] = []
+    real_send, conn._send = conn._send, sent.append
+    real_os, counting = asyncssh_connection.os, _CountingRandom(asyncssh_connection.os)
+    asyncssh_connection.os = counting  # type: ignore[attr-defined]
+    try:
+        send(conn, pkttype, *args)
+    finally:
+        conn._send = real_send
+        asyncssh_connection.os = real_os  # type: ignore[attr-defined]
+    return b"".join(sent), _state(conn)
+
+
+CASES = [
+    (MSG_CHANNEL_DATA, (UInt32(7), String(b""))),
+    (MSG_CHANNEL_DATA, (UInt32(7), String(b"x"))),
+    *[(MSG_CHANNEL_DATA, (UInt32(3), String(bytes(range(256)) * (n // 256) + b"y" * (n % 256)))) for n in
+      (1, 10, 11, 12, 13, 15, 16, 17, 100, 1000, 4095, 32768)],
+    (MSG_CHANNEL_EOF, (UInt32(9),)),
+    (MSG_CHANNEL_WINDOW_ADJUST, (UInt32(9), UInt32(123456))),
+    (MSG_GLOBAL_REQUEST, (String(b"keepalive@openssh.com"), Boolean(True))),
+]  # fmt: skip
+
+
+def test_the_direct_path_builds_asyncssh_s_exact_bytes() -> None:
+    async def scenario(lab_: dict[str, Any]) -> list[Any]:
+        conn = lab_["conn"]
+        assert conn._strict_kex and isinstance(conn._send_encryption, tuning.GCMEncryption)
+        start = _state(conn)
+        results = []
+        for pkttype, args in CASES:
+            before = _state(conn)
+            shipped = _build(conn, tuning._send_packet_without_cover, pkttype, args)
+            _set_state(conn, before)
+            direct = _build(conn, tuning._send_packet_fast, pkttype, args)
+            results.append((shipped, direct))
+        _set_state(conn, start)  # nothing was sent: the connection carries on from where it was
+        chan, session = await conn.create_connection(Recorder, "127.0.0.1", lab_["echo"])
+        chan.write(b"still in step")
+        chan.write_eof()
+        await asyncio.wait_for(session.closed, 10)
+        results.append(session.events[0])
+        return results
+
+    results = asyncio.run(_in_lab(scenario))
+    assert results.pop() == b"still in step"
+    for (shipped, direct), (pkttype, _) in zip(results, CASES, strict=True):
+        assert direct == shipped, f"packet type {pkttype}"
+        assert (len(direct[0]) - 4 - 16) % 16 == 0  # length, whole cipher blocks, tag
+
+
+def test_other_ciphers_and_a_due_rekey_take_asyncssh_s_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = tuning._send_packet_without_cover
+
+    def spy(conn: Any, pkttype: int, *args: bytes, **kw: Any) -> None:
+        calls.append(pkttype)
+        original(conn, pkttype, *args, **kw)
+
+    monkeypatch.setattr(tuning, "_send_packet_without_cover", spy)
+
+    async def chacha(lab_: dict[str, Any]) -> int:
+        calls.clear()
+        conn = lab_["conn"]
+        chan, session = await conn.create_connection(Recorder, "127.0.0.1", lab_["echo"])
+        chan.write(b"chacha")
+        chan.write_eof()
+        await asyncio.wait_for(session.closed, 10)
+        return sum(1 for t in calls if t >= 80)
+
+    assert asyncio.run(_in_lab(chacha, ("chacha20-poly1305@openssh.com",))) >= 3
+
+    async def rekey_due(lab_: dict[str, Any]) -> tuple[int, bytes]:
+        conn = lab_["conn"]
+        conn._rekey_bytes_sent = conn._rekey_bytes  # a rekey falls due with the next packet
+        calls.clear()
+        chan, session = await conn.create_connection(Recorder, "127.0.0.1", lab_["echo"])
+        chan.write(b"after a rekey")
+        chan.write_eof()
+        await asyncio.wait_for(session.closed, 10)
+        return calls[0], session.events[0]
+
+    first, echoed = asyncio.run(_in_lab(rekey_due))
+    assert first >= 80 and echoed == b"after a rekey"  # asyncssh's path ran, started the rekey, went on
+
+
+async def _in_lab(scenario: Any, ciphers: tuple[str, ...] = ("aes128-gcm@openssh.com",)) -> Any:
+    async with lab(ciphers) as lab_:
+        return await scenario(lab_)
+
+
+def test_packets_go_out_through_the_direct_path_when_installed() -> None:
+    assert asyncssh.connection.SSHConnection.send_packet is tuning._send_packet_fast
