@@ -103,6 +103,37 @@ def _gcm_verify_and_decrypt(self: GCMCipher, header: bytes, data: bytes, mac: by
     return opened
 
 
+# One level up, GCMEncryption splits the sealed packet into body and tag, and asyncssh joins them again
+# (`packet + mac`) before the socket write; on receipt it joins the body's two parts and then the tag.
+# Each join copies the whole packet. Here the sealed packet is returned whole with an empty tag (asyncssh
+# adds b"", which costs nothing), and a received packet is joined once: the same bytes on the wire.
+
+
+def _gcm_encrypt_packet(self: GCMEncryption, seq: int, header: bytes, packet: bytes) -> tuple[bytes, bytes]:
+    cipher = self._cipher
+    sealed = _aead(cipher).encrypt(cipher._iv, packet, header)
+    cipher._update_iv()
+    return header + sealed, b""
+
+
+def _gcm_decrypt_packet(
+    self: GCMEncryption, seq: int, first: bytes, rest: bytes, header_len: int, mac: bytes
+) -> bytes | None:
+    cipher = self._cipher
+    try:
+        opened: bytes | None = _aead(cipher).decrypt(
+            cipher._iv, b"".join((first[header_len:], rest, mac)), first[:header_len]
+        )
+    except InvalidTag:
+        opened = None
+    cipher._update_iv()
+    return opened
+
+
+_original_gcm_encrypt_packet = GCMEncryption.encrypt_packet
+_original_gcm_decrypt_packet = GCMEncryption.decrypt_packet
+
+
 # -- Starting to read a new channel without a task --
 #
 # Once a channel is open, asyncssh starts its reading with `conn.create_task(chan._start_reading())`: a
@@ -231,6 +262,8 @@ _PATCHES: tuple[tuple[Any, str, Any, Any], ...] = (
     (SSHConnection, "send_packet", _send_packet_without_cover, _original_send_packet),
     (GCMCipher, "encrypt_and_sign", _gcm_encrypt_and_sign, _original_gcm_encrypt),
     (GCMCipher, "verify_and_decrypt", _gcm_verify_and_decrypt, _original_gcm_decrypt),
+    (GCMEncryption, "encrypt_packet", _gcm_encrypt_packet, _original_gcm_encrypt_packet),
+    (GCMEncryption, "decrypt_packet", _gcm_decrypt_packet, _original_gcm_decrypt_packet),
     (SSHConnection, "create_task", _create_task, _original_create_task),
     (SSHConnection, "_reset_keepalive_timer", _reset_keepalive_timer, _original_reset_keepalive),
     (SSHConnection, "_keepalive_timer_callback", _keepalive_timer_callback, _original_keepalive_callback),
