@@ -111,7 +111,7 @@ def _run_json(env: BenchEnv, ns: str, argv: list[str], timeout: float) -> dict:
 
 
 def _client(env: BenchEnv, ep: Endpoint, args: list[str], timeout: float) -> dict:
-    return _run_json(env, ep.ns, [sys.executable, str(CLIENTS_SCRIPT), *args], timeout)
+    return _run_json(env, ep.ns, ep.argv([sys.executable, str(CLIENTS_SCRIPT), *args]), timeout)
 
 
 def _iperf3(env: BenchEnv, ep: Endpoint, args: list[str], seconds: int) -> dict:
@@ -129,7 +129,7 @@ def _iperf3(env: BenchEnv, ep: Endpoint, args: list[str], seconds: int) -> dict:
     ]
     for attempt in (1, 2):
         try:
-            return _run_json(env, ep.ns, [*argv, *args], timeout=seconds + 40)
+            return _run_json(env, ep.ns, ep.argv([*argv, *args]), timeout=seconds + 40)
         except ScenarioError as exc:
             if attempt == 2 or "busy" not in str(exc):
                 raise
@@ -403,7 +403,7 @@ class ApacheBenchRate(Scenario):
             "-t", str(settings.ab_seconds), "-n", "10000000", f"http://{netloc}:{ep.port}/1k.bin",
         ]  # fmt: skip
         with _metered(env, transport) as meters:
-            done = env.lab.run(ep.ns, argv, timeout=settings.ab_seconds + 60)
+            done = env.lab.run(ep.ns, ep.argv(argv), timeout=settings.ab_seconds + 60)
         if done.returncode != 0:
             raise ScenarioError(f"ab exited {done.returncode}: {(done.stderr or done.stdout)[-400:]}")
         ab = parse_ab(done.stdout)
