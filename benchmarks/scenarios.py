@@ -14,7 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -213,6 +213,9 @@ class HttpRate(Scenario):
             "http-rate", "--host", ep.host, "--port", str(ep.port), "--path", "/1k.bin",
             "--concurrency", str(settings.http_concurrency), "--duration", str(settings.http_seconds),
         ]  # fmt: skip
+        if ep.socks is not None:  # the client speaks SOCKS5 itself (no proxychains in between)
+            args += ["--socks", f"{ep.socks[0]}:{ep.socks[1]}"]
+            ep = replace(ep, wrapper=())
         data = _client(env, ep, args, timeout=settings.http_seconds + 60)
         if not data["requests"]:
             raise ScenarioError(f"no request succeeded: {data['first_errors']}")
@@ -397,6 +400,8 @@ class ApacheBenchRate(Scenario):
 
     def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
         ep = transport.reach("http")
+        if ep.socks is not None:
+            raise ScenarioError("ab cannot speak SOCKS (and through proxychains it measures its stalls)")
         netloc = f"[{ep.host}]" if ":" in ep.host else ep.host
         argv = [
             "ab", "-q", "-r", "-s", "10", "-c", str(settings.http_concurrency),

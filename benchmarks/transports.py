@@ -44,12 +44,14 @@ class TransportUnavailable(RuntimeError):
 class Endpoint:
     """Where a client runs (`ns`) and what it dials (`host`, `port`) to reach a target service.
 
-    `wrapper` goes before the client's argv (a SOCKS transport's `proxychains4 -f CONF`)."""
+    `wrapper` goes before the client's argv (a SOCKS transport's `proxychains4 -f CONF`); `socks` is that
+    transport's SOCKS5 proxy, for clients that speak SOCKS themselves."""
 
     ns: str
     host: str
     port: int
     wrapper: tuple[str, ...] = ()
+    socks: tuple[str, int] | None = None
 
     def argv(self, argv: list[str]) -> list[str]:
         """The client command as this endpoint needs it run."""
@@ -305,9 +307,10 @@ class _SocksProxy(Transport):
     reach it through proxychains-ng, which hooks their connect() (LD_PRELOAD, C) and does the SOCKS5
     handshake before handing the socket back. Clients dial the target's real address, as with the VPN.
 
-    proxychains does that handshake blocking, one connect at a time per process, so a rate through it
-    measures the open latency at the given concurrency more than a pure connection rate; it is the same
-    client for both proxies."""
+    proxychains does that handshake blocking, one connect at a time per process, and in small writes that
+    stall on delayed ACKs (about 40 ms per connection, through either proxy): fine for the long iperf3
+    flows, useless for a connection rate. So the HTTP rate client speaks SOCKS5 itself (`Endpoint.socks`),
+    and ApacheBench, which cannot, does not run through these transports."""
 
     capabilities = frozenset({TCP})
     _conf: Path  # the proxychains configuration, written by start()
@@ -325,7 +328,8 @@ class _SocksProxy(Transport):
     def reach(self, service: str) -> Endpoint:
         env = self._env()
         wrapper = ("proxychains4", "-q", "-f", str(self._conf))
-        return Endpoint(env.lab.client, env.lab.target_addr.v4, env.service_ports[service], wrapper)
+        socks = ("127.0.0.1", SOCKS_PORT)
+        return Endpoint(env.lab.client, env.lab.target_addr.v4, env.service_ports[service], wrapper, socks)
 
     def _wait_proxy(self) -> None:
         env = self._env()
