@@ -42,10 +42,37 @@ def _raise_fd_limit() -> None:
 # -- HTTP connection rate ----------------------------------------------------------------------------------
 
 
-async def _one_request(host: str, port: int, request: bytes) -> float:
-    """One short request on a new connection; returns time to first response byte (s)."""
+async def _socks5_connect(
+    proxy: tuple[str, int], host: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to `host` (an IPv4 or IPv6 address) through the SOCKS5 proxy at `proxy` (RFC 1928,
+    no authentication): greeting, then CONNECT, each answer awaited as a plain SOCKS client does."""
+    reader, writer = await asyncio.open_connection(*proxy)
+    try:
+        writer.write(b"\x05\x01\x00")
+        if await reader.readexactly(2) != b"\x05\x00":
+            raise ConnectionError("SOCKS5 proxy refused the no-authentication method")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        kind = b"\x04" if family == socket.AF_INET6 else b"\x01"
+        writer.write(b"\x05\x01\x00" + kind + socket.inet_pton(family, host) + port.to_bytes(2, "big"))
+        reply = await reader.readexactly(4)
+        if reply[1] != 0:
+            raise ConnectionError(f"SOCKS5 reply code {reply[1]}")
+        await reader.readexactly({1: 4, 4: 16}.get(reply[3], 0) + 2)  # the bound address
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer
+
+
+async def _one_request(host: str, port: int, request: bytes, socks: tuple[str, int] | None = None) -> float:
+    """One short request on a new connection (through `socks` if given); returns time to first response
+    byte (s)."""
     start = time.perf_counter()
-    reader, writer = await asyncio.open_connection(host, port)
+    if socks is None:
+        reader, writer = await asyncio.open_connection(host, port)
+    else:
+        reader, writer = await _socks5_connect(socks, host, port)
     try:
         writer.write(request)
         await writer.drain()
@@ -66,7 +93,9 @@ async def _one_request(host: str, port: int, request: bytes) -> float:
         writer.close()
 
 
-async def http_rate(host: str, port: int, path: str, concurrency: int, duration: float) -> dict:
+async def http_rate(
+    host: str, port: int, path: str, concurrency: int, duration: float, socks: tuple[str, int] | None = None
+) -> dict:
     netloc = f"[{host}]" if ":" in host else host
     request = f"GET {path} HTTP/1.1\r\nHost: {netloc}\r\nConnection: close\r\n\r\n".encode()
     ttfbs: list[float] = []
@@ -76,7 +105,7 @@ async def http_rate(host: str, port: int, path: str, concurrency: int, duration:
     async def worker() -> None:
         while time.perf_counter() < deadline:
             try:
-                ttfbs.append(await asyncio.wait_for(_one_request(host, port, request), 10))
+                ttfbs.append(await asyncio.wait_for(_one_request(host, port, request, socks), 10))
             except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 errors.append(type(exc).__name__ + ": " + str(exc))
                 await asyncio.sleep(0.01)
@@ -300,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--path", default="/1k.bin")
     p.add_argument("--concurrency", type=int, default=50)
     p.add_argument("--duration", type=float, default=5.0)
+    p.add_argument("--socks", default=None, metavar="HOST:PORT", help="through this SOCKS5 proxy")
     p = sub.add_parser("rr")
     p.add_argument("--host", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -330,7 +360,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _raise_fd_limit()
     if args.kind == "http-rate":
-        result = asyncio.run(http_rate(args.host, args.port, args.path, args.concurrency, args.duration))
+        socks = None
+        if args.socks:
+            proxy_host, _, proxy_port = args.socks.rpartition(":")
+            socks = (proxy_host.strip("[]"), int(proxy_port))
+        rate = http_rate(args.host, args.port, args.path, args.concurrency, args.duration, socks)
+        result = asyncio.run(rate)
     elif args.kind == "rr":
         result = request_response(args.host, args.port, args.count, args.size)
     elif args.kind == "dns":

@@ -27,7 +27,7 @@ from benchmarks.transports import ALL_TRANSPORTS, Transport, TransportUnavailabl
 
 log = logging.getLogger(__name__)
 
-SUBJECT = "x2ssh"
+SUBJECTS = ("x2ssh", "x2ssh-D")  # the first of these that ran is rated against the others
 
 
 class BenchmarkRun:
@@ -143,7 +143,7 @@ class BenchmarkRun:
             for t in self.transports
             if self.status[t.name]["status"] == "ok" and any(s["transport"] == t.name for s in self.samples)
         ]
-        subject = SUBJECT if SUBJECT in ran else next((n for n in ran if n != "direct"), None)
+        subject = next((n for n in SUBJECTS if n in ran), next((n for n in ran if n != "direct"), None))
         ratios = ratio_rows(metrics, summaries, subject, [n for n in ran if n != subject]) if subject else []
         return {
             "command": self.command,

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -112,7 +112,7 @@ def _run_json(env: BenchEnv, ns: str, argv: list[str], timeout: float) -> dict:
 
 
 def _client(env: BenchEnv, ep: Endpoint, args: list[str], timeout: float) -> dict:
-    return _run_json(env, ep.ns, [sys.executable, str(CLIENTS_SCRIPT), *args], timeout)
+    return _run_json(env, ep.ns, ep.argv([sys.executable, str(CLIENTS_SCRIPT), *args]), timeout)
 
 
 def _iperf3(env: BenchEnv, ep: Endpoint, args: list[str], seconds: int) -> dict:
@@ -130,7 +130,7 @@ def _iperf3(env: BenchEnv, ep: Endpoint, args: list[str], seconds: int) -> dict:
     ]
     for attempt in (1, 2):
         try:
-            return _run_json(env, ep.ns, [*argv, *args], timeout=seconds + 40)
+            return _run_json(env, ep.ns, ep.argv([*argv, *args]), timeout=seconds + 40)
         except ScenarioError as exc:
             if attempt == 2 or "busy" not in str(exc):
                 raise
@@ -214,6 +214,9 @@ class HttpRate(Scenario):
             "http-rate", "--host", ep.host, "--port", str(ep.port), "--path", "/1k.bin",
             "--concurrency", str(settings.http_concurrency), "--duration", str(settings.http_seconds),
         ]  # fmt: skip
+        if ep.socks is not None:  # the client speaks SOCKS5 itself (no proxychains in between)
+            args += ["--socks", f"{ep.socks[0]}:{ep.socks[1]}"]
+            ep = replace(ep, wrapper=())
         data = _client(env, ep, args, timeout=settings.http_seconds + 60)
         if not data["requests"]:
             raise ScenarioError(f"no request succeeded: {data['first_errors']}")
@@ -507,13 +510,15 @@ class ApacheBenchRate(Scenario):
 
     def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
         ep = transport.reach("http")
+        if ep.socks is not None:
+            raise ScenarioError("ab cannot speak SOCKS (and through proxychains it measures its stalls)")
         netloc = f"[{ep.host}]" if ":" in ep.host else ep.host
         argv = [
             "ab", "-q", "-r", "-s", "10", "-c", str(settings.http_concurrency),
             "-t", str(settings.ab_seconds), "-n", "10000000", f"http://{netloc}:{ep.port}/1k.bin",
         ]  # fmt: skip
         with _metered(env, transport) as meters:
-            done = env.lab.run(ep.ns, argv, timeout=settings.ab_seconds + 60)
+            done = env.lab.run(ep.ns, ep.argv(argv), timeout=settings.ab_seconds + 60)
         if done.returncode != 0:
             raise ScenarioError(f"ab exited {done.returncode}: {(done.stderr or done.stdout)[-400:]}")
         ab = parse_ab(done.stdout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -41,11 +42,20 @@ class TransportUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where a client runs (`ns`) and what it dials (`host`, `port`) to reach a target service."""
+    """Where a client runs (`ns`) and what it dials (`host`, `port`) to reach a target service.
+
+    `wrapper` goes before the client's argv (a SOCKS transport's `proxychains4 -f CONF`); `socks` is that
+    transport's SOCKS5 proxy, for clients that speak SOCKS themselves."""
 
     ns: str
     host: str
     port: int
+    wrapper: tuple[str, ...] = ()
+    socks: tuple[str, int] | None = None
+
+    def argv(self, argv: list[str]) -> list[str]:
+        """The client command as this endpoint needs it run."""
+        return [*self.wrapper, *argv]
 
 
 class Transport:
@@ -286,6 +296,89 @@ class X2ssh(Transport):
         self.proc = None
 
 
+# -- SOCKS5 proxies (`ssh -D`, `x2ssh -D`) ----------------------------------------------------------------
+
+SOCKS_PORT = 11080
+SOCKS_CIPHER = "aes128-gcm@openssh.com"  # x2ssh's first choice (x2ssh.ssh.connect), so both use the same
+
+
+class _SocksProxy(Transport):
+    """A SOCKS5 proxy in the client namespace; the unchanged clients (iperf3, ab, curl, the Python clients)
+    reach it through proxychains-ng, which hooks their connect() (LD_PRELOAD, C) and does the SOCKS5
+    handshake before handing the socket back. Clients dial the target's real address, as with the VPN.
+
+    proxychains does that handshake blocking, one connect at a time per process, and in small writes that
+    stall on delayed ACKs (about 40 ms per connection, through either proxy): fine for the long iperf3
+    flows, useless for a connection rate. So the HTTP rate client speaks SOCKS5 itself (`Endpoint.socks`),
+    and ApacheBench, which cannot, does not run through these transports."""
+
+    capabilities = frozenset({TCP})
+    _conf: Path  # the proxychains configuration, written by start()
+
+    def start(self, env: BenchEnv) -> None:
+        super().start(env)
+        if shutil.which("proxychains4") is None:
+            raise TransportUnavailable("proxychains4 is not installed (apt-get install proxychains4)")
+        self._conf = env.log_dir / f"proxychains-{self.name}.conf"
+        self._conf.write_text(
+            "strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n"
+            f"[ProxyList]\nsocks5 127.0.0.1 {SOCKS_PORT}\n"
+        )
+
+    def reach(self, service: str) -> Endpoint:
+        env = self._env()
+        wrapper = ("proxychains4", "-q", "-f", str(self._conf))
+        socks = ("127.0.0.1", SOCKS_PORT)
+        return Endpoint(env.lab.client, env.lab.target_addr.v4, env.service_ports[service], wrapper, socks)
+
+    def _wait_proxy(self) -> None:
+        env = self._env()
+        try:
+            wait_tcp_port(env.lab, env.lab.client, "127.0.0.1", SOCKS_PORT, timeout=START_TIMEOUT)
+        except ServiceError as exc:
+            self.stop()
+            raise TransportUnavailable(str(exc)) from exc
+
+
+class SshDynamic(_SocksProxy):
+    name = "ssh-D"
+    description = f"OpenSSH ssh -N -D (SOCKS5, -c {SOCKS_CIPHER}) via proxychains"
+
+    def start(self, env: BenchEnv) -> None:
+        super().start(env)
+        args = ["-N", "-c", SOCKS_CIPHER, "-o", "ExitOnForwardFailure=yes", "-D", f"127.0.0.1:{SOCKS_PORT}"]
+        log_file = open(self._log_path(), "ab")  # noqa: SIM115 - handed to the child process
+        self.proc = env.lab.popen(
+            env.lab.client, env.sshd.ssh_command(*args), stdout=log_file, stderr=log_file
+        )
+        log_file.close()
+        self._wait_proxy()
+
+
+class X2sshDynamic(_SocksProxy):
+    name = "x2ssh-D"
+    description = "x2ssh -D (SOCKS5 proxy, asyncssh) via proxychains"
+
+    def start(self, env: BenchEnv) -> None:
+        super().start(env)
+        sshd = env.sshd
+        argv = [
+            sys.executable, "-m", "x2ssh", "-D", f"127.0.0.1:{SOCKS_PORT}", "-F", str(sshd.ssh_config),
+            "-i", str(sshd.client_key), "-p", str(sshd.port), sshd.destination,
+        ]  # fmt: skip
+        self._spawn_watched(argv, r"proxy up", cwd=str(REPO_ROOT))
+
+
 ALL_TRANSPORTS: dict[str, type[Transport]] = {
-    cls.name: cls for cls in (Direct, SshLocalForward, AsyncsshLocalForward, Sshuttle, SshTun, X2ssh)
+    cls.name: cls
+    for cls in (
+        Direct,
+        SshLocalForward,
+        AsyncsshLocalForward,
+        Sshuttle,
+        SshTun,
+        X2ssh,
+        SshDynamic,
+        X2sshDynamic,
+    )
 }

@@ -59,6 +59,30 @@ def human_rate(bytes_per_s: float) -> str:
     return f"{bytes_per_s * 8 / 1e6:.1f} Mbit/s"
 
 
+class RateMeter:
+    """Bits per second up and down from growing byte counters, over at least `interval` seconds.
+
+    Call `sample()` as often as you like (each status tick); the rates change only once `interval` has
+    passed since the last mark, so a burst of calls does not turn noise into a rate."""
+
+    def __init__(self, interval: float = 1.0, now: float | None = None) -> None:
+        self.interval = interval
+        self._mark = (time.monotonic() if now is None else now, 0, 0)
+        self.up_bps = 0.0
+        self.down_bps = 0.0
+
+    def sample(self, bytes_up: int, bytes_down: int, now: float | None = None) -> tuple[float, float]:
+        """Take the counters now; returns (up_bps, down_bps) as last measured."""
+        now = time.monotonic() if now is None else now
+        when, last_up, last_down = self._mark
+        if now - when >= self.interval:
+            bits = 8 / (now - when)
+            self.up_bps = (bytes_up - last_up) * bits
+            self.down_bps = (bytes_down - last_down) * bits
+            self._mark = (now, bytes_up, bytes_down)
+        return self.up_bps, self.down_bps
+
+
 class StatusView:
     """Renders snapshots: `update(snapshot)` as often as you like; rates are computed between updates."""
 

@@ -152,13 +152,30 @@ def test_lan_bind_without_credentials_is_refused(lab: Lab, lab_sshd: SshServer, 
     assert "proxy down" not in done.stderr  # refused before connecting anywhere
 
 
-def test_status_and_down_reach_the_proxy_run(lab: Lab, erin: LaptopUser, proxy: VpnProcess) -> None:
-    """Last in this module: `x2ssh status` finds the run in the user's runtime directory; `down` ends it."""
-    status = lab.run(lab.client, erin.argv("plain", "status", "--json"), timeout=60)
-    assert status.returncode == 0, status.stdout + status.stderr
-    doc = json.loads(status.stdout)
+def test_status_and_down_reach_the_proxy_run(
+    lab: Lab, lab_services: TargetServices, erin: LaptopUser, proxy: VpnProcess
+) -> None:
+    """Last in this module: `x2ssh status` finds the run in the user's runtime directory and shows the rate
+    of a download in progress; `down` ends the run."""
+    url = lab_services.http.url(lab.target_addr.v4, "big.bin")
+    slow = ["curl", "-sS", "--socks5", SOCKS, "--limit-rate", "1M", "-o", "/dev/null", url]
+    download = lab.popen(lab.client, slow, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        doc: dict = {}
+
+        def moving() -> bool:
+            nonlocal doc
+            status = lab.run(lab.client, erin.argv("plain", "status", "--json"), timeout=60)
+            assert status.returncode == 0, status.stdout + status.stderr
+            doc = json.loads(status.stdout)
+            return doc["rates"]["down_bps"] > 0
+
+        assert wait_until(moving, 30), doc
+    finally:
+        lab.kill(download)
     assert check_status(doc) == [] and doc["state"] == "up" and doc["tun"] is None, doc
     assert doc["reconnects"] == 1 and doc["tcp"]["total"] >= 5, doc  # the tests above
+    assert doc["tcp"]["open"] >= 1 and doc["bytes"]["down"] > 0, doc
     down = lab.run(lab.client, erin.argv("plain", "down"), timeout=60)
     assert down.returncode == 0, down.stdout + down.stderr
     assert wait_until(lambda: not proxy.running, 30), proxy.describe()

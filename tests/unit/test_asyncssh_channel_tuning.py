@@ -302,3 +302,50 @@ def test_padding_comes_from_a_pool_of_kernel_random_bytes() -> None:
         assert len(pooled.urandom(10_000)) == 10_000  # larger than the pool: straight from the kernel
     with tuned(False):
         assert connection_module.os is os
+
+
+async def _bulk_both_ways(lab_: dict[str, Any]) -> tuple[bool, list[Any], int]:
+    """4 MiB through the echo server; counts the socket reads larger than one input slice."""
+    conn = lab_["conn"]
+    large_reads = 0
+    feed = conn.data_received
+
+    def counting(data: bytes, datatype: Any = None) -> None:
+        nonlocal large_reads
+        large_reads += len(data) > tuning.INPUT_SLICE
+        feed(data, datatype)
+
+    conn.data_received = counting
+    chan, session = await conn.create_connection(Recorder, "127.0.0.1", lab_["echo"])
+    payload = os.urandom(4 * 1024 * 1024)
+    chan.write(payload)
+    chan.write_eof()
+    await asyncio.wait_for(session.closed, 30)
+    return session.events[0] == payload, session.events[1:], large_reads
+
+
+def test_large_reads_fed_in_slices_give_the_same_bytes_and_events() -> None:
+    shipped, adjusted = _run_both(_bulk_both_ways)
+    assert shipped[:2] == adjusted[:2] == (True, ["eof", ("lost", None)])
+    assert adjusted[2] > 0  # reads larger than a slice happened, so the sliced path ran
+
+
+def test_gcm_packets_on_the_wire_are_the_same_bytes() -> None:
+    from asyncssh.encryption import GCMEncryption
+
+    key, iv = os.urandom(16), os.urandom(12)
+    packets = [(os.urandom(4), os.urandom(n)) for n in (16, 32, 1024, 32768, 48)]
+    wires = []
+    for on in (False, True):
+        with tuned(on):
+            sender = GCMEncryption.new("aes128-gcm", key, iv)
+            receiver = GCMEncryption.new("aes128-gcm", key, iv)
+            wire = [b"".join(sender.encrypt_packet(seq, h, d)) for seq, (h, d) in enumerate(packets)]
+            opened = [
+                receiver.decrypt_packet(seq, w[:16], w[16:-16], 4, w[-16:]) for seq, w in enumerate(wire)
+            ]
+            assert opened == [d for _, d in packets]
+            forged = GCMEncryption.new("aes128-gcm", key, iv)
+            assert forged.decrypt_packet(0, wire[0][:16], wire[0][16:-16], 4, bytes(16)) is None
+            wires.append(wire)
+    assert wires[0] == wires[1]

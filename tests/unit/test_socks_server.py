@@ -241,6 +241,25 @@ def test_splice_data_eof_and_early_banner() -> None:
     run(test)
 
 
+def test_channel_data_of_one_turn_reaches_the_client_in_order_before_the_close() -> None:
+    async def test() -> None:
+        backend = FakeBackend()
+        server, port = await started(backend)
+        reader, writer, code = await socks_connect(port, v4("10.0.0.1", 80))
+        assert code == 0
+        session = backend.channels[0].session
+        parts = [bytes([65 + i]) * (1000 * (i + 1)) for i in range(5)]
+        for part in parts:  # one loop turn: queued, then written together
+            session.data_received(part, None)
+        session.connection_lost(None)  # the channel closes in the same turn: the data still goes first
+        assert await reader.read() == b"".join(parts)
+        writer.close()
+        await server.close()
+        assert server.stats.bytes_down == sum(map(len, parts))
+
+    run(test)
+
+
 def test_flow_control_both_ways() -> None:
     async def test() -> None:
         backend = FakeBackend()

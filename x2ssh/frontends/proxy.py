@@ -22,6 +22,7 @@ from x2ssh.frontends.stop import StopRequest
 from x2ssh.session import Address, SshSession
 from x2ssh.settings import Settings
 from x2ssh.ssh.connect import plain_socket
+from x2ssh.status import RateMeter
 
 log = logging.getLogger("x2ssh.proxy")
 
@@ -58,6 +59,7 @@ class ProxyRun:
         host, port = settings.dynamic
         self.server = SocksServer(backend, host, port, credentials=credentials, allow_lan=settings.allow_lan)
         self.control: ControlServer | None = None
+        self.rates = RateMeter()  # sampled each status tick, as the VPN's status loop does
         self._stop = StopRequest("stopping")
 
     async def run(self) -> int:
@@ -101,6 +103,7 @@ class ProxyRun:
     def status_document(self) -> dict[str, Any]:
         """The same schema as the VPN's (x2ssh.status_report); no TUN, no routes, no DNS changes here."""
         stats = self.server.stats
+        up_bps, down_bps = self.rates.sample(stats.bytes_up, stats.bytes_down)
         return {
             **self.ssh.status_fields(),
             "tun": None,
@@ -114,7 +117,7 @@ class ProxyRun:
                 "failed": stats.protocol_errors,
             },
             "bytes": {"up": stats.bytes_up, "down": stats.bytes_down},
-            "rates": {"up_bps": 0.0, "down_bps": 0.0},
+            "rates": {"up_bps": up_bps, "down_bps": down_bps},
         }
 
     async def _pool(self) -> Any:
@@ -130,6 +133,8 @@ class ProxyRun:
         elapsed = 0.0
         while True:
             await self.ssh.tick()
+            stats = self.server.stats
+            self.rates.sample(stats.bytes_up, stats.bytes_down)
             await asyncio.sleep(STATUS_INTERVAL)
             elapsed += STATUS_INTERVAL
             if elapsed >= LOG_INTERVAL:
