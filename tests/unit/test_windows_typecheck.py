@@ -63,7 +63,66 @@ def test_the_platform_flag_matters() -> None:
 # as win32 is a POSIX-only name (os.getuid, os.writev, socket.AF_UNIX...) reachable on Windows. Branches
 # for one platform test `sys.platform` directly, which mypy understands.
 
+PROXY_FILES = (  # `x2ssh -D` is meant to run wherever Python runs: its whole import path
+    "x2ssh/cli.py",
+    "x2ssh/settings.py",
+    "x2ssh/session.py",
+    "x2ssh/control.py",
+    "x2ssh/status.py",
+    "x2ssh/status_command.py",
+    "x2ssh/status_report.py",
+    "x2ssh/frontends/proxy.py",
+    "x2ssh/frontends/stop.py",
+    "x2ssh/frontends/socks.py",
+    "x2ssh/frontends/socks_backend.py",
+    "x2ssh/frontends/socks_protocol.py",
+    "x2ssh/frontends/socks_udp.py",
+    "x2ssh/host/privileges.py",
+    "x2ssh/ssh",
+    "x2ssh/flows",
+    "x2ssh/agent_client",
+)
 AGENT_FILES = ("agent/agent_main.py", "agent/netio.py", "agent/protocol.py", "agent/zipapp.py")
+
+
+def _platform_errors(root: Path, platform: str, files: tuple[str, ...]) -> set[str]:
+    """mypy's errors for `files` checked as `platform`, without line numbers (so that sets compare)."""
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "mypy", "--platform", platform, "--python-version", "3.11",
+            "--follow-imports=silent", "--ignore-missing-imports", "--no-incremental", "--no-error-summary",
+            *files,
+        ],
+        cwd=root, capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    return {_without_line(line) for line in result.stdout.splitlines() if ": error: " in line}
+
+
+def _without_line(error: str) -> str:
+    path, _, rest = error.partition(":")
+    return path + ":" + rest.partition(":")[2]
+
+
+@pytest.mark.parametrize("platform", ["win32", "darwin"])
+def test_the_proxy_mode_has_no_linux_only_call_on_other_platforms(platform: str) -> None:
+    """`x2ssh -D` needs no root and no TUN: nothing on its import path may use a Linux-only name (pwd,
+    setresuid, SIGHUP, AF_UNIX's SO_PEERCRED, os.getuid on Windows) without a `sys.platform` guard."""
+    only_there = _platform_errors(ROOT, platform, PROXY_FILES) - _platform_errors(ROOT, "linux", PROXY_FILES)
+    assert not only_there, "\n".join(sorted(only_there))
+
+
+def test_the_proxy_check_catches_an_unguarded_linux_call(tmp_path: Path) -> None:
+    """Drop the Windows guard of the proxy's control socket and the check above must fail on win32."""
+    shutil.copytree(ROOT / "x2ssh", tmp_path / "x2ssh")
+    proxy = tmp_path / "x2ssh" / "frontends" / "proxy.py"
+    guarded = 'if sys.platform == "win32":\n            log.info("no control socket on Windows'
+    text = proxy.read_text()
+    assert text.count(guarded) == 1
+    proxy.write_text(text.replace(guarded, 'if False:\n            log.info("no control socket on Windows'))
+    linux = _platform_errors(tmp_path, "linux", PROXY_FILES)
+    found = _platform_errors(tmp_path, "win32", PROXY_FILES) - linux
+    assert any('has no attribute "getuid"' in line for line in found), found
 
 
 def _agent_errors(root: Path, platform: str) -> set[str]:

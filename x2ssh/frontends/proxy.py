@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 from typing import Any
 
 from x2ssh.control import SOCKET_NAME, ControlServer, private_control_dir, user_run_dir
@@ -87,6 +88,9 @@ class ProxyRun:
 
     async def _start_control(self) -> None:
         """`x2ssh status` / `x2ssh down` reach this run through a socket in the user's runtime directory."""
+        if sys.platform == "win32":
+            log.info("no control socket on Windows: x2ssh status/down do not reach this run")
+            return
         try:
             directory = private_control_dir(user_run_dir())
             self.control = ControlServer(
