@@ -58,6 +58,15 @@ LWIP_CORE = [
 ]
 
 
+COMPILE_ARGS = ["-O2", "-std=gnu11", "-fvisibility=hidden", "-Wno-unused-parameter"]
+
+
+def c_sources(lwip_src: Path) -> list[Path]:
+    """Every C file the extension compiles: our glue, then lwIP's core (``lwip_src`` is lwIP's ``src/``).
+    The Windows cross-compile test (tests/unit/test_windows_native_build.py) compiles this same list."""
+    return [HERE / "ns_glue.c"] + [lwip_src / f for f in LWIP_CORE]
+
+
 def make_ffi(absolute: bool = False) -> FFI:
     """Describe the extension; setuptools insists on paths relative to the checkout's top."""
     src = lwip_source() / "src"
@@ -71,9 +80,9 @@ def make_ffi(absolute: bool = False) -> FFI:
     ffi.set_source(
         "netstack._native",
         '#include "ns_glue.h"',
-        sources=[rel(HERE / "ns_glue.c")] + [rel(src / f) for f in LWIP_CORE],
+        sources=[rel(path) for path in c_sources(src)],
         include_dirs=[rel(HERE), rel(src / "include")],
-        extra_compile_args=["-O2", "-std=gnu11", "-fvisibility=hidden", "-Wno-unused-parameter"],
+        extra_compile_args=COMPILE_ARGS,
     )
     return ffi
 

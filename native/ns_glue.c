@@ -1,5 +1,8 @@
 /* x2ssh netstack glue around lwIP 2.1.3. See ns_glue.h for the theory of operation. */
 #define _GNU_SOURCE
+#ifdef _WIN32
+#define _CRT_RAND_S /* rand_s (the system RNG, no extra import library) is declared only with this */
+#endif
 #include "ns_glue.h"
 
 #include <errno.h>
@@ -7,9 +10,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _WIN32
+/* Windows: the CRT's read/write stand in for unistd.h's (only ns_pump and an fd output use them, and a
+ * Wintun run uses neither: it feeds ns_input and drains the output queue); the clock is
+ * QueryPerformanceCounter. */
+#define WIN32_LEAN_AND_MEAN
+#include <io.h>
+#include <windows.h>
+#else
 #include <sys/syscall.h>  /* getrandom by syscall: glibc got a wrapper only in 2.25 (manylinux_2_17 wheels) */
 #include <time.h>
 #include <unistd.h>
+#endif
 
 #include "lwip/init.h"
 #include "lwip/ip.h"
@@ -90,6 +102,15 @@ void ns_diag(const char *fmt, ...) {
     va_end(ap);
 }
 
+#ifdef _WIN32
+uint32_t ns_rand32(void) {
+    unsigned int r = 0;
+    if (rand_s(&r) != 0) {
+        r = ((unsigned int)rand() << 16) ^ (unsigned int)rand(); /* RAND_MAX is 0x7fff there */
+    }
+    return (uint32_t)r;
+}
+#else
 uint32_t ns_rand32(void) {
     uint32_t r = 0;
     if (syscall(SYS_getrandom, &r, sizeof r, 0x0001 /* GRND_NONBLOCK */) != (long)sizeof r) {
@@ -97,6 +118,7 @@ uint32_t ns_rand32(void) {
     }
     return r;
 }
+#endif
 
 /* libc allocations with a size header, so the bytes lwIP holds can be counted (leak tests). */
 #define NS_MEM_HDR 16
@@ -120,12 +142,30 @@ void *ns_mem_calloc(size_t count, size_t size) {
     return p;
 }
 
+#ifdef _WIN32
+u32_t sys_now(void) {
+    if (G.manual_clock) return (u32_t)G.now_ms;
+    /* Monotonic like CLOCK_MONOTONIC, with millisecond precision (GetTickCount64 ticks every ~15.6 ms).
+     * Whole seconds and the remainder are scaled apart, so counter * 1000 cannot overflow. */
+    static uint64_t freq;
+    LARGE_INTEGER c;
+    if (!freq) {
+        LARGE_INTEGER f;
+        QueryPerformanceFrequency(&f); /* never fails on Windows XP and later */
+        freq = (uint64_t)f.QuadPart;
+    }
+    QueryPerformanceCounter(&c);
+    uint64_t t = (uint64_t)c.QuadPart;
+    return (u32_t)((t / freq) * 1000u + (t % freq) * 1000u / freq);
+}
+#else
 u32_t sys_now(void) {
     if (G.manual_clock) return (u32_t)G.now_ms;
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (u32_t)((uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u);
 }
+#endif
 
 /* ---- small helpers ---- */
 

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(python3 python3-venv python3-dev gcc libc6-dev openssh-server openssh-client curl dnsutils iperf3
               dnsmasq-base tcpdump iproute2 sshuttle xz-utils ca-certificates procps psmisc nftables sudo
-              apache2-utils iputils-ping dnsperf proxychains4)
+              apache2-utils iputils-ping dnsperf proxychains4
+              gcc-mingw-w64-x86-64)  # the last: the native core's Windows cross-compile test
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

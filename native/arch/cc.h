@@ -1,11 +1,17 @@
-/* Platform definitions for lwIP on Linux/glibc (and other POSIX libcs) used by x2ssh's netstack. */
+/* Platform definitions for lwIP on Linux/glibc (and other POSIX libcs) and on Windows, used by x2ssh's netstack. */
 #ifndef X2SSH_ARCH_CC_H
 #define X2SSH_ARCH_CC_H
 
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#ifdef _WIN32
+/* No endian.h on Windows, and every Windows target (x86, x64, ARM, ARM64) is little-endian. lwIP's arch.h
+ * has defined LITTLE_ENDIAN and BIG_ENDIAN before it includes this file. */
+#define BYTE_ORDER LITTLE_ENDIAN
+#else
 #include <endian.h> /* BYTE_ORDER, LITTLE_ENDIAN, BIG_ENDIAN as lwIP expects them */
+#endif
 
 #define LWIP_NO_CTYPE_H 0
 #define LWIP_ERRNO_STDINCLUDE 1
