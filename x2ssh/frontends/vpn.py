@@ -22,6 +22,7 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 import time
 from typing import Any
 
@@ -41,16 +42,25 @@ from x2ssh.status import Snapshot, StatusView
 from x2ssh.status_report import status_line
 
 log = logging.getLogger("x2ssh.vpn")
-_libc = ctypes.CDLL(None)
 
 STATUS_INTERVAL = 1.0
 
 
+def _find_malloc_trim() -> Any:
+    """glibc's malloc_trim, or None: the process's own C library (CDLL(None)) exists only on POSIX, and
+    only glibc has malloc_trim (musl, macOS and Windows have no such call)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)
+
+
+_malloc_trim = _find_malloc_trim()
+
+
 def release_free_memory() -> None:
     """Return freed heap pages to the system (glibc keeps them otherwise; a no-op elsewhere)."""
-    trim = getattr(_libc, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 async def run_vpn(settings: Settings, host: HostControl, notifier: Notifier | None = None) -> int:
@@ -143,6 +153,9 @@ class VpnSession:
 
     async def _start_control(self) -> None:
         """`x2ssh status` and `x2ssh down` reach this run through a socket in the run's own directory."""
+        if sys.platform == "win32":  # AF_UNIX with SO_PEERCRED and uids: none of it exists there
+            log.info("no control socket on Windows: x2ssh status/down do not reach this run")
+            return
         try:
             path = await self.host.run_dir()
             self.control = ControlServer(

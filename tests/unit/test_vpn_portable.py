@@ -1,0 +1,53 @@
+"""x2ssh/frontends/vpn.py's two platform guards: glibc's malloc_trim is looked up only on Linux (CDLL(None),
+the process's own C library, does not exist on Windows), and the control socket (AF_UNIX, peer uids) is
+skipped on Windows. The static side (no unguarded Linux-only name on the VPN's import path for win32) is
+tests/unit/test_windows_typecheck.py's VPN_FILES check."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import types
+from pathlib import Path
+
+import pytest
+
+from x2ssh.frontends import vpn
+
+
+def test_malloc_trim_is_looked_up_only_on_linux(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_cdll(name: object) -> object:
+        raise AssertionError(f"CDLL({name!r}) must not be loaded on this platform")
+
+    monkeypatch.setattr(vpn.ctypes, "CDLL", no_cdll)
+    for platform in ("win32", "darwin"):
+        monkeypatch.setattr(vpn.sys, "platform", platform)
+        assert vpn._find_malloc_trim() is None
+
+
+def test_on_linux_release_free_memory_calls_glibcs_malloc_trim(monkeypatch: pytest.MonkeyPatch) -> None:
+    found = vpn._find_malloc_trim()
+    libc_has_it = hasattr(ctypes.CDLL(None), "malloc_trim")
+    assert (found is not None) == libc_has_it
+    calls: list[int] = []
+    monkeypatch.setattr(vpn, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+    vpn.release_free_memory()
+    assert calls == [0]
+    monkeypatch.setattr(vpn, "_malloc_trim", None)
+    vpn.release_free_memory()  # musl, macOS, Windows: nothing to call, nothing raised
+
+
+def test_no_control_socket_on_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+
+    async def run_dir() -> Path:  # _start_control's first step off Windows
+        asked.append("run_dir")
+        raise OSError("no run directory here")  # _start_control logs a warning and goes on
+
+    session = types.SimpleNamespace(host=types.SimpleNamespace(run_dir=run_dir), control=None)
+    monkeypatch.setattr(vpn.sys, "platform", "linux")
+    asyncio.run(vpn.VpnSession._start_control(session))  # type: ignore[arg-type]
+    assert asked == ["run_dir"], "a control: off Windows the socket is attempted"
+    monkeypatch.setattr(vpn.sys, "platform", "win32")
+    asyncio.run(vpn.VpnSession._start_control(session))  # type: ignore[arg-type]
+    assert asked == ["run_dir"] and session.control is None
