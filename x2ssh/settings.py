@@ -11,12 +11,14 @@ import argparse
 import ipaddress
 import logging
 import math
+import os
 import re
+import sys
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Literal, NoReturn
 
 from x2ssh import __version__
@@ -32,7 +34,21 @@ DEFAULT_MTU = 65535  # largest the TUN takes: fewer, larger segments (benchmarks
 MIN_MTU = 1280  # the IPv6 minimum: below it the TUN could not carry IPv6 at all
 MAX_MTU = 65535
 DEFAULT_TUN = "x2ssh0"
-DEFAULT_STATE_DIR = Path("/var/lib/x2ssh")  # survives a reboot: a crashed run is undone after it
+
+
+def default_state_dir(platform: str = sys.platform, environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the run lock and the journals live; it survives a reboot, so a crashed run is undone after it.
+
+    Linux: /var/lib/x2ssh. Windows: %ProgramData%\\x2ssh, machine-wide as /var/lib is (the Windows host
+    control makes it Administrators-only: x2ssh.host.windows.statedir).
+    """
+    if platform == "win32":
+        base = environ.get("ProgramData") or environ.get("ALLUSERSPROFILE") or r"C:\ProgramData"
+        return Path(str(PureWindowsPath(base, "x2ssh")))  # str: Windows separators wherever it is built
+    return Path("/var/lib/x2ssh")
+
+
+DEFAULT_STATE_DIR = default_state_dir()
 DEFAULT_KEEPALIVE_INTERVAL = 15.0
 DEFAULT_KEEPALIVE_COUNT_MAX = 3
 DEFAULT_RETRY_INITIAL = 1.0

@@ -2,8 +2,9 @@
 
 The signatures below are written down from the documentation, not from our table: Microsoft's docs for
 netioapi.h (iphlpapi.dll), fwpmu.h (fwpuclnt.dll), consoleapi.h / synchapi.h / handleapi.h /
-processthreadsapi.h (kernel32.dll),
-shlobj_core.h (shell32.dll), and wintun.h as shipped in pytun-pmd3 (pytun_pmd3/wintun/include/wintun.h).
+processthreadsapi.h / fileapi.h / winbase.h (kernel32.dll), sddl.h / securitybaseapi.h / aclapi.h
+(advapi32.dll), shlobj_core.h (shell32.dll), and wintun.h as shipped in pytun-pmd3
+(pytun_pmd3/wintun/include/wintun.h).
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ C_TYPES = {
     "BOOLEAN": S.BOOLEAN,
     "PVOID": c_void_p,
     "PUNICAST_IPADDRESS_CHANGE_CALLBACK": c_void_p,
+    # security descriptors (winnt.h, accctrl.h): the state directory's ACL
+    "HLOCAL": c_void_p,
+    "LPWSTR": c_wchar_p,
+    "LPWSTR *": POINTER(c_void_p),  # a string Windows allocates: read with wstring_at, freed with LocalFree
+    "PSECURITY_DESCRIPTOR *": POINTER(c_void_p),
+    "PULONG": POINTER(S.ULONG),
+    "LPBOOL": POINTER(S.BOOL),
+    "PSID": c_void_p,
+    "PSID *": POINTER(c_void_p),
+    "PACL": c_void_p,
+    "PACL *": POINTER(c_void_p),
+    "SE_OBJECT_TYPE": ctypes.c_int32,  # an enum
+    "SECURITY_INFORMATION": S.DWORD,  # typedef DWORD SECURITY_INFORMATION
 }
 
 DOCUMENTED = [
@@ -128,6 +142,28 @@ DOCUMENTED = [
         "BOOL GetProcessTimes(HANDLE hProcess, LPFILETIME lpCreationTime, LPFILETIME lpExitTime,"
         " LPFILETIME lpKernelTime, LPFILETIME lpUserTime)"
     ),
+    # fileapi.h, winbase.h
+    ("BOOL CreateDirectoryW(LPCWSTR lpPathName, LPSECURITY_ATTRIBUTES lpSecurityAttributes)"),
+    ("HLOCAL LocalFree(HLOCAL hMem)"),
+    # sddl.h, securitybaseapi.h, aclapi.h (advapi32.dll)
+    (
+        "BOOL ConvertStringSecurityDescriptorToSecurityDescriptorW(LPCWSTR StringSecurityDescriptor,"
+        " DWORD StringSDRevision, PSECURITY_DESCRIPTOR * SecurityDescriptor, PULONG SecurityDescriptorSize)"
+    ),
+    (
+        "BOOL GetSecurityDescriptorDacl(PSECURITY_DESCRIPTOR pSecurityDescriptor, LPBOOL lpbDaclPresent,"
+        " PACL * pDacl, LPBOOL lpbDaclDefaulted)"
+    ),
+    (
+        "DWORD GetNamedSecurityInfoW(LPCWSTR pObjectName, SE_OBJECT_TYPE ObjectType,"
+        " SECURITY_INFORMATION SecurityInfo, PSID * ppsidOwner, PSID * ppsidGroup, PACL * ppDacl,"
+        " PACL * ppSacl, PSECURITY_DESCRIPTOR * ppSecurityDescriptor)"
+    ),
+    (
+        "DWORD SetNamedSecurityInfoW(LPWSTR pObjectName, SE_OBJECT_TYPE ObjectType,"
+        " SECURITY_INFORMATION SecurityInfo, PSID psidOwner, PSID psidGroup, PACL pDacl, PACL pSacl)"
+    ),
+    ("BOOL ConvertSidToStringSidW(PSID Sid, LPWSTR * StringSid)"),
     ("BOOL IsUserAnAdmin()"),
     # wintun.h
     (
@@ -190,6 +226,7 @@ def test_fixed_width_types_match_llp64() -> None:
         (S.FWPM_SESSION0, 72),
         (S.FWPM_SUBLAYER0, 72),
         (S.FWPM_FILTER0, 200),
+        (S.SECURITY_ATTRIBUTES, 24),
     ],
 )
 def test_structure_sizes(struct, size) -> None:

@@ -77,7 +77,9 @@ class Ring:
         self.log.append("WintunEndSession")
 
 
-def make_host(state_dir: Path, executor: Recorder, admin: bool = True) -> WindowsHost:
+def make_host(state_dir: Path, executor: Recorder, admin: bool = True, acl: object = None) -> WindowsHost:
+    from tests.unit.test_windows_state_dir import FakeAcl
+
     return WindowsHost(
         state_dir,
         executor=executor,
@@ -86,6 +88,7 @@ def make_host(state_dir: Path, executor: Recorder, admin: bool = True) -> Window
         dns_api=lambda: True,
         app_path=r"C:\Python311\python.exe",
         install_ctrl_handler=False,
+        acl=acl or FakeAcl(),  # type: ignore[arg-type]
     )
 
 

@@ -2,15 +2,15 @@
 journal, WFP, the Wintun packet port and the console control handler.
 
 Theory of operation. The session asks for its host changes one step at a time, in this order: `start`
-(Administrator check, run lock, undo what crashed runs left, a new journal, the console handler),
-`open_tun`, `routes(bypass)`, `dns(servers)`, `kill_switch()`, and at the end `down()`. Each step adds its
-part to the run's `plan.Wishes` and hands the whole plan for the wishes so far to a `StagedPlan`, which
-carries out only the calls it has not made yet (`plan` guarantees that an earlier step's calls reappear
-unchanged in every later plan) and keeps one undo list, newest first. Before a route is pinned through an
-uplink, the journal gets a record of it: that route is the one change that outlives the process (see
-`records`). `down()` ends the Wintun session, runs the undo list (closing the WFP engine removes every
-filter, closing the adapter removes its addresses, routes and DNS setting), then lets the journal undo its
-records (deleting a route already gone is fine) and delete itself, and releases the lock.
+(Administrator check, the admin-only state directory (`statedir`), run lock, undo what crashed runs left, a
+new journal, the console handler), `open_tun`, `routes(bypass)`, `dns(servers)`, `kill_switch()`, and at the
+end `down()`. Each step adds its part to the run's `plan.Wishes` and hands the whole plan for the wishes so
+far to a `StagedPlan`, which carries out only the calls it has not made yet (`plan` guarantees that an earlier
+step's calls reappear unchanged in every later plan) and keeps one undo list, newest first. Before a route is
+pinned through an uplink, the journal gets a record of it: that route is the one change that outlives the
+process (see `records`). `down()` ends the Wintun session, runs the undo list (closing the WFP engine removes
+every filter, closing the adapter removes its addresses, routes and DNS setting), then lets the journal undo
+its records (deleting a route already gone is fine) and delete itself, and releases the lock.
 
 Blocking Win32 calls run in a worker thread (`asyncio.to_thread`), as the Linux helper's requests do.
 `down()` may also be called from the console handler's thread (console closed, logoff, shutdown) while the
@@ -41,7 +41,7 @@ from x2ssh.host.api import NetworkWatcher
 from x2ssh.host.cleanup import cleanup as cleanup_journals
 from x2ssh.host.journal import StateJournal, Undo, journal_path
 from x2ssh.host.lock import RunLock
-from x2ssh.host.windows import console, records
+from x2ssh.host.windows import console, records, statedir
 from x2ssh.host.windows import plan as P
 from x2ssh.host.windows.netwatch import AddressWatch, Register
 from x2ssh.host.windows.wintun import Ring, WintunPort
@@ -134,8 +134,10 @@ class WindowsHost:
         app_path: str = sys.executable,
         install_ctrl_handler: bool = True,
         watch_register: Register | None = None,
+        acl: statedir.AclCalls | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self._acl = acl or statedir.AclExecutor()
         if executor is None or open_ring is None:
             from x2ssh.host.windows.executor import WindowsExecutor
             from x2ssh.host.windows.wintun import WintunRing
@@ -182,6 +184,7 @@ class WindowsHost:
         P.adapter_plan(wishes)  # a bad name or MTU is refused before anything changes
         if kill_switch and not wishes.app_path:
             raise P.PlanError("the kill switch needs the x2ssh process's path for its app id")
+        statedir.secure_state_dir(self.state_dir, self._acl)  # admin-only before the lock or a journal
         self.lock.acquire()
         try:
             undone = cleanup_journals(self.state_dir, undoers=self.undoers(), resolv_conf=None)
@@ -274,6 +277,7 @@ class WindowsHost:
     def cleanup(self) -> list[str]:
         """`--vpn-cleanup`: undo what crashed runs left (their journals), under the run lock."""
         console.require_admin(self._is_admin)
+        statedir.secure_state_dir(self.state_dir, self._acl)  # journals are trusted only in an admin-only dir
         with self.lock:  # this process's own journal, kept by a failed down(), is ours to finish too
             return cleanup_journals(
                 self.state_dir, own_pid=os.getpid(), undoers=self.undoers(), resolv_conf=None

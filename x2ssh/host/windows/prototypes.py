@@ -4,7 +4,7 @@ One table, `PROTOTYPES`, declared with plain ctypes types so this module imports
 name)` loads the DLL on first use (Windows only) and applies the prototype before handing the function
 out, so nothing is ever called with ctypes' default int-sized arguments. tests/unit/test_windows_ctypes.py
 checks every row against the documented C signature (Microsoft's docs for iphlpapi, fwpuclnt, kernel32,
-shell32; wintun.h as bundled with pytun-pmd3 for Wintun).
+advapi32, shell32; wintun.h as bundled with pytun-pmd3 for Wintun).
 
 Pointers to structures the callee only reads are declared as POINTER(struct); ctypes then refuses a wrong
 structure type. Handles are c_void_p. SetConsoleCtrlHandler's callback is passed as c_void_p, which accepts
@@ -96,6 +96,41 @@ PROTOTYPES: tuple[Prototype, ...] = (
         S.BOOL,
         (S.HANDLE, _P(S.FILETIME), _P(S.FILETIME), _P(S.FILETIME), _P(S.FILETIME)),
     ),
+    # kernel32.dll (fileapi.h, winbase.h): the state directory, made with its security descriptor
+    Prototype("kernel32", "CreateDirectoryW", S.BOOL, (c_wchar_p, c_void_p)),
+    Prototype("kernel32", "LocalFree", c_void_p, (c_void_p,)),
+    # advapi32.dll (sddl.h, securitybaseapi.h, aclapi.h)
+    Prototype(
+        "advapi32",
+        "ConvertStringSecurityDescriptorToSecurityDescriptorW",
+        S.BOOL,
+        (c_wchar_p, S.DWORD, _P(c_void_p), _P(S.ULONG)),
+    ),
+    Prototype(
+        "advapi32", "GetSecurityDescriptorDacl", S.BOOL, (c_void_p, _P(S.BOOL), _P(c_void_p), _P(S.BOOL))
+    ),
+    Prototype(
+        "advapi32",
+        "GetNamedSecurityInfoW",
+        S.DWORD,
+        (
+            c_wchar_p,
+            S.SE_OBJECT_TYPE,
+            S.SECURITY_INFORMATION,
+            _P(c_void_p),
+            _P(c_void_p),
+            _P(c_void_p),
+            _P(c_void_p),
+            _P(c_void_p),
+        ),
+    ),
+    Prototype(
+        "advapi32",
+        "SetNamedSecurityInfoW",
+        S.DWORD,
+        (c_wchar_p, S.SE_OBJECT_TYPE, S.SECURITY_INFORMATION, c_void_p, c_void_p, c_void_p, c_void_p),
+    ),
+    Prototype("advapi32", "ConvertSidToStringSidW", S.BOOL, (c_void_p, _P(c_void_p))),
     # shell32.dll (shlobj_core.h)
     Prototype("shell32", "IsUserAnAdmin", S.BOOL, ()),
     # wintun.dll (wintun.h)

@@ -4,7 +4,8 @@ Every integer type is fixed-width (c_uint32, not ctypes.wintypes.ULONG, which is
 64-bit Linux), so the layouts are the same on the Linux machine that tests them and on 64-bit Windows, and
 the sizes in tests/unit/test_windows_ctypes.py are checked here. Sources, by header:
   netioapi.h / ws2ipdef.h (IP Helper rows), ifdef.h (NET_LUID), netioapi.h (DNS_INTERFACE_SETTINGS),
-  fwptypes.h / fwpmtypes.h (WFP), guiddef.h (GUID). Importing this module touches no DLL.
+  fwptypes.h / fwpmtypes.h (WFP), guiddef.h (GUID), minwinbase.h / winnt.h / accctrl.h (security
+  descriptors). Importing this module touches no DLL.
 """
 
 from __future__ import annotations
@@ -78,6 +79,22 @@ class FILETIME(Structure):
     @property
     def value(self) -> int:
         return int(self.dwHighDateTime) << 32 | int(self.dwLowDateTime)
+
+
+# ---- security descriptors (minwinbase.h, winnt.h, accctrl.h, sddl.h): the state directory's ACL ----------
+
+SE_OBJECT_TYPE = ctypes.c_int32  # an enum
+SECURITY_INFORMATION = DWORD
+SE_FILE_OBJECT = 1
+OWNER_SECURITY_INFORMATION = 0x00000001
+DACL_SECURITY_INFORMATION = 0x00000004
+PROTECTED_DACL_SECURITY_INFORMATION = 0x80000000  # the DACL inherits nothing from the parent
+SDDL_REVISION_1 = 1
+ERROR_ALREADY_EXISTS = 183  # CreateDirectoryW: the directory is there already
+
+
+class SECURITY_ATTRIBUTES(Structure):
+    _fields_ = [("nLength", DWORD), ("lpSecurityDescriptor", c_void_p), ("bInheritHandle", BOOL)]
 
 
 class SOCKADDR_IN(Structure):
