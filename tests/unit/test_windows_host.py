@@ -13,6 +13,7 @@ import textwrap
 import threading
 from ipaddress import ip_address, ip_network
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,6 +28,7 @@ from x2ssh.host.windows.host import WindowsHost, WintunDevice
 from x2ssh.host.windows.netwatch import AddressWatch
 
 ROOT = Path(__file__).resolve().parents[2]
+TUN_INDEX = 23  # the Wintun adapter's interface index, as ConvertInterfaceLuidToIndex answers it
 UPLINK = 0x0006000000000000
 LAN = 0x0047000000000001
 GATEWAY = ip_address("198.18.0.1")
@@ -36,7 +38,8 @@ DNS = ip_address("100.100.83.53")
 
 
 class Recorder:
-    """A fake executor: records every call, answers GetBestRoute2, fails on the calls in `fail_on`."""
+    """A fake executor: records every call, answers GetBestRoute2 and ConvertInterfaceLuidToIndex, fails on
+    the calls in `fail_on`."""
 
     def __init__(self, fail_on: tuple[P.Call, ...] = ()) -> None:
         self.calls: list[P.Call | str] = []
@@ -50,6 +53,8 @@ class Recorder:
             if record.destination in EXCLUDE:
                 return P.BestRoute(LAN, ip_address("0.0.0.0"))
             return P.BestRoute(UPLINK, GATEWAY)
+        if record == P.ConvertInterfaceLuidToIndex(P.TUN):
+            return TUN_INDEX
         return None
 
 
@@ -77,7 +82,9 @@ class Ring:
         self.log.append("WintunEndSession")
 
 
-def make_host(state_dir: Path, executor: Recorder, admin: bool = True, acl: object = None) -> WindowsHost:
+def make_host(
+    state_dir: Path, executor: Recorder, admin: bool = True, acl: object = None, **extra: Any
+) -> WindowsHost:
     from tests.unit.test_windows_state_dir import FakeAcl
 
     return WindowsHost(
@@ -89,6 +96,7 @@ def make_host(state_dir: Path, executor: Recorder, admin: bool = True, acl: obje
         app_path=r"C:\Python311\python.exe",
         install_ctrl_handler=False,
         acl=acl or FakeAcl(),  # type: ignore[arg-type]
+        **extra,
     )
 
 
@@ -112,7 +120,8 @@ def test_a_whole_run_makes_each_call_once_in_steps_and_undoes_all_newest_first(t
         device = await host.open_tun()
         assert isinstance(device, WintunDevice) and device.packet_port() is device.port
         assert (device.name, device.mtu, device.v4, device.v6) == ("x2ssh", 1400, TUN_V4, TUN_V6)
-        assert ex.calls == P.adapter_plan(host._wishes()).apply
+        assert ex.calls == [*P.adapter_plan(host._wishes()).apply, P.ConvertInterfaceLuidToIndex(P.TUN)]
+        assert device.ifindex == TUN_INDEX
 
         mark = len(ex.calls)
         assert await host.routes([SERVER]) == "split"
@@ -159,7 +168,8 @@ def test_a_whole_run_makes_each_call_once_in_steps_and_undoes_all_newest_first(t
         )
 
         # Every call of the whole plan was made exactly once, in whatever step asked for it.
-        made = [c for c in ex.calls if not isinstance(c, (str, P.GetBestRoute2))]
+        queries = (str, P.GetBestRoute2, P.ConvertInterfaceLuidToIndex)
+        made = [c for c in ex.calls if not isinstance(c, queries)]
         assert sorted(map(repr, made)) == sorted(map(repr, P.apply_plan(host._wishes(), host.best).apply))
 
         mark = len(ex.calls)
@@ -394,6 +404,41 @@ def test_network_changes_reach_the_session_on_the_loop_except_the_tunnels_own() 
         return got
 
     assert asyncio.run(run()) == ["address removed on interface 7"]
+
+
+def test_the_hosts_watch_knows_the_tunnel_by_its_luids_index_not_by_name(tmp_path: Path) -> None:
+    """The session's `ignore` (if_nametoindex on the adapter's alias) may find nothing on Windows: the host
+    adds the index that ConvertInterfaceLuidToIndex gave for the adapter's LUID."""
+    notify: list = []
+
+    def register(callback):  # stands in for NotifyUnicastIpAddressChange
+        notify.append(callback)
+        return lambda: None
+
+    ex = Recorder()
+    host = make_host(tmp_path, ex, watch_register=register)
+
+    async def run() -> list[str]:
+        host.start("x2ssh", 1400, [], kill_switch=False)
+        await host.open_tun()
+        got: list[str] = []
+        done = asyncio.Event()
+
+        def on_change(reason: str) -> None:
+            got.append(reason)
+            done.set()
+
+        watch = host.network_watch(on_change, lambda: {99})  # 99: what the session's own lookup found
+        watch.start()
+        for index in (TUN_INDEX, 99, 7):
+            notify[0](index, 1)
+        await asyncio.wait_for(done.wait(), 5)
+        await asyncio.sleep(0.01)
+        watch.close()
+        await asyncio.to_thread(host.down)
+        return got
+
+    assert asyncio.run(run()) == ["address added on interface 7"]
 
 
 def test_the_factory_picks_the_platforms_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

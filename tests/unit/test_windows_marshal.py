@@ -153,6 +153,6 @@ def test_every_condition_the_plans_use_has_a_guid() -> None:
 
 def test_executor_has_a_handler_for_every_call_record() -> None:
     records = typing.get_args(P.Call)
-    assert len(records) == 14
+    assert len(records) == 15
     for record in records:
         assert callable(getattr(WindowsExecutor, "_" + record.__name__)), record.__name__

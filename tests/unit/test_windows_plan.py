@@ -243,3 +243,22 @@ def test_without_ipv6_in_the_tunnel_ipv6_is_still_filtered() -> None:
     names = [c.name for c in P.apply_plan(w, BEST).apply if isinstance(c, P.FwpmFilterAdd)]
     assert {"dns-block-udp-v6", "dns-block-tcp-v6", "ks-block-out-v6", "ks-block-in-v6"} <= set(names)
     assert "ks-tunnel-out-v6" in names  # harmless: the adapter has no IPv6 address then
+
+
+@pytest.mark.parametrize("answer", [None, 0, -1, True, "23"])
+def test_an_interface_index_query_without_a_usable_answer_is_refused(answer: object) -> None:
+    class Answers:
+        def call(self, record: P.Call) -> object:
+            assert record == P.ConvertInterfaceLuidToIndex(P.TUN)
+            return answer
+
+    with pytest.raises(P.PlanError, match="ConvertInterfaceLuidToIndex for wintun gave no index"):
+        P.interface_index(P.TUN, Answers())
+
+
+def test_an_interface_index_query_returns_the_index() -> None:
+    class Answers:
+        def call(self, record: P.Call) -> object:
+            return 23 if record == P.ConvertInterfaceLuidToIndex(P.TUN) else None
+
+    assert P.interface_index(P.TUN, Answers()) == 23

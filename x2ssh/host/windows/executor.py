@@ -34,7 +34,8 @@ class WindowsExecutor:
         return self.tun_luid if interface == P.TUN else int(interface)
 
     def call(self, record: P.Call) -> object:
-        """Carry out one record; returns GetBestRoute2's answer as a `plan.BestRoute`, else None."""
+        """Carry out one record; returns GetBestRoute2's answer as a `plan.BestRoute`, an interface index for
+        ConvertInterfaceLuidToIndex, else None."""
         method = getattr(self, "_" + type(record).__name__)
         return method(record)
 
@@ -84,6 +85,12 @@ class WindowsExecutor:
         )
         H.check(status, f"GetBestRoute2 for {r.destination}")
         return H.best_route_answer(row)
+
+    def _ConvertInterfaceLuidToIndex(self, r: P.ConvertInterfaceLuidToIndex) -> int:
+        luid, index = S.NET_LUID(self._luid(r.interface)), S.NET_IFINDEX()
+        status = fn("ConvertInterfaceLuidToIndex")(ctypes.byref(luid), ctypes.byref(index))
+        H.check(status, f"ConvertInterfaceLuidToIndex {r.interface}")
+        return int(index.value)
 
     def _forward(self, r: P.CreateIpForwardEntry2 | P.DeleteIpForwardEntry2, metric: int) -> Any:
         row = S.MIB_IPFORWARD_ROW2()

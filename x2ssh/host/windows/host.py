@@ -97,6 +97,7 @@ class WintunDevice:
     v6: ipaddress.IPv6Interface | None
     port: WintunPort
     closed: bool = False
+    ifindex: int = 0  # the adapter's interface index, from its LUID (0: not known)
 
     def packet_port(self) -> WintunPort:
         """The `netstack.port.PacketPort` over the adapter's session."""
@@ -201,8 +202,9 @@ class WindowsHost:
         """Create the Wintun adapter with its MTU, metric and addresses, and open a session on it."""
         wishes = self._wishes()
         await asyncio.to_thread(self.staged.apply, P.adapter_plan(wishes))
+        index = await asyncio.to_thread(P.interface_index, P.TUN, self.executor)
         port = WintunPort(await asyncio.to_thread(self._open_ring))
-        self.device = WintunDevice(wishes.tun, wishes.mtu, wishes.v4, wishes.v6, port)
+        self.device = WintunDevice(wishes.tun, wishes.mtu, wishes.v4, wishes.v6, port, ifindex=index)
         return self.device
 
     async def marked_socket(self, family: int, kind: int) -> socket.socket:
@@ -244,8 +246,17 @@ class WindowsHost:
     def network_watch(
         self, on_change: Callable[[str], None], ignore: Callable[[], set[int]]
     ) -> NetworkWatcher:
-        """Address changes on any interface but the tunnel's (NotifyUnicastIpAddressChange)."""
-        return AddressWatch(on_change, ignore, self._watch_register)
+        """Address changes on any interface but the tunnel's (NotifyUnicastIpAddressChange).
+
+        The tunnel is known by the adapter's index, found from its LUID at `open_tun`: the session's
+        `ignore` asks if_nametoindex for the adapter's name, which on Windows wants the internal interface
+        name, not the alias, and so finds nothing there."""
+
+        def tunnel() -> set[int]:
+            own = {self.device.ifindex} if self.device is not None and self.device.ifindex else set()
+            return own | ignore()
+
+        return AddressWatch(on_change, tunnel, self._watch_register)
 
     def down(self) -> list[str]:
         """Undo everything this run changed (newest first), end the journal, release the lock. Runs once;

@@ -146,6 +146,13 @@ class GetBestRoute2:
 
 
 @dataclass(frozen=True)
+class ConvertInterfaceLuidToIndex:
+    """A query: the interface index of a LUID (the index is what address-change notifications carry)."""
+
+    interface: Interface
+
+
+@dataclass(frozen=True)
 class CreateIpForwardEntry2:
     interface: Interface
     destination: IPNetwork
@@ -219,6 +226,7 @@ Call = (
     | CreateUnicastIpAddressEntry
     | DeleteUnicastIpAddressEntry
     | GetBestRoute2
+    | ConvertInterfaceLuidToIndex
     | CreateIpForwardEntry2
     | DeleteIpForwardEntry2
     | SetInterfaceDnsSettings
@@ -518,6 +526,15 @@ def _plan_kill_switch(plan: ApplyPlan, wishes: Wishes, fam: int, tun_iface: Cond
             )
     for layer, kind in ((CONNECT[fam], "out"), (ACCEPT[fam], "in")):
         plan.add(_filter(f"ks-block-{kind}-v{fam}", layer, "BLOCK", W_BLOCK_ALL), None)
+
+
+def interface_index(interface: Interface, executor: Executor) -> int:
+    """Run a `ConvertInterfaceLuidToIndex` query: the Wintun adapter's index once it exists (found by its
+    LUID, not by its name: Windows' if_nametoindex wants the internal name, not the alias)."""
+    answer = executor.call(ConvertInterfaceLuidToIndex(interface))
+    if not isinstance(answer, int) or isinstance(answer, bool) or answer <= 0:
+        raise PlanError(f"ConvertInterfaceLuidToIndex for {interface} gave no index ({answer!r})")
+    return answer
 
 
 def lookup(wishes: Wishes, executor: Executor) -> dict[IPAddress, BestRoute]:
