@@ -22,6 +22,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from collections.abc import Mapping, MutableMapping
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class Notifier:
 
     def send(self, *assignments: str) -> bool:
         """Send KEY=VALUE assignments as one datagram; False (logged once) if it could not be sent."""
+        if sys.platform == "win32":  # no systemd, and no AF_UNIX datagram socket in Python there
+            return False
         if self._address is None:
             return False
         data = "\n".join(assignments).encode("utf-8", "replace")

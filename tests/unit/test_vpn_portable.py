@@ -51,3 +51,24 @@ def test_no_control_socket_on_windows(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vpn.sys, "platform", "win32")
     asyncio.run(vpn.VpnSession._start_control(session))  # type: ignore[arg-type]
     assert asked == ["run_dir"] and session.control is None
+
+
+def test_sd_notify_sends_nothing_on_windows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The VPN calls the notifier at each step; on Windows there is no systemd and no AF_UNIX datagram
+    socket, so a NOTIFY_SOCKET in the environment is not acted on."""
+    import socket
+
+    from x2ssh.sd_notify import Notifier
+
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "notify"))
+    receiver.setblocking(False)
+    with receiver:
+        notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        assert notifier.ready(), "a control: on Linux the datagram is sent"
+        assert receiver.recv(100) == b"READY=1"
+        monkeypatch.setattr("x2ssh.sd_notify.sys.platform", "win32")
+        assert notifier.ready() is False
+        with pytest.raises(BlockingIOError):
+            receiver.recv(100)
+        notifier.close()

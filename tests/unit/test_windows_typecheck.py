@@ -125,6 +125,32 @@ def test_the_proxy_check_catches_an_unguarded_linux_call(tmp_path: Path) -> None
     assert any('has no attribute "getuid"' in line for line in found), found
 
 
+# `x2ssh --vpn` on Windows: the VPN front end, the CLI that starts it, the sd_notify hook it calls and
+# netstack. What they import besides is checked above (PROXY_FILES, CHECKED) or is the Windows backend.
+VPN_FILES = ("x2ssh/frontends/vpn.py", "x2ssh/cli.py", "x2ssh/sd_notify.py", "netstack")
+
+
+def test_the_vpn_mode_has_no_linux_only_call_on_windows() -> None:
+    """Nothing on `x2ssh --vpn`'s own path may use a Linux-only name (os.getuid for the control socket's
+    peers, AF_UNIX) without a `sys.platform` guard."""
+    only_there = _platform_errors(ROOT, "win32", VPN_FILES) - _platform_errors(ROOT, "linux", VPN_FILES)
+    assert not only_there, "\n".join(sorted(only_there))
+
+
+def test_the_vpn_check_catches_an_unguarded_linux_call(tmp_path: Path) -> None:
+    """Drop the Windows guard of the VPN's control socket and the check above must fail on win32."""
+    for top in ("x2ssh", "netstack"):
+        shutil.copytree(ROOT / top, tmp_path / top, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    vpn = tmp_path / "x2ssh" / "frontends" / "vpn.py"
+    guarded = 'if sys.platform == "win32":  # AF_UNIX with SO_PEERCRED and uids'
+    text = vpn.read_text()
+    assert text.count(guarded) == 1
+    vpn.write_text(text.replace(guarded, "if False:  # AF_UNIX with SO_PEERCRED and uids"))
+    linux = _platform_errors(tmp_path, "linux", VPN_FILES)
+    found = _platform_errors(tmp_path, "win32", VPN_FILES) - linux
+    assert any('has no attribute "getuid"' in line for line in found), found
+
+
 def _agent_errors(root: Path, platform: str) -> set[str]:
     result = subprocess.run(
         [
