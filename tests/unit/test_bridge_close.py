@@ -24,6 +24,9 @@ class Channel:
     def close(self) -> None:
         self.calls.append("close")
 
+    def abort(self) -> None:
+        self.calls.append("abort")
+
 
 class App:
     def __init__(self) -> None:
@@ -52,6 +55,23 @@ def test_app_fin_after_the_servers_eof_closes_the_channel() -> None:
     _AppSide(link).eof_received()
     assert app.calls == ["write 6", "eof"]
     assert channel.calls == ["write 10", "close"]
+    link.app_closed(None)  # the flow is released later: the channel is not closed twice
+    assert channel.calls == ["write 10", "close"]
+
+
+def test_the_app_going_away_after_a_half_close_closes_the_channel() -> None:
+    link, channel, _ = _link()
+    _AppSide(link).eof_received()
+    link.app_closed(None)
+    assert channel.calls == ["eof", "close"]
+
+
+def test_the_app_resetting_aborts_the_channel_even_after_a_close() -> None:
+    link, channel, _ = _link()
+    _ChannelSide(link).eof_received()
+    _AppSide(link).eof_received()
+    link.app_closed(ConnectionResetError("reset by the app"))
+    assert channel.calls == ["close", "abort"]
 
 
 def test_app_fin_before_the_servers_eof_is_a_half_close() -> None:

@@ -126,6 +126,7 @@ class _AppSide(asyncio.Protocol):
             # Both directions are done: CLOSE instead of EOF saves the round trip in which sshd answers
             # our EOF with its CLOSE. asyncssh sends it after any bytes still queued for the window, and
             # sshd writes what it holds to the destination before it closes that socket: nothing is lost.
+            link.closed_channel = True
             link.channel.close()
         else:
             link.channel.write_eof()  # half-close: the server may still answer
@@ -143,7 +144,7 @@ class _AppSide(asyncio.Protocol):
 class _Link:
     """One flow and its channel."""
 
-    __slots__ = ("app", "channel", "done", "early", "eof_from_channel", "stats")
+    __slots__ = ("app", "channel", "closed_channel", "done", "early", "eof_from_channel", "stats")
 
     def __init__(self, stats: BridgeStats) -> None:
         self.stats = stats
@@ -152,6 +153,7 @@ class _Link:
         self.done = False
         self.early: list[bytes | None] = []  # channel data (None: EOF) that came before the accept
         self.eof_from_channel = False  # the server's EOF came (after all its data, already handed on)
+        self.closed_channel = False  # the bridge already closed the channel (both directions done)
 
     def attach(self, app: TcpTransport) -> None:
         self.app = app
@@ -173,7 +175,8 @@ class _Link:
     def app_closed(self, exc: Exception | None) -> None:
         if self.channel is not None:
             if exc is None:
-                self.channel.close()
+                if not self.closed_channel:
+                    self.channel.close()
             else:
                 self.channel.abort()
         self._finish()
