@@ -48,7 +48,7 @@ from netstack.events import (
     UdpDatagram,
 )
 from netstack.port import FdPort, PacketPort
-from netstack.stack import Stack, StackConfig, TcpFlow
+from netstack.stack import READ_CHUNK, Stack, StackConfig, TcpFlow
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,9 @@ class TcpTransport(asyncio.Transport):
                 self._withheld += len(data)
             else:
                 flow.ack(len(data))  # handed on: reopen the app's window
+            if len(data) < READ_CHUNK:  # a short read empties the stack's queue: no need to ask again
+                self._data_waiting = False
+                break
         else:
             self._data_waiting = True
         if self._eof_waiting and not self._data_waiting and not self._reading_paused:
