@@ -44,6 +44,7 @@ enum {
     F_READABLE_SENT = 4,   /* a READABLE event is outstanding until the rx queue empties */
     F_WANT_WRITABLE = 8,   /* a write was short: emit WRITABLE when the send buffer drains */
     F_OUTPUT_PENDING = 16, /* written since the last ns_flush: listed in G.pending_out */
+    F_SHUT_DEFERRED = 32,  /* shutdown asked before the handshake completed: FIN at the next ns_flush */
 };
 
 typedef struct {
@@ -437,9 +438,16 @@ static void on_err(void *arg, err_t err) {
     }
 }
 
+static int want_flush(ns_flow *f);
+
+/* lwIP calls this as the app's ACK completes the handshake (SYN_RCVD -> ESTABLISHED). The flow was attached
+ * at SYN time (on_passive_open); a shutdown that waited for this moment goes out at the next ns_flush (not
+ * here: lwIP is still processing the segment). */
 static err_t on_accept(void *arg, struct tcp_pcb *newpcb, err_t err) {
-    (void)arg; (void)newpcb; (void)err;
-    return ERR_OK; /* the flow was attached at SYN time (on_passive_open) */
+    ns_flow *f = arg;
+    (void)err;
+    if (f && f->pcb == newpcb && (f->flags & F_SHUT_DEFERRED)) want_flush(f);
+    return ERR_OK;
 }
 
 static err_t on_passive_open(u8_t id, struct tcp_pcb_listen *lpcb, struct tcp_pcb *npcb) {
@@ -886,6 +894,13 @@ int ns_tcp_shutdown(uint32_t id) {
     if (!f) return NS_ENOFLOW;
     if (f->state != FLOW_ACCEPTED || !f->pcb) return NS_ECLOSED;
     if (f->flags & F_TX_SHUT) return NS_OK;
+    if (f->pcb->state == SYN_RCVD) {
+        /* lwIP would go from SYN_RCVD straight to FIN_WAIT_1 and skip what ESTABLISHED sets up: its
+         * congestion window stays at one byte, and the queued bytes and the FIN never leave. The FIN waits
+         * for the app's ACK of our SYN-ACK instead (on_accept, then ns_flush). */
+        f->flags |= F_TX_SHUT | F_SHUT_DEFERRED;
+        return NS_OK;
+    }
     if (tcp_shutdown(f->pcb, 0, 1) != ERR_OK) return NS_EMEM;
     f->flags |= F_TX_SHUT;
     return NS_OK;
@@ -925,12 +940,29 @@ size_t ns_tcp_sndbuf(uint32_t id) {
 
 uint64_t ns_mem_in_use(void) { return G.st.mem_in_use; }
 
+/* List the flow for the next ns_flush; 0 when there is no memory to remember it. */
+static int want_flush(ns_flow *f) {
+    if (f->flags & F_OUTPUT_PENDING) return 1;
+    if (grow((void **)&G.pending_out, &G.cap_pending_out, G.npending_out + 1, sizeof *G.pending_out) != 0) {
+        return 0;
+    }
+    f->flags |= F_OUTPUT_PENDING;
+    G.pending_out[G.npending_out++] = f->id;
+    return 1;
+}
+
 void ns_flush(void) {
     for (size_t i = 0; i < G.npending_out; i++) {
         ns_flow *f = flow_get(G.pending_out[i]);
         if (!f) continue;
         f->flags &= (uint8_t)~F_OUTPUT_PENDING;
-        if (f->pcb) tcp_output(f->pcb);
+        if (!f->pcb) continue;
+        if ((f->flags & F_SHUT_DEFERRED) && f->pcb->state != SYN_RCVD) {
+            f->flags &= (uint8_t)~F_SHUT_DEFERRED;
+            tcp_shutdown(f->pcb, 0, 1); /* sends (or, short of memory, lwIP's timer retries the FIN) */
+        } else {
+            tcp_output(f->pcb);
+        }
     }
     G.npending_out = 0;
 }

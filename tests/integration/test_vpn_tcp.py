@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +54,52 @@ except TimeoutError:
 except OSError as e:
     print("error: %s" % e)
 """
+
+
+# Half-closes through the tunnel, byte-exact. The target side runs in the target namespace, the app side in
+# the client namespace; each prints the sha256 and length of what it received.
+# "server-first": the server sends its answer and shuts down writing; the app reads to the end and only then
+# uploads; x2ssh closes the channel as soon as the app shuts down too, with the upload possibly still queued.
+# "app-first": the app uploads and shuts down writing, then still reads the server's answer.
+HALF_CLOSE_SERVER = r"""
+import hashlib, socket, sys
+mode, port = sys.argv[1], int(sys.argv[2])
+ls = socket.create_server(("0.0.0.0", port))
+print("listening", flush=True)
+conn, _ = ls.accept()
+answer = hashlib.shake_256(b"answer").digest(300_000)
+if mode == "server-first":
+    conn.sendall(answer)
+    conn.shutdown(socket.SHUT_WR)
+got = bytearray()
+while chunk := conn.recv(1 << 16):
+    got += chunk
+if mode == "app-first":
+    conn.sendall(answer)
+conn.close()
+print(hashlib.sha256(got).hexdigest(), len(got), flush=True)
+"""
+HALF_CLOSE_APP = r"""
+import hashlib, socket, sys
+mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+upload = hashlib.shake_256(b"upload").digest(6_000_000)
+s = socket.create_connection((host, port), timeout=30)
+if mode == "app-first":
+    s.sendall(upload)
+    s.shutdown(socket.SHUT_WR)
+got = bytearray()
+while chunk := s.recv(1 << 16):
+    got += chunk
+if mode == "server-first":
+    s.sendall(upload)
+s.close()
+print(hashlib.sha256(got).hexdigest(), len(got), flush=True)
+"""
+HALF_CLOSE_PORT = 9411
+
+
+def _digest(data: bytes) -> str:
+    return f"{hashlib.sha256(data).hexdigest()} {len(data)}"
 
 
 def sha256_of(path: Path) -> str:
@@ -156,6 +203,30 @@ class TestThroughTheTunnel:
 
     def test_ipv6_target(self, lab: Lab, lab_services: TargetServices, shared_vpn: VpnProcess) -> None:
         fetch_and_check(lab, lab_services, lab.target_addr.v6, "1k.bin")
+
+    @pytest.mark.parametrize("mode", ["server-first", "app-first"])
+    def test_half_close_loses_nothing_either_way(self, lab: Lab, shared_vpn: VpnProcess, mode: str) -> None:
+        server = lab.popen(
+            lab.target,
+            [sys.executable, "-c", HALF_CLOSE_SERVER, mode, str(HALF_CLOSE_PORT)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None
+            assert server.stdout.readline().strip() == "listening"
+            app = lab.run(
+                lab.client,
+                [sys.executable, "-c", HALF_CLOSE_APP, mode, lab.target_addr.v4, str(HALF_CLOSE_PORT)],
+                timeout=60,
+            )
+            server_out, _ = server.communicate(timeout=30)
+        finally:
+            lab.kill(server)
+        answer = hashlib.shake_256(b"answer").digest(300_000)
+        upload = hashlib.shake_256(b"upload").digest(6_000_000)
+        assert app.stdout.strip() == _digest(answer), f"app received: {app.stdout}{app.stderr}"
+        assert server_out.strip() == _digest(upload), f"server received: {server_out}{shared_vpn.describe()}"
 
     def test_routes_point_into_the_tunnel(
         self, lab: Lab, lab_sshd: SshServer, shared_vpn: VpnProcess

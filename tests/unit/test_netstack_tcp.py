@@ -354,3 +354,25 @@ def test_writes_and_fin_of_one_turn_leave_as_one_segment(stack):
     tcp = IP(out[0])[TCP]
     assert bytes(tcp.payload) == b"HTTP/1.0 200 OK\r\n\r\nbody" and "F" in str(tcp.flags)
     assert peer.handle(out[0]) and peer.got_fin
+
+
+@pytest.mark.parametrize("size", [3, 300_000])
+def test_data_and_fin_written_before_the_apps_handshake_ack_all_arrive(stack, size):
+    """A server that speaks first and closes (its data and EOF reach us with the channel's confirmation):
+    bytes and FIN written right after `accept`, before the app's ACK of our SYN-ACK, all arrive."""
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+    peer.syn()
+    (event,) = stack.events()
+    flow = event.flow
+    flow.accept()
+    answer = os.urandom(size)
+    taken = flow.write(answer)
+    flow.shutdown()
+    for now in range(1, 200):  # the app's ACK of the SYN-ACK comes only now; timers run meanwhile
+        deliver(stack, [peer])
+        if peer.got_fin:
+            break
+        stack.handle_timer(now * 0.25)
+    assert taken == size
+    assert bytes(peer.received) == answer
+    assert peer.got_fin and not peer.got_rst

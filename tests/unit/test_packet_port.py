@@ -244,3 +244,57 @@ def test_a_read_error_on_the_fd_stops_reading(caplog: pytest.LogCaptureFixture) 
 
     asyncio.run(main())
     assert "no longer reading" in caplog.text
+
+
+class Pausing(asyncio.Protocol):
+    """Records what arrives and pauses reading after every chunk; the test resumes it by hand."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.eof = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.transport.pause_reading()
+
+    def eof_received(self) -> None:
+        self.eof += 1
+
+
+def test_bytes_and_eof_arrive_once_and_in_order_across_pauses(wire: tuple[Wire, int | PacketPort]) -> None:
+    async def main() -> None:
+        app, port = wire
+        protocols: list[Pausing] = []
+
+        def accept(flow: TcpFlow) -> None:
+            protocols.append(Pausing())
+            tun.accept(flow, lambda: protocols[-1])
+
+        tun = TunStack(port, on_tcp=accept)
+        tun.start()
+        try:
+            peer = TcpPeer(app, "198.18.0.2", "198.19.0.9", sport=40003)  # type: ignore[arg-type]
+            peer.syn()
+            await shuttle(app, [peer])
+            (proto,) = protocols
+            sent = b""
+            for i in range(3):
+                part = bytes([65 + i]) * 700
+                sent += part
+                peer.send(part)
+                await shuttle(app, [peer], rounds=3)
+            peer.fin()
+            await shuttle(app, [peer], rounds=3)
+            assert proto.eof == 0  # reading is paused: the EOF waits behind it
+            for _ in range(10):
+                proto.transport.resume_reading()
+                await shuttle(app, [peer], rounds=2)
+            assert b"".join(proto.chunks) == sent
+            assert proto.eof == 1
+        finally:
+            tun.close()
+
+    asyncio.run(main())

@@ -89,10 +89,12 @@ class _ChannelSide(asyncssh.SSHTCPSession):
             link.early.append(data)
 
     def eof_received(self) -> bool:
-        if self._link.app is not None:
-            self._link.app.write_eof()
+        link = self._link
+        link.eof_from_channel = True
+        if link.app is not None:
+            link.app.write_eof()
         else:
-            self._link.early.append(None)
+            link.early.append(None)
         return True  # keep the channel half-open: the app may still send
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -119,7 +121,15 @@ class _AppSide(asyncio.Protocol):
         link.channel.write(data)
 
     def eof_received(self) -> None:
-        self._link.channel.write_eof()
+        link = self._link
+        if link.eof_from_channel:
+            # Both directions are done: CLOSE instead of EOF saves the round trip in which sshd answers
+            # our EOF with its CLOSE. asyncssh sends it after any bytes still queued for the window, and
+            # sshd writes what it holds to the destination before it closes that socket: nothing is lost.
+            link.closed_channel = True
+            link.channel.close()
+        else:
+            link.channel.write_eof()  # half-close: the server may still answer
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._link.app_closed(exc)
@@ -134,7 +144,7 @@ class _AppSide(asyncio.Protocol):
 class _Link:
     """One flow and its channel."""
 
-    __slots__ = ("app", "channel", "done", "early", "stats")
+    __slots__ = ("app", "channel", "closed_channel", "done", "early", "eof_from_channel", "stats")
 
     def __init__(self, stats: BridgeStats) -> None:
         self.stats = stats
@@ -142,6 +152,8 @@ class _Link:
         self.app: TcpTransport | None = None
         self.done = False
         self.early: list[bytes | None] = []  # channel data (None: EOF) that came before the accept
+        self.eof_from_channel = False  # the server's EOF came (after all its data, already handed on)
+        self.closed_channel = False  # the bridge already closed the channel (both directions done)
 
     def attach(self, app: TcpTransport) -> None:
         self.app = app
@@ -163,7 +175,8 @@ class _Link:
     def app_closed(self, exc: Exception | None) -> None:
         if self.channel is not None:
             if exc is None:
-                self.channel.close()
+                if not self.closed_channel:
+                    self.channel.close()
             else:
                 self.channel.abort()
         self._finish()

@@ -178,8 +178,17 @@ class ConnectionPool:
         return opening
 
     def _pick(self, tried: set[int]) -> PoolMember | None:
-        open_members = [m for m in self.members if m.has_room and id(m) not in tried]
-        return min(open_members, key=lambda m: m.channels, default=None)
+        """The member with room and the fewest channels, not in `tried` (called for every new flow)."""
+        best: PoolMember | None = None
+        for member in self.members:
+            if (
+                member.channels < member.bound
+                and (best is None or member.channels < best.channels)
+                and not (tried and id(member) in tried)
+                and not member.conn.is_closed()
+            ):
+                best = member
+        return best
 
     def _learn_full(self, member: PoolMember, exc: asyncssh.ChannelOpenError) -> None:
         member.refusals += 1

@@ -12,6 +12,7 @@ first; with packet debugging on (`asyncssh.set_debug_level(3)`, x2ssh -vvv) the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import Any
@@ -51,6 +52,23 @@ def _log_when_enabled(self: SSHLogger, level: int, msg: object, *args: Any, **kw
     # per channel (open, close), about 4 % of the CPU of a short connection. Check the level first.
     if self.isEnabledFor(level):
         _original_log(self, level, msg, *args, **kwargs)
+
+
+_original_debug1 = SSHLogger.debug1
+_original_info = SSHLogger.info
+
+
+def _debug1_when_enabled(self: SSHLogger, msg: str, *args: Any, **kwargs: Any) -> None:
+    # Every channel logs its write buffer limits at debug level 1 as it is created, and its closing at
+    # level INFO (three lines): with those levels off, one check instead of a chain of calls that ends in
+    # the same check.
+    if self.logger.isEnabledFor(logging.DEBUG):
+        _original_debug1(self, msg, *args, **kwargs)
+
+
+def _info_when_enabled(self: SSHLogger, msg: object, *args: Any, **kwargs: Any) -> None:
+    if self.logger.isEnabledFor(logging.INFO):
+        _original_info(self, msg, *args, **kwargs)
 
 
 # -- The empty SSH_MSG_IGNORE asyncssh puts before every packet --
@@ -394,6 +412,8 @@ def _data_received_in_slices(self: SSHConnection, data: bytes, datatype: Any = N
 _PATCHES: tuple[tuple[Any, str, Any, Any], ...] = (
     (SSHPacketLogger, "_log_packet", _log_packet_when_debugging, _original_log_packet),
     (SSHLogger, "log", _log_when_enabled, _original_log),
+    (SSHLogger, "debug1", _debug1_when_enabled, _original_debug1),
+    (SSHLogger, "info", _info_when_enabled, _original_info),
     (SSHConnection, "send_packet", _send_packet_fast, _original_send_packet),
     (SSHConnection, "_recv_packet", _recv_packet_fast, _original_recv_packet),
     (GCMCipher, "encrypt_and_sign", _gcm_encrypt_and_sign, _original_gcm_encrypt),

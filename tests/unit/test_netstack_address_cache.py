@@ -1,0 +1,62 @@
+"""The address conversions netstack caches per datagram: right for every address, bounded, errors uncached.
+
+Many distinct addresses (more than the cache holds) go both ways through a real stack: each datagram's
+event carries its own addresses and each reply is addressed as asked, while the caches never grow past
+``ADDRESS_CACHE``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import Raw
+
+from netstack import LocalProtocolError, Stack, StackConfig, UdpDatagram
+from netstack import stack as stack_module
+
+
+@pytest.fixture
+def stack():
+    s = Stack(StackConfig(mtu=9000), clock="manual")
+    yield s
+    s.close()
+
+
+def _hosts(count: int) -> list[str]:
+    v4 = ipaddress.ip_address("198.19.0.0")
+    v6 = ipaddress.ip_address("fd58:3278:7373:2::")
+    return [str(v4 + i) if i % 2 else str(v6 + i) for i in range(count)]
+
+
+def test_many_addresses_in_stay_right_and_bounded(stack, monkeypatch):
+    monkeypatch.setattr(stack_module, "ADDRESS_CACHE", 64)
+    for i, dst in enumerate(_hosts(300) * 2):
+        src = "198.18.0.2" if ":" not in dst else "fd58:3278:7373:1::2"
+        ip = IPv6(src=src, dst=dst) if ":" in dst else IP(src=src, dst=dst)
+        stack.receive_packet(bytes(ip / UDP(sport=1000 + i, dport=53) / Raw(b"q")))
+        (event,) = stack.events()
+        assert event == UdpDatagram((src, 1000 + i), (dst, 53), b"q")
+        assert len(stack_module._names) <= 64
+
+
+def test_many_addresses_out_stay_right_and_bounded(stack, monkeypatch):
+    monkeypatch.setattr(stack_module, "ADDRESS_CACHE", 64)
+    for server in _hosts(300) * 2:
+        app = "198.18.0.2" if ":" not in server else "fd58:3278:7373:1::2"
+        stack.udp_send((server, 53), (app, 40000), b"answer")
+        (raw,) = stack.packets_to_send()
+        pkt = IPv6(raw) if ":" in server else IP(raw)
+        assert (pkt.src, pkt.dst, bytes(pkt[UDP].payload)) == (server, app, b"answer")
+        assert len(stack_module._packed_cache) <= 64
+
+
+@pytest.mark.parametrize("bad", ["198.19.0.256", "fd58::1::2", "", "example.com", b"\xc6\x13\x00\x02"])
+def test_a_bad_address_is_a_clear_error_every_time(stack, bad):
+    for _ in range(2):  # the second time too: a failed conversion is not cached
+        with pytest.raises(LocalProtocolError):
+            stack.udp_send((bad, 53), ("198.18.0.2", 40000), b"x")
+    assert bad not in stack_module._packed_cache
+    assert stack.packets_to_send() == []
