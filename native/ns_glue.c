@@ -37,7 +37,10 @@
 #define NS_IDX_BITS 22
 #define NS_IDX_MASK ((1u << NS_IDX_BITS) - 1)
 
-enum { FLOW_PENDING = 1, FLOW_ACCEPTED = 2, FLOW_CLOSED = 3 };
+/* FLOW_CLOSING: released by the consumer (graceful) while lwIP still waited for the app's ACK of our SYN-ACK.
+ * The flow stays behind, invisible to the API and silent, until the handshake completes and ns_flush closes
+ * its pcb (or lwIP drops the pcb: on_err frees the flow). See ns_tcp_close. */
+enum { FLOW_PENDING = 1, FLOW_ACCEPTED = 2, FLOW_CLOSED = 3, FLOW_CLOSING = 4 };
 enum {
     F_RX_EOF = 1,          /* app sent FIN */
     F_TX_SHUT = 2,         /* we sent FIN */
@@ -317,11 +320,18 @@ static ns_flow *hash_find(const ns_tuple *t) {
     return NULL;
 }
 
-static ns_flow *flow_get(uint32_t id) {
+/* Any flow with this id, a FLOW_CLOSING one included (for the glue's own bookkeeping). */
+static ns_flow *flow_find(uint32_t id) {
     uint32_t idx = id & NS_IDX_MASK;
     if (idx >= G.nslots) return NULL;
     ns_flow *f = G.slots[idx];
     return (f && f->id == id) ? f : NULL;
+}
+
+/* The flow the API's caller may use: a FLOW_CLOSING one was released, so it is NS_ENOFLOW to them. */
+static ns_flow *flow_get(uint32_t id) {
+    ns_flow *f = flow_find(id);
+    return (f && f->state != FLOW_CLOSING) ? f : NULL;
 }
 
 static ns_flow *flow_new(const ns_tuple *key) {
@@ -383,7 +393,7 @@ static void flow_free(ns_flow *f) {
 static err_t on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err) {
     ns_flow *f = arg;
     (void)err;
-    if (!f) {
+    if (!f || f->state == FLOW_CLOSING) { /* released: bytes are dropped unread, as ns_tcp_close does */
         if (p) { tcp_recved(pcb, p->tot_len); pbuf_free(p); }
         return ERR_OK;
     }
@@ -416,7 +426,7 @@ static int send_room(const struct tcp_pcb *pcb) {
 static err_t on_sent(void *arg, struct tcp_pcb *pcb, u16_t len) {
     ns_flow *f = arg;
     (void)len;
-    if (f && (f->flags & F_WANT_WRITABLE) && send_room(pcb)) {
+    if (f && f->state != FLOW_CLOSING && (f->flags & F_WANT_WRITABLE) && send_room(pcb)) {
         f->flags &= (uint8_t)~F_WANT_WRITABLE;
         push_event(NS_EV_TCP_WRITABLE, f->id);
     }
@@ -427,6 +437,10 @@ static void on_err(void *arg, err_t err) {
     ns_flow *f = arg;
     if (!f) return;
     f->pcb = NULL; /* already freed by lwIP */
+    if (f->state == FLOW_CLOSING) { /* released: nobody to tell, nothing left to close */
+        flow_free(f);
+        return;
+    }
     hash_remove(f);
     rx_free(f);
     f->state = FLOW_CLOSED;
@@ -441,12 +455,18 @@ static void on_err(void *arg, err_t err) {
 static int want_flush(ns_flow *f);
 
 /* lwIP calls this as the app's ACK completes the handshake (SYN_RCVD -> ESTABLISHED). The flow was attached
- * at SYN time (on_passive_open); a shutdown that waited for this moment goes out at the next ns_flush (not
- * here: lwIP is still processing the segment). */
+ * at SYN time (on_passive_open); a shutdown or close that waited for this moment happens at the next ns_flush
+ * (not here: lwIP is still processing the segment, and sets the congestion window only after this call). */
 static err_t on_accept(void *arg, struct tcp_pcb *newpcb, err_t err) {
     ns_flow *f = arg;
     (void)err;
-    if (f && f->pcb == newpcb && (f->flags & F_SHUT_DEFERRED)) want_flush(f);
+    if (!f || f->pcb != newpcb) return ERR_OK;
+    if (f->state == FLOW_CLOSING) {
+        /* No memory to remember the close: refusing makes lwIP abort the pcb (a RST, and on_err frees the
+         * flow) rather than leave it open with nobody to close it. */
+        return want_flush(f) ? ERR_OK : ERR_MEM;
+    }
+    if (f->flags & F_SHUT_DEFERRED) want_flush(f);
     return ERR_OK;
 }
 
@@ -917,6 +937,15 @@ int ns_tcp_close(uint32_t id, int abort_it) {
         size_t pending = f->read_unacked + (f->rx ? f->rx->tot_len : 0);
         rx_free(f);
         f->read_unacked = 0;
+        if (!abort_it && pcb->state == SYN_RCVD) {
+            /* tcp_close here would jump to FIN_WAIT_1 with a one-byte congestion window (as tcp_shutdown
+             * would, see ns_tcp_shutdown): the queued bytes and the FIN would never leave. The flow stays,
+             * released and silent (FLOW_CLOSING), until the app's ACK (on_accept, then ns_flush closes the
+             * pcb and frees it). Nothing was received yet: lwIP delivers data only after the handshake. */
+            f->state = FLOW_CLOSING; /* still in the 4-tuple hash: a retransmitted SYN reaches its pcb */
+            f->flags &= (uint8_t)~(F_READABLE_SENT | F_WANT_WRITABLE | F_SHUT_DEFERRED);
+            return NS_OK;
+        }
         detach_pcb(f);
         if (abort_it) {
             tcp_abort(pcb);
@@ -951,13 +980,23 @@ static int want_flush(ns_flow *f) {
     return 1;
 }
 
+/* The deferred graceful close of a released flow, now that the handshake is complete (see ns_tcp_close). */
+static void close_released(ns_flow *f) {
+    struct tcp_pcb *pcb = f->pcb;
+    detach_pcb(f);
+    if (tcp_close(pcb) != ERR_OK) tcp_abort(pcb); /* out of memory for the FIN: a RST, never a hang */
+    flow_free(f);
+}
+
 void ns_flush(void) {
     for (size_t i = 0; i < G.npending_out; i++) {
-        ns_flow *f = flow_get(G.pending_out[i]);
+        ns_flow *f = flow_find(G.pending_out[i]);
         if (!f) continue;
         f->flags &= (uint8_t)~F_OUTPUT_PENDING;
         if (!f->pcb) continue;
-        if ((f->flags & F_SHUT_DEFERRED) && f->pcb->state != SYN_RCVD) {
+        if (f->state == FLOW_CLOSING && f->pcb->state != SYN_RCVD) {
+            close_released(f);
+        } else if ((f->flags & F_SHUT_DEFERRED) && f->pcb->state != SYN_RCVD) {
             f->flags &= (uint8_t)~F_SHUT_DEFERRED;
             tcp_shutdown(f->pcb, 0, 1); /* sends (or, short of memory, lwIP's timer retries the FIN) */
         } else {

@@ -376,3 +376,127 @@ def test_data_and_fin_written_before_the_apps_handshake_ack_all_arrive(stack, si
     assert taken == size
     assert bytes(peer.received) == answer
     assert peer.got_fin and not peer.got_rst
+
+
+def _raw_event_count(stack: Stack) -> int:
+    """Events the C core queued, before Python drops those of released flows (which hides a bug)."""
+    from netstack.stack import lib
+
+    return int(lib.ns_events(stack._ev_ptr, stack._arena_ptr))
+
+
+def _closed_before_the_apps_handshake_ack(stack: Stack, peer: TcpPeer, answer: bytes):
+    """Accept, answer and release the flow gracefully while lwIP still waits for the app's ACK."""
+    peer.syn()
+    (event,) = stack.events()
+    flow = event.flow
+    flow.accept()
+    taken = flow.write(answer) if answer else 0
+    flow.close()
+    assert flow.closed and taken == len(answer)
+    return flow
+
+
+@pytest.mark.parametrize("size", [0, 3, 300_000])
+def test_data_and_fin_of_a_flow_closed_before_the_apps_handshake_ack_all_arrive(stack, size):
+    """The channel closes (graceful) before the app's ACK of our SYN-ACK: the bytes and FIN still all
+    arrive, the released flow gets no event, and nothing is left once the app closes its side."""
+    base = stack.stats()["mem_in_use"]
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+    answer = os.urandom(size)
+    _closed_before_the_apps_handshake_ack(stack, peer, answer)
+    for now in range(1, 200):  # the app's ACK of the SYN-ACK comes only now; timers run meanwhile
+        deliver(stack, [peer])
+        assert _raw_event_count(stack) == 0
+        if peer.got_fin:
+            break
+        stack.handle_timer(now * 0.25)
+    assert bytes(peer.received) == answer
+    assert peer.got_fin and not peer.got_rst
+    peer.fin()
+    deliver(stack, [peer])
+    assert _raw_event_count(stack) == 0 and stack.events() == []
+    stats = stack.stats()
+    assert stats["flows_live"] == 0 and stats["pcbs_active"] == 0 and stats["pcbs_time_wait"] == 0, stats
+    assert stats["mem_in_use"] <= base + 4096 * stats["listeners"], stats
+
+
+def _hold_synack(stack: Stack, peer: TcpPeer) -> list[bytes]:
+    """Take the stack's SYN-ACK for `peer` without answering it (the app's ACK is late); returns every
+    packet the stack sent meanwhile."""
+    out = stack.packets_to_send()
+    (synack,) = [IP(raw)[TCP] for raw in out if str(IP(raw)[TCP].flags) == "SA"]
+    peer.got_synack = True
+    peer.seq = (peer.seq + 1) % 2**32
+    peer.ack = (synack.seq + 1) % 2**32
+    return out
+
+
+def _nothing_left(stack: Stack) -> None:
+    assert _raw_event_count(stack) == 0 and stack.events() == []
+    stats = stack.stats()
+    assert stats["flows_live"] == 0 and stats["pcbs_active"] == 0 and stats["pcbs_time_wait"] == 0, stats
+
+
+def test_abort_before_the_apps_handshake_ack_resets_at_once(stack):
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+    peer.syn()
+    (event,) = stack.events()
+    event.flow.accept()
+    event.flow.write(b"never")
+    event.flow.abort()
+    out = stack.packets_to_send()  # no ACK from the app needed: the RST follows the SYN-ACK in this turn
+    assert [str(IP(raw)[TCP].flags) for raw in out] == ["SA", "RA"]
+    _nothing_left(stack)
+
+
+def test_flow_closed_before_the_handshake_then_reset_by_the_app_is_freed_silently(stack):
+    from netstack.stack import lib
+
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+    flow = _closed_before_the_apps_handshake_ack(stack, peer, b"answer")
+    assert lib.ns_tcp_write(flow.id, b"x", 1) == lib.NS_ENOFLOW  # released: unknown to the API
+    _hold_synack(stack, peer)
+    peer.rst()
+    _nothing_left(stack)  # lwIP freed the pcb: the released flow goes with it, and tells nobody
+    assert stack.packets_to_send() == []
+
+
+def test_flow_closed_before_a_handshake_that_never_completes_is_freed_silently(stack):
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+    _closed_before_the_apps_handshake_ack(stack, peer, b"answer")
+    synacks = 0
+    for now in range(1, 800):  # the app is gone: lwIP retransmits the SYN-ACK, then gives up
+        synacks += sum(str(IP(raw)[TCP].flags) == "SA" for raw in stack.packets_to_send())
+        assert _raw_event_count(stack) == 0
+        stack.handle_timer(now * 0.25)
+    assert synacks > 1
+    _nothing_left(stack)
+
+
+def test_flow_closed_before_the_handshake_answers_a_retransmitted_syn_and_ack_with_data(stack):
+    """The app lost our SYN-ACK and sends its SYN again: that is the same connection, not a new flow. Its
+    ACK then carries data nobody will read: dropped, and the close stays graceful."""
+    peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+    _closed_before_the_apps_handshake_ack(stack, peer, b"answer")
+    stack.packets_to_send()  # the first SYN-ACK is lost
+    peer.syn()
+    assert _raw_event_count(stack) == 0 and stack.events() == []
+    _hold_synack(stack, peer)
+    peer.send(b"request")  # ACK of the SYN-ACK, with data
+    deliver(stack, [peer])
+    assert bytes(peer.received) == b"answer" and peer.got_fin and not peer.got_rst
+    peer.fin()
+    deliver(stack, [peer])
+    _nothing_left(stack)
+
+
+def test_stack_closed_with_a_deferred_close_pending_frees_everything():
+    from netstack.stack import lib
+
+    before = int(lib.ns_mem_in_use())
+    with Stack(clock="manual") as stack:
+        peer = TcpPeer(stack, "198.18.0.2", "198.19.0.2")
+        _closed_before_the_apps_handshake_ack(stack, peer, os.urandom(100_000))
+        stack.packets_to_send()
+    assert int(lib.ns_mem_in_use()) == before
