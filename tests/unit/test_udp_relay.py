@@ -6,7 +6,14 @@ import pytest
 
 from agent import protocol as p
 from agent.protocol import MAX_PAYLOAD, SERVER_RESOLVER
-from x2ssh.flows.udp_relay import RECENCY_STEP, DnsOverride, UdpRelay, UdpRelaySettings
+from x2ssh.agent_client.link import ServerPython
+from x2ssh.flows.udp_relay import (
+    RECENCY_STEP,
+    DnsOverride,
+    UdpRelay,
+    UdpRelaySettings,
+    ping_refusal_reason,
+)
 
 APP = ("100.100.83.1", 40000)
 APP2 = ("100.100.83.1", 40001)
@@ -18,7 +25,8 @@ TUNNEL_DNS6 = ("fd78:7832:7373::53", 53)
 
 
 class FakeAgent:
-    def __init__(self) -> None:
+    def __init__(self, platform: str = "linux") -> None:
+        self.python = ServerPython("python3", (3, 11), platform, "/usr/bin/python3")
         self.receiver = None
         self.opened: list[tuple[int, tuple[str, int]]] = []
         self.sent: list[tuple[int, bytes]] = []
@@ -335,8 +343,40 @@ def test_ping_not_permitted_gives_prohibited_at_once_and_logs_once(to_app, clock
     ]  # fmt: skip
     assert icmp.sent == expected
     assert len([r for r in caplog.records if "ping_group_range" in r.getMessage()]) == 1
+    assert "Windows" not in relay.ping_refused
     relay.attach(FakeAgent())  # a new agent (another server setup) gets a new chance
     assert relay.ping_refused is None
+
+
+def test_ping_not_permitted_on_a_windows_server_says_why_there(to_app, clock, caplog) -> None:
+    """The Windows agent has no ping sockets at all: the server's ping_group_range is beside the point."""
+    icmp = FakeIcmp()
+    relay, _ = make_relay(to_app, clock, icmp=icmp)
+    windows_agent = FakeAgent(platform="win32")
+    relay.attach(windows_agent)
+    relay.echo_from_app("100.100.83.1", "198.19.0.2", 7, 1, b"x")
+    ((flow_id, _),) = windows_agent.opened
+    relay.flow_closed_by_agent(flow_id, p.CLOSE_NOT_PERMITTED)
+    assert icmp.sent == [("unreachable", "198.19.0.2", ("100.100.83.1", 7), ("198.19.0.2", 1),
+                          p.UNREACH_PROHIBITED, True)]  # fmt: skip
+    (record,) = [r for r in caplog.records if "ping" in r.getMessage()]
+    assert "Windows" in record.getMessage() and "ping_group_range" not in record.getMessage()
+    assert relay.ping_refused == ping_refusal_reason("win32")
+
+
+@pytest.mark.parametrize(
+    ("platform", "says", "not_says"),
+    [
+        ("linux", "ping_group_range", "Windows"),
+        ("win32", "Windows", "ping_group_range"),
+        ("freebsd14", "freebsd14", "ping_group_range"),
+        ("", "unknown", "ping_group_range"),
+    ],
+)
+def test_ping_refusal_reason_fits_the_servers_os(platform, says, not_says) -> None:
+    reason = ping_refusal_reason(platform)
+    assert says in reason and not_says not in reason
+    assert reason.endswith("pings get 'administratively prohibited'")
 
 
 def test_refuse_pings_without_agent(to_app, clock) -> None:

@@ -18,7 +18,7 @@ ICMP (protocol v2 agents): an app's echo request becomes an echo flow keyed by (
 the agent pings from an unprivileged ping socket and the real reply comes back. Unreachable reports become
 ICMP destination-unreachable errors to the app (`IcmpToApp`), so a connected UDP socket gets ECONNREFUSED
 at once. Where the server may not ping, the app gets "administratively prohibited" at once (never a fake
-reply) and the reason is logged once.
+reply) and the reason, worded for the server's OS (`ping_refusal_reason`), is logged once.
 
 Re-attach: `detach()` keeps the flows (their server-side sockets live on in an agent that waits for a
 re-attach); `attach(agent, resumed=True)` carries on with them, `attach(agent)` starts fresh.
@@ -50,6 +50,7 @@ __all__ = [
     "UdpRelay",
     "UdpRelaySettings",
     "UdpRelayStats",
+    "ping_refusal_reason",
 ]
 
 MAX_DNS_QUERIES = 64  # outstanding query ids tracked per DNS flow
@@ -69,8 +70,19 @@ class IcmpToApp(Protocol):
         `reporter` would. For echo flows the ports are the identifier and the sequence number."""
 
 
+class ServerPlatform(Protocol):
+    """What the relay needs to know about the server's python (`agent_client.link.ServerPython`)."""
+
+    @property
+    def platform(self) -> str:
+        """`sys.platform` on the server: "linux", "win32", "darwin"..."""
+
+
 class AgentLink(Protocol):
     """What the relay needs from an agent connection (`agent_client.deploy.AgentHandle` implements it)."""
+
+    @property
+    def python(self) -> ServerPlatform: ...
 
     def set_receiver(self, receiver: UdpRelay | None) -> None: ...
     def open_flow(self, flow_id: int, destination: Address) -> None: ...
@@ -152,6 +164,22 @@ class _Flow:
         self.queries: set[bytes] | None = set() if dns else None  # DNS query ids not answered yet
         self.last_seq = 0  # echo flows: the latest request's sequence number
         self.last_active = 0.0
+
+
+def ping_refusal_reason(server_platform: str) -> str:
+    """Why the agent on a server whose `sys.platform` is `server_platform` refused to ping, for the user."""
+    if server_platform == "win32":
+        why = "the agent on a Windows server cannot ping (Windows has no unprivileged ping sockets)"
+    elif server_platform.startswith("linux"):
+        why = (
+            "the server may not open ping sockets (its net.ipv4.ping_group_range excludes the SSH user's "
+            "groups)"
+        )
+    else:
+        why = (
+            f"the server ({server_platform or 'its OS unknown'}) does not let the SSH user open ping sockets"
+        )
+    return why + "; pings get 'administratively prohibited'"
 
 
 class UdpRelay:
@@ -394,10 +422,7 @@ class UdpRelay:
         self.stats.flows_closed_by_agent += 1
         self._forget(flow)
         if flow.echo and reason == p.CLOSE_NOT_PERMITTED:
-            self.refuse_pings(
-                "the server may not open ping sockets (its net.ipv4.ping_group_range excludes the SSH "
-                "user's groups); pings get 'administratively prohibited'"
-            )
+            self.refuse_pings(ping_refusal_reason(self._agent.python.platform if self._agent else ""))
             app, target, ident = flow.key
             self._prohibited(app, target, ident, flow.last_seq)
 
