@@ -15,6 +15,8 @@ import pytest
 
 from x2ssh.agent_client import remote_os as R
 
+from .win32_openssh import crt_argv as windows_argv  # the C runtime's split, shared with the fake sshd
+
 # ---- detection ------------------------------------------------------------------------------------------
 
 
@@ -72,39 +74,6 @@ def test_powershell_probe_is_encoded_and_neutral() -> None:
 
 
 # ---- neutral command lines ------------------------------------------------------------------------------
-
-
-def windows_argv(command_line: str) -> list[str]:
-    """Split a command line as the Microsoft C runtime (CommandLineToArgvW rules) does."""
-    args, cur, quoted, have, i = [], [], False, False, 0
-    while i < len(command_line):
-        c = command_line[i]
-        if c == "\\":
-            n = 0
-            while i < len(command_line) and command_line[i] == "\\":
-                n, i = n + 1, i + 1
-            if i < len(command_line) and command_line[i] == '"':
-                cur.append("\\" * (n // 2))
-                if n % 2:
-                    cur.append('"')
-                    i += 1
-            else:
-                cur.append("\\" * n)
-            have = True
-            continue
-        if c == '"':
-            quoted, have = not quoted, True
-        elif c in " \t" and not quoted:
-            if have:
-                args.append("".join(cur))
-                cur, have = [], False
-        else:
-            cur.append(c)
-            have = True
-        i += 1
-    if have:
-        args.append("".join(cur))
-    return args
 
 
 @pytest.mark.parametrize(
