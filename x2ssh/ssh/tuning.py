@@ -100,11 +100,9 @@ def _send_packet_without_cover(self: SSHConnection, pkttype: int, *args: bytes, 
 #
 # asyncssh's GCMCipher builds an AESGCM (a key schedule and an OpenSSL context) for every packet it
 # encrypts or decrypts; the key never changes for the cipher's life (a rekey makes a new GCMCipher).
-# Same IV sequence, same bytes out.
-
-_GCM_TAG = 16
-_original_gcm_encrypt = GCMCipher.encrypt_and_sign
-_original_gcm_decrypt = GCMCipher.verify_and_decrypt
+# Same IV sequence, same bytes out. `_aead` keeps one per GCMCipher; every AES-GCM packet in x2ssh goes
+# through it, either on the direct paths below or through the patched GCMEncryption further down (which
+# replaces the whole GCMCipher call, so GCMCipher itself needs no patch).
 
 
 def _aead(cipher: GCMCipher) -> AESGCM:
@@ -112,21 +110,6 @@ def _aead(cipher: GCMCipher) -> AESGCM:
     if aead is None:
         aead = cipher.__dict__["_x2ssh_aead"] = AESGCM(cipher._key)
     return aead
-
-
-def _gcm_encrypt_and_sign(self: GCMCipher, header: bytes, data: bytes) -> tuple[bytes, bytes]:
-    sealed = _aead(self).encrypt(self._iv, data, header)
-    self._update_iv()
-    return header + sealed[:-_GCM_TAG], sealed[-_GCM_TAG:]
-
-
-def _gcm_verify_and_decrypt(self: GCMCipher, header: bytes, data: bytes, mac: bytes) -> bytes | None:
-    try:
-        opened: bytes | None = _aead(self).decrypt(self._iv, data + mac, header)
-    except InvalidTag:
-        opened = None
-    self._update_iv()
-    return opened
 
 
 # -- One SSH packet out without the detours, for AES-GCM after the key exchange --
@@ -416,8 +399,6 @@ _PATCHES: tuple[tuple[Any, str, Any, Any], ...] = (
     (SSHLogger, "info", _info_when_enabled, _original_info),
     (SSHConnection, "send_packet", _send_packet_fast, _original_send_packet),
     (SSHConnection, "_recv_packet", _recv_packet_fast, _original_recv_packet),
-    (GCMCipher, "encrypt_and_sign", _gcm_encrypt_and_sign, _original_gcm_encrypt),
-    (GCMCipher, "verify_and_decrypt", _gcm_verify_and_decrypt, _original_gcm_decrypt),
     (GCMEncryption, "encrypt_packet", _gcm_encrypt_packet, _original_gcm_encrypt_packet),
     (GCMEncryption, "decrypt_packet", _gcm_decrypt_packet, _original_gcm_decrypt_packet),
     (SSHConnection, "create_task", _create_task, _original_create_task),
