@@ -25,7 +25,7 @@ from typing import Any
 
 import asyncssh
 
-from x2ssh.ssh.channel_open import OpenDone, open_tcp_channel
+from x2ssh.ssh.tcp_channel import OpenDone, open_tcp_channel
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,12 @@ OPENSSH_MAX_CHANNELS = 16384
 DEFAULT_CHANNEL_BOUND = 16000  # below OpenSSH's hard cap; a server's fd limit usually teaches a lower one
 AUTO_MAX_CONNECTIONS = 32
 CAPACITY_REASONS = ("open failed", "too many open files", "resource shortage")
+DEFAULT_WINDOW = 2 * 1024 * 1024  # asyncssh's defaults for create_connection
+DEFAULT_MAX_PACKET = 32 * 1024
 BUSY = 32  # a refusal "open failed" counts as "full" only on a connection with at least this many channels
 
 Connector = Callable[[], Awaitable[asyncssh.SSHClientConnection]]
-Opener = Callable[..., Any]  # channel_open.open_tcp_channel's signature; tests pass a fake
+Opener = Callable[..., Any]  # tcp_channel.open_tcp_channel's signature; tests pass a fake
 
 
 def is_capacity_refusal(exc: asyncssh.ChannelOpenError, channels: int) -> bool:
@@ -117,46 +119,37 @@ class ConnectionPool:
     # -- the bridge's side: the same call as SSHClientConnection.create_connection --
 
     async def create_connection(
-        self, session_factory: Callable[[], Any], *args: Any, **kwargs: Any
-    ) -> tuple[asyncssh.SSHTCPChannel, Any]:
-        tried: set[int] = set()
-        while True:
-            member = self._pick(tried) or await self._grow(tried)
-            if member is None:
-                raise asyncssh.ChannelOpenError(
-                    asyncssh.OPEN_RESOURCE_SHORTAGE, "every SSH connection of the pool is full"
-                )
-            made = False
+        self,
+        session_factory: Callable[[], Any],
+        host: str,
+        port: int,
+        orig_host: str = "",
+        orig_port: int = 0,
+        *,
+        window: int = DEFAULT_WINDOW,
+        max_pktsize: int = DEFAULT_MAX_PACKET,
+    ) -> tuple[Any, Any]:
+        """`open_tcp_channel` awaited, in the shape of asyncssh's `create_connection`: (channel, session)."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        sessions: list[Any] = []
 
-            def counted_session(member: PoolMember = member) -> Any:
-                nonlocal made
-                made = True
-                member.established += 1
-                session = session_factory()
-                lost = session.connection_lost
+        def make() -> Any:
+            sessions.append(session_factory())
+            return sessions[-1]
 
-                def connection_lost(exc: Exception | None) -> None:
-                    member.channels -= 1
-                    member.established -= 1
-                    lost(exc)
+        def on_done(chan: Any, exc: BaseException | None) -> None:
+            if not done.done():
+                done.set_result(chan) if exc is None else done.set_exception(exc)
 
-                session.connection_lost = connection_lost
-                return session
-
-            member.channels += 1
-            try:
-                return await member.conn.create_connection(counted_session, *args, **kwargs)
-            except asyncssh.ChannelOpenError as exc:
-                if not made:
-                    member.channels -= 1
-                if not is_capacity_refusal(exc, member.channels + 1):
-                    raise
-                self._learn_full(member, exc)
-                tried.add(id(member))
-            except BaseException:
-                if not made:
-                    member.channels -= 1
-                raise
+        opening = self.open_tcp_channel(
+            make, host, port, orig_host, orig_port, on_done, window=window, max_pktsize=max_pktsize
+        )
+        try:
+            chan = await done
+        except asyncio.CancelledError:
+            opening.cancel()
+            raise
+        return chan, sessions[-1]
 
     def open_tcp_channel(
         self,
@@ -170,7 +163,7 @@ class ConnectionPool:
         window: int,
         max_pktsize: int,
     ) -> PoolOpening:
-        """`create_connection` by callback (see `channel_open.open_tcp_channel`): no task while a connection
+        """`create_connection` by callback (see `tcp_channel.open_tcp_channel`): no task while a connection
         has room; `on_done(channel, None)` or `on_done(None, exc)` follows, never from within this call."""
         opening = PoolOpening(self, session_factory, (host, port, orig_host, orig_port), on_done)
         opening.window, opening.max_pktsize = window, max_pktsize

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ import asyncssh.connection as _asyncssh_connection
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.constants import (
+    MSG_CHANNEL_DATA,
     MSG_CHANNEL_FAILURE,
     MSG_CHANNEL_OPEN_CONFIRMATION,
     MSG_CHANNEL_OPEN_FAILURE,
@@ -31,7 +33,7 @@ from asyncssh.crypto.cipher import GCMCipher
 from asyncssh.encryption import ChachaEncryption, GCMEncryption
 from asyncssh.logging import SSHLogger
 from asyncssh.misc import ProtocolError
-from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketLogger, String
+from asyncssh.packet import PacketDecodeError, SSHPacket, SSHPacketLogger, String, UInt32
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -126,35 +128,76 @@ _BYTE = tuple(bytes((i,)) for i in range(256))
 _FIRST_CONNECTION_MSG = 80  # SSH_MSG_GLOBAL_REQUEST: the connection protocol (RFC 4254) starts here
 
 
-def _send_packet_fast(self: SSHConnection, pkttype: int, *args: bytes, handler: Any = None) -> None:
-    enc = self._send_encryption
-    if (
-        pkttype < _FIRST_CONNECTION_MSG
-        or enc.__class__ is not GCMEncryption
-        or not (self._strict_kex and self._auth_complete and self._kex_complete)
-        or self._compressor is not None
-        or self._rekey_bytes_sent >= self._rekey_bytes
-        or (self._rekey_seconds and time.monotonic() >= self._rekey_time)
-    ):
-        _send_packet_without_cover(self, pkttype, *args, handler=handler)
-        return
-    payload = _BYTE[pkttype] + b"".join(args)
-    blocksize = self._send_blocksize
-    padlen = -(self._send_enchdrlen + len(payload)) % blocksize
-    if padlen < 4:
-        padlen += blocksize
-    packet = _BYTE[padlen] + payload + _asyncssh_connection.os.urandom(padlen)
+def _fast_send_ok(self: SSHConnection, enc: Any) -> bool:
+    """The direct send path applies: AES-GCM, strict kex, logged in, no compression, no rekey due."""
+    return (
+        enc.__class__ is GCMEncryption
+        and self._strict_kex
+        and self._auth_complete
+        and self._kex_complete
+        and self._compressor is None
+        and self._rekey_bytes_sent < self._rekey_bytes
+        and not (self._rekey_seconds and time.monotonic() >= self._rekey_time)
+    )
+
+
+def _seal_and_send(self: SSHConnection, enc: Any, head: bytes, body: Any, padlen: int) -> None:
+    """Seal `head` + `body` + `padlen` random bytes as the next packet (`head` starts with the pad length)."""
+    packet = b"".join((head, body, _asyncssh_connection.os.urandom(padlen)))
     pktlen = len(packet)
     header = pktlen.to_bytes(4, "big")
     cipher = enc._cipher
     sealed = _aead(cipher).encrypt(cipher._iv, packet, header)  # ciphertext + tag, as header + mac
     cipher._update_iv()
     self._send(header + sealed)
-    seq = self._send_seq
-    self._send_seq = (seq + 1) & 0xFFFFFFFF
+    self._send_seq = (self._send_seq + 1) & 0xFFFFFFFF
     self._rekey_bytes_sent += pktlen
+
+
+def _send_packet_fast(self: SSHConnection, pkttype: int, *args: bytes, handler: Any = None) -> None:
+    enc = self._send_encryption
+    if pkttype < _FIRST_CONNECTION_MSG or not _fast_send_ok(self, enc):
+        _send_packet_without_cover(self, pkttype, *args, handler=handler)
+        return
+    payload = _BYTE[pkttype] + b"".join(args)
+    padlen = -(self._send_enchdrlen + len(payload)) % self._send_blocksize
+    if padlen < 4:
+        padlen += self._send_blocksize
+    seq = self._send_seq
+    _seal_and_send(self, enc, _BYTE[padlen], payload, padlen)
     if SSHLogger._debug_level >= PACKET_DEBUG_LEVEL:
         (handler or self).log_sent_packet(pkttype, seq, payload)
+
+
+_DATA_HEAD = struct.Struct(">BBII").pack  # pad length, MSG_CHANNEL_DATA, recipient channel, data length
+
+
+def send_channel_data(conn: Any, send_chan: int, data: Any) -> None:
+    """Send CHANNEL_DATA carrying `data` (bytes-like) to the server's channel `send_chan`.
+
+    On the direct path the bytes are copied once, into the packet that is sealed; otherwise it is asyncssh's
+    `send_packet` (which also defers the packet during a key exchange). The caller keeps to the channel's
+    window and packet size.
+    """
+    enc = conn._send_encryption
+    if not _fast_send_ok(conn, enc) or SSHLogger._debug_level >= PACKET_DEBUG_LEVEL:
+        conn.send_packet(MSG_CHANNEL_DATA, UInt32(send_chan), String(bytes(data)))
+        return
+    n = len(data)
+    blocksize = conn._send_blocksize
+    padlen = -(conn._send_enchdrlen + 9 + n) % blocksize
+    if padlen < 4:
+        padlen += blocksize
+    _seal_and_send(conn, enc, _DATA_HEAD(padlen, MSG_CHANNEL_DATA, send_chan, n), data, padlen)
+
+
+class DirectDataHandler:
+    """A channel whose DATA payloads the receive fast path hands straight to `receive_data`."""
+
+    __slots__ = ()
+
+    def receive_data(self, data: bytes) -> None:
+        raise NotImplementedError
 
 
 # -- One SSH packet in without the detours: channel messages on an established AES-GCM connection --
@@ -205,7 +248,17 @@ def _recv_packet_fast(self: SSHConnection) -> bool:
     cipher._update_iv()
     if not data or not data[0] or data[1] not in _CHANNEL_MSGS or len(data) - data[0] < 6:
         return _recv_opened(self, enc, data)
-    packet = SSHPacket(data[1 : len(data) - data[0]])
+    end = len(data) - data[0]
+    if data[1] == MSG_CHANNEL_DATA and end >= 10 and SSHLogger._debug_level < PACKET_DEBUG_LEVEL:
+        chan = self._channels.get(int.from_bytes(data[2:6], "big"))
+        if isinstance(chan, DirectDataHandler) and int.from_bytes(data[6:10], "big") == end - 10:
+            seq = self._recv_seq
+            self._inpbuf = inpbuf[rem:]
+            self._packet = b""
+            chan.receive_data(data[10:end])
+            self._finish_recv_packet(MSG_CHANNEL_DATA, seq)
+            return True
+    packet = SSHPacket(data[1:end])
     pkttype = packet.get_byte()
     if pkttype in _OPEN_REPLIES:
         handler: Any = self  # the connection matches the reply to its channel, as asyncssh routes it

@@ -1,4 +1,4 @@
-"""x2ssh.ssh.channel_open opens channels as asyncssh's create_connection does, by callback instead of await.
+"""x2ssh.ssh.tcp_channel: direct-tcpip channels that behave as asyncssh's, opened by callback, not awaited.
 
 Against a real asyncssh server in this process (the lab of test_asyncssh_channel_tuning): the same bytes
 both ways, EOF and close, the same refusal for a closed port, bytes the server sends first, many opens at
@@ -16,7 +16,7 @@ import asyncssh
 import pytest
 
 from tests.unit.test_asyncssh_channel_tuning import Recorder, lab
-from x2ssh.ssh.channel_open import ChannelOpening, open_tcp_channel
+from x2ssh.ssh.tcp_channel import TcpChannel, open_tcp_channel
 
 WINDOW = 2 * 1024 * 1024
 PKT = 32 * 1024
@@ -189,7 +189,7 @@ def test_a_failing_callback_is_reported_and_the_connection_lives_on() -> None:
         opening = open_tcp_channel(
             lab_["conn"], Recorder, "127.0.0.1", lab_["closed"], "", 0, broken, window=WINDOW, max_pktsize=PKT
         )
-        assert isinstance(opening, ChannelOpening)
+        assert isinstance(opening, TcpChannel)
         for _ in range(200):
             if reported:
                 break

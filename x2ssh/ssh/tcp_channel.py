@@ -1,0 +1,435 @@
+"""A `direct-tcpip` channel on an asyncssh connection, without asyncssh's general-purpose channel object.
+
+asyncssh's `SSHTCPChannel` serves every kind of channel: encodings, extended data, requests and their
+waiters, environment, X11, a child logger and an `asyncio.Event` per channel, a task to start reading, and a
+chain of calls per data packet. A forwarded TCP flow needs none of that, and x2ssh opens one per connection
+the user makes: that overhead was a good part of x2ssh's CPU per short connection. `TcpChannel` speaks
+the same channel protocol (RFC 4254 §5, the same packets asyncssh sends) with only what a TCP flow uses:
+
+- open by callback (`open_tcp_channel`): no task, future or coroutine per flow;
+- data both ways with SSH flow control: the send window and packet size from the server, a receive window
+  that is topped up as the session takes the bytes, and `pause_reading` closing it;
+- write buffer limits with `pause_writing`/`resume_writing` to the session, as asyncio transports do;
+- EOF and CLOSE with asyncssh's semantics (EOF and CLOSE wait for buffered bytes; abort does not);
+- the session interface of `asyncssh.SSHTCPSession` (`connection_made`, `data_received(data, None)`,
+  `eof_received`, `connection_lost`, `pause_writing`, `resume_writing`), so sessions work unchanged.
+
+The connection routes packets to it as to any channel (it sits in the connection's channel table, and
+asyncssh calls `process_packet`, `process_open_confirmation`, `process_open_failure` and
+`process_connection_close` on it). With the AES-GCM fast path of `x2ssh.ssh.tuning`, a DATA packet's
+payload comes straight to `receive_data` and an outgoing one is sealed straight from the caller's bytes.
+Other ciphers, a rekey in progress and packet debugging go through asyncssh's own send and receive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import asyncssh
+from asyncssh.constants import (
+    MSG_CHANNEL_CLOSE,
+    MSG_CHANNEL_DATA,
+    MSG_CHANNEL_EOF,
+    MSG_CHANNEL_EXTENDED_DATA,
+    MSG_CHANNEL_FAILURE,
+    MSG_CHANNEL_OPEN,
+    MSG_CHANNEL_REQUEST,
+    MSG_CHANNEL_SUCCESS,
+    MSG_CHANNEL_WINDOW_ADJUST,
+)
+from asyncssh.misc import ProtocolError
+from asyncssh.packet import SSHPacket, SSHPacketLogger, String, UInt32
+
+from x2ssh.ssh import tuning
+
+log = logging.getLogger(__name__)
+
+OpenDone = Callable[[Any, BaseException | None], None]
+HIGH_WATER = 64 * 1024  # asyncssh's default write buffer limits
+LOW_WATER = HIGH_WATER // 4
+_DIRECT_TCPIP = String(b"direct-tcpip")
+
+# Send and receive states (asyncssh's names): a channel is "opening" until the server answers.
+_OPENING, _OPEN, _EOF_PENDING, _EOF, _CLOSE_PENDING, _CLOSED = range(6)
+
+
+class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
+    """One `direct-tcpip` channel; also the handle of its open in flight (`cancel()`)."""
+
+    __slots__ = (
+        "_cancelled", "_conn", "_extra", "_factory", "_init_window", "_max_pktsize", "_on_done",
+        "_recv_buf", "_recv_chan", "_recv_paused", "_recv_state", "_recv_window", "_send_buf",
+        "_send_buf_len", "_send_chan", "_send_paused", "_send_pktsize", "_send_state", "_send_window",
+        "_session",
+    )  # fmt: skip
+
+    def __init__(
+        self, conn: asyncssh.SSHClientConnection, factory: Callable[[], Any], on_done: OpenDone,
+        window: int, max_pktsize: int,
+    ) -> None:  # fmt: skip
+        self._conn: Any = conn
+        self._factory = factory
+        self._on_done: OpenDone | None = on_done
+        self._cancelled = False
+        self._session: Any = None
+        self._extra: dict[str, Any] = {}
+        self._send_state = _OPENING
+        self._send_chan = 0
+        self._send_window = 0
+        self._send_pktsize = 0
+        self._send_buf: deque[memoryview] = deque()
+        self._send_buf_len = 0
+        self._send_paused = False
+        self._recv_state = _OPENING
+        self._init_window = window
+        self._recv_window = window
+        self._recv_paused = False
+        self._recv_buf: deque[bytes | None] = deque()  # None: the EOF, after the bytes before it
+        self._max_pktsize = max_pktsize
+        conn._update_recv_pktlen(max_pktsize)
+        self._recv_chan: int | None = conn.add_channel(self)  # type: ignore[arg-type]  # any packet handler
+
+    # -- what asyncssh's connection and logging use --
+
+    @property
+    def logger(self) -> Any:
+        return self._conn.logger if self._conn is not None else asyncssh.logging.logger
+
+    def process_packet(self, pkttype: int, seq: int, packet: SSHPacket) -> bool:
+        handler = _HANDLERS.get(pkttype)
+        if handler is None:
+            return False  # asyncssh then reports an unexpected packet
+        handler(self, packet)
+        return True
+
+    def process_open_confirmation(
+        self, send_chan: int, send_window: int, send_pktsize: int, packet: SSHPacket
+    ) -> None:
+        if self._send_state != _OPENING:
+            raise ProtocolError("Channel not being opened")
+        packet.check_end()  # direct-tcpip confirmations carry nothing else
+        self._send_chan = send_chan
+        self._send_window = send_window
+        self._send_pktsize = send_pktsize
+        self._send_state = self._recv_state = _OPEN
+        if self._cancelled:  # nobody wants this channel any more
+            self._on_done = None
+            self.close()
+            return
+        try:
+            session = self._factory()
+            self._session = session
+            session.connection_made(self)
+        except Exception as exc:  # a failing session: this channel only
+            self._session = None
+            self.abort()
+            self._report(None, exc)
+            return
+        self._report(self, None)
+
+    def process_open_failure(self, code: int, reason: str, lang: str) -> None:
+        if self._send_state != _OPENING:
+            raise ProtocolError("Channel not being opened")
+        self._send_state = self._recv_state = _CLOSED
+        self._release()
+        if not self._cancelled:
+            self._report(None, asyncssh.ChannelOpenError(code, reason, lang))
+
+    def process_connection_close(self, exc: Exception | None) -> None:
+        opening = self._send_state == _OPENING
+        self._send_state = self._recv_state = _CLOSED
+        self._send_buf.clear()
+        self._send_buf_len = 0
+        self._recv_buf.clear()
+        if opening:
+            self._release()
+            if not self._cancelled:
+                lost = asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "SSH connection closed")
+                self._report(None, lost)
+            return
+        self._finish(exc)
+
+    # -- the opener's side --
+
+    def start_open(self, host: str, port: int, orig_host: str, orig_port: int) -> None:
+        """Send CHANNEL_OPEN direct-tcpip; the outcome reaches `on_done`."""
+        self._extra = {"local_peername": (orig_host, orig_port), "remote_peername": (host, port)}
+        self._conn.send_packet(
+            MSG_CHANNEL_OPEN, _DIRECT_TCPIP, UInt32(self._recv_chan), UInt32(self._init_window),  # type: ignore[arg-type]
+            UInt32(self._max_pktsize), String(host), UInt32(port), String(orig_host),
+            UInt32(orig_port), handler=self,
+        )  # fmt: skip
+
+    def cancel(self) -> None:
+        """Give up on the open: no `on_done` any more; a confirmation that still comes closes the channel."""
+        self._cancelled = True
+
+    def _report(self, chan: TcpChannel | None, exc: BaseException | None) -> None:
+        # Runs inside asyncssh's packet handling: an error here must not end the SSH connection.
+        on_done, self._on_done = self._on_done, None
+        if on_done is None:
+            return
+        try:
+            on_done(chan, exc)
+        except Exception as err:
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": "channel open callback failed", "exception": err, "channel": self}
+            )
+
+    # -- the session's side: an asyncio-transport-like channel --
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """`local_peername`, `remote_peername`, else the connection's extra info."""
+        if name in self._extra:
+            return self._extra[name]
+        if name == "connection":
+            return self._conn
+        return self._conn.get_extra_info(name, default) if self._conn is not None else default
+
+    def get_write_buffer_size(self) -> int:
+        return self._send_buf_len
+
+    def is_closing(self) -> bool:
+        return self._send_state != _OPEN
+
+    def write(self, data: bytes) -> None:
+        """Send `data` as the window allows; the rest is buffered (`pause_writing` past the high water)."""
+        if self._send_state != _OPEN:
+            raise BrokenPipeError("Channel not open for sending")
+        n = len(data)
+        if not n:
+            return
+        if not self._send_buf and n <= self._send_window and n <= self._send_pktsize:
+            self._send_window -= n
+            tuning.send_channel_data(self._conn, self._send_chan, data)
+            return
+        self._send_buf.append(memoryview(data))
+        self._send_buf_len += n
+        self._flush_send()
+
+    def write_eof(self) -> None:
+        """Send EOF after the buffered bytes."""
+        if self._send_state == _OPEN:
+            self._send_state = _EOF_PENDING
+            self._flush_send()
+
+    def close(self) -> None:
+        """Send CLOSE after the buffered bytes; bytes still coming in are dropped."""
+        if self._send_state == _OPENING:
+            return  # not ours yet: `cancel()` gives up an open (the connection closing reports it failed)
+        if self._send_state not in (_CLOSE_PENDING, _CLOSED):
+            self._send_state = _CLOSE_PENDING
+            self._flush_send()
+        self._discard_recv()
+
+    def abort(self) -> None:
+        """CLOSE at once; buffered bytes both ways are dropped."""
+        if self._send_state == _OPENING:
+            return  # as `close()`
+        self._close_send()
+        self._discard_recv()
+
+    def pause_reading(self) -> None:
+        """Stop delivering data; the receive window is no longer topped up, so the server stops too."""
+        self._recv_paused = True
+
+    def resume_reading(self) -> None:
+        if self._recv_paused:
+            self._recv_paused = False
+            self._flush_recv()
+
+    # -- sending --
+
+    def _flush_send(self) -> None:
+        buf = self._send_buf
+        conn, chan = self._conn, self._send_chan
+        while buf and self._send_window:
+            size = min(self._send_window, self._send_pktsize)
+            head = buf[0]
+            if len(head) > size:
+                chunk = head[:size]
+                buf[0] = head[size:]
+            else:
+                chunk = buf.popleft()
+            n = len(chunk)
+            self._send_buf_len -= n
+            self._send_window -= n
+            tuning.send_channel_data(conn, chan, chunk)
+        session = self._session
+        if self._send_paused:
+            if self._send_buf_len <= LOW_WATER:
+                self._send_paused = False
+                if session is not None:
+                    session.resume_writing()
+        elif self._send_buf_len > HIGH_WATER:
+            self._send_paused = True
+            if session is not None:
+                session.pause_writing()
+        if not buf:
+            if self._send_state == _EOF_PENDING:
+                self._send_state = _EOF
+                self._send(MSG_CHANNEL_EOF)
+            elif self._send_state == _CLOSE_PENDING:
+                self._close_send()
+
+    def _send(self, pkttype: int, *args: bytes) -> None:
+        self._conn.send_packet(pkttype, UInt32(self._send_chan), *args, handler=self)
+
+    def _close_send(self) -> None:
+        """CLOSE now (once); unsent bytes are dropped. The channel ends when the server's CLOSE is taken."""
+        self._send_buf.clear()
+        self._send_buf_len = 0
+        if self._send_state not in (_CLOSED, _OPENING):
+            self._send(MSG_CHANNEL_CLOSE)
+        self._send_state = _CLOSED
+
+    # -- receiving --
+
+    def receive_data(self, data: bytes) -> None:
+        """A DATA packet's payload (the fast path of `x2ssh.ssh.tuning` calls this directly)."""
+        if self._recv_state != _OPEN:
+            raise ProtocolError("Channel not open for sending")
+        n = len(data)
+        if n > self._recv_window:
+            raise ProtocolError("Window exceeded")
+        if not n or self._send_state in (_CLOSE_PENDING, _CLOSED):
+            return  # asyncssh drops what comes after the session closed the channel
+        self._recv_window -= n
+        if self._recv_paused or self._recv_buf:
+            self._recv_buf.append(data)
+        else:
+            self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        if self._recv_window < self._init_window // 2:
+            self._send(MSG_CHANNEL_WINDOW_ADJUST, UInt32(self._init_window - self._recv_window))
+            self._recv_window = self._init_window
+        self._session.data_received(data, None)
+
+    def _flush_recv(self) -> None:
+        buf = self._recv_buf
+        while buf and not self._recv_paused:
+            item = buf.popleft()
+            if item is None:
+                self._deliver_eof()
+            else:
+                self._deliver(item)
+        if not buf and self._recv_state == _CLOSE_PENDING:
+            self._recv_state = _CLOSED
+            self._finish(None)
+
+    def _deliver_eof(self) -> None:
+        if not self._session.eof_received() and self._send_state == _OPEN:
+            self.write_eof()
+
+    def _discard_recv(self) -> None:
+        self._recv_buf.clear()
+        self._recv_paused = False
+        if self._recv_state == _CLOSE_PENDING:
+            self._recv_state = _CLOSED
+            self._finish(None)
+
+    def _process_window_adjust(self, packet: SSHPacket) -> None:
+        if self._recv_state not in (_OPEN, _EOF):
+            raise ProtocolError("Channel not open")
+        adjust = packet.get_uint32()
+        packet.check_end()
+        self._send_window += adjust
+        self._flush_send()
+
+    def _process_data(self, packet: SSHPacket) -> None:
+        data = packet.get_string()
+        packet.check_end()
+        self.receive_data(data)
+
+    def _process_extended_data(self, packet: SSHPacket) -> None:
+        raise ProtocolError("Invalid extended data type")  # a TCP channel has no stderr
+
+    def _process_eof(self, packet: SSHPacket) -> None:
+        if self._recv_state != _OPEN:
+            raise ProtocolError("Channel not open for sending")
+        packet.check_end()
+        self._recv_state = _EOF
+        if self._recv_paused or self._recv_buf:
+            self._recv_buf.append(None)
+        elif self._send_state not in (_CLOSE_PENDING, _CLOSED):
+            self._deliver_eof()
+
+    def _process_close(self, packet: SSHPacket) -> None:
+        if self._recv_state not in (_OPEN, _EOF):
+            raise ProtocolError("Channel not open")
+        packet.check_end()
+        self._close_send()  # answered at once, as asyncssh does; bytes not sent yet are dropped
+        if self._recv_buf:  # the session paused reading: what it has not taken yet comes first
+            self._recv_state = _CLOSE_PENDING
+        else:
+            self._recv_state = _CLOSED
+            self._finish(None)
+
+    def _process_request(self, packet: SSHPacket) -> None:
+        if self._recv_state not in (_OPEN, _EOF):
+            raise ProtocolError("Channel not open")
+        packet.get_string()
+        if packet.get_boolean() and self._send_state not in (_CLOSE_PENDING, _CLOSED):
+            self._send(MSG_CHANNEL_FAILURE)  # a TCP channel supports no request
+
+    def _process_response(self, packet: SSHPacket) -> None:
+        raise ProtocolError("Unexpected channel response")  # this channel never asks
+
+    # -- the end --
+
+    def _finish(self, exc: Exception | None) -> None:
+        """Both sides are closed (or the connection is gone): tell the session once, leave the table."""
+        session, self._session = self._session, None
+        self._release()
+        if session is not None:
+            try:
+                session.connection_lost(exc)
+            except Exception:
+                log.debug("channel session's connection_lost failed", exc_info=True)
+
+    def _release(self) -> None:
+        conn, recv_chan = self._conn, self._recv_chan
+        if conn is not None and recv_chan is not None:
+            self._recv_chan = None
+            conn._channels.pop(recv_chan, None)
+
+
+_HANDLERS: dict[int, Callable[[TcpChannel, SSHPacket], None]] = {
+    MSG_CHANNEL_WINDOW_ADJUST: TcpChannel._process_window_adjust,
+    MSG_CHANNEL_DATA: TcpChannel._process_data,
+    MSG_CHANNEL_EXTENDED_DATA: TcpChannel._process_extended_data,
+    MSG_CHANNEL_EOF: TcpChannel._process_eof,
+    MSG_CHANNEL_CLOSE: TcpChannel._process_close,
+    MSG_CHANNEL_REQUEST: TcpChannel._process_request,
+    MSG_CHANNEL_SUCCESS: TcpChannel._process_response,
+    MSG_CHANNEL_FAILURE: TcpChannel._process_response,
+}
+
+
+def open_tcp_channel(
+    conn: asyncssh.SSHClientConnection,
+    session_factory: Callable[[], Any],
+    host: str,
+    port: int,
+    orig_host: str,
+    orig_port: int,
+    on_done: OpenDone,
+    *,
+    window: int,
+    max_pktsize: int,
+) -> TcpChannel:
+    """Open a `direct-tcpip` channel to `host`:`port` on `conn`, by callback.
+
+    On confirmation the session `session_factory()` makes gets `connection_made(channel)`, then
+    `on_done(channel, None)` follows; on refusal or a lost connection `on_done(None, exc)` with asyncssh's
+    `ChannelOpenError`. `on_done` is never called from within this call. Raises `ChannelOpenError` at once
+    when the connection is already closed (as asyncssh's `create_connection` does).
+    """
+    chan = TcpChannel(conn, session_factory, on_done, window, max_pktsize)
+    chan.start_open(host, port, orig_host, orig_port)
+    return chan
