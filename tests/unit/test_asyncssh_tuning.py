@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 
 from asyncssh.logging import SSHLogger
 from asyncssh.packet import SSHPacketLogger
@@ -56,3 +58,63 @@ def test_packet_logging_still_works_at_debug_level_3(caplog) -> None:
             assert "Sent MSG_CHANNEL_DATA (94), 7 bytes" in caplog.text
     finally:
         SSHLogger.set_debug_level(previous)
+
+
+class SocketConnection:
+    """The part of an asyncssh connection that coalesce_sends uses, on a real asyncio socket transport."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.joined_writes = 0
+
+    def _send(self, data: bytes) -> None:
+        self.joined_writes += 1
+        self._transport.write(data)
+
+
+def test_gathered_writes_keep_every_byte_in_order_when_the_socket_fills() -> None:
+    async def scenario() -> tuple[bytes, bytes, int]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+        conn = SocketConnection(transport)
+        asyncssh_tuning.coalesce_sends(conn)
+        parts = [os.urandom(n) for n in (5, 32_768, 16, 70_000, 1, 4096)] * 20  # far more than the buffer
+        for part in parts:
+            conn._send(part)
+        await asyncio.sleep(0)  # the turn ends: one flush
+        joined_after_first_turn = conn.joined_writes
+        theirs.setblocking(False)
+        got = bytearray()
+        want = b"".join(parts)
+        while len(got) < len(want):
+            try:
+                got += theirs.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+        transport.close()
+        theirs.close()
+        return bytes(got), want, joined_after_first_turn
+
+    got, want, joined = asyncio.run(scenario())
+    assert got == want
+    assert joined == 1  # writev took what the socket could, the rest went to asyncio in one piece
+
+
+def test_gathered_writes_go_out_without_asyncio_when_the_socket_takes_them() -> None:
+    async def scenario() -> tuple[bytes, int]:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+        conn = SocketConnection(transport)
+        asyncssh_tuning.coalesce_sends(conn)
+        for part in (b"header", b"sealed packet", b"next"):
+            conn._send(part)
+        await asyncio.sleep(0)
+        data = theirs.recv(100)
+        transport.close()
+        theirs.close()
+        return data, conn.joined_writes
+
+    assert asyncio.run(scenario()) == (b"headersealed packetnext", 0)

@@ -149,7 +149,8 @@ def _seal_and_send(self: SSHConnection, enc: Any, head: bytes, body: Any, padlen
     cipher = enc._cipher
     sealed = _aead(cipher).encrypt(cipher._iv, packet, header)  # ciphertext + tag, as header + mac
     cipher._update_iv()
-    self._send(header + sealed)
+    self._send(header)  # gathered with the rest of the loop turn's packets (coalesce_sends), not joined here
+    self._send(sealed)
     self._send_seq = (self._send_seq + 1) & 0xFFFFFFFF
     self._rekey_bytes_sent += pktlen
 
@@ -476,12 +477,18 @@ def uninstall() -> None:
     _asyncssh_connection.os = os  # type: ignore[attr-defined]
 
 
+_writev = getattr(os, "writev", None)  # not on Windows: there the joined bytes go through asyncio
+IOV_MAX = 1024  # Linux's limit on buffers per writev
+
+
 def coalesce_sends(conn: Any) -> None:
     """Send everything one event-loop turn produced for `conn` with one socket write.
 
     asyncssh writes each SSH packet (at most 32 KiB of channel data: sshd's limit) to the socket on its
-    own; a netstack batch yields many of them. Joining them saves a system call per packet; the order is
-    unchanged and nothing waits longer than the current loop turn.
+    own; a netstack batch yields many of them. Gathering them saves a system call per packet; the order is
+    unchanged and nothing waits longer than the current loop turn. When asyncio holds nothing unsent for
+    the socket, the packets go out with one `writev` straight from where they are (no joined copy), and
+    only what the socket did not take is handed to asyncio's transport.
     """
     send = getattr(conn, "_send", None)
     if send is None:
@@ -490,9 +497,17 @@ def coalesce_sends(conn: Any) -> None:
     loop = asyncio.get_running_loop()
 
     def flush() -> None:
-        data = b"".join(pending)
+        parts = pending.copy()
         pending.clear()
-        send(data)
+        if len(parts) > 1:
+            transport = getattr(conn, "_transport", None)
+            if transport is not None:
+                rest = _write_gathered(transport, parts)
+                if rest is not None:
+                    if rest:
+                        send(rest)
+                    return
+        send(b"".join(parts))
 
     def coalescing_send(data: bytes) -> None:
         if not pending:
@@ -500,6 +515,27 @@ def coalesce_sends(conn: Any) -> None:
         pending.append(data)
 
     conn._send = coalescing_send
+
+
+def _write_gathered(transport: Any, parts: list[bytes]) -> bytes | None:
+    """`writev` `parts` to the transport's socket if asyncio has nothing queued for it: the bytes it did not
+    take (b"" if none), or None when this does not apply (asyncio's own write then takes everything)."""
+    if _writev is None or transport.is_closing() or transport.get_write_buffer_size():
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None:  # a ProxyCommand's pipe, a channel of a jump host: asyncio's write
+        return None
+    try:
+        sent = _writev(sock.fileno(), parts[:IOV_MAX])
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        return None  # asyncio's write meets the same error and closes the transport its own way
+    for i, part in enumerate(parts):
+        if sent < len(part):
+            return b"".join((part[sent:], *parts[i + 1 :]))
+        sent -= len(part)
+    return b""
 
 
 async def ping(conn: Any) -> None:
