@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from benchmarks.env import BenchEnv
-from benchmarks.procstat import ResourceMeter, descendants
+from benchmarks.procstat import ResourceMeter, descendants, machine_busy_seconds
 from benchmarks.transports import LOSS, SCALE, TCP, UDP, Endpoint, Transport
 
 log = logging.getLogger(__name__)
@@ -506,6 +506,8 @@ class ApacheBenchRate(Scenario):
             Metric("ab-p50", f"ab -c {c}: request time p50", "ms", "lower"),
             Metric("ab-wait-p50", f"ab -c {c}: time to first byte, median", "ms", "lower"),
             Metric("ab-cpu-client", f"ab -c {c}: transport CPU per connection", "µs", "lower"),
+            Metric("ab-cpu-sshd", f"ab -c {c}: sshd CPU per connection", "µs", "lower"),
+            Metric("ab-cpu-machine", f"ab -c {c}: whole machine's CPU per connection", "µs", "lower"),
         ]
 
     def run(self, env: BenchEnv, transport: Transport, settings: Settings) -> Values:
@@ -517,20 +519,26 @@ class ApacheBenchRate(Scenario):
             "ab", "-q", "-r", "-s", "10", "-c", str(settings.http_concurrency),
             "-t", str(settings.ab_seconds), "-n", "10000000", f"http://{netloc}:{ep.port}/1k.bin",
         ]  # fmt: skip
+        busy = machine_busy_seconds()
         with _metered(env, transport) as meters:
             done = env.lab.run(ep.ns, ep.argv(argv), timeout=settings.ab_seconds + 60)
+        busy = machine_busy_seconds() - busy  # ab, web server, sshd, transport, kernel
         if done.returncode != 0:
             raise ScenarioError(f"ab exited {done.returncode}: {(done.stderr or done.stdout)[-400:]}")
         ab = parse_ab(done.stdout)
         if not ab["complete"]:
             raise ScenarioError("ab completed no request")
-        cpu = None if meters is None else meters[0].cpu_seconds / ab["complete"] * 1e6
+        per_conn = 1e6 / ab["complete"]
+        cpu = None if meters is None else meters[0].cpu_seconds * per_conn
+        sshd = None if meters is None else meters[1].cpu_seconds * per_conn
         extra = {"complete": ab["complete"], "failed": ab["failed"], "p99_ms": ab["p99"]}
         return {
             "ab-rate": (ab["rate"], extra),
             "ab-p50": (ab["p50"], {}),
             "ab-wait-p50": (ab["wait_median"], {}),
             "ab-cpu-client": (cpu, {}),
+            "ab-cpu-sshd": (sshd, {}),
+            "ab-cpu-machine": (busy * per_conn, {}),
         }
 
 

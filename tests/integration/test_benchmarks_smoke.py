@@ -89,6 +89,7 @@ def test_quick_run_writes_well_formed_results(tmp_path: Path) -> None:
     assert all(v and v > 0 for v in values("tcp-down-cpu-client", "ssh-L"))
     assert values("tcp-down-cpu-client", "direct") == [None]
     assert all(v and v > 0 for v in values("ab-cpu-client", "ssh-L"))
+    assert all(v and v > 0 for v in values("ab-cpu-sshd", "ssh-L") + values("ab-cpu-machine", "ssh-L"))
     # ... and the port scan needs a VPN: neither transport ran it.
     assert not values("scan-download-ratio", "ssh-L") and not values("scan-download-ratio", "direct")
     # ... UDP and DNS ran for direct only (ssh -L cannot carry UDP), and the DNS lookups got answers.
