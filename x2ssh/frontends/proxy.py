@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import sys
+from pathlib import Path
 from typing import Any
 
-from x2ssh.control import SOCKET_NAME, ControlServer, private_control_dir, user_run_dir
+from x2ssh.control import ControlServer, private_control_dir, start_control, user_run_dir
 from x2ssh.frontends.socks import SocksServer, check_bind
 from x2ssh.frontends.socks_backend import SshChannelBackend
 from x2ssh.frontends.socks_protocol import Credentials
@@ -72,7 +71,9 @@ class ProxyRun:
                 await self.server.start()
                 self.ssh.follow_moves = False  # no tunnel: the name resolves normally on reconnect
                 self.ssh.attach(conn)
-                await self._start_control()
+                self.control = await start_control(
+                    _user_control_dir, self.status_document, self._stop.request
+                )
                 where = ", ".join(_endpoint(a) for a in self.server.addresses)
                 log.info("proxy up: SOCKS5 and HTTP CONNECT on %s via %s", where, self.ssh.server_label)
                 self.ssh.spawn(self._status_loop())
@@ -85,24 +86,6 @@ class ProxyRun:
                     await self.server.close()
                 await self.ssh.close()
                 log.info("proxy down")
-
-    async def _start_control(self) -> None:
-        """`x2ssh status` / `x2ssh down` reach this run through a socket in the user's runtime directory."""
-        if sys.platform == "win32":
-            log.info("no control socket on Windows: x2ssh status/down do not reach this run")
-            return
-        try:
-            directory = private_control_dir(user_run_dir())
-            self.control = ControlServer(
-                directory / SOCKET_NAME,
-                self.status_document,
-                self._stop.request,
-                {os.getuid()},
-            )
-            await self.control.start()
-        except Exception as exc:
-            log.warning("no control socket (x2ssh status/down will not reach this run): %s", exc)
-            self.control = None
 
     def status_document(self) -> dict[str, Any]:
         """The same schema as the VPN's (x2ssh.status_report); no TUN, no routes, no DNS changes here."""
@@ -152,6 +135,11 @@ class ProxyRun:
                     self.ssh.udp_mode,
                     self.ssh.reconnects,
                 )
+
+
+async def _user_control_dir() -> Path:
+    """No helper and no root here: the socket goes in the user's own runtime directory."""
+    return private_control_dir(user_run_dir())
 
 
 def _endpoint(address: tuple[str, int]) -> str:

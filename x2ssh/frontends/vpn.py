@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import ipaddress
 import logging
-import os
 import socket
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 from netstack import IcmpEchoRequest, LocalProtocolError, StackConfig, UdpDatagram
 from netstack.aio import TunStack
-from x2ssh.control import SOCKET_NAME, ControlServer
+from x2ssh.control import ControlServer, start_control
 from x2ssh.flows.icmp_to_tun import IcmpToTun
 from x2ssh.flows.tcp_bridge import TcpBridge
 from x2ssh.flows.udp_relay import DnsOverride
@@ -145,29 +144,11 @@ class VpnSession:
             self.routing_mode,
             ", ".join(map(str, servers)) + f" ({self.dns_backend})" if servers else "unchanged",
         )
-        await self._start_control()
+        self.control = await start_control(self.host.run_dir, self.status_document, self._stop.request)
         self.status.start()
         self.notifier.ready()  # routes, DNS and the connection are in place: traffic flows from here on
         self.notifier.status(status_line(self.status_document()))
         self.ssh.spawn(self._status_loop())
-
-    async def _start_control(self) -> None:
-        """`x2ssh status` and `x2ssh down` reach this run through a socket in the run's own directory."""
-        if sys.platform == "win32":  # AF_UNIX with SO_PEERCRED and uids: none of it exists there
-            log.info("no control socket on Windows: x2ssh status/down do not reach this run")
-            return
-        try:
-            path = await self.host.run_dir()
-            self.control = ControlServer(
-                path / SOCKET_NAME,
-                self.status_document,
-                self._stop.request,
-                {os.getuid()},
-            )
-            await self.control.start()
-        except Exception as exc:  # the VPN works without it; say why `x2ssh status` will not
-            log.warning("no control socket (x2ssh status/down will not reach this run): %s", exc)
-            self.control = None
 
     def _tunnel_ifindexes(self) -> set[int]:
         if self.tun is None:
