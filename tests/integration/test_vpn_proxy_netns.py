@@ -43,11 +43,8 @@ LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
 @pytest.fixture(scope="module")
 def dana(lab_sshd: SshServer) -> Iterator[LaptopUser]:
-    user = LaptopUser.create(lab_sshd)
-    try:
+    with LaptopUser.create(lab_sshd) as user:
         yield user
-    finally:
-        user.remove()
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +122,13 @@ def test_the_proxy_works_after_a_reconnect(
 ) -> None:
     kill_connection(lab_sshd)
     assert wait_until(lambda: "reconnected" in run.output, 30), run.describe()
-    done = curl(lab, "--socks5", SOCKS, lab_services.http.url(lab.target_addr.v4, "1k.bin"))
-    assert done.stdout == "200", done.stderr + run.describe()
-    done = curl(lab, lab_services.http.url(lab.target_addr.v6, "1k.bin"))
-    assert done.stdout == "200", done.stderr + run.describe()
+    url = lab_services.http.url
+    for args in (
+        ("--socks5", SOCKS, url(lab.target_addr.v4, "1k.bin")),
+        (url(lab.target_addr.v6, "1k.bin"),),
+    ):
+        done = curl(lab, *args)  # the proxy, then the tunnel beside it: both on the new connection
+        assert done.stdout == "200", done.stderr + run.describe()
 
 
 def test_status_shows_the_proxy_then_it_stops_with_the_vpn(
