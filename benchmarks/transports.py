@@ -100,6 +100,14 @@ class Transport:
     def _log_path(self) -> Path:
         return self._env().log_dir / f"transport-{self.name}.log"
 
+    def _spawn_ssh(self, args: list[str]) -> None:
+        """OpenSSH's client with `args`, to the lab's sshd, in the client namespace; output to the log."""
+        env = self._env()
+        with open(self._log_path(), "ab") as log_file:  # the child keeps its own copy of the descriptor
+            self.proc = env.lab.popen(
+                env.lab.client, env.sshd.ssh_command(*args), stdout=log_file, stderr=log_file
+            )
+
     def _spawn_watched(self, argv: list[str], pattern: str, **kw: object) -> OutputWatcher:
         """Start argv in the client namespace and wait (bounded) for a line matching `pattern`."""
         env = self._env()
@@ -171,11 +179,7 @@ class SshLocalForward(_PortForwarding):
         args = ["-N", "-o", "ExitOnForwardFailure=yes"]
         for spec in self._forward_specs():
             args += ["-L", spec]
-        log_file = open(self._log_path(), "ab")  # noqa: SIM115 - handed to the child process
-        self.proc = env.lab.popen(
-            env.lab.client, env.sshd.ssh_command(*args), stdout=log_file, stderr=log_file
-        )
-        log_file.close()
+        self._spawn_ssh(args)
         self._wait_forwards()
 
 
@@ -346,12 +350,9 @@ class SshDynamic(_SocksProxy):
 
     def start(self, env: BenchEnv) -> None:
         super().start(env)
-        args = ["-N", "-c", SOCKS_CIPHER, "-o", "ExitOnForwardFailure=yes", "-D", f"127.0.0.1:{SOCKS_PORT}"]
-        log_file = open(self._log_path(), "ab")  # noqa: SIM115 - handed to the child process
-        self.proc = env.lab.popen(
-            env.lab.client, env.sshd.ssh_command(*args), stdout=log_file, stderr=log_file
+        self._spawn_ssh(
+            ["-N", "-c", SOCKS_CIPHER, "-o", "ExitOnForwardFailure=yes", "-D", f"127.0.0.1:{SOCKS_PORT}"]
         )
-        log_file.close()
         self._wait_proxy()
 
 

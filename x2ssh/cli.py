@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if settings.vpn_cleanup:
             return _cleanup_only(settings)
-        if settings.dynamic is not None:
+        if settings.dynamic is not None and not settings.vpn:
             return _run_proxy(settings)
         return _run_vpn(settings)
     except X2sshError as e:
@@ -109,7 +109,8 @@ def _run_proxy(settings: Settings) -> int:
 
 
 def _run_vpn(settings: Settings) -> int:
-    """Start the privileged helper (through sudo unless root), give up root if sudo started us, then run.
+    """Start the privileged helper (through sudo unless root), give up root if sudo started us, then run
+    (with -D, the proxy runs beside the VPN in this process, so its port is opened as the user too).
 
     SIGTERM and SIGHUP unwind like Ctrl-C until the session installs its own handlers, so a signal at any
     moment ends in the helper's orderly undo (and if this process dies instead, the helper undoes anyway).
@@ -124,6 +125,10 @@ def _run_vpn(settings: Settings) -> int:
     helper: Host | None = None
     notifier = Notifier(unset_environment=True)  # the helper and ssh children must not inherit it
     try:
+        if settings.dynamic is not None:
+            from x2ssh.frontends.proxy import check_proxy_bind
+
+            check_proxy_bind(settings)  # a LAN bind without credentials: before sudo and any change
         invoker = sudo_user()
         helper = open_host(settings.state_dir, settings.verbose)
         if invoker is not None:

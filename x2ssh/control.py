@@ -32,7 +32,7 @@ import stat
 import struct
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -351,6 +351,29 @@ class ControlServer:
             log.exception("control socket: the stop request failed")
             return encode_reply({"ok": False, "error": f"cannot stop: {e}"})
         return encode_reply({"ok": True, "result": {"stopping": True}})
+
+
+async def start_control(
+    directory: Callable[[], Awaitable[Path]],
+    status: Callable[[], dict[str, Any]],
+    down: Callable[[], None],
+) -> ControlServer | None:
+    """A run's control socket in `await directory()`, answering this user (and root), or None.
+
+    Every front end starts it this way: `x2ssh status`/`down` are a convenience, so a run goes on without
+    them (it logs why) when the directory or the socket cannot be had, and on Windows, where AF_UNIX with
+    peer uids does not exist, nothing is attempted.
+    """
+    if sys.platform == "win32":  # no AF_UNIX with SO_PEERCRED, no uids: nothing to attempt
+        log.info("no control socket on Windows: x2ssh status/down do not reach this run")
+        return None
+    try:
+        server = ControlServer(await directory() / SOCKET_NAME, status, down, {os.getuid()})
+        await server.start()
+    except Exception as exc:
+        log.warning("no control socket (x2ssh status/down will not reach this run): %s", exc)
+        return None
+    return server
 
 
 @dataclass(frozen=True)

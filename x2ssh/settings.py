@@ -107,7 +107,8 @@ class Settings:
     ssh_connections: int | None = None  # None: auto (as many as flows need, up to AUTO_MAX_CONNECTIONS)
     agent_reattach_grace: float = DEFAULT_REATTACH_GRACE  # seconds the agent keeps flows of a lost link
     vpn_buffer_budget: int = DEFAULT_BUFFER_BUDGET_MIB  # MiB buffered across all TCP flows before pausing
-    dynamic: tuple[str, int] | None = None  # -D: the SOCKS5/HTTP CONNECT proxy's (bind address, port)
+    dynamic: tuple[str, int] | None = None  # -D: the SOCKS5/HTTP CONNECT proxy's (bind address, port),
+    # alone (vpn False) or beside the VPN on the same SSH session
     socks_username: str | None = None  # proxy credentials (config file): required beyond loopback
     socks_password: str | None = None
     allow_lan: bool = False  # -D on a non-loopback address without credentials, explicitly allowed
@@ -171,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-D",
         "--dynamic",
         metavar="[BIND_ADDRESS:]PORT",
-        help="run a SOCKS5 and HTTP CONNECT proxy on this port instead (no root needed)",
+        help="run a SOCKS5 and HTTP CONNECT proxy on this port (alone: no root needed; or beside --vpn)",
     )
     p.add_argument(
         "--allow-lan",
@@ -277,8 +278,8 @@ def parse_args(argv: list[str] | None) -> Settings:
         raise UsageError("--vpn and --vpn-cleanup exclude each other")
     dynamic_raw = pick("dynamic")
     dynamic = parse_listen(str(dynamic_raw)) if dynamic_raw is not None else None
-    if dynamic is not None and (vpn or cleanup):
-        raise UsageError("-D runs instead of --vpn (one mode per x2ssh; run two for both)")
+    if dynamic is not None and cleanup:
+        raise UsageError("-D and --vpn-cleanup exclude each other")
     if not vpn and not cleanup and dynamic is None:
         raise UsageError("--vpn or -D is required")
     socks_username, socks_password = pick("socks_username"), pick("socks_password")

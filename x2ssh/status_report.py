@@ -22,6 +22,8 @@ must ignore keys they do not know. Counts are integers, durations seconds, sizes
 - `bytes` (object): `up`, `down` (int): bytes since start.
 - `rates` (object): `up_bps`, `down_bps` (number): bits per second over the last few seconds.
 - `reconnects` (int): SSH reconnections since start.
+- `proxy` (str or null; absent from runs older than it): the -D proxy's listening addresses, e.g.
+  "127.0.0.1:1080"; null when none runs. Its clients and bytes are counted in `tcp` and `bytes`.
 - `pid` (int): the x2ssh process, in its own PID namespace.
 - `version` (str): x2ssh's version.
 

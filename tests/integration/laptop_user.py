@@ -33,7 +33,7 @@ def _run(argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
 
 
 class LaptopUser:
-    """Create with `LaptopUser.create(server)`; always `remove()` (the fixture does)."""
+    """Create with `LaptopUser.create(server)`; always `remove()` (the fixture does, or `with` it)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -51,6 +51,12 @@ class LaptopUser:
             user.remove()
             raise
         return user
+
+    def __enter__(self) -> LaptopUser:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
 
     def _create(self, server: SshServer, proxy_command: str | None, sudo: bool) -> None:
         _run(["useradd", "--create-home", "--shell", "/bin/bash", self.name])

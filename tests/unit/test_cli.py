@@ -107,6 +107,26 @@ def test_vpn_starts_helper_then_session_then_down(monkeypatch, tmp_path):
     assert (fake.settings.user, fake.settings.host, fake.settings.vpn_tun) == ("alice", "host", "x2t1")
 
 
+def test_vpn_with_dynamic_runs_the_vpn(monkeypatch, tmp_path):
+    """--vpn -D: one run, the VPN's (its session starts the proxy beside the TUN), not the proxy-only run."""
+    fake = Fake(monkeypatch)
+    monkeypatch.setattr(cli, "_run_proxy", lambda settings: pytest.fail("the proxy-only run was started"))
+    assert cli.main(["--vpn", "-D", "127.0.0.1:1080", "--state-dir", str(tmp_path), "host"]) == 0
+    assert fake.calls == [("spawn", tmp_path), ("start", "x2ssh0"), ("run_vpn",), ("down",)]
+    assert fake.settings.dynamic == ("127.0.0.1", 1080)
+
+
+def test_vpn_with_a_lan_proxy_without_credentials_asks_nothing_of_sudo(monkeypatch, capsys):
+    """The bind rule of -D holds beside the VPN too, and it is checked before the helper (sudo) starts."""
+    fake = Fake(monkeypatch)
+    assert cli.main(["--vpn", "-D", "0.0.0.0:1081", "host"]) == 2
+    assert fake.calls == []
+    err = capsys.readouterr().err
+    assert "--allow-lan" in err and "username and password" in err
+    assert cli.main(["--vpn", "-D", "0.0.0.0:1081", "--allow-lan", "host"]) == 0
+    assert [c[0] for c in fake.calls] == ["spawn", "start", "run_vpn", "down"]
+
+
 def test_not_privileged_changes_nothing(monkeypatch, capsys):
     fake = Fake(monkeypatch, refuse={"spawn": NotPrivileged("install sudo, or run x2ssh as root")})
     assert cli.main(["--vpn", "host"]) == NotPrivileged.exit_code == 77

@@ -40,6 +40,7 @@ from x2ssh.control import (
     peer_allowed,
     request,
     request_sync,
+    start_control,
 )
 from x2ssh.host.journal import current_netns_identity
 from x2ssh.status_command import main_down, main_status, process_alive
@@ -340,6 +341,55 @@ def test_missing_directory_is_an_os_error(tmp_path: Path) -> None:
             ).start()
 
     run(go())
+
+
+# -- start_control: how every front end starts its socket ----------------------------------------------
+
+
+def test_start_control_serves_in_the_directory_given(tmp_path: Path) -> None:
+    calls = Calls()
+
+    async def directory() -> Path:
+        return tmp_path
+
+    async def go() -> None:
+        server = await start_control(directory, sample_status, calls.on_down)
+        assert server is not None and server.path == tmp_path / control.SOCKET_NAME
+        try:
+            assert await request(server.path, "status") == sample_status()
+            assert (await request(server.path, "down")) == {"stopping": True}
+            assert calls.down == 1
+        finally:
+            await server.close()
+        assert not server.path.exists()
+
+    run(go())
+
+
+def test_start_control_without_a_directory_goes_on_without_a_socket(tmp_path: Path) -> None:
+    async def no_directory() -> Path:
+        raise OSError("no run directory here")
+
+    async def missing() -> Path:
+        return tmp_path / "nope"
+
+    assert run(start_control(no_directory, sample_status, lambda: None)) is None
+    assert run(start_control(missing, sample_status, lambda: None)) is None
+
+
+def test_start_control_attempts_nothing_on_windows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Windows has no AF_UNIX with peer uids: the directory is not even asked for (os.getuid is missing
+    there). The static side (no unguarded os.getuid on a front end's import path for win32) is
+    tests/unit/test_windows_typecheck.py."""
+    asked: list[str] = []
+
+    async def directory() -> Path:
+        asked.append("directory")
+        return tmp_path
+
+    monkeypatch.setattr(control.sys, "platform", "win32")
+    assert run(start_control(directory, sample_status, lambda: None)) is None
+    assert asked == [] and list(tmp_path.iterdir()) == []
 
 
 # -- credentials --------------------------------------------------------------------------------------

@@ -74,6 +74,15 @@ def test_vpn_flag_required_and_cleanup_needs_no_destination():
         parse_args(["--vpn", "--vpn-cleanup", "host"])
 
 
+def test_dynamic_alone_or_beside_the_vpn():
+    alone = parse_args(["-D", "1080", "host"])
+    assert (alone.vpn, alone.dynamic) == (False, ("localhost", 1080))
+    beside = parse_args(["--vpn", "-D", "127.0.0.1:1081", "host"])
+    assert (beside.vpn, beside.dynamic, beside.host) == (True, ("127.0.0.1", 1081), "host")
+    with pytest.raises(UsageError, match="-D and --vpn-cleanup exclude each other"):
+        parse_args(["--vpn-cleanup", "-D", "1080"])
+
+
 def test_jump_parsing():
     assert vpn("-J", "a,b", "-J", "u@c:2200", "h").jump == ("a", "b", "u@c:2200")
     assert vpn("--jump", "none", "h").jump == ()

@@ -1,13 +1,11 @@
-"""x2ssh/frontends/vpn.py's two platform guards: glibc's malloc_trim is looked up only on Linux (CDLL(None),
-the process's own C library, does not exist on Windows), and the control socket (AF_UNIX, peer uids) is
-skipped on Windows. The static side (no unguarded Linux-only name on the VPN's import path for win32) is
-tests/unit/test_windows_typecheck.py's VPN_FILES check."""
+"""x2ssh/frontends/vpn.py's platform guard: glibc's malloc_trim is looked up only on Linux (CDLL(None), the
+process's own C library, does not exist on Windows); and sd_notify is silent on Windows. The control socket's
+guard is x2ssh.control.start_control's (tests/unit/test_control.py). The static side (no unguarded Linux-only
+name on the VPN's import path for win32) is tests/unit/test_windows_typecheck.py's VPN_FILES check."""
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
-import types
 from pathlib import Path
 
 import pytest
@@ -35,22 +33,6 @@ def test_on_linux_release_free_memory_calls_glibcs_malloc_trim(monkeypatch: pyte
     assert calls == [0]
     monkeypatch.setattr(vpn, "_malloc_trim", None)
     vpn.release_free_memory()  # musl, macOS, Windows: nothing to call, nothing raised
-
-
-def test_no_control_socket_on_windows(monkeypatch: pytest.MonkeyPatch) -> None:
-    asked: list[str] = []
-
-    async def run_dir() -> Path:  # _start_control's first step off Windows
-        asked.append("run_dir")
-        raise OSError("no run directory here")  # _start_control logs a warning and goes on
-
-    session = types.SimpleNamespace(host=types.SimpleNamespace(run_dir=run_dir), control=None)
-    monkeypatch.setattr(vpn.sys, "platform", "linux")
-    asyncio.run(vpn.VpnSession._start_control(session))  # type: ignore[arg-type]
-    assert asked == ["run_dir"], "a control: off Windows the socket is attempted"
-    monkeypatch.setattr(vpn.sys, "platform", "win32")
-    asyncio.run(vpn.VpnSession._start_control(session))  # type: ignore[arg-type]
-    assert asked == ["run_dir"] and session.control is None
 
 
 def test_sd_notify_sends_nothing_on_windows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -34,34 +34,49 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _mypy(platform: str) -> subprocess.CompletedProcess[str]:
+def _mypy(
+    root: Path, platform: str, files: tuple[str, ...], *options: str
+) -> subprocess.CompletedProcess[str]:
+    """mypy on `files` (relative to `root`) as seen on `platform`; imports are followed but not reported."""
     return subprocess.run(
         [
-            sys.executable, "-m", "mypy", "--platform", platform, "--python-version", "3.11", "--strict",
-            "--follow-imports=silent", "--ignore-missing-imports", "--no-incremental", *CHECKED,
+            sys.executable, "-m", "mypy", "--platform", platform, "--follow-imports=silent",
+            "--ignore-missing-imports", "--no-incremental", *options, *files,
         ],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=False,
+        cwd=root, capture_output=True, text=True, timeout=240, check=False,
     )  # fmt: skip
 
 
+def _platform_errors(root: Path, platform: str, files: tuple[str, ...], python: str = "3.11") -> set[str]:
+    """mypy's errors for `files` checked as `platform`, without line numbers (so that sets compare)."""
+    result = _mypy(root, platform, files, "--python-version", python, "--no-error-summary")
+    assert result.returncode in (0, 1), result.stdout + result.stderr  # 2: mypy itself failed
+    return {_without_line(line) for line in result.stdout.splitlines() if ": error: " in line}
+
+
+def _without_line(error: str) -> str:
+    path, _, rest = error.partition(":")
+    return path + ":" + rest.partition(":")[2]
+
+
+def _strict(platform: str) -> subprocess.CompletedProcess[str]:
+    return _mypy(ROOT, platform, CHECKED, "--python-version", "3.11", "--strict")
+
+
 def test_windows_backend_type_checks_clean_for_win32() -> None:
-    result = _mypy("win32")
+    result = _strict("win32")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Success: no issues found" in result.stdout
 
 
 def test_the_platform_flag_matters() -> None:
     """Checked as Linux, the Windows-only ctypes names are missing: proof that the check above looks."""
-    result = _mypy("linux")
+    result = _strict("linux")
     assert result.returncode == 1
     assert 'Module has no attribute "WinError"' in result.stdout
 
 
-# ---- the agent: no POSIX-only call reachable on its Windows path ----------------------------------------
-# The agent (stdlib only, runs on servers) is not typed to --strict, and its data path has type errors of
-# its own on every platform. What matters here is the difference: an error that appears only when checked
-# as win32 is a POSIX-only name (os.getuid, os.writev, socket.AF_UNIX...) reachable on Windows. Branches
-# for one platform test `sys.platform` directly, which mypy understands.
+# ---- the front ends: no Linux-only call reachable on Windows or macOS -------------------------------
 
 PROXY_FILES = (  # `x2ssh -D` is meant to run wherever Python runs: its whole import path
     "x2ssh/cli.py",
@@ -82,26 +97,6 @@ PROXY_FILES = (  # `x2ssh -D` is meant to run wherever Python runs: its whole im
     "x2ssh/flows",
     "x2ssh/agent_client",
 )
-AGENT_FILES = ("agent/agent_main.py", "agent/netio.py", "agent/protocol.py", "agent/zipapp.py")
-
-
-def _platform_errors(root: Path, platform: str, files: tuple[str, ...]) -> set[str]:
-    """mypy's errors for `files` checked as `platform`, without line numbers (so that sets compare)."""
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "mypy", "--platform", platform, "--python-version", "3.11",
-            "--follow-imports=silent", "--ignore-missing-imports", "--no-incremental", "--no-error-summary",
-            *files,
-        ],
-        cwd=root, capture_output=True, text=True, timeout=240, check=False,
-    )  # fmt: skip
-    assert result.returncode in (0, 1), result.stdout + result.stderr
-    return {_without_line(line) for line in result.stdout.splitlines() if ": error: " in line}
-
-
-def _without_line(error: str) -> str:
-    path, _, rest = error.partition(":")
-    return path + ":" + rest.partition(":")[2]
 
 
 @pytest.mark.parametrize("platform", ["win32", "darwin"])
@@ -112,22 +107,10 @@ def test_the_proxy_mode_has_no_linux_only_call_on_other_platforms(platform: str)
     assert not only_there, "\n".join(sorted(only_there))
 
 
-def test_the_proxy_check_catches_an_unguarded_linux_call(tmp_path: Path) -> None:
-    """Drop the Windows guard of the proxy's control socket and the check above must fail on win32."""
-    shutil.copytree(ROOT / "x2ssh", tmp_path / "x2ssh")
-    proxy = tmp_path / "x2ssh" / "frontends" / "proxy.py"
-    guarded = 'if sys.platform == "win32":\n            log.info("no control socket on Windows'
-    text = proxy.read_text()
-    assert text.count(guarded) == 1
-    proxy.write_text(text.replace(guarded, 'if False:\n            log.info("no control socket on Windows'))
-    linux = _platform_errors(tmp_path, "linux", PROXY_FILES)
-    found = _platform_errors(tmp_path, "win32", PROXY_FILES) - linux
-    assert any('has no attribute "getuid"' in line for line in found), found
-
-
-# `x2ssh --vpn` on Windows: the VPN front end, the CLI that starts it, the sd_notify hook it calls and
-# netstack. What they import besides is checked above (PROXY_FILES, CHECKED) or is the Windows backend.
-VPN_FILES = ("x2ssh/frontends/vpn.py", "x2ssh/cli.py", "x2ssh/sd_notify.py", "netstack")
+# `x2ssh --vpn` on Windows: the VPN front end, the CLI that starts it, the control socket and sd_notify hook
+# it calls, and netstack. What they import besides is checked above (PROXY_FILES, CHECKED) or is the
+# Windows backend. (mypy reports nothing in a module it only follows: what a check relies on is listed.)
+VPN_FILES = ("x2ssh/frontends/vpn.py", "x2ssh/cli.py", "x2ssh/control.py", "x2ssh/sd_notify.py", "netstack")
 
 
 def test_the_vpn_mode_has_no_linux_only_call_on_windows() -> None:
@@ -137,31 +120,31 @@ def test_the_vpn_mode_has_no_linux_only_call_on_windows() -> None:
     assert not only_there, "\n".join(sorted(only_there))
 
 
-def test_the_vpn_check_catches_an_unguarded_linux_call(tmp_path: Path) -> None:
-    """Drop the Windows guard of the VPN's control socket and the check above must fail on win32."""
+@pytest.mark.parametrize("files", [PROXY_FILES, VPN_FILES], ids=["proxy", "vpn"])
+def test_the_checks_catch_an_unguarded_linux_call(tmp_path: Path, files: tuple[str, ...]) -> None:
+    """Drop the Windows guard of the front ends' shared control socket start (os.getuid for its peers)
+    and the proxy's and the VPN's checks above must both fail on win32."""
     for top in ("x2ssh", "netstack"):
         shutil.copytree(ROOT / top, tmp_path / top, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    vpn = tmp_path / "x2ssh" / "frontends" / "vpn.py"
-    guarded = 'if sys.platform == "win32":  # AF_UNIX with SO_PEERCRED and uids'
-    text = vpn.read_text()
+    control = tmp_path / "x2ssh" / "control.py"
+    guarded = 'if sys.platform == "win32":  # no AF_UNIX with SO_PEERCRED'
+    text = control.read_text()
     assert text.count(guarded) == 1
-    vpn.write_text(text.replace(guarded, "if False:  # AF_UNIX with SO_PEERCRED and uids"))
-    linux = _platform_errors(tmp_path, "linux", VPN_FILES)
-    found = _platform_errors(tmp_path, "win32", VPN_FILES) - linux
-    assert any('has no attribute "getuid"' in line for line in found), found
+    control.write_text(text.replace(guarded, "if False:  # no AF_UNIX with SO_PEERCRED"))
+    found = _platform_errors(tmp_path, "win32", files) - _platform_errors(tmp_path, "linux", files)
+    assert any('control.py: error: Module has no attribute "getuid"' in line for line in found), found
+
+
+# ---- the agent: no POSIX-only call reachable on its Windows path ----------------------------------------
+# The agent (stdlib only, runs on servers) is not typed to --strict, and its data path has type errors of
+# its own on every platform. What matters here is the difference: an error that appears only when checked
+# as win32 is a POSIX-only name (os.getuid, os.writev, socket.AF_UNIX...) reachable on Windows. Branches
+# for one platform test `sys.platform` directly, which mypy understands.
+AGENT_FILES = ("agent/agent_main.py", "agent/netio.py", "agent/protocol.py", "agent/zipapp.py")
 
 
 def _agent_errors(root: Path, platform: str) -> set[str]:
-    result = subprocess.run(
-        [
-            sys.executable, "-m", "mypy", "--platform", platform, "--python-version", "3.10",
-            "--follow-imports=silent", "--ignore-missing-imports", "--no-incremental", "--no-error-summary",
-            *AGENT_FILES,
-        ],
-        cwd=root, capture_output=True, text=True, timeout=240, check=False,
-    )  # fmt: skip
-    assert result.returncode in (0, 1), result.stdout + result.stderr  # 2: mypy itself failed
-    return {line for line in result.stdout.splitlines() if ": error: " in line}
+    return _platform_errors(root, platform, AGENT_FILES, python="3.10")  # servers run old Pythons
 
 
 def test_agent_has_no_posix_only_call_on_its_windows_path() -> None:

@@ -150,6 +150,10 @@ class SocksServer:
         if self._associations.get(association.key) is association:
             del self._associations[association.key]
 
+    def has_association(self, key: Address) -> bool:
+        """Whether a live UDP association sends with `key` (its replies are ours, not another front end's)."""
+        return key in self._associations
+
     def udp_from_remote(self, src: Address, dst: Address, payload: bytes) -> None:
         """A UDP reply from `src` for the association `dst` (the key it sent with)."""
         association = self._associations.get(dst)

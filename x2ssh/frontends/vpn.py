@@ -11,6 +11,11 @@ Order matters and is the whole safety story:
      for the next connection within a bound, and the flows that were open are reset; a network change or
      a resume from suspend checks the connection at once instead of waiting for keepalives;
   5. on exit (SIGINT, SIGTERM, SIGHUP, --retry-max reached, fatal error) the helper undoes everything.
+
+With -D the SOCKS5/HTTP CONNECT proxy (`ProxyPort`) runs beside the TUN on the same session (pool, agent,
+reconnection, status). This process runs as the user (the CLI gave up root after starting the helper), so
+the proxy's port is the user's, as in `x2ssh -D`; it opens before the TUN (a taken port changes nothing)
+and closes with the rest.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import contextlib
 import ctypes
 import ipaddress
 import logging
-import os
 import socket
 import sys
 import time
@@ -28,10 +32,11 @@ from typing import Any
 
 from netstack import IcmpEchoRequest, LocalProtocolError, StackConfig, UdpDatagram
 from netstack.aio import TunStack
-from x2ssh.control import SOCKET_NAME, ControlServer
+from x2ssh.control import ControlServer, start_control
 from x2ssh.flows.icmp_to_tun import IcmpToTun
 from x2ssh.flows.tcp_bridge import TcpBridge
 from x2ssh.flows.udp_relay import DnsOverride
+from x2ssh.frontends.proxy import ProxyCounts, ProxyPort
 from x2ssh.frontends.stop import StopRequest
 from x2ssh.host.api import DNS_V4, DNS_V6, HostControl, NetworkWatcher, TunDevice
 from x2ssh.sd_notify import Notifier, watchdog_loop
@@ -89,10 +94,11 @@ class VpnSession:
             icmp=IcmpToTun(lambda: self.tun_stack),
             dns_override=DnsOverride(tuple((a, 53) for a in tunnel_dns)) if remote_dns else None,
             tunnel_dns=frozenset(tunnel_dns) if remote_dns else frozenset(),
-            on_attach=lambda: self.bridge.set_connection(self.ssh.pool),  # type: ignore[arg-type]
-            on_detach=lambda: self.bridge.set_connection(None),
+            on_attach=self._on_attach,
+            on_detach=self._on_detach,
         )
         self.bridge = TcpBridge(self._stack, rewrite=self.ssh.real_dns)
+        self.proxy = ProxyPort(settings, self.ssh) if settings.dynamic is not None else None
         self.routing_mode = ""
         self.dns_backend = ""
         self.status = StatusView()
@@ -114,6 +120,8 @@ class VpnSession:
 
     async def _bring_up(self, conn: object) -> None:
         s = self.settings
+        if self.proxy is not None:
+            await self.proxy.start()  # a taken port fails here, before the TUN, routes or DNS change
         self.tun = await self.host.open_tun()
         self.tun_stack = TunStack(
             self.tun.packet_port(),  # a TUN fd on Linux, the Wintun port on Windows
@@ -145,29 +153,13 @@ class VpnSession:
             self.routing_mode,
             ", ".join(map(str, servers)) + f" ({self.dns_backend})" if servers else "unchanged",
         )
-        await self._start_control()
+        if self.proxy is not None:
+            log.info("proxy up: SOCKS5 and HTTP CONNECT on %s, beside the VPN", self.proxy.where)
+        self.control = await start_control(self.host.run_dir, self.status_document, self._stop.request)
         self.status.start()
         self.notifier.ready()  # routes, DNS and the connection are in place: traffic flows from here on
         self.notifier.status(status_line(self.status_document()))
         self.ssh.spawn(self._status_loop())
-
-    async def _start_control(self) -> None:
-        """`x2ssh status` and `x2ssh down` reach this run through a socket in the run's own directory."""
-        if sys.platform == "win32":  # AF_UNIX with SO_PEERCRED and uids: none of it exists there
-            log.info("no control socket on Windows: x2ssh status/down do not reach this run")
-            return
-        try:
-            path = await self.host.run_dir()
-            self.control = ControlServer(
-                path / SOCKET_NAME,
-                self.status_document,
-                self._stop.request,
-                {os.getuid()},
-            )
-            await self.control.start()
-        except Exception as exc:  # the VPN works without it; say why `x2ssh status` will not
-            log.warning("no control socket (x2ssh status/down will not reach this run): %s", exc)
-            self.control = None
 
     def _tunnel_ifindexes(self) -> set[int]:
         if self.tun is None:
@@ -185,6 +177,8 @@ class VpnSession:
                 await self.control.close()
         if self.netwatch is not None:
             self.netwatch.close()
+        if self.proxy is not None:
+            await self.proxy.close()
         self.bridge.close()
         if self.tun_stack is not None:
             self.tun_stack.close()  # resets every app connection while the routes still point at us
@@ -207,7 +201,22 @@ class VpnSession:
     def _on_icmp(self, request: IcmpEchoRequest) -> None:
         self.ssh.relay.echo_from_app(request.src, request.dst, request.ident, request.seq, request.payload)
 
+    def _on_attach(self) -> None:
+        self.bridge.set_connection(self.ssh.pool)  # type: ignore[arg-type]
+        if self.proxy is not None:
+            self.proxy.on_attach()
+
+    def _on_detach(self) -> None:
+        self.bridge.set_connection(None)
+        if self.proxy is not None:
+            self.proxy.on_detach()
+
     def _udp_to_app(self, src: Address, dst: Address, payload: bytes) -> None:
+        """A datagram from the agent: to the proxy's UDP association it was sent from, else into the TUN.
+        (An association's address and an app's are both local UDP sockets of this host: never the same.)"""
+        if self.proxy is not None and self.proxy.takes_udp(dst):
+            self.proxy.udp_to_app(src, dst, payload)
+            return
         if self.tun_stack is None:
             return
         try:
@@ -258,24 +267,27 @@ class VpnSession:
             },
             "bytes": {"up": snap.bytes_up, "down": snap.bytes_down},
             "rates": {"up_bps": up_bps, "down_bps": down_bps},
+            "proxy": self.proxy.where if self.proxy is not None else None,
         }
 
     def snapshot(self) -> Snapshot:
+        """The TUN's flows and the proxy's (when -D runs beside) together; UDP is the relay's, shared."""
         b = self.bridge.stats
         ssh = self.ssh
         r = ssh.relay.stats
         pool = ssh.pool.describe()
+        proxy = self.proxy.counts() if self.proxy is not None else ProxyCounts()
         return Snapshot(
             state=ssh.state,
             server=ssh.server_label,
-            tcp_active=b.active,
-            tcp_opened=b.opened,
-            tcp_refused=b.refused,
-            tcp_failed=b.failed,
+            tcp_active=b.active + proxy.open,
+            tcp_opened=b.opened + proxy.total,
+            tcp_refused=b.refused + proxy.refused,
+            tcp_failed=b.failed + proxy.failed,
             udp_flows=ssh.relay.flow_count,
             udp_mode=ssh.udp_mode,
-            bytes_up=b.bytes_up + r.bytes_to_agent,
-            bytes_down=b.bytes_down + r.bytes_to_app,
+            bytes_up=b.bytes_up + r.bytes_to_agent + proxy.bytes_up,
+            bytes_down=b.bytes_down + r.bytes_to_app + proxy.bytes_down,
             drops=sum(r.drops.values()),
             ssh_connections=len(pool),
             ssh_channels=tuple(m["channels"] for m in pool),
