@@ -118,3 +118,44 @@ def test_gathered_writes_go_out_without_asyncio_when_the_socket_takes_them() -> 
         return data, conn.joined_writes
 
     assert asyncio.run(scenario()) == (b"headersealed packetnext", 0)
+
+
+def test_a_transport_that_is_not_asyncio_s_socket_transport_gets_the_joined_bytes() -> None:
+    """A jump host's channel answers get_extra_info("socket") with the outer connection's socket: writing
+    there directly would put the inner connection's bytes on the outer one."""
+
+    class ChannelTransport:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+            self.written: list[bytes] = []
+
+        def get_extra_info(self, name: str) -> object:
+            return self.sock if name == "socket" else None
+
+        def is_closing(self) -> bool:
+            return False
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+
+    async def scenario() -> tuple[list[bytes], bytes]:
+        outer, peer = socket.socketpair()
+        transport = ChannelTransport(outer)
+        conn = SocketConnection(transport)  # type: ignore[arg-type]
+        asyncssh_tuning.coalesce_sends(conn)
+        conn._send(b"inner ")
+        conn._send(b"packets")
+        await asyncio.sleep(0)
+        peer.setblocking(False)
+        try:
+            leaked = peer.recv(100)
+        except BlockingIOError:
+            leaked = b""
+        outer.close()
+        peer.close()
+        return transport.written, leaked
+
+    assert asyncio.run(scenario()) == ([b"inner packets"], b"")

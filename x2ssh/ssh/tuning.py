@@ -479,6 +479,7 @@ def uninstall() -> None:
 
 _writev = getattr(os, "writev", None)  # not on Windows: there the joined bytes go through asyncio
 IOV_MAX = 1024  # Linux's limit on buffers per writev
+_SOCKET_TRANSPORTS = "asyncio.selector_events"  # where asyncio's own socket transport lives
 
 
 def coalesce_sends(conn: Any) -> None:
@@ -520,10 +521,13 @@ def coalesce_sends(conn: Any) -> None:
 def _write_gathered(transport: Any, parts: list[bytes]) -> bytes | None:
     """`writev` `parts` to the transport's socket if asyncio has nothing queued for it: the bytes it did not
     take (b"" if none), or None when this does not apply (asyncio's own write then takes everything)."""
+    if type(transport).__module__ != _SOCKET_TRANSPORTS:
+        # A ProxyCommand's pipe, or the channel of a jump host, whose "socket" is the outer connection's.
+        return None
     if _writev is None or transport.is_closing() or transport.get_write_buffer_size():
         return None
     sock = transport.get_extra_info("socket")
-    if sock is None:  # a ProxyCommand's pipe, a channel of a jump host: asyncio's write
+    if sock is None:
         return None
     try:
         sent = _writev(sock.fileno(), parts[:IOV_MAX])
