@@ -116,6 +116,27 @@ def test_more_than_a_window_both_ways_byte_exact(tuning_on: bool) -> None:
     assert _run(scenario) == ["eof", ("lost", None)]
 
 
+def test_a_rekey_in_the_middle_of_a_transfer_loses_and_reorders_nothing(tuning_on: bool) -> None:
+    async def scenario(lab_: dict[str, Any]) -> tuple[bool, list[Any]]:
+        conn = lab_["conn"]
+        chan, session = await _open(conn, lab_["echo"])
+        old_cipher = conn._send_encryption._cipher
+        payload = os.urandom(1024 * 1024)
+        for at in range(0, len(payload), 64 * 1024):
+            if at == 512 * 1024:
+                conn._rekey_bytes_sent = conn._rekey_bytes  # the next packet starts a key exchange
+            chan.write(payload[at : at + 64 * 1024])
+            await asyncio.sleep(0)  # DATA sent during the exchange waits in asyncssh's deferred queue
+        chan.write_eof()
+        await asyncio.wait_for(session.closed, 30)
+        assert session.events[0] == payload
+        return conn._send_encryption._cipher is not old_cipher, session.events[1:]
+
+    rekeyed, rest = _run(scenario)
+    assert rekeyed
+    assert rest == ["eof", ("lost", None)]
+
+
 def test_a_paused_reader_stops_the_server_and_gets_everything_on_resume(tuning_on: bool) -> None:
     async def scenario(lab_: dict[str, Any]) -> tuple[int, list[str], list[Any]]:
         chan, session = await _open(lab_["conn"], lab_["echo"])

@@ -181,7 +181,7 @@ def send_channel_data(conn: Any, send_chan: int, data: Any) -> None:
     window and packet size.
     """
     enc = conn._send_encryption
-    if not _fast_send_ok(conn, enc) or SSHLogger._debug_level >= PACKET_DEBUG_LEVEL:
+    if not (_installed and _fast_send_ok(conn, enc)) or SSHLogger._debug_level >= PACKET_DEBUG_LEVEL:
         conn.send_packet(MSG_CHANNEL_DATA, UInt32(send_chan), String(bytes(data)))
         return
     n = len(data)
@@ -462,8 +462,13 @@ _PATCHES: tuple[tuple[Any, str, Any, Any], ...] = (
 )
 
 
+_installed = False  # send_channel_data's direct path is one of the adjustments
+
+
 def install() -> None:
     """Apply the adjustments (idempotent)."""
+    global _installed
+    _installed = True
     for owner, name, replacement, _ in _PATCHES:
         setattr(owner, name, replacement)
     if not isinstance(_asyncssh_connection.os, _OsWithPooledRandom):
@@ -472,6 +477,8 @@ def install() -> None:
 
 def uninstall() -> None:
     """Undo `install` (for tests that compare with asyncssh's own behaviour)."""
+    global _installed
+    _installed = False
     for owner, name, _, original in _PATCHES:
         setattr(owner, name, original)
     _asyncssh_connection.os = os  # type: ignore[attr-defined]
