@@ -67,7 +67,7 @@ class FakeOpening:
 
 
 def fake_opener(conn, factory, host, port, orig_host, orig_port, on_done, *, window, max_pktsize):
-    """channel_open.open_tcp_channel on a FakeConn: the answer comes a loop turn later."""
+    """tcp_channel.open_tcp_channel on a FakeConn: the answer comes a loop turn later."""
     if conn.closed:
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "SSH connection closed")
     handle = FakeOpening()
