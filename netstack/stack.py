@@ -75,6 +75,22 @@ def _address(family: int, raw: Any, port: int) -> Address:
     return host, port
 
 
+# A UDP flow's datagrams all carry the same (src, dst) pair: one lookup by the event's raw tuple bytes (ports,
+# family, both addresses; the native core zeroes every event) instead of two conversions per datagram.
+_EVENT_SIZE = ffi.sizeof("ns_event")
+_TUPLE_START = ffi.offsetof("ns_event", "sport")
+_TUPLE_END = ffi.offsetof("ns_event", "dst") + 16
+_udp_pairs: dict[bytes, tuple[Address, Address]] = {}
+
+
+def _udp_pair(ev: Any, key: bytes) -> tuple[Address, Address]:
+    pair = (_address(ev.family, ev.src, ev.sport), _address(ev.family, ev.dst, ev.dport))
+    if len(_udp_pairs) >= ADDRESS_CACHE:
+        _udp_pairs.clear()
+    _udp_pairs[key] = pair
+    return pair
+
+
 def _packed_entry(host: str) -> tuple[int, bytes, Any]:
     entry = _packed_cache.get(host)
     if entry is None:
@@ -356,6 +372,7 @@ class Stack:
             return []
         evs, arena, flows = self._ev_ptr[0], self._arena_ptr[0], self._flows
         out: list[Event] = []
+        raw = None  # the events' bytes, for the UDP address cache's keys
         for i in range(n):
             ev = evs[i]
             kind = ev.type
@@ -364,13 +381,13 @@ class Stack:
                 if flow is not None:
                     out.append(TcpDataReceived(flow))
             elif kind == lib.NS_EV_UDP:
-                out.append(
-                    UdpDatagram(
-                        _address(ev.family, ev.src, ev.sport),
-                        _address(ev.family, ev.dst, ev.dport),
-                        ffi.buffer(arena + ev.off, ev.len)[:],
-                    )
-                )
+                if raw is None:
+                    raw = ffi.buffer(evs, n * _EVENT_SIZE)
+                at = i * _EVENT_SIZE
+                pair = _udp_pairs.get(raw[at + _TUPLE_START : at + _TUPLE_END])
+                if pair is None:
+                    pair = _udp_pair(ev, raw[at + _TUPLE_START : at + _TUPLE_END])
+                out.append(UdpDatagram(pair[0], pair[1], ffi.buffer(arena + ev.off, ev.len)[:]))
             elif kind == lib.NS_EV_ICMP_ECHO:
                 out.append(
                     IcmpEchoRequest(

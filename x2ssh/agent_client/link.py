@@ -156,7 +156,8 @@ class AgentHandle:
         self._chan: Any = None  # SSHUNIXChannel, or the exec process's SSHClientChannel for stdio
         self._decoder = p.Decoder()
         self._receiver: AgentReceiver | None = None
-        self._welcome: asyncio.Future[p.Welcome] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._welcome: asyncio.Future[p.Welcome] = self._loop.create_future()
         # Nobody may be waiting when the link fails (deployment gave up earlier, or the handshake timed
         # out): mark the outcome as seen so asyncio never logs "Future exception was never retrieved".
         self._welcome.add_done_callback(_consume_outcome)
@@ -221,9 +222,21 @@ class AgentHandle:
 
     def send_datagram(self, flow_id: int, payload: bytes) -> bool:
         """Queue a datagram for the agent; False (dropped) when the link is gone or backed up."""
-        if not self._room():
+        # The hot path of an upload (~90,000 calls a second at 1 Gbit/s): `_room()` and `_write()` inline,
+        # and the frame queued as header and payload, joined (copied) once per flush.
+        chan, pending = self._chan, self._pending
+        if chan is None or self._closed.is_set():
             return False
-        self._write(p.encode_datagram(flow_id, payload))
+        size = len(payload)
+        if chan.get_write_buffer_size() + self._pending_bytes > self.settings.max_write_buffer:
+            self.drops["write_buffer_full"] += 1
+            return False
+        header = p.encode_datagram_header(flow_id, size)
+        if not pending:
+            self._loop.call_soon(self._flush)
+        pending.append(header)
+        pending.append(payload)
+        self._pending_bytes += len(header) + size
         return True
 
     def send_echo(self, flow_id: int, seq: int, payload: bytes) -> bool:
@@ -297,7 +310,7 @@ class AgentHandle:
     def _write(self, data: bytes) -> None:
         if self._chan is not None and not self._closed.is_set():
             if not self._pending:
-                asyncio.get_running_loop().call_soon(self._flush)
+                self._loop.call_soon(self._flush)
             self._pending.append(data)
             self._pending_bytes += len(data)
 
