@@ -91,6 +91,10 @@ def _udp_pair(ev: Any, key: bytes) -> tuple[Address, Address]:
     return pair
 
 
+# Replies of a UDP flow go out between the same two hosts: their family and C arrays in one lookup.
+_udp_hosts: dict[tuple[str, str], tuple[int, Any, Any]] = {}
+
+
 def _packed_entry(host: str) -> tuple[int, bytes, Any]:
     entry = _packed_cache.get(host)
     if entry is None:
@@ -309,12 +313,17 @@ class Stack:
 
     def udp_send(self, src: Address, dst: Address, payload: bytes) -> None:
         """Deliver a datagram to an app: it appears to come from ``src`` and is addressed to ``dst``."""
-        fam_s, _, c_src = _packed_entry(src[0])
-        fam_d, _, c_dst = _packed_entry(dst[0])
-        if fam_s != fam_d:
-            raise LocalProtocolError(f"address families differ: {src[0]} -> {dst[0]}")
+        hosts = _udp_hosts.get((src[0], dst[0]))
+        if hosts is None:
+            fam_s, _, c_src = _packed_entry(src[0])
+            fam_d, _, c_dst = _packed_entry(dst[0])
+            if fam_s != fam_d:
+                raise LocalProtocolError(f"address families differ: {src[0]} -> {dst[0]}")
+            if len(_udp_hosts) >= ADDRESS_CACHE:
+                _udp_hosts.clear()
+            hosts = _udp_hosts[(src[0], dst[0])] = (fam_s, c_src, c_dst)
         rc = lib.ns_udp_send(
-            fam_s, c_src, src[1], c_dst, dst[1], ffi.from_buffer("uint8_t[]", payload), len(payload)
+            hosts[0], hosts[1], src[1], hosts[2], dst[1], ffi.from_buffer("uint8_t[]", payload), len(payload)
         )
         if rc < 0:
             _raise(rc, f"udp_send of {len(payload)} bytes")

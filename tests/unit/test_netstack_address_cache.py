@@ -71,6 +71,15 @@ def test_many_addresses_out_stay_right_and_bounded(stack, monkeypatch):
         pkt = IPv6(raw) if ":" in server else IP(raw)
         assert (pkt.src, pkt.dst, bytes(pkt[UDP].payload)) == (server, app, b"answer")
         assert len(stack_module._packed_cache) <= 64
+        assert len(stack_module._udp_hosts) <= 64
+
+
+def test_mixed_families_out_are_refused_every_time_and_never_cached(stack):
+    for _ in range(2):
+        with pytest.raises(LocalProtocolError, match="families differ"):
+            stack.udp_send(("fd58:3278:7373:2::5", 53), ("198.18.0.2", 40000), b"x")
+    assert ("fd58:3278:7373:2::5", "198.18.0.2") not in stack_module._udp_hosts
+    assert stack.packets_to_send() == []
 
 
 @pytest.mark.parametrize("bad", ["198.19.0.256", "fd58::1::2", "", "example.com", b"\xc6\x13\x00\x02"])
