@@ -284,6 +284,14 @@ def encode_datagram(flow_id: int, payload: bytes, peer: Optional[Address] = None
     return _NO_PEER_HEADER.pack(5 + len(payload), DATAGRAM, flow_id, ADDR_NONE) + payload
 
 
+def encode_datagram_header(flow_id: int, payload_size: int) -> bytes:
+    """The bytes of a peerless DATAGRAM frame before its payload: a sender that joins many frames into one
+    write appends header and payload side by side and so copies each payload once, not twice."""
+    if not 0 < flow_id <= 0xFFFFFFFF or payload_size > MAX_PAYLOAD:
+        raise ValueError("bad DATAGRAM: flow id %r, %d bytes of payload" % (flow_id, payload_size))
+    return _NO_PEER_HEADER.pack(5 + payload_size, DATAGRAM, flow_id, ADDR_NONE)
+
+
 def datagram_prefix(flow_id: int, peer: Optional[Address] = None) -> bytes:
     """The DATAGRAM body's fields before the payload (flow id, peer), for `encode_datagram_with()`.
 

@@ -75,6 +75,26 @@ def _address(family: int, raw: Any, port: int) -> Address:
     return host, port
 
 
+# A UDP flow's datagrams all carry the same (src, dst) pair: one lookup by the event's raw tuple bytes (ports,
+# family, both addresses; the native core zeroes every event) instead of two conversions per datagram.
+_EVENT_SIZE = ffi.sizeof("ns_event")
+_TUPLE_START = ffi.offsetof("ns_event", "sport")
+_TUPLE_END = ffi.offsetof("ns_event", "dst") + 16
+_udp_pairs: dict[bytes, tuple[Address, Address]] = {}
+
+
+def _udp_pair(ev: Any, key: bytes) -> tuple[Address, Address]:
+    pair = (_address(ev.family, ev.src, ev.sport), _address(ev.family, ev.dst, ev.dport))
+    if len(_udp_pairs) >= ADDRESS_CACHE:
+        _udp_pairs.clear()
+    _udp_pairs[key] = pair
+    return pair
+
+
+# Replies of a UDP flow go out between the same two hosts: their family and C arrays in one lookup.
+_udp_hosts: dict[tuple[str, str], tuple[int, Any, Any]] = {}
+
+
 def _packed_entry(host: str) -> tuple[int, bytes, Any]:
     entry = _packed_cache.get(host)
     if entry is None:
@@ -293,12 +313,17 @@ class Stack:
 
     def udp_send(self, src: Address, dst: Address, payload: bytes) -> None:
         """Deliver a datagram to an app: it appears to come from ``src`` and is addressed to ``dst``."""
-        fam_s, _, c_src = _packed_entry(src[0])
-        fam_d, _, c_dst = _packed_entry(dst[0])
-        if fam_s != fam_d:
-            raise LocalProtocolError(f"address families differ: {src[0]} -> {dst[0]}")
+        hosts = _udp_hosts.get((src[0], dst[0]))
+        if hosts is None:
+            fam_s, _, c_src = _packed_entry(src[0])
+            fam_d, _, c_dst = _packed_entry(dst[0])
+            if fam_s != fam_d:
+                raise LocalProtocolError(f"address families differ: {src[0]} -> {dst[0]}")
+            if len(_udp_hosts) >= ADDRESS_CACHE:
+                _udp_hosts.clear()
+            hosts = _udp_hosts[(src[0], dst[0])] = (fam_s, c_src, c_dst)
         rc = lib.ns_udp_send(
-            fam_s, c_src, src[1], c_dst, dst[1], ffi.from_buffer("uint8_t[]", payload), len(payload)
+            hosts[0], hosts[1], src[1], hosts[2], dst[1], ffi.from_buffer("uint8_t[]", payload), len(payload)
         )
         if rc < 0:
             _raise(rc, f"udp_send of {len(payload)} bytes")
@@ -356,6 +381,7 @@ class Stack:
             return []
         evs, arena, flows = self._ev_ptr[0], self._arena_ptr[0], self._flows
         out: list[Event] = []
+        raw = None  # the events' bytes, for the UDP address cache's keys
         for i in range(n):
             ev = evs[i]
             kind = ev.type
@@ -364,13 +390,13 @@ class Stack:
                 if flow is not None:
                     out.append(TcpDataReceived(flow))
             elif kind == lib.NS_EV_UDP:
-                out.append(
-                    UdpDatagram(
-                        _address(ev.family, ev.src, ev.sport),
-                        _address(ev.family, ev.dst, ev.dport),
-                        ffi.buffer(arena + ev.off, ev.len)[:],
-                    )
-                )
+                if raw is None:
+                    raw = ffi.buffer(evs, n * _EVENT_SIZE)
+                at = i * _EVENT_SIZE
+                pair = _udp_pairs.get(raw[at + _TUPLE_START : at + _TUPLE_END])
+                if pair is None:
+                    pair = _udp_pair(ev, raw[at + _TUPLE_START : at + _TUPLE_END])
+                out.append(UdpDatagram(pair[0], pair[1], ffi.buffer(arena + ev.off, ev.len)[:]))
             elif kind == lib.NS_EV_ICMP_ECHO:
                 out.append(
                     IcmpEchoRequest(

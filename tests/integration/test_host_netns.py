@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.netns_kit import json_reports, run
+from x2ssh.host.linux.tun import TUN_TX_QUEUE
 
 pytestmark = pytest.mark.netns
 
@@ -190,6 +191,7 @@ def check_applied(before: tuple[list[str], list[str]], report: dict) -> None:
     assert report["backend"] == "resolv.conf"
     assert "nameserver 100.100.83.53\n" in report["resolv"] and "198.18.60.1" not in report["resolv"]
     assert "mtu 16000" in report["mtu"] and ",UP," in report["mtu"]
+    assert f"qlen {TUN_TX_QUEUE}" in report["mtu"]  # room for bursts while the event loop is busy
 
 
 def test_apply_and_undo_restore_routes_and_resolv_conf_exactly(lab: Lab) -> None:

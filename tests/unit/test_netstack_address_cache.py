@@ -40,6 +40,26 @@ def test_many_addresses_in_stay_right_and_bounded(stack, monkeypatch):
         (event,) = stack.events()
         assert event == UdpDatagram((src, 1000 + i), (dst, 53), b"q")
         assert len(stack_module._names) <= 64
+        assert len(stack_module._udp_pairs) <= 64
+
+
+def test_one_batch_of_many_flows_keeps_each_datagrams_own_pair(stack, monkeypatch):
+    # The (src, dst) pairs are cached by each event's raw tuple bytes within one batch: flows that differ
+    # only in a port, in the family or in one address byte each get their own pair, at every batch index.
+    monkeypatch.setattr(stack_module, "ADDRESS_CACHE", 8)
+    sent = []
+    for round_ in range(3):
+        for i in range(40):
+            v6 = i % 3 == 0
+            src = "fd58:3278:7373:1::2" if v6 else "198.18.0.2"
+            dst = f"fd58:3278:7373:2::{i % 5 + 1}" if v6 else f"198.19.0.{i % 5}"
+            sport, dport = 5000 + i % 7, 53 + i % 2
+            ip = IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)
+            payload = f"{round_}-{i}".encode()
+            stack.receive_packet(bytes(ip / UDP(sport=sport, dport=dport) / Raw(payload)))
+            sent.append(UdpDatagram((src, sport), (dst, dport), payload))
+    assert stack.events() == sent
+    assert len(stack_module._udp_pairs) <= 8
 
 
 def test_many_addresses_out_stay_right_and_bounded(stack, monkeypatch):
@@ -51,6 +71,15 @@ def test_many_addresses_out_stay_right_and_bounded(stack, monkeypatch):
         pkt = IPv6(raw) if ":" in server else IP(raw)
         assert (pkt.src, pkt.dst, bytes(pkt[UDP].payload)) == (server, app, b"answer")
         assert len(stack_module._packed_cache) <= 64
+        assert len(stack_module._udp_hosts) <= 64
+
+
+def test_mixed_families_out_are_refused_every_time_and_never_cached(stack):
+    for _ in range(2):
+        with pytest.raises(LocalProtocolError, match="families differ"):
+            stack.udp_send(("fd58:3278:7373:2::5", 53), ("198.18.0.2", 40000), b"x")
+    assert ("fd58:3278:7373:2::5", "198.18.0.2") not in stack_module._udp_hosts
+    assert stack.packets_to_send() == []
 
 
 @pytest.mark.parametrize("bad", ["198.19.0.256", "fd58::1::2", "", "example.com", b"\xc6\x13\x00\x02"])

@@ -55,7 +55,10 @@ class AgentSettings:
     idle_timeout: float = 60.0
     dns_idle_timeout: float = 10.0
     max_flows: int = 1024
-    max_queue_bytes: int = 2 * 1024 * 1024  # per flow and direction: ~16 ms at 1 Gbit/s
+    # Per flow and direction in the agent (~64 ms at 1 Gbit/s; all of a connection's replies are capped at
+    # 8 MiB there too): replies wait while this busy process catches up instead of being dropped.
+    # Measured, 1 Gbit/s offered down, 3 runs each: 2 MiB lost 16.6/8.6/15.3 %, 8 MiB 12.3/1.7/6.2 %.
+    max_queue_bytes: int = 8 * 1024 * 1024
     connect_timeout: float = 30.0  # the agent exits when no client has connected by then
     keepalive_interval: float = 15.0  # the client proves it is alive this often ...
     client_silence_timeout: float = 60.0  # ... and the agent drops a client after this much silence
@@ -64,7 +67,9 @@ class AgentSettings:
     probe_timeout: float = 15.0
     start_timeout: float = 20.0
     close_timeout: float = 10.0
-    max_write_buffer: int = 4 * 1024 * 1024  # datagrams are dropped while more is waiting for the channel
+    # Datagrams are dropped while more than this waits for the channel: sshd grants an agent channel a 2 MiB
+    # window (16 ms at 1 Gbit/s), so this is what rides out a busy moment of sshd or the agent (~130 ms).
+    max_write_buffer: int = 16 * 1024 * 1024
     # What the agent may send before we acknowledge it (SSH channel window; asyncssh's default is 2 MiB,
     # 16 ms at 1 Gbit/s): replies then wait in the network, not in the agent's bounded queues, while this
     # process is busy. asyncssh holds at most this much for the channel.
@@ -156,7 +161,8 @@ class AgentHandle:
         self._chan: Any = None  # SSHUNIXChannel, or the exec process's SSHClientChannel for stdio
         self._decoder = p.Decoder()
         self._receiver: AgentReceiver | None = None
-        self._welcome: asyncio.Future[p.Welcome] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._welcome: asyncio.Future[p.Welcome] = self._loop.create_future()
         # Nobody may be waiting when the link fails (deployment gave up earlier, or the handshake timed
         # out): mark the outcome as seen so asyncio never logs "Future exception was never retrieved".
         self._welcome.add_done_callback(_consume_outcome)
@@ -221,9 +227,21 @@ class AgentHandle:
 
     def send_datagram(self, flow_id: int, payload: bytes) -> bool:
         """Queue a datagram for the agent; False (dropped) when the link is gone or backed up."""
-        if not self._room():
+        # The hot path of an upload (~90,000 calls a second at 1 Gbit/s): `_room()` and `_write()` inline,
+        # and the frame queued as header and payload, joined (copied) once per flush.
+        chan, pending = self._chan, self._pending
+        if chan is None or self._closed.is_set():
             return False
-        self._write(p.encode_datagram(flow_id, payload))
+        size = len(payload)
+        if chan.get_write_buffer_size() + self._pending_bytes > self.settings.max_write_buffer:
+            self.drops["write_buffer_full"] += 1
+            return False
+        header = p.encode_datagram_header(flow_id, size)
+        if not pending:
+            self._loop.call_soon(self._flush)
+        pending.append(header)
+        pending.append(payload)
+        self._pending_bytes += len(header) + size
         return True
 
     def send_echo(self, flow_id: int, seq: int, payload: bytes) -> bool:
@@ -297,7 +315,7 @@ class AgentHandle:
     def _write(self, data: bytes) -> None:
         if self._chan is not None and not self._closed.is_set():
             if not self._pending:
-                asyncio.get_running_loop().call_soon(self._flush)
+                self._loop.call_soon(self._flush)
             self._pending.append(data)
             self._pending_bytes += len(data)
 
