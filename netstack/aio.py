@@ -56,6 +56,10 @@ PUMP_BATCH = 256
 DISPATCH_PASSES = 4
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
+# A small write from outside a batch (an answer from upstream) leaves at once, without waiting for the end of
+# the loop's turn, on a flow that has answered before (interactive: a request/response exchange). A flow's
+# first answer waits for the turn's end: a one-request connection's FIN then shares its segment.
+WRITE_THROUGH = 16 * 1024
 
 
 class ConnectionResetByApp(ConnectionResetError):
@@ -81,6 +85,7 @@ class TcpTransport(asyncio.Transport):
         self._paused_by_buffer = False  # our write buffer passed its high-water mark
         self._paused_by_budget = False  # all flows together passed the memory budget
         self._withheld = 0  # bytes handed on whose window reopening waits for the budget
+        self._answered = False  # written to before (see WRITE_THROUGH)
         self._high, self._low = WRITE_HIGH, WRITE_LOW
 
     @property
@@ -140,8 +145,15 @@ class TcpTransport(asyncio.Transport):
             except FlowClosedError:
                 return
             if taken == len(data):
-                self._tun._kick()
-                if self._tun.over_budget and not self._paused_by_budget:
+                tun = self._tun
+                if tun._dispatching:
+                    pass  # the dispatch flushes at its end
+                elif self._answered and len(data) <= WRITE_THROUGH and tun._timer is not None:
+                    tun._send_now()
+                else:
+                    tun._kick()
+                self._answered = True
+                if tun.over_budget and not self._paused_by_budget:
                     self._budget_pause()
                 return
             data = memoryview(data)[taken:]
@@ -418,6 +430,14 @@ class TunStack:
         self.stack.handle_timer()
         self._dispatch()
         self._arm_timer()
+
+    def _send_now(self) -> None:
+        """A small write from outside a batch (an answer from upstream): send it now instead of a turn
+        later. What other flows queued leaves with it."""
+        if self.stack.flush() and not self._acks_scheduled:
+            self._acks_scheduled = True
+            self._loop.call_soon(self._flush_acks)
+        self.port.write_batch(self.stack)
 
     def _flush_acks(self) -> None:
         # A turn after the batch that owed them: the bytes' way upstream (the SSH channel's send, which
