@@ -7,6 +7,8 @@ runs until stdin closes, then prints a JSON line with its stats and peak RSS.
 
 ``python -m benchmarks.netstack_tun client HOST PORT --bytes N --flows K [--echo]`` is the kernel-side app:
 K connections each send N bytes (and with ``--echo`` read them back and compare). It prints one JSON line.
+``python -m benchmarks.netstack_tun rr HOST PORT --count N --size 64`` times N request/response rounds over
+one connection to an ``echo`` server (the netstack's own latency, no SSH) and prints percentiles in µs.
 The same client drives the veth baseline, against ``serve-socket`` (a kernel-socket sink).
 """
 
@@ -230,6 +232,35 @@ def _hold(host: str, port: int, flows: int) -> dict:
     return {"closed": len(socks)}
 
 
+def _rr(host: str, port: int, count: int, size: int) -> dict:
+    """`count` rounds of `size` bytes out and the same bytes back over one connection (Nagle off)."""
+    payload = os.urandom(size)
+    samples: list[float] = []
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.connect((host, port))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            start = time.perf_counter()
+            s.sendall(payload)
+            got = b""
+            while len(got) < size:
+                chunk = s.recv(size - len(got))
+                if not chunk:
+                    raise ConnectionError("echo server closed the connection")
+                got += chunk
+            samples.append(time.perf_counter() - start)
+            if got != payload:
+                raise ValueError("echo returned different bytes")
+    samples.sort()
+    return {
+        "count": count,
+        "p50_us": samples[len(samples) // 2] * 1e6,
+        "p90_us": samples[len(samples) * 9 // 10] * 1e6,
+        "p99_us": samples[len(samples) * 99 // 100] * 1e6,
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.netstack_tun")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -244,6 +275,11 @@ def main(argv: list[str] | None = None) -> None:
     client.add_argument("--bytes", type=int, default=10_000_000)
     client.add_argument("--flows", type=int, default=1)
     client.add_argument("--echo", action="store_true")
+    rr = sub.add_parser("rr")
+    rr.add_argument("host")
+    rr.add_argument("port", type=int)
+    rr.add_argument("--count", type=int, default=5000)
+    rr.add_argument("--size", type=int, default=64)
     hold = sub.add_parser("hold")
     hold.add_argument("host")
     hold.add_argument("port", type=int)
@@ -256,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         out = asyncio.run(_serve_socket(args.port))
     elif args.cmd == "client":
         out = _client(args.host, args.port, args.bytes, args.flows, args.echo)
+    elif args.cmd == "rr":
+        out = _rr(args.host, args.port, args.count, args.size)
     else:
         out = _hold(args.host, args.port, args.flows)
     print(json.dumps(out), flush=True)
