@@ -68,9 +68,14 @@ def _run_metered(
     return float(rate or 0.0), meter.cpu_seconds / requests * 1e3
 
 
-def compare(trees: list[str], ssh: bool, only: list[str], rounds: int, settings: Settings, out: Path) -> int:
+def compare(
+    trees: list[str], ssh: bool, only: list[str], rounds: int, settings: Settings, out: Path, trees_only: bool
+) -> int:
+    """Alternate this checkout (unless `trees_only`), `trees` and with `ssh` ssh -D; print the medians."""
     cleanup_stale()
-    names = ["this", *trees] + (["ssh-D"] if ssh else [])
+    names = trees + (["ssh-D"] if ssh else [])
+    if not names or trees_only is False:
+        names.insert(0, "this")
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with Lab() as lab:
         env = build_env(lab, out / "logs", 1024 * 1024)
@@ -152,6 +157,7 @@ def main() -> int:
     parser.add_argument("--compare", default=None, metavar="TREE[,TREE..]")
     parser.add_argument("--ssh", action="store_true", help="compare: also ssh -D")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--trees-only", action="store_true", help="compare: not this checkout")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "x2ssh-profile-socks")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -162,7 +168,7 @@ def main() -> int:
                            "http_seconds": float(args.seconds)})  # fmt: skip
     if args.compare is not None or args.ssh:
         trees = [t for t in (args.compare or "").split(",") if t]
-        return compare(trees, args.ssh, only, args.rounds, settings, args.out)
+        return compare(trees, args.ssh, only, args.rounds, settings, args.out, args.trees_only)
     return profile(only, settings, args.native, args.perf, args.top, args.out)
 
 

@@ -13,6 +13,7 @@ import asyncssh
 import pytest
 
 from x2ssh.errors import UsageError
+from x2ssh.frontends import socks
 from x2ssh.frontends.socks import (
     NameNotFound,
     ProxyBindRefused,
@@ -258,6 +259,45 @@ def test_channel_data_of_one_turn_reaches_the_client_in_order_before_the_close()
         assert server.stats.bytes_down == sum(map(len, parts))
 
     run(test)
+
+
+def test_packets_of_a_turn_reach_a_slow_client_whole_and_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Several channel packets per loop turn leave with one writev; when the client's socket is full the rest
+    goes through asyncio's buffer, and later turns queue behind it: nothing lost, nothing reordered."""
+
+    gathered: list[int] = []
+    real = socks.write_gathered
+
+    def counting(transport: Any, parts: list[bytes]) -> bytes | None:
+        rest = real(transport, parts)
+        gathered.append(-1 if rest is None else len(rest))
+        return rest
+
+    monkeypatch.setattr(socks, "write_gathered", counting)
+
+    async def test() -> None:
+        backend = FakeBackend()
+        server, port = await started(backend)
+        reader, writer, code = await socks_connect(port, v4("10.0.0.1", 80))
+        assert code == 0
+        session = backend.channels[0].session
+        expected = bytearray()
+        for turn in range(24):
+            for i in range(12):  # one turn's packets, each one distinct
+                part = struct.pack("!HH", turn, i) * 8192
+                expected += part
+                session.data_received(part, None)
+            await asyncio.sleep(0)  # the client does not read yet: its socket fills
+        session.connection_lost(None)
+        assert await reader.read() == expected
+        writer.close()
+        await server.close()
+
+    run(test)
+    assert any(rest == 0 for rest in gathered)  # a turn written whole by one writev
+    assert any(rest and rest > 0 for rest in gathered)  # and a full socket that took only part
 
 
 def test_flow_control_both_ways() -> None:

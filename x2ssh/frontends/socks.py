@@ -55,6 +55,7 @@ from x2ssh.frontends.socks_protocol import (
 )
 from x2ssh.frontends.socks_udp import UdpAssociation
 from x2ssh.settings import parse_listen
+from x2ssh.ssh.tuning import write_gathered
 
 __all__ = [
     "Credentials",
@@ -429,11 +430,20 @@ class _Client(asyncio.Protocol):
         pending = self._pending
         if not pending:
             return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            pending.clear()
+            return
+        if len(pending) > 1:  # one writev straight from the packets, no joined copy (when asyncio holds none)
+            rest = write_gathered(transport, pending)
+            if rest is not None:
+                pending.clear()
+                if rest:
+                    transport.write(rest)
+                return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        transport.write(data)
 
     def channel_lost(self, exc: Exception | None) -> None:
         if self.channel is None or self.transport is None:

@@ -641,7 +641,7 @@ def coalesce_sends(conn: Any) -> None:
         if len(parts) > 1:
             transport = getattr(conn, "_transport", None)
             if transport is not None:
-                rest = _write_gathered(transport, parts)
+                rest = write_gathered(transport, parts)
                 if rest is not None:
                     if rest:
                         send(rest)
@@ -656,9 +656,11 @@ def coalesce_sends(conn: Any) -> None:
     conn._send = coalescing_send
 
 
-def _write_gathered(transport: Any, parts: list[bytes]) -> bytes | None:
+def write_gathered(transport: Any, parts: list[bytes]) -> bytes | None:
     """`writev` `parts` to the transport's socket if asyncio has nothing queued for it: the bytes it did not
-    take (b"" if none), or None when this does not apply (asyncio's own write then takes everything)."""
+    take (b"" if none), or None when this does not apply (asyncio's own write then takes everything).
+
+    The caller hands what is returned to the transport's `write`, so the order on the socket is kept."""
     if _writev is None or transport.is_closing() or transport.get_write_buffer_size():
         return None
     sock = transport.get_extra_info("socket")
