@@ -74,7 +74,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_ADDRESSES_TRIED = 4  # of a resolved name, in the resolver's order
-READ_SIZE = 256 * 1024  # one read from a client, as asyncio's own reads
 
 
 class ProxyBindRefused(UsageError):
@@ -120,10 +119,6 @@ class SocksServer:
         self._servers: list[asyncio.Server] = []
         self._clients: set[_Client] = set()
         self._associations: dict[Address, UdpAssociation] = {}
-        # Every client reads into this one buffer (asyncio.BufferedProtocol): it is handled before the next
-        # read anywhere, and what must outlive that is copied. No 256 KiB bytes object per socket read,
-        # and the kernel copies into memory that stays in cache.
-        self.read_buffer = memoryview(bytearray(READ_SIZE))
 
     async def start(self) -> None:
         """Check the bind address (`ProxyBindRefused`), then listen. OSError if the port is taken."""
@@ -193,12 +188,8 @@ class _ChannelSide(asyncssh.SSHTCPSession):
         self._client.channel_full(False)
 
 
-class _Client(asyncio.BufferedProtocol):
-    """One client connection: handshake, then a splice to a channel (or the control of a UDP association).
-
-    Reads land in the server's shared `read_buffer`; a channel that says `takes_views` (x2ssh's TcpChannel:
-    it seals what it can send at once and copies only what it must keep) gets a view of it, anything else
-    and the handshake get bytes."""
+class _Client(asyncio.Protocol):
+    """One client connection: handshake, then a splice to a channel (or the control of a UDP association)."""
 
     def __init__(self, server: SocksServer) -> None:
         self.server = server
@@ -218,7 +209,6 @@ class _Client(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()  # once: on Python 3.11 each call costs a getpid()
         self._task: asyncio.Task[None] | None = None
         self._opening: Any = None  # a CONNECT to an address opening by callback (no task)
-        self._views = False  # the channel takes views of the read buffer
 
     # -- asyncio.Protocol --
 
@@ -239,19 +229,15 @@ class _Client(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=server.settings.client_write_limit)
         self._timer = self._loop.call_later(server.settings.handshake_timeout, self._too_slow)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.server.read_buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        data = self.server.read_buffer[:nbytes]
+    def data_received(self, data: bytes) -> None:
         if self.spliced:
             if self.channel is not None:
-                self.stats.bytes_up += nbytes
-                self.channel.write(data if self._views else bytes(data))  # type: ignore[arg-type]
+                self.stats.bytes_up += len(data)
+                self.channel.write(data)
         elif self.association is not None:
             pass  # nothing is meant to come on a UDP association's control connection (RFC 1928 section 7)
         else:
-            self._handshake(bytes(data))
+            self._handshake(data)
 
     def eof_received(self) -> bool:
         if self.spliced:
@@ -447,7 +433,6 @@ class _Client(asyncio.BufferedProtocol):
             channel.close()
             return
         self.channel = channel
-        self._views = getattr(channel, "takes_views", False)
         self._answer(Reply.SUCCEEDED, request)
         self.spliced = True
         early = self.conn.trailing_data()

@@ -58,12 +58,7 @@ _OPENING, _OPEN, _EOF_PENDING, _EOF, _CLOSE_PENDING, _CLOSED = range(6)
 
 
 class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
-    """One `direct-tcpip` channel; also the handle of its open in flight (`cancel()`).
-
-    `write` takes any bytes-like object and keeps none it was not given as bytes (`takes_views`): what the
-    window does not take at once is copied, so a caller may hand a view of a buffer it reuses."""
-
-    takes_views = True
+    """One `direct-tcpip` channel; also the handle of its open in flight (`cancel()`)."""
 
     __slots__ = (
         "_cancelled", "_conn", "_extra", "_factory", "_init_window", "_max_pktsize", "_on_done",
@@ -201,30 +196,20 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
     def is_closing(self) -> bool:
         return self._send_state != _OPEN
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def write(self, data: bytes) -> None:
         """Send `data` as the window allows; the rest is buffered (`pause_writing` past the high water)."""
         if self._send_state != _OPEN:
             raise BrokenPipeError("Channel not open for sending")
         n = len(data)
         if not n:
             return
-        if not self._send_buf:
-            window = self._send_window
-            if n <= window:
-                self._send_window = window - n
-                if n <= self._send_pktsize:
-                    tuning.send_channel_data(self._conn, self._send_chan, data)
-                else:
-                    tuning.send_channel_chunks(self._conn, self._send_chan, data, self._send_pktsize)
-                return
-            if window:  # what the window takes now, the rest is kept
-                self._send_window = 0
-                view = memoryview(data)
-                tuning.send_channel_chunks(self._conn, self._send_chan, view[:window], self._send_pktsize)
-                data = view[window:] if isinstance(view.obj, bytes) else bytes(view[window:])
-                n -= window
-        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
-            data = bytes(data)  # kept until the window opens: not a view of the caller's (reused) buffer
+        if not self._send_buf and n <= self._send_window:
+            self._send_window -= n
+            if n <= self._send_pktsize:
+                tuning.send_channel_data(self._conn, self._send_chan, data)
+            else:
+                tuning.send_channel_chunks(self._conn, self._send_chan, data, self._send_pktsize)
+            return
         self._send_buf.append(memoryview(data))
         self._send_buf_len += n
         self._flush_send()
