@@ -295,6 +295,41 @@ def test_channel_data_of_one_turn_reaches_the_client_in_order_before_the_close(
     run(test)
 
 
+def test_a_client_that_closes_after_the_channel_s_eof_closes_the_channel(fake: type[FakeBackend]) -> None:
+    """Both directions done: the client's FIN becomes the channel's CLOSE (no EOF and a round trip first);
+    a client that half-closes first still sends EOF and keeps reading."""
+
+    async def test() -> None:
+        backend = fake()
+        server, port = await started(backend)
+        reader, writer, code = await socks_connect(port, v4("10.0.0.1", 80))
+        reader2, writer2, code2 = await socks_connect(port, v4("10.0.0.1", 80))
+        assert code == code2 == 0
+        first, second = backend.channels
+        first.session.data_received(b"response", None)
+        first.session.eof_received()
+        assert await reader.read() == b"response"
+        writer.write(b"bye")
+        writer.write_eof()
+        writer2.write_eof()  # the other client half-closes while its channel is still open
+        for _ in range(200):
+            if first.state == "closed" and second.eof:
+                break
+            await asyncio.sleep(0.01)
+        assert first.state == "closed" and not first.eof and bytes(first.written) == b"bye"
+        assert second.eof and second.state == "open"
+        second.session.data_received(b"late answer", None)
+        second.session.eof_received()
+        assert await reader2.read() == b"late answer"
+        for channel in (first, second):
+            channel.session.connection_lost(None)
+        writer.close()
+        writer2.close()
+        await server.close()
+
+    run(test)
+
+
 def test_packets_of_a_turn_reach_a_slow_client_whole_and_in_order(
     monkeypatch: pytest.MonkeyPatch, fake: type[FakeBackend]
 ) -> None:

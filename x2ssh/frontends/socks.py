@@ -205,6 +205,7 @@ class _Client(asyncio.Protocol):
         self._pending: list[bytes] = []  # channel data for the client, written at the end of this turn
         self._channel_full = False
         self._client_full = False
+        self._channel_eof = False  # the channel's EOF came: the server sends nothing more
         self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()  # once: on Python 3.11 each call costs a getpid()
         self._task: asyncio.Task[None] | None = None
@@ -241,7 +242,14 @@ class _Client(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.spliced:
-            if self.channel is not None:
+            if self.channel is None:
+                return True
+            if self._channel_eof:
+                # Both directions are done: CLOSE instead of EOF saves a packet and the turn in which sshd
+                # answers our EOF with its CLOSE (as flows/tcp_bridge.py does). It goes after any bytes still
+                # queued for the window, and sshd writes what it holds to the destination before it closes.
+                self.channel.close()
+            else:
                 self.channel.write_eof()
             return True
         if self.association is None and self._task is None and self._opening is None:
@@ -460,6 +468,7 @@ class _Client(asyncio.Protocol):
         each on its own costs a system call apiece. The queue holds at most what one turn delivered, and
         that is bounded by the channel's window."""
         if data is None:
+            self._channel_eof = True
             self._flush_to_client()
             transport = self.transport
             if transport is not None and not transport.is_closing() and transport.can_write_eof():
