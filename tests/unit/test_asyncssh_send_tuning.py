@@ -102,6 +102,67 @@ def test_the_direct_path_builds_asyncssh_s_exact_bytes() -> None:
         assert (len(direct[0]) - 4 - 16) % 16 == 0  # length, whole cipher blocks, tag
 
 
+@pytest.mark.parametrize("rekey_after", [None, 2])
+def test_chunks_are_the_packets_of_send_channel_data_per_chunk(rekey_after: int | None) -> None:
+    """send_channel_chunks gives the bytes, sequence number, IV and rekey count of send_channel_data called
+    for each chunk in turn; with a rekey falling due after two packets, both hand the rest to asyncssh."""
+    sizes = [1, 1000, 32768, 32768 * 3, 32768 * 8 + 5]
+
+    async def scenario(lab_: dict[str, Any]) -> list[Any]:
+        conn = lab_["conn"]
+        start = _state(conn)
+        results = []
+        for n in sizes:
+            data = bytes(range(256)) * (n // 256) + b"z" * (n % 256)
+            before = _state(conn)
+            if rekey_after is not None:
+                conn._rekey_bytes = conn._rekey_bytes_sent + rekey_after * (32768 + 10)  # due after two
+            per_chunk = _build_data(conn, _each_chunk, data)
+            _set_state(conn, before)
+            chunked = _build_data(conn, _chunks, data)
+            _set_state(conn, before)
+            results.append((per_chunk, chunked))
+        conn._rekey_bytes = 1 << 60
+        _set_state(conn, start)
+        return results
+
+    def _each_chunk(conn: Any, data: bytes) -> None:
+        for i in range(0, len(data), 32768):
+            tuning.send_channel_data(conn, 5, data[i : i + 32768])
+
+    def _chunks(conn: Any, data: bytes) -> None:
+        tuning.send_channel_chunks(conn, 5, data, 32768)
+
+    for n, (per_chunk, chunked) in zip(sizes, asyncio.run(_in_lab(scenario)), strict=True):
+        assert chunked == per_chunk, n
+        parts = per_chunk[0]
+        if rekey_after is not None and n > rekey_after * 32768:
+            assert parts.index("KEXINIT") == 2 * rekey_after  # after two packets (length, sealed body each)
+        else:
+            assert "KEXINIT" not in parts and len(parts) == 2 * -(-n // 32768)
+
+
+def _build_data(conn: Any, send: Any, data: bytes) -> tuple[Any, ...]:
+    sent: list[Any] = []
+    kexinit_sent = conn._kexinit_sent
+    real_send, conn._send = conn._send, sent.append
+    deferred = len(conn._deferred_packets)
+    kexinit = conn._send_kexinit
+    conn._send_kexinit = lambda: sent.append("KEXINIT")  # the point where the rekey would start
+    real_os, counting = asyncssh_connection.os, _CountingRandom(asyncssh_connection.os)
+    asyncssh_connection.os = counting  # type: ignore[attr-defined]
+    try:
+        send(conn, data)
+    finally:
+        conn._send = real_send
+        conn._send_kexinit = kexinit
+        conn._kexinit_sent = kexinit_sent
+        asyncssh_connection.os = real_os  # type: ignore[attr-defined]
+    later = conn._deferred_packets[deferred:]
+    del conn._deferred_packets[deferred:]
+    return [bytes(part) if not isinstance(part, str) else part for part in sent], later, _state(conn)
+
+
 def test_other_ciphers_and_a_due_rekey_take_asyncssh_s_path(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     original = tuning._send_packet_without_cover

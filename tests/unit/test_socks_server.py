@@ -13,6 +13,7 @@ import asyncssh
 import pytest
 
 from x2ssh.errors import UsageError
+from x2ssh.frontends import socks
 from x2ssh.frontends.socks import (
     NameNotFound,
     ProxyBindRefused,
@@ -21,7 +22,12 @@ from x2ssh.frontends.socks import (
     check_bind,
     parse_listen,
 )
-from x2ssh.frontends.socks_backend import reply_for_error
+from x2ssh.frontends.socks_backend import (
+    CHANNEL_MAX_PACKET,
+    CHANNEL_WINDOW,
+    SshChannelBackend,
+    reply_for_error,
+)
 from x2ssh.frontends.socks_protocol import Credentials, Reply
 
 
@@ -93,6 +99,32 @@ class FakeBackend:
         pass
 
 
+class CallbackBackend(FakeBackend):
+    """A FakeBackend that also opens by callback (`open_tcp_now`), as the session's SshChannelBackend does."""
+
+    by_callback = 0
+
+    def open_tcp_now(
+        self, host: str, port: int, factory: Callable[[], Any], origin: tuple[str, int], on_done: Any
+    ) -> asyncio.Task[Any]:
+        self.by_callback += 1
+        task = asyncio.get_running_loop().create_task(self.open_tcp(host, port, factory, origin))
+
+        def finished(task: asyncio.Task[Any]) -> None:
+            if not task.cancelled():
+                exc = task.exception()
+                on_done(None if exc else task.result()[0], exc)
+
+        task.add_done_callback(finished)
+        return task
+
+
+@pytest.fixture(params=[FakeBackend, CallbackBackend], ids=["task", "callback"])
+def fake(request: pytest.FixtureRequest) -> type[FakeBackend]:
+    """Each proxy test with a backend that opens by task only, and with one that opens by callback."""
+    return request.param  # type: ignore[no-any-return]
+
+
 def run(test: Callable[[], Awaitable[None]]) -> None:
     """Run `test` on a fresh loop; any error the loop saw (e.g. "exception never retrieved") fails it."""
     errors: list[dict[str, Any]] = []
@@ -153,15 +185,16 @@ def name(text: str, port: int) -> bytes:
         (NameNotFound("x"), Reply.HOST_UNREACHABLE),
     ],
 )
-def test_open_errors_become_reply_codes(error: BaseException, code: Reply) -> None:
+def test_open_errors_become_reply_codes(error: BaseException, code: Reply, fake: type[FakeBackend]) -> None:
     assert reply_for_error(error) == code
 
     async def test() -> None:
-        backend = FakeBackend()
+        backend = fake()
         backend.errors["10.0.0.1"] = error
         server, port = await started(backend)
         reader, writer, got = await socks_connect(port, v4("10.0.0.1", 80))
         assert got == code
+        assert getattr(backend, "by_callback", 1) == 1
         assert await reader.read() == b""  # closed after the error reply
         writer.close()
         await server.close()
@@ -170,9 +203,9 @@ def test_open_errors_become_reply_codes(error: BaseException, code: Reply) -> No
         run(test)
 
 
-def test_names_are_resolved_first_and_each_address_tried() -> None:
+def test_names_are_resolved_first_and_each_address_tried(fake: type[FakeBackend]) -> None:
     async def test() -> None:
-        backend = FakeBackend({"two.test": ["10.0.0.1", "10.0.0.2"]})
+        backend = fake({"two.test": ["10.0.0.1", "10.0.0.2"]})
         backend.errors["10.0.0.1"] = asyncssh.ChannelOpenError(2, "Connection refused")
         server, port = await started(backend)
         _, writer, code = await socks_connect(port, name("two.test", 443))
@@ -195,9 +228,9 @@ def test_names_are_resolved_first_and_each_address_tried() -> None:
     run(test)
 
 
-def test_timeouts_are_ttl_expired() -> None:
+def test_timeouts_are_ttl_expired(fake: type[FakeBackend]) -> None:
     async def test() -> None:
-        backend = FakeBackend({"slow.test": ["10.0.0.1"]})
+        backend = fake({"slow.test": ["10.0.0.1"]})
         settings = SocksSettings(open_timeout=0.2, resolve_timeout=0.2)
         server, port = await started(backend, settings=settings)
         backend.hang_open = True
@@ -213,9 +246,9 @@ def test_timeouts_are_ttl_expired() -> None:
     run(test)
 
 
-def test_splice_data_eof_and_early_banner() -> None:
+def test_splice_data_eof_and_early_banner(fake: type[FakeBackend]) -> None:
     async def test() -> None:
-        backend = FakeBackend()
+        backend = fake()
         backend.banner = b"220 hello\r\n"
         server, port = await started(backend)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -241,9 +274,11 @@ def test_splice_data_eof_and_early_banner() -> None:
     run(test)
 
 
-def test_channel_data_of_one_turn_reaches_the_client_in_order_before_the_close() -> None:
+def test_channel_data_of_one_turn_reaches_the_client_in_order_before_the_close(
+    fake: type[FakeBackend],
+) -> None:
     async def test() -> None:
-        backend = FakeBackend()
+        backend = fake()
         server, port = await started(backend)
         reader, writer, code = await socks_connect(port, v4("10.0.0.1", 80))
         assert code == 0
@@ -260,9 +295,83 @@ def test_channel_data_of_one_turn_reaches_the_client_in_order_before_the_close()
     run(test)
 
 
-def test_flow_control_both_ways() -> None:
+def test_a_client_that_closes_after_the_channel_s_eof_closes_the_channel(fake: type[FakeBackend]) -> None:
+    """Both directions done: the client's FIN becomes the channel's CLOSE (no EOF and a round trip first);
+    a client that half-closes first still sends EOF and keeps reading."""
+
     async def test() -> None:
-        backend = FakeBackend()
+        backend = fake()
+        server, port = await started(backend)
+        reader, writer, code = await socks_connect(port, v4("10.0.0.1", 80))
+        reader2, writer2, code2 = await socks_connect(port, v4("10.0.0.1", 80))
+        assert code == code2 == 0
+        first, second = backend.channels
+        first.session.data_received(b"response", None)
+        first.session.eof_received()
+        assert await reader.read() == b"response"
+        writer.write(b"bye")
+        writer.write_eof()
+        writer2.write_eof()  # the other client half-closes while its channel is still open
+        for _ in range(200):
+            if first.state == "closed" and second.eof:
+                break
+            await asyncio.sleep(0.01)
+        assert first.state == "closed" and not first.eof and bytes(first.written) == b"bye"
+        assert second.eof and second.state == "open"
+        second.session.data_received(b"late answer", None)
+        second.session.eof_received()
+        assert await reader2.read() == b"late answer"
+        for channel in (first, second):
+            channel.session.connection_lost(None)
+        writer.close()
+        writer2.close()
+        await server.close()
+
+    run(test)
+
+
+def test_packets_of_a_turn_reach_a_slow_client_whole_and_in_order(
+    monkeypatch: pytest.MonkeyPatch, fake: type[FakeBackend]
+) -> None:
+    """Several channel packets per loop turn leave with one writev; when the client's socket is full the rest
+    goes through asyncio's buffer, and later turns queue behind it: nothing lost, nothing reordered."""
+
+    gathered: list[int] = []
+    real = socks.write_gathered
+
+    def counting(transport: Any, parts: list[bytes]) -> bytes | None:
+        rest = real(transport, parts)
+        gathered.append(-1 if rest is None else len(rest))
+        return rest
+
+    monkeypatch.setattr(socks, "write_gathered", counting)
+
+    async def test() -> None:
+        backend = fake()
+        server, port = await started(backend)
+        reader, writer, code = await socks_connect(port, v4("10.0.0.1", 80))
+        assert code == 0
+        session = backend.channels[0].session
+        expected = bytearray()
+        for turn in range(24):
+            for i in range(12):  # one turn's packets, each one distinct
+                part = struct.pack("!HH", turn, i) * 8192
+                expected += part
+                session.data_received(part, None)
+            await asyncio.sleep(0)  # the client does not read yet: its socket fills
+        session.connection_lost(None)
+        assert await reader.read() == expected
+        writer.close()
+        await server.close()
+
+    run(test)
+    assert any(rest == 0 for rest in gathered)  # a turn written whole by one writev
+    assert any(rest and rest > 0 for rest in gathered)  # and a full socket that took only part
+
+
+def test_flow_control_both_ways(fake: type[FakeBackend]) -> None:
+    async def test() -> None:
+        backend = fake()
         server, port = await started(backend, settings=SocksSettings(client_write_limit=64 * 1024))
         reader, writer, code = await socks_connect(port, v4("10.0.0.1", 80))
         assert code == 0
@@ -302,12 +411,12 @@ def test_flow_control_both_ways() -> None:
 
 
 @pytest.mark.parametrize("how", ["fin", "reset"])
-def test_client_gone_while_opening(how: str) -> None:
+def test_client_gone_while_opening(how: str, fake: type[FakeBackend]) -> None:
     """Reading is paused while the channel opens, so the client's going is seen once the reply is written:
     a FIN is passed on as EOF (half-close, as for any flow); a reset aborts the channel."""
 
     async def test() -> None:
-        backend = FakeBackend()
+        backend = fake()
         gate = asyncio.Event()
         original = backend.open_tcp
 
@@ -386,6 +495,33 @@ def test_bad_client_gets_error_reply_good_client_unaffected() -> None:
         await server.close()
 
     run(test)
+
+
+def test_ssh_channel_backend_opens_by_callback_on_the_pool_it_has_now() -> None:
+    calls: list[Any] = []
+
+    class Pool:
+        def open_tcp_channel(self, *args: Any, **kwargs: Any) -> str:
+            calls.append((args, kwargs))
+            return "opening"
+
+    pools: list[Any] = [None]
+    backend = SshChannelBackend(_never, _never, None, lambda: pools[0])
+    done = calls.append
+    assert backend.open_tcp_now("10.0.0.1", 80, FakeChannel, ("127.0.0.1", 5555), done) is None
+    pools[0] = Pool()
+    assert backend.open_tcp_now("10.0.0.1", 80, FakeChannel, ("127.0.0.1", 5555), done) == "opening"
+    assert calls == [
+        (
+            (FakeChannel, "10.0.0.1", 80, "127.0.0.1", 5555, done),
+            {"window": CHANNEL_WINDOW, "max_pktsize": CHANNEL_MAX_PACKET},
+        )
+    ]
+    assert SshChannelBackend(_never, _never).open_tcp_now("10.0.0.1", 80, FakeChannel, ("", 0), done) is None
+
+
+async def _never(*args: Any) -> Any:
+    raise AssertionError("not awaited on the callback path")
 
 
 def test_parse_listen() -> None:

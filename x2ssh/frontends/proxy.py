@@ -67,7 +67,7 @@ class ProxyPort:
         assert settings.dynamic is not None
         self.ssh = ssh
         self._attached = asyncio.Event()
-        backend = SshChannelBackend(self._pool, ssh.resolve, ssh.udp_from_app)
+        backend = SshChannelBackend(self._pool, ssh.resolve, ssh.udp_from_app, self._pool_now)
         host, port = settings.dynamic
         self.server = SocksServer(
             backend, host, port, credentials=_credentials(settings), allow_lan=settings.allow_lan
@@ -118,6 +118,10 @@ class ProxyPort:
     def where(self) -> str:
         """The bound addresses, e.g. "127.0.0.1:1080, [::1]:1080"."""
         return ", ".join(_endpoint(a) for a in self.server.addresses)
+
+    def _pool_now(self) -> Any:
+        """The pool if a connection is there now, else None (then `_pool` waits for one)."""
+        return self.ssh.pool if self._attached.is_set() else None
 
     async def _pool(self) -> Any:
         """Where channels open: the pool, once a connection is there (bounded wait while reconnecting)."""

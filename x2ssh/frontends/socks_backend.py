@@ -42,7 +42,9 @@ class SocksBackend(Protocol):
     """What the proxy needs from the session: resolve names, open TCP channels, send UDP datagrams.
 
     The session implements it on its SSH connection pool and agent; `SshChannelBackend` below does the TCP
-    part for any object with asyncssh's `create_connection`.
+    part for any object with asyncssh's `create_connection`. A backend may also have `open_tcp_now` (see
+    `SshChannelBackend.open_tcp_now`): the proxy then opens a channel to an address by callback, without a
+    task, whenever the backend can start the open at once.
     """
 
     async def resolve(self, name: str) -> list[str]:
@@ -120,19 +122,51 @@ def reply_for_error(exc: BaseException) -> Reply:
     return Reply.GENERAL_FAILURE
 
 
+class Opening(Protocol):
+    """A channel open in flight, started by `open_tcp_now`."""
+
+    def cancel(self) -> None: ...
+
+
+OpenDone = Callable[[Any, BaseException | None], None]
+
+
 class SshChannelBackend:
     """The TCP part of a `SocksBackend` on anything with asyncssh's `create_connection` (a connection or
-    the session's `ConnectionPool`); names and UDP are delegated to the callables given."""
+    the session's `ConnectionPool`); names and UDP are delegated to the callables given. With `pool_now`
+    (the session's `ConnectionPool` when it has a connection now, else None) channels open by callback."""
 
     def __init__(
         self,
         connection: Callable[[], Awaitable[Any]],
         resolve: Callable[[str], Awaitable[list[str]]],
         udp_send: Callable[[Address, Address, bytes], None] | None = None,
+        pool_now: Callable[[], Any] | None = None,
     ) -> None:
         self._connection = connection
         self._resolve = resolve
         self._udp_send = udp_send
+        self._pool_now = pool_now
+
+    def open_tcp_now(
+        self,
+        host: str,
+        port: int,
+        session_factory: Callable[[], asyncssh.SSHTCPSession],
+        origin: Address,
+        on_done: OpenDone,
+    ) -> Opening | None:
+        """Start opening a channel to the address `host`:`port` by callback (`on_done(channel, None)` or
+        `on_done(None, exc)`, never from within this call), or return None when that cannot start now
+        (no connection yet: `open_tcp` waits for one)."""
+        pool = self._pool_now() if self._pool_now is not None else None
+        if pool is None:
+            return None
+        opening: Opening = pool.open_tcp_channel(
+            session_factory, host, port, origin[0], origin[1], on_done,
+            window=CHANNEL_WINDOW, max_pktsize=CHANNEL_MAX_PACKET,
+        )  # fmt: skip
+        return opening
 
     async def resolve(self, name: str) -> list[str]:
         return await self._resolve(name)

@@ -203,9 +203,12 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         n = len(data)
         if not n:
             return
-        if not self._send_buf and n <= self._send_window and n <= self._send_pktsize:
+        if not self._send_buf and n <= self._send_window:
             self._send_window -= n
-            tuning.send_channel_data(self._conn, self._send_chan, data)
+            if n <= self._send_pktsize:
+                tuning.send_channel_data(self._conn, self._send_chan, data)
+            else:
+                tuning.send_channel_chunks(self._conn, self._send_chan, data, self._send_pktsize)
             return
         self._send_buf.append(memoryview(data))
         self._send_buf_len += n
@@ -248,7 +251,7 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         buf = self._send_buf
         conn, chan = self._conn, self._send_chan
         while buf and self._send_window:
-            size = min(self._send_window, self._send_pktsize)
+            size = self._send_window  # in packets of at most the packet size, as far as the window goes
             head = buf[0]
             if len(head) > size:
                 chunk = head[:size]
@@ -258,7 +261,7 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
             n = len(chunk)
             self._send_buf_len -= n
             self._send_window -= n
-            tuning.send_channel_data(conn, chan, chunk)
+            tuning.send_channel_chunks(conn, chan, chunk, self._send_pktsize)
         session = self._session
         if self._send_paused:
             if self._send_buf_len <= LOW_WATER:

@@ -1,0 +1,176 @@
+"""Profile and A/B `x2ssh -D`: the -D benchmark scenarios in one lab, with py-spy or against other checkouts.
+
+    python -m benchmarks.profile_socks [--only tcp-up,tcp-down,http-rate] [--seconds 8] [--native]
+    python -m benchmarks.profile_socks --compare TREE[,TREE..] [--ssh] [--rounds 3]
+
+Profile mode starts `x2ssh -D` (the harness's `x2ssh-D` transport) and, for each scenario, records it with
+py-spy (raw collapsed stacks) while the scenario runs, then prints the top functions by own and inclusive
+time. Compare mode alternates this checkout, each TREE (another checkout, same venv) and with `--ssh`
+OpenSSH's `ssh -D`, scenario by scenario for `--rounds` rounds in one lab, and prints each one's medians:
+throughput or rate and client CPU per GB or per connection. Needs root; a tool to see where the time goes
+and whether a change helps, not the benchmark (that is `python -m benchmarks`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.env import BenchEnv, build_env
+from benchmarks.lab import Lab, cleanup_stale
+from benchmarks.procstat import ResourceMeter
+from benchmarks.profile_connect import summarize
+from benchmarks.scenarios import HttpRate, IperfTcp, Scenario, Settings
+from benchmarks.transports import SOCKS_PORT, SshDynamic, Transport, X2sshDynamic, _SocksProxy
+
+
+class _X2sshDynamicFromTree(X2sshDynamic):
+    """The harness's `x2ssh -D` run from the checkout `tree` (same venv; `-m` puts the cwd first)."""
+
+    def __init__(self, tree: str) -> None:
+        super().__init__()
+        self.tree = tree
+
+    def start(self, env: BenchEnv) -> None:
+        _SocksProxy.start(self, env)  # the proxychains configuration
+        sshd = env.sshd
+        argv = [
+            sys.executable, "-m", "x2ssh", "-D", f"127.0.0.1:{SOCKS_PORT}", "-F", str(sshd.ssh_config),
+            "-i", str(sshd.client_key), "-p", str(sshd.port), sshd.destination,
+        ]  # fmt: skip
+        self._spawn_watched(argv, r"proxy up", cwd=self.tree)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "tcp-up": IperfTcp("tcp-up", "TCP 1 flow upload", reverse=False, flows=1),
+    "tcp-down": IperfTcp("tcp-down", "TCP 1 flow download", reverse=True, flows=1),
+    "http-rate": HttpRate(),
+}
+
+
+def _run_metered(
+    env: BenchEnv, transport: Transport, scenario: Scenario, settings: Settings
+) -> tuple[float, float]:
+    """(throughput, client CPU s/GB) of an iperf scenario; (rate, client CPU s per 1,000 connections)."""
+    if scenario.name != "http-rate":
+        values = scenario.run(env, transport, settings)
+        return float(values[scenario.name][0] or 0.0), float(values[f"{scenario.name}-cpu-client"][0] or 0.0)
+    with ResourceMeter(transport.client_pids) as meter:
+        values = scenario.run(env, transport, settings)
+    rate, extra = values["http-rate"]
+    requests = extra["requests"] or 1
+    return float(rate or 0.0), meter.cpu_seconds / requests * 1e3
+
+
+def compare(
+    trees: list[str], ssh: bool, only: list[str], rounds: int, settings: Settings, out: Path, trees_only: bool
+) -> int:
+    """Alternate this checkout (unless `trees_only`), `trees` and with `ssh` ssh -D; print the medians."""
+    cleanup_stale()
+    names = trees + (["ssh-D"] if ssh else [])
+    if not names or trees_only is False:
+        names.insert(0, "this")
+    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with Lab() as lab:
+        env = build_env(lab, out / "logs", 1024 * 1024)
+        for round_no in range(rounds):
+            order = names if round_no % 2 == 0 else names[::-1]
+            for name in order:
+                if name == "this":
+                    transport: Transport = X2sshDynamic()
+                elif name == "ssh-D":
+                    transport = SshDynamic()
+                else:
+                    transport = _X2sshDynamicFromTree(name)
+                transport.start(env)
+                try:
+                    for key in only:
+                        figure = _run_metered(env, transport, SCENARIOS[key], settings)
+                        results.setdefault((name, key), []).append(figure)
+                        unit = "s/GB" if key != "http-rate" else "s per 1k conn"
+                        line = f"{round_no + 1} {name:>12} {key:>9}: {figure[0]:9.0f}"
+                        print(f"round {line}  cpu {figure[1]:.3f} {unit}", flush=True)
+                finally:
+                    transport.stop()
+    print("medians:")
+    for key in only:
+        for name in names:
+            rows = results.get((name, key), [])
+            if rows:
+                value = statistics.median(r[0] for r in rows)
+                cpu = statistics.median(r[1] for r in rows)
+                print(f"  {key:>9} {name:>30}: {value:9.0f}  cpu {cpu:.3f}")
+    return 0
+
+
+def profile(only: list[str], settings: Settings, native: bool, perf: bool, top: int, out: Path) -> int:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    cleanup_stale()
+    out.mkdir(parents=True, exist_ok=True)
+    with Lab() as lab:
+        env = build_env(lab, out / "logs", 1024 * 1024)
+        transport = X2sshDynamic()
+        transport.start(env)
+        try:
+            pid = transport.client_pids()[0]
+            for key in only:
+                raw = out / f"{key}.raw"
+                seconds = settings.iperf_seconds if key != "http-rate" else int(settings.http_seconds)
+                record = [spy, "record", "--pid", str(pid), "--duration", str(seconds), "-r", "250"]
+                record += ["-f", "raw", "-o", str(raw), "--nonblocking"] + (["--native"] if native else [])
+                if perf:
+                    record = ["perf", "record", "-g", "-p", str(pid), "-o", str(out / f"{key}.perf"), "--"]
+                    record += ["sleep", str(seconds)]
+                spy_proc = subprocess.Popen(
+                    record, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                )
+                figure = _run_metered(env, transport, SCENARIOS[key], settings)
+                spy_proc.wait(timeout=120)
+                print(f"== {key}: {figure[0]:.0f}, client cpu {figure[1]:.3f} (under py-spy)")
+                if perf:
+                    report = ["perf", "report", "-i", str(out / f"{key}.perf"), "--no-children", "--stdio"]
+                    report += ["--sort", "dso,symbol", "-g", "none", "--percent-limit", "0.5"]
+                    text = subprocess.run(report, capture_output=True, text=True).stdout
+                    print("\n".join(line for line in text.splitlines() if line and not line.startswith("#")))
+                elif raw.exists():
+                    print(summarize(raw, top))
+                else:
+                    print(f"py-spy failed: {spy_proc.stderr.read() if spy_proc.stderr else ''}")
+        finally:
+            transport.stop()
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_socks", description=__doc__)
+    parser.add_argument("--only", default="tcp-up,tcp-down,http-rate")
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    parser.add_argument("--perf", action="store_true", help="perf record -g instead of py-spy (C and kernel)")
+    parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--compare", default=None, metavar="TREE[,TREE..]")
+    parser.add_argument("--ssh", action="store_true", help="compare: also ssh -D")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--trees-only", action="store_true", help="compare: not this checkout")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "x2ssh-profile-socks")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)")
+        return 2
+    only = [k for k in args.only.split(",") if k]
+    settings = Settings(**{**Settings.full().__dict__, "iperf_seconds": args.seconds,
+                           "http_seconds": float(args.seconds)})  # fmt: skip
+    if args.compare is not None or args.ssh:
+        trees = [t for t in (args.compare or "").split(",") if t]
+        return compare(trees, args.ssh, only, args.rounds, settings, args.out, args.trees_only)
+    return profile(only, settings, args.native, args.perf, args.top, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
