@@ -27,6 +27,8 @@ import sys
 import threading
 import time
 
+from benchmarks.clients import request_response
+
 TARGET_V4 = "198.19.99.0/24"
 TARGET_V6 = "fd58:3278:7373:99::/64"
 TUN_V4 = "198.18.99.1/24"
@@ -232,35 +234,6 @@ def _hold(host: str, port: int, flows: int) -> dict:
     return {"closed": len(socks)}
 
 
-def _rr(host: str, port: int, count: int, size: int) -> dict:
-    """`count` rounds of `size` bytes out and the same bytes back over one connection (Nagle off)."""
-    payload = os.urandom(size)
-    samples: list[float] = []
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.connect((host, port))
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(count):
-            start = time.perf_counter()
-            s.sendall(payload)
-            got = b""
-            while len(got) < size:
-                chunk = s.recv(size - len(got))
-                if not chunk:
-                    raise ConnectionError("echo server closed the connection")
-                got += chunk
-            samples.append(time.perf_counter() - start)
-            if got != payload:
-                raise ValueError("echo returned different bytes")
-    samples.sort()
-    return {
-        "count": count,
-        "p50_us": samples[len(samples) // 2] * 1e6,
-        "p90_us": samples[len(samples) * 9 // 10] * 1e6,
-        "p99_us": samples[len(samples) * 99 // 100] * 1e6,
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.netstack_tun")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -293,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "client":
         out = _client(args.host, args.port, args.bytes, args.flows, args.echo)
     elif args.cmd == "rr":
-        out = _rr(args.host, args.port, args.count, args.size)
+        out = request_response(args.host, args.port, args.count, args.size)  # the harness's rr client
     else:
         out = _hold(args.host, args.port, args.flows)
     print(json.dumps(out), flush=True)
