@@ -35,8 +35,15 @@ def _harness(out: Path, *args: str) -> subprocess.Popen:
         str(out),
     ]
     return subprocess.Popen(
-        [*argv, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        [*argv, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # as from a terminal: a shell's background job (`cmd &`) passes SIGINT on ignored, and then Ctrl-C
+        # could not reach the harness at all
+        preexec_fn=_sigint_default,
+    )  # fmt: skip
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _namespaces_of(pid: int) -> list[str]:
