@@ -173,17 +173,11 @@ def _send_packet_fast(self: SSHConnection, pkttype: int, *args: bytes, handler: 
 _DATA_HEAD = struct.Struct(">BBII").pack  # pad length, MSG_CHANNEL_DATA, recipient channel, data length
 
 
-def send_channel_data(conn: Any, send_chan: int, data: Any) -> None:
-    """Send CHANNEL_DATA carrying `data` (bytes-like) to the server's channel `send_chan`.
+def _direct_send(conn: Any, enc: Any) -> bool:
+    return _installed and _fast_send_ok(conn, enc) and SSHLogger._debug_level < PACKET_DEBUG_LEVEL
 
-    On the direct path the bytes are copied once, into the packet that is sealed; otherwise it is asyncssh's
-    `send_packet` (which also defers the packet during a key exchange). The caller keeps to the channel's
-    window and packet size.
-    """
-    enc = conn._send_encryption
-    if not (_installed and _fast_send_ok(conn, enc)) or SSHLogger._debug_level >= PACKET_DEBUG_LEVEL:
-        conn.send_packet(MSG_CHANNEL_DATA, UInt32(send_chan), String(bytes(data)))
-        return
+
+def _seal_data(conn: Any, enc: Any, send_chan: int, data: Any) -> None:
     n = len(data)
     blocksize = conn._send_blocksize
     padlen = -(conn._send_enchdrlen + 9 + n) % blocksize
@@ -192,46 +186,37 @@ def send_channel_data(conn: Any, send_chan: int, data: Any) -> None:
     _seal_and_send(conn, enc, _DATA_HEAD(padlen, MSG_CHANNEL_DATA, send_chan, n), data, padlen)
 
 
+def send_channel_data(conn: Any, send_chan: int, data: Any) -> None:
+    """Send CHANNEL_DATA carrying `data` (bytes-like) to the server's channel `send_chan`.
+
+    On the direct path the bytes are copied once, into the packet that is sealed; otherwise it is asyncssh's
+    `send_packet` (which also defers the packet during a key exchange). The caller keeps to the channel's
+    window and packet size.
+    """
+    enc = conn._send_encryption
+    if _direct_send(conn, enc):
+        _seal_data(conn, enc, send_chan, data)
+    else:
+        conn.send_packet(MSG_CHANNEL_DATA, UInt32(send_chan), String(bytes(data)))
+
+
 def send_channel_chunks(conn: Any, send_chan: int, data: Any, pktsize: int) -> None:
     """Send `data` (bytes-like) as CHANNEL_DATA packets of at most `pktsize` bytes, in order.
 
-    The same packets as `send_channel_data` per chunk, with the per-packet checks and lookups done once
-    (a socket read of 256 KiB is eight packets). A rekey that falls due part way sends the rest through
-    `send_channel_data`, so asyncssh starts the key exchange at the same packet as ever. The caller keeps
-    to the channel's window."""
-    n = len(data)
+    The same packets as `send_channel_data` per chunk, with the direct path's checks done once per write
+    (a socket read of 256 KiB is eight packets) and only the rekey threshold checked per packet: once a
+    rekey falls due, the rest goes through `send_channel_data`, so asyncssh starts the key exchange at the
+    same packet as ever. The caller keeps to the channel's window."""
     view = memoryview(data)
     enc = conn._send_encryption
-    direct = _installed and _fast_send_ok(conn, enc) and SSHLogger._debug_level < PACKET_DEBUG_LEVEL
-    if n <= pktsize or not direct:
-        for start in range(0, n, pktsize):
-            send_channel_data(conn, send_chan, view[start : start + pktsize])
-        return
-    cipher = enc._cipher
-    seal = _aead(cipher).encrypt
-    urandom = _asyncssh_connection.os.urandom
-    send = conn._send
-    blocksize = conn._send_blocksize
-    before_body = conn._send_enchdrlen + 9
-    rekey_bytes = conn._rekey_bytes
-    for start in range(0, n, pktsize):
-        if conn._rekey_bytes_sent >= rekey_bytes:
-            for rest in range(start, n, pktsize):
-                send_channel_data(conn, send_chan, view[rest : rest + pktsize])
-            return
+    direct = _direct_send(conn, enc)
+    for start in range(0, len(view), pktsize):
         chunk = view[start : start + pktsize]
-        size = len(chunk)
-        padlen = -(before_body + size) % blocksize
-        if padlen < 4:
-            padlen += blocksize
-        packet = b"".join((_DATA_HEAD(padlen, MSG_CHANNEL_DATA, send_chan, size), chunk, urandom(padlen)))
-        pktlen = len(packet)
-        header = pktlen.to_bytes(4, "big")
-        send(header)
-        send(seal(cipher._iv, packet, header))
-        cipher._update_iv()
-        conn._send_seq = (conn._send_seq + 1) & 0xFFFFFFFF
-        conn._rekey_bytes_sent += pktlen
+        if direct and conn._rekey_bytes_sent < conn._rekey_bytes:
+            _seal_data(conn, enc, send_chan, chunk)
+        else:
+            direct = False
+            send_channel_data(conn, send_chan, chunk)
 
 
 class DirectDataHandler:
@@ -298,15 +283,14 @@ def _dispatch_opened(self: SSHConnection, enc: Any, data: bytes | None, rem: int
         return _recv_opened(self, enc, data)
     inpbuf = self._inpbuf
     end = len(data) - data[0]
-    if data[1] == MSG_CHANNEL_DATA and end >= 10 and SSHLogger._debug_level < PACKET_DEBUG_LEVEL:
-        chan = self._channels.get(int.from_bytes(data[2:6], "big"))
-        if isinstance(chan, DirectDataHandler) and int.from_bytes(data[6:10], "big") == end - 10:
-            seq = self._recv_seq
-            self._inpbuf = inpbuf[rem:]
-            self._packet = b""
-            chan.receive_data(data[10:end])
-            self._finish_recv_packet(MSG_CHANNEL_DATA, seq)
-            return True
+    chan = _direct_data_channel(self, data, end) if SSHLogger._debug_level < PACKET_DEBUG_LEVEL else None
+    if chan is not None:
+        seq = self._recv_seq
+        self._inpbuf = inpbuf[rem:]
+        self._packet = b""
+        chan.receive_data(data[10:end])
+        self._finish_recv_packet(MSG_CHANNEL_DATA, seq)
+        return True
     packet = SSHPacket(data[1:end])
     pkttype = packet.get_byte()
     if pkttype in _OPEN_REPLIES:
@@ -328,6 +312,16 @@ def _dispatch_opened(self: SSHConnection, enc: Any, data: bytes | None, rem: int
         raise RuntimeError(f"asyncssh channel handler returned {result!r}; x2ssh.ssh.tuning needs review")
     self._finish_recv_packet(pkttype, seq)
     return True
+
+
+def _direct_data_channel(self: SSHConnection, data: bytes, end: int) -> DirectDataHandler | None:
+    """The channel an opened DATA packet (`data`, payload up to `end`) goes straight to, or None."""
+    if data[1] != MSG_CHANNEL_DATA or end < 10:
+        return None
+    chan = self._channels.get(int.from_bytes(data[2:6], "big"))
+    if isinstance(chan, DirectDataHandler) and int.from_bytes(data[6:10], "big") == end - 10:
+        return chan
+    return None
 
 
 def _recv_opened(self: SSHConnection, enc: Any, data: bytes | None) -> bool:
@@ -587,7 +581,6 @@ def _open_packets(self: SSHConnection, enc: Any, buf: bytes, pos: int = 0) -> tu
     macsize = self._recv_macsize
     blocksize = self._recv_blocksize
     max_pktlen = self._max_recv_pktlen
-    channels = self._channels
     cipher = enc._cipher
     aead = _aead(cipher)
     pkthdr = self._recv_pkthdr
@@ -609,10 +602,8 @@ def _open_packets(self: SSHConnection, enc: Any, buf: bytes, pos: int = 0) -> tu
             return pos, True  # asyncssh's parser opens it again and reports the bad MAC
         cipher._update_iv()
         payload_end = len(data) - data[0]
-        chan = None
-        if data[1] == MSG_CHANNEL_DATA and data[0] and payload_end >= 10:
-            chan = channels.get(int.from_bytes(data[2:6], "big"))
-        if isinstance(chan, DirectDataHandler) and int.from_bytes(data[6:10], "big") == payload_end - 10:
+        chan = _direct_data_channel(self, data, payload_end) if data[0] else None
+        if chan is not None:
             seq = self._recv_seq
             chan.receive_data(data[10:payload_end])
             self._finish_recv_packet(MSG_CHANNEL_DATA, seq)
