@@ -1,6 +1,7 @@
 """The command line entry point: exit codes, error output, and the order of checks (session mocked)."""
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -28,6 +29,15 @@ def restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(autouse=True)
+def restore_gc():
+    """The runs below call settle_heap(); the collector's settings are process-wide."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
 
 
 class FakeHelper:
@@ -231,3 +241,11 @@ def test_python_dash_m_entry_point():
         [sys.executable, "-m", "x2ssh"], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2 and "usage:" in bad.stderr
+
+
+def test_settle_heap_raises_the_young_threshold_and_freezes_the_start_up_heap() -> None:
+    before = gc.get_threshold()
+    gc.unfreeze()
+    cli.settle_heap()
+    assert gc.get_threshold() == (cli.YOUNG_GENERATION_THRESHOLD, *before[1:])
+    assert gc.get_freeze_count() > 0
