@@ -194,6 +194,9 @@ def render_status(data: dict[str, Any]) -> Table:
     backend = dns.get("backend")
     table.add_row("DNS", f"{dns.get('mode', '?')}" + (f" (via {backend})" if backend else ""))
     table.add_row("kill switch", "on" if data.get("kill_switch") else "off")
+    proxy = data.get("proxy")
+    if proxy:
+        table.add_row("proxy", f"SOCKS5 and HTTP CONNECT on {proxy}")
     tcp = _obj(data, "tcp")
     table.add_row(
         "TCP flows",

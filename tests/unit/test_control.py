@@ -644,6 +644,17 @@ def test_render_tolerates_a_partial_document() -> None:
     assert "not up" in text
 
 
+def test_render_shows_the_proxy_only_when_one_runs() -> None:
+    def rendered(doc: dict) -> str:
+        console = Console(file=io.StringIO(), width=120)
+        console.print(render_status(doc))
+        return console.file.getvalue()  # type: ignore[attr-defined]
+
+    assert "SOCKS5 and HTTP CONNECT on 127.0.0.1:1080" in rendered(sample_status(proxy="127.0.0.1:1080"))
+    assert "proxy" not in rendered(sample_status(proxy=None))
+    assert "proxy" not in rendered(sample_status())
+
+
 def test_status_line() -> None:
     assert status_line(sample_status()) == (
         "up, server vpn.example (198.18.0.1 port 22), TCP 12 open / 340 total, UDP 3 flows, 1 reconnects"
