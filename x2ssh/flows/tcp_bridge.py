@@ -32,6 +32,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import asyncssh
@@ -111,10 +112,6 @@ class _Flow:
         """The channel's session factory: this flow."""
         return self
 
-    def app_protocol(self) -> _AppSide:
-        """The netstack transport's protocol factory."""
-        return _AppSide(self)
-
     def open_done(self, channel: Any, exc: BaseException | None) -> None:
         """The open's outcome: accept the app's connection and splice it to `channel`, or refuse it."""
         if self.over:
@@ -122,6 +119,7 @@ class _Flow:
                 channel.close()
             return
         self.over = True
+        self.handle = None
         bridge = self.bridge
         try:
             if exc is None:
@@ -129,7 +127,9 @@ class _Flow:
             else:
                 bridge._failed(self, exc)
         finally:
-            bridge._open_done(self)
+            bridge._opening.pop(self, None)
+            if bridge._waiting:
+                bridge._admit_waiting()
 
     def _accept(self, channel: Any) -> None:
         flow = self.flow
@@ -141,11 +141,12 @@ class _Flow:
         stats.opened += 1
         stats.active += 1
         try:
-            self.app = app = self.bridge._tun().accept(flow, self.app_protocol)
+            self.app = app = self.bridge._tun().accept(flow, partial(_AppSide, self))
         except Exception as exc:  # the flow vanished between the check and the accept
             log.debug("accept failed for %r: %s", flow, exc)
             channel.abort()
-            self._finish()
+            self.done = True
+            stats.active -= 1
             return
         early = self.early
         if early is not None:  # the server spoke (or even finished) before the app's handshake
@@ -160,22 +161,23 @@ class _Flow:
 
     def expire(self) -> None:
         """The open took too long: give up on it and refuse the app."""
-        if self.over:
-            return
-        self.over = True
-        if self.handle is not None:
-            self.handle.cancel()
-        self.bridge._timed_out(self)
-        self.bridge._open_done(self)
+        if self._give_up():
+            self.bridge._timed_out(self)
+            self.bridge._open_done(self)
 
     def cancel(self) -> None:
         """The bridge is closing: give up quietly (the app's SYN is left to the closing stack)."""
+        if self._give_up():
+            self.bridge._open_done(self)
+
+    def _give_up(self) -> bool:
         if self.over:
-            return
+            return False
         self.over = True
-        if self.handle is not None:
-            self.handle.cancel()
-        self.bridge._open_done(self)
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.cancel()
+        return True
 
     # -- the channel's session: from the server to the app --
 
@@ -212,7 +214,11 @@ class _Flow:
                 app.close()  # after what is buffered: FIN, then the flow is released
             else:
                 app.abort()
-        self._finish()
+        if self.done:  # the app's end had gone already: let go of both ends (see `app_closed`)
+            self.app = self.channel = None
+        else:
+            self.done = True
+            self.stats.active -= 1
 
     def pause_writing(self) -> None:
         if self.app is not None:
@@ -232,17 +238,19 @@ class _Flow:
                 channel.close()
         else:
             channel.abort()
-        self._finish()
+        if self.done:
+            # The channel's end had gone already: let go of both ends. The transport holds its protocol,
+            # which holds this flow, which held the transport: without this the three (and the channel)
+            # would wait for the cyclic garbage collector instead of going at once.
+            self.app = self.channel = None
+        else:
+            self.done = True
+            self.stats.active -= 1
 
     def _hold(self, item: Any) -> None:
         if self.early is None:
             self.early = []
         self.early.append(item)
-
-    def _finish(self) -> None:
-        if not self.done:
-            self.done = True
-            self.stats.active -= 1
 
 
 class _Lost:
@@ -389,6 +397,11 @@ class TcpBridge:
 
     def _open_done(self, opening: _Flow) -> None:
         self._opening.pop(opening, None)
+        if self._waiting:
+            self._admit_waiting()
+
+    def _admit_waiting(self) -> None:
+        """Start the opens of waiting SYNs, oldest first, as far as the limit allows."""
         waiting = self._waiting
         while waiting and len(self._opening) < self._max_opening:
             flow = waiting.popleft()

@@ -111,7 +111,7 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         refused: OpenRefused | None = None,
     ) -> None:  # fmt: skip
         self._conn: Any = conn
-        self._factory = factory
+        self._factory: Callable[[], Any] | None = factory  # until the confirmation
         self._on_done: OpenDone | None = on_done
         self._cancelled = False
         self._session: Any = None
@@ -163,12 +163,15 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         self._send_state = self._recv_state = _OPEN
         if self._account is not None:
             self._account.established += 1
+        # Let go of the factory: it is often the session's bound method, and a cycle through it would
+        # leave this channel and its session to the cyclic garbage collector instead of refcounting.
+        factory, self._factory = self._factory, None
         if self._cancelled:  # nobody wants this channel any more
             self._on_done = None
             self.close()
             return
         try:
-            session = self._factory()
+            session = factory()  # type: ignore[misc]  # set until now: the open is answered once
             self._session = session
             session.connection_made(self)
         except Exception as exc:  # a failing session: this channel only
@@ -238,7 +241,7 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
     def open_request(self) -> OpenRequest:
         """The arguments of this channel's open, with the caller's `on_done` (for a retry elsewhere)."""
         host, port, orig_host, orig_port = self._peers
-        assert self._on_done is not None, "the open was already answered"
+        assert self._on_done is not None and self._factory is not None, "the open was already answered"
         on_done, window, max_pktsize = self._on_done, self._init_window, self._max_pktsize
         return OpenRequest(self._factory, host, port, orig_host, orig_port, on_done, window, max_pktsize)
 
