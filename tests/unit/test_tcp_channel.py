@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from typing import Any
 
 import asyncssh
 import pytest
 from asyncssh.constants import MSG_CHANNEL_OPEN
-from asyncssh.packet import String, UInt32
+from asyncssh.packet import SSHPacket, String, UInt32
 
 from tests.unit.test_asyncssh_channel_tuning import Recorder, lab
 from tests.unit.test_tcp_channel_flow import RecordingConn
@@ -309,3 +310,30 @@ def test_the_open_request_is_the_bytes_asyncssh_sends() -> None:
         )
     )  # fmt: skip
     assert asyncio.run(scenario()) == [(MSG_CHANNEL_OPEN, expected)]
+
+
+def test_the_channel_lets_go_of_its_session_factory_once_confirmed() -> None:
+    """The factory is often the session's bound method: kept, it would tie channel and session in a cycle
+    that only the cyclic garbage collector frees, once per connection."""
+
+    class Session:
+        def connection_made(self, chan: Any) -> None:
+            pass
+
+    class Factory:
+        def __call__(self) -> Session:
+            return Session()
+
+    async def scenario() -> tuple[int, int, int]:
+        factory = Factory()
+        before = sys.getrefcount(factory)
+        chan = open_tcp_channel(
+            RecordingConn(), factory, "192.0.2.1", 80, "", 0, lambda *a: None,  # type: ignore[arg-type]
+            window=WINDOW, max_pktsize=PKT,
+        )  # fmt: skip
+        opening = sys.getrefcount(factory)
+        chan.process_open_confirmation(99, 100, 40, SSHPacket(b""))
+        return before, opening, sys.getrefcount(factory)
+
+    before, opening, after = asyncio.run(scenario())
+    assert opening == before + 1 and after == before
