@@ -117,11 +117,22 @@ class FakeTun:
 
 
 class _FakeTransport:
+    def __init__(self) -> None:
+        self.closed = False
+
     def write(self, data: bytes) -> None:
         pass
 
     def write_eof(self) -> None:
         pass
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
 
 
 async def settle() -> None:

@@ -9,7 +9,8 @@ import asyncio
 import asyncssh
 import pytest
 
-from x2ssh.ssh.pool import BUSY, ConnectionPool, is_capacity_refusal
+from x2ssh.ssh.pool import BUSY, ConnectionPool, PoolOpening, is_capacity_refusal
+from x2ssh.ssh.tcp_channel import OpenRequest
 
 
 class FakeSession:
@@ -21,11 +22,14 @@ class FakeSession:
 
 
 class FakeChannel:
-    def __init__(self, conn: FakeConn, session: FakeSession) -> None:
-        self.conn, self.session = conn, session
+    def __init__(self, conn: FakeConn, session: FakeSession, account) -> None:
+        self.conn, self.session, self.account = conn, session, account
 
     def close(self) -> None:
         self.conn.open -= 1
+        if self.account is not None:  # a channel takes itself off its account when it is released
+            self.account.channels -= 1
+            self.account.established -= 1
         self.session.connection_lost(None)
 
 
@@ -48,41 +52,71 @@ class FakeConn:
         await asyncio.sleep(0)  # opens interleave, as they do on a real connection
         return self.open_now(factory, port)
 
-    def open_now(self, factory, port):
+    def open_now(self, factory, port, account=None):
         if port in self.closed_ports:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "Connection refused")
         if self.open >= self.capacity:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "open failed")
         self.open += 1
         session = factory()
-        return FakeChannel(self, session), session
+        return FakeChannel(self, session, account), session
 
 
 class FakeOpening:
-    def __init__(self) -> None:
+    """tcp_channel.TcpChannel's open as the pool sees it: counted on its account while it exists, a refusal
+    offered to the `refused` hook first, `cancel()` passed on to the open that took over."""
+
+    def __init__(self, conn, factory, host, port, orig_host, orig_port, on_done, window, max_pktsize,
+                 account, refused) -> None:  # fmt: skip
+        self.conn, self.factory, self.on_done = conn, factory, on_done
+        self.request = OpenRequest(factory, host, port, orig_host, orig_port, on_done, window, max_pktsize)
+        self.account, self.refused = account, refused
         self.cancelled = False
+        self.moved = None
+        if account is not None:
+            account.channels += 1
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.moved is not None:
+            self.moved.cancel()
+
+    def open_request(self) -> OpenRequest:
+        return self.request
+
+    def answer(self) -> None:
+        account = self.account
+        try:
+            factory = FakeSession if self.cancelled else self.factory
+            chan, _ = self.conn.open_now(factory, self.request.port, account)
+        except asyncssh.ChannelOpenError as exc:
+            if account is not None:
+                account.channels -= 1
+            if self.cancelled:
+                return
+            if self.refused is not None:
+                self.moved = self.refused(self, exc)
+                if self.moved is not None:
+                    return
+            self.on_done(None, exc)
+            return
+        if account is not None:
+            account.established += 1
+        if self.cancelled:  # a channel confirmed after the cancel is closed at once
+            chan.close()
+            return
+        self.on_done(chan, None)
 
 
-def fake_opener(conn, factory, host, port, orig_host, orig_port, on_done, *, window, max_pktsize):
+def fake_opener(conn, factory, host, port, orig_host, orig_port, on_done, *, window, max_pktsize,
+                account=None, refused=None):  # fmt: skip
     """tcp_channel.open_tcp_channel on a FakeConn: the answer comes a loop turn later."""
     if conn.closed:
         raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "SSH connection closed")
-    handle = FakeOpening()
-
-    def answer() -> None:
-        if handle.cancelled:
-            return
-        try:
-            chan, _ = conn.open_now(factory, port)
-        except asyncssh.ChannelOpenError as exc:
-            on_done(None, exc)
-            return
-        on_done(chan, None)
-
-    asyncio.get_running_loop().call_soon(answer)
+    handle = FakeOpening(
+        conn, factory, host, port, orig_host, orig_port, on_done, window, max_pktsize, account, refused
+    )
+    asyncio.get_running_loop().call_soon(handle.answer)
     return handle
 
 
@@ -237,5 +271,94 @@ def test_a_closed_connection_fails_the_open_on_a_later_turn():
         with pytest.raises(asyncssh.ChannelOpenError, match="SSH connection closed"):
             await open_via("callback", pool, FakeSession, "h", 80)
         assert pool.members[0].channels == 0
+
+    asyncio.run(main())
+
+
+def test_with_room_the_channel_opens_directly_and_counts_itself():
+    async def main() -> None:
+        pool, _ = make_pool(capacity=10)
+        results = []
+        opening = pool.open_tcp_channel(
+            FakeSession, "h", 80, "", 0, lambda *a: results.append(a), window=1, max_pktsize=1
+        )
+        assert isinstance(opening, FakeOpening), "no PoolOpening while a connection has room"
+        assert pool.members[0].channels == 1 and pool.members[0].established == 0
+        await asyncio.sleep(0.01)
+        ((chan, exc),) = results
+        assert exc is None and pool.members[0].established == 1
+        chan.close()
+        assert pool.members[0].channels == 0 and pool.members[0].established == 0
+
+    asyncio.run(main())
+
+
+def test_a_capacity_refusal_on_the_direct_open_is_retried_elsewhere_and_counted():
+    async def main() -> None:
+        pool, made = make_pool(capacity=BUSY)
+        held = [await open_via("callback", pool, FakeSession, "h", 80) for _ in range(BUSY)]
+        assert len(made) == 1 and pool.capacity_refusals == 0
+        results = []
+        first = pool.open_tcp_channel(
+            FakeSession, "h", 80, "", 0, lambda *a: results.append(a), window=1, max_pktsize=1
+        )
+        assert isinstance(first, FakeOpening), "the primary still looks roomy: opened directly"
+        for _ in range(50):
+            await asyncio.sleep(0.001)
+            if results:
+                break
+        ((chan, exc),) = results
+        assert exc is None, "the app never sees a refusal for lack of room"
+        assert isinstance(first.moved, PoolOpening)
+        assert chan.conn is made[1] and len(made) == 2
+        assert pool.capacity_refusals == 1 and pool.members[0].refusals == 1
+        assert pool.members[0].bound == BUSY
+        assert [m["channels"] for m in pool.describe()] == [BUSY, 1]
+        for c, _ in [*held, (chan, None)]:
+            c.close()
+        assert [(m.channels, m.established) for m in pool.members] == [(0, 0), (0, 0)]
+
+    asyncio.run(main())
+
+
+def test_cancelling_a_direct_open_that_moved_cancels_the_retry():
+    async def main() -> None:
+        pool, made = make_pool(capacity=BUSY, max_connections=2)
+        for _ in range(BUSY):
+            await open_via("callback", pool, FakeSession, "h", 80)
+        connected = asyncio.Event()
+        release = asyncio.Event()
+
+        async def slow_connect() -> FakeConn:
+            connected.set()
+            await release.wait()
+            conn = FakeConn(BUSY)
+            made.append(conn)
+            return conn
+
+        pool._connect = slow_connect  # type: ignore[assignment]
+        results = []
+        first = pool.open_tcp_channel(
+            FakeSession, "h", 80, "", 0, lambda *a: results.append(a), window=1, max_pktsize=1
+        )
+        await asyncio.wait_for(connected.wait(), 5)  # refused, moved, and the pool is growing
+        first.cancel()
+        assert first.moved is not None
+        release.set()
+        await asyncio.sleep(0.01)
+        assert results == [], "no callback after a cancel, wherever the open had moved"
+        assert [m.channels for m in pool.members] == [BUSY]  # (growing was given up with the open)
+
+    asyncio.run(main())
+
+
+def test_a_closed_port_on_the_direct_open_is_the_callers_refusal():
+    async def main() -> None:
+        pool, made = make_pool(capacity=BUSY)
+        for _ in range(BUSY):  # busy enough that "open failed" would mean full; "Connection refused" never
+            await open_via("callback", pool, FakeSession, "h", 80)
+        with pytest.raises(asyncssh.ChannelOpenError, match="Connection refused"):
+            await open_via("callback", pool, FakeSession, "h", 1)
+        assert len(made) == 1 and pool.capacity_refusals == 0 and pool.members[0].channels == BUSY
 
     asyncio.run(main())

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from typing import Any
 
 import asyncssh
 import pytest
+from asyncssh.constants import MSG_CHANNEL_OPEN
+from asyncssh.packet import SSHPacket, String, UInt32
 
 from tests.unit.test_asyncssh_channel_tuning import Recorder, lab
+from tests.unit.test_tcp_channel_flow import RecordingConn
 from x2ssh.ssh.tcp_channel import TcpChannel, open_tcp_channel
 
 WINDOW = 2 * 1024 * 1024
@@ -199,3 +203,137 @@ def test_a_failing_callback_is_reported_and_the_connection_lives_on() -> None:
     reported, still_works = _run(scenario)
     assert reported == ["channel open callback failed"]
     assert still_works[1:] == ["eof", ("lost", None)]
+
+
+# -- what a pool uses: counting on an account, a refusal offered to a hook ---------------------------------
+
+
+class Account:
+    def __init__(self) -> None:
+        self.channels = 0
+        self.established = 0
+
+
+class Moved:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_the_channel_counts_itself_on_its_account() -> None:
+    async def scenario(lab_: dict[str, Any]) -> list[tuple[int, int]]:
+        conn, account, seen = lab_["conn"], Account(), []
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        session = Recorder()
+        open_tcp_channel(
+            conn, lambda: session, "127.0.0.1", lab_["echo"], "", 0, lambda c, e: done.set_result((c, e)),
+            window=WINDOW, max_pktsize=PKT, account=account,
+        )  # fmt: skip
+        seen.append((account.channels, account.established))  # created: opening
+        chan, exc = await asyncio.wait_for(done, 10)
+        assert exc is None
+        seen.append((account.channels, account.established))  # confirmed: open
+        chan.write(b"x")
+        chan.write_eof()
+        await asyncio.wait_for(session.closed, 10)
+        seen.append((account.channels, account.established))  # released
+        refused: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        open_tcp_channel(
+            conn, Recorder, "127.0.0.1", lab_["closed"], "", 0, lambda c, e: refused.set_result(e),
+            window=WINDOW, max_pktsize=PKT, account=account,
+        )  # fmt: skip
+        seen.append((account.channels, account.established))
+        assert isinstance(await asyncio.wait_for(refused, 10), asyncssh.ChannelOpenError)
+        seen.append((account.channels, account.established))  # refused: never established, released
+        return seen
+
+    assert _run(scenario) == [(1, 0), (1, 1), (0, 0), (1, 0), (0, 0)]
+
+
+def test_a_refusal_taken_over_by_the_hook_is_not_reported_and_cancel_follows_it() -> None:
+    async def scenario(lab_: dict[str, Any]) -> tuple[list[Any], list[Any], bool]:
+        conn, calls, offered = lab_["conn"], [], []
+        moved = Moved()
+        hooked = asyncio.get_running_loop().create_future()
+
+        def refused(chan: TcpChannel, exc: asyncssh.ChannelOpenError) -> Moved:
+            offered.append((chan.open_request(), exc.reason))
+            hooked.set_result(None)
+            return moved
+
+        factory = Recorder
+        chan = open_tcp_channel(
+            conn, factory, "127.0.0.1", lab_["closed"], "10.0.0.1", 4444, lambda *a: calls.append(a),
+            window=WINDOW, max_pktsize=PKT, refused=refused,
+        )  # fmt: skip
+        await asyncio.wait_for(hooked, 10)
+        await asyncio.sleep(0.01)
+        chan.cancel()
+        return calls, offered, moved.cancelled
+
+    calls, offered, cancelled = _run(scenario)
+    assert calls == [], "the open that took over answers the caller"
+    ((request, _reason),) = offered
+    assert request[:5] == (Recorder, "127.0.0.1", request.port, "10.0.0.1", 4444)
+    assert (request.window, request.max_pktsize) == (WINDOW, PKT) and callable(request.on_done)
+    assert cancelled
+
+
+def test_a_refusal_the_hook_declines_reaches_the_caller() -> None:
+    async def scenario(lab_: dict[str, Any]) -> list[Any]:
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        open_tcp_channel(
+            lab_["conn"], Recorder, "127.0.0.1", lab_["closed"], "", 0, lambda c, e: done.set_result((c, e)),
+            window=WINDOW, max_pktsize=PKT, refused=lambda chan, exc: None,
+        )  # fmt: skip
+        return list(await asyncio.wait_for(done, 10))
+
+    chan, exc = _run(scenario)
+    assert chan is None and isinstance(exc, asyncssh.ChannelOpenError)
+
+
+def test_the_open_request_is_the_bytes_asyncssh_sends() -> None:
+    async def scenario() -> list[tuple[int, bytes]]:
+        conn = RecordingConn()
+        open_tcp_channel(
+            conn, Recorder, "bücher.example", 443, "fd00::2", 51234, lambda *a: None,  # type: ignore[arg-type]
+            window=WINDOW, max_pktsize=PKT,
+        )  # fmt: skip
+        return conn.sent
+
+    expected = b"".join(
+        (
+            String(b"direct-tcpip"), UInt32(7), UInt32(WINDOW), UInt32(PKT), String("bücher.example"),
+            UInt32(443), String("fd00::2"), UInt32(51234),
+        )
+    )  # fmt: skip
+    assert asyncio.run(scenario()) == [(MSG_CHANNEL_OPEN, expected)]
+
+
+def test_the_channel_lets_go_of_its_session_factory_once_confirmed() -> None:
+    """The factory is often the session's bound method: kept, it would tie channel and session in a cycle
+    that only the cyclic garbage collector frees, once per connection."""
+
+    class Session:
+        def connection_made(self, chan: Any) -> None:
+            pass
+
+    class Factory:
+        def __call__(self) -> Session:
+            return Session()
+
+    async def scenario() -> tuple[int, int, int]:
+        factory = Factory()
+        before = sys.getrefcount(factory)
+        chan = open_tcp_channel(
+            RecordingConn(), factory, "192.0.2.1", 80, "", 0, lambda *a: None,  # type: ignore[arg-type]
+            window=WINDOW, max_pktsize=PKT,
+        )  # fmt: skip
+        opening = sys.getrefcount(factory)
+        chan.process_open_confirmation(99, 100, 40, SSHPacket(b""))
+        return before, opening, sys.getrefcount(factory)
+
+    before, opening, after = asyncio.run(scenario())
+    assert opening == before + 1 and after == before

@@ -219,6 +219,8 @@ class RecordingConn:
         self._channels[7] = chan
         return 7
 
+    _max_recv_pktlen = 0
+
     def _update_recv_pktlen(self, size: int) -> None:
         pass
 

@@ -9,6 +9,11 @@ cannot even create the socket (EMFILE), unlike "Connection refused" for a closed
 busy connection teaches the pool that connection's real capacity and the channel is retried elsewhere, so
 the application never sees it; a refusal on an idle connection is a real one and reaches the application.
 
+The usual case costs one pick and the channel itself: the channel counts itself on its connection (see
+`tcp_channel.ChannelAccount`) and a refusal goes to the pool's hook, which starts a `PoolOpening` (the
+retry elsewhere, or growing the pool) only when the refusal says the connection is full. Only then is
+there an object of the pool's per flow, and a task only while a connection is being opened.
+
 The first connection (the session's, which also carries the agent) is set and replaced by the session as it
 reconnects; the extra ones are opened on demand and dropped when they close, to be opened again on demand.
 Refusals are counted and logged, never silent.
@@ -25,7 +30,7 @@ from typing import Any
 
 import asyncssh
 
-from x2ssh.ssh.tcp_channel import OpenDone, open_tcp_channel
+from x2ssh.ssh.tcp_channel import Cancellable, OpenDone, TcpChannel, open_tcp_channel
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +56,13 @@ def is_capacity_refusal(exc: asyncssh.ChannelOpenError, channels: int) -> bool:
 
 @dataclass(eq=False)
 class PoolMember:
-    """One SSH connection of the pool and what the pool knows about it."""
+    """One SSH connection of the pool and what the pool knows about it (its channels count themselves)."""
 
     conn: asyncssh.SSHClientConnection
     label: str
     bound: int
     channels: int = 0  # open, or being opened
-    established: int = 0
+    established: int = 0  # open
     refusals: int = 0
     opened_at: float = field(default_factory=time.monotonic)
 
@@ -85,6 +90,7 @@ class ConnectionPool:
         self.connections_opened = 0
         self._growing: asyncio.Lock | None = None
         self._serial = 0
+        self._on_refused = self._refused  # one bound method for every channel, not one per flow
 
     # -- the session's side --
 
@@ -162,15 +168,48 @@ class ConnectionPool:
         *,
         window: int,
         max_pktsize: int,
-    ) -> PoolOpening:
+    ) -> Cancellable:
         """`create_connection` by callback (see `tcp_channel.open_tcp_channel`): no task while a connection
-        has room; `on_done(channel, None)` or `on_done(None, exc)` follows, never from within this call."""
+        has room; `on_done(channel, None)` or `on_done(None, exc)` follows, never from within this call.
+        Returns the open in flight (`cancel()`: no callback follows).
+
+        With room on a connection the channel opens there directly (nothing else per flow); a capacity
+        refusal reaches `_refused`, which moves the open to another connection."""
+        member = self._pick(None)
+        if member is not None:
+            try:
+                opened: Cancellable = self._opener(
+                    member.conn, session_factory, host, port, orig_host, orig_port, on_done,
+                    window=window, max_pktsize=max_pktsize, account=member, refused=self._on_refused,
+                )  # fmt: skip
+                return opened
+            except Exception:  # the connection closed under us: the open below reports it on a later turn
+                pass
         opening = PoolOpening(self, session_factory, (host, port, orig_host, orig_port), on_done)
         opening.window, opening.max_pktsize = window, max_pktsize
         opening.start()
         return opening
 
-    def _pick(self, tried: set[int]) -> PoolMember | None:
+    def _refused(self, chan: TcpChannel, exc: asyncssh.ChannelOpenError) -> PoolOpening | None:
+        """A channel opened directly was refused: a capacity refusal moves its open to another connection
+        (the channel then leaves the caller to the `PoolOpening` returned); any other refusal is the
+        caller's (None)."""
+        member = chan.account
+        assert isinstance(member, PoolMember)
+        if not is_capacity_refusal(exc, member.channels + 1):  # (the channel has already taken itself off)
+            return None
+        self._learn_full(member, exc)
+        request = chan.open_request()
+        opening = PoolOpening(
+            self, request.session_factory, (request.host, request.port, request.orig_host, request.orig_port),
+            request.on_done,
+        )  # fmt: skip
+        opening.window, opening.max_pktsize = request.window, request.max_pktsize
+        opening._tried.add(id(member))
+        opening.start()
+        return opening
+
+    def _pick(self, tried: set[int] | None) -> PoolMember | None:
         """The member with room and the fewest channels, not in `tried` (called for every new flow)."""
         best: PoolMember | None = None
         for member in self.members:
@@ -220,31 +259,17 @@ class ConnectionPool:
             return member
 
 
-class _CountedLoss:
-    """A session's `connection_lost`, wrapped so that its pool member counts the channel as gone."""
-
-    __slots__ = ("lost", "member")
-
-    def __init__(self, member: PoolMember, lost: Callable[[Exception | None], None]) -> None:
-        self.member = member
-        self.lost = lost
-
-    def __call__(self, exc: Exception | None) -> None:
-        self.member.channels -= 1
-        self.member.established -= 1
-        self.lost(exc)
-
-
 class PoolOpening:
-    """One channel open through the pool, by callback: the same choices as `create_connection` makes.
+    """One channel open through the pool that needs more than one try, by callback.
 
-    Tries the connection with the fewest channels that has room; a capacity refusal teaches the pool and
-    the open moves to another connection; only growing the pool (connecting) runs in a task.
+    Used when no connection has room (the pool grows first) and after a capacity refusal: tries the
+    connection with the fewest channels that has room and is not `tried` yet; a capacity refusal teaches
+    the pool and the open moves on; only growing the pool (connecting) runs in a task.
     """
 
     __slots__ = (
-        "_args", "_factory", "_inflight", "_inner", "_made", "_member", "_on_done", "_pool", "_state",
-        "_task", "_tried", "max_pktsize", "window",
+        "_args", "_factory", "_inner", "_member", "_on_done", "_pool", "_state", "_task", "_tried",
+        "max_pktsize", "window",
     )  # fmt: skip
 
     def __init__(
@@ -256,10 +281,8 @@ class PoolOpening:
         self._on_done = on_done
         self._tried: set[int] = set()
         self._member: PoolMember | None = None
-        self._inner: Any = None
+        self._inner: Any = None  # the channel open in flight
         self._task: asyncio.Task[None] | None = None
-        self._inflight = False
-        self._made = False
         self._state = 0  # 0: opening, 1: done, 2: cancelled
         self.window = 0
         self.max_pktsize = 0
@@ -276,11 +299,9 @@ class PoolOpening:
         if self._state:
             return
         self._state = 2
-        if self._inflight:
-            self._inflight = False
-            if not self._made and self._member is not None:
-                self._member.channels -= 1
+        if self._inner is not None:  # (it stays counted on its connection until the server answers)
             self._inner.cancel()
+            self._inner = None
         if self._task is not None:
             self._task.cancel()
 
@@ -301,38 +322,22 @@ class PoolOpening:
 
     def _try(self, member: PoolMember) -> None:
         self._member = member
-        self._made = False
-        member.channels += 1
         try:
             self._inner = self._pool._opener(
-                member.conn, self._session, *self._args, self._done,
-                window=self.window, max_pktsize=self.max_pktsize,
+                member.conn, self._factory, *self._args, self._done,
+                window=self.window, max_pktsize=self.max_pktsize, account=member,
             )  # fmt: skip
         except Exception as exc:  # the connection closed under us: asyncssh refuses at once
-            member.channels -= 1
             asyncio.get_running_loop().call_soon(self._retry_or_fail, member, exc)
-            return
-        self._inflight = True
-
-    def _session(self) -> Any:
-        member = self._member
-        assert member is not None
-        self._made = True
-        member.established += 1
-        session = self._factory()
-        session.connection_lost = _CountedLoss(member, session.connection_lost)
-        return session
 
     def _done(self, chan: Any, exc: BaseException | None) -> None:
-        self._inflight = False
+        self._inner = None
         member = self._member
         assert member is not None
         if exc is None:
             self._state = 1
             self._on_done(chan, None)
             return
-        if not self._made:
-            member.channels -= 1
         self._retry_or_fail(member, exc)
 
     def _retry_or_fail(self, member: PoolMember, exc: BaseException) -> None:

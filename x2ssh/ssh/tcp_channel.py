@@ -14,6 +14,11 @@ the same channel protocol (RFC 4254 §5, the same packets asyncssh sends) with o
 - the session interface of `asyncssh.SSHTCPSession` (`connection_made`, `data_received(data, None)`,
   `eof_received`, `connection_lost`, `pause_writing`, `resume_writing`), so sessions work unchanged.
 
+A pool counts its channels through the channel itself: given an `account` (its connection's counters),
+the channel adds itself when it is created and when it is confirmed and takes itself off when it is
+released, so no wrapper per flow is needed. A `refused` hook may take a refused open over (the pool
+retries it on another connection); the caller's `on_done` then comes from there, and `cancel()` follows.
+
 The connection routes packets to it as to any channel (it sits in the connection's channel table, and
 asyncssh calls `process_packet`, `process_open_confirmation`, `process_open_failure` and
 `process_connection_close` on it). With the AES-GCM fast path of `x2ssh.ssh.tuning`, a DATA packet's
@@ -25,9 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import asyncssh
 from asyncssh.constants import (
@@ -49,9 +55,41 @@ from x2ssh.ssh import tuning
 log = logging.getLogger(__name__)
 
 OpenDone = Callable[[Any, BaseException | None], None]
+
+
+class ChannelAccount(Protocol):
+    """Counters a channel keeps up to date itself (a pool member's): no wrapper per channel."""
+
+    channels: int  # opening or open: added when the channel is created, taken off when it is released
+    established: int  # open: added on the confirmation, taken off when the channel is released
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class OpenRequest(NamedTuple):
+    """What a channel was opened with: enough to open the same channel elsewhere."""
+
+    session_factory: Callable[[], Any]
+    host: str
+    port: int
+    orig_host: str
+    orig_port: int
+    on_done: OpenDone
+    window: int
+    max_pktsize: int
+
+
+# Called on a refused open (inside the packet handling): returns the open that takes over, or None.
+OpenRefused = Callable[["TcpChannel", asyncssh.ChannelOpenError], Cancellable | None]
+
 HIGH_WATER = 64 * 1024  # asyncssh's default write buffer limits
 LOW_WATER = HIGH_WATER // 4
 _DIRECT_TCPIP = String(b"direct-tcpip")
+_OPEN_HEAD = struct.Struct(">IIII").pack  # our channel, window, packet size, host length
+_PORT_AND_LEN = struct.Struct(">II").pack  # the port, the originator's length
+_PORT = struct.Struct(">I").pack
 
 # Send and receive states (asyncssh's names): a channel is "opening" until the server answers.
 _OPENING, _OPEN, _EOF_PENDING, _EOF, _CLOSE_PENDING, _CLOSED = range(6)
@@ -61,22 +99,26 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
     """One `direct-tcpip` channel; also the handle of its open in flight (`cancel()`)."""
 
     __slots__ = (
-        "_cancelled", "_conn", "_extra", "_factory", "_init_window", "_max_pktsize", "_on_done",
-        "_recv_buf", "_recv_chan", "_recv_paused", "_recv_state", "_recv_window", "_send_buf",
-        "_send_buf_len", "_send_chan", "_send_paused", "_send_pktsize", "_send_state", "_send_window",
-        "_session",
+        "_account", "_cancelled", "_conn", "_factory", "_init_window", "_max_pktsize", "_moved",
+        "_on_done", "_peers", "_recv_buf", "_recv_chan", "_recv_paused", "_recv_state", "_recv_window",
+        "_refused", "_send_buf", "_send_buf_len", "_send_chan", "_send_paused", "_send_pktsize",
+        "_send_state", "_send_window", "_session",
     )  # fmt: skip
 
     def __init__(
         self, conn: asyncssh.SSHClientConnection, factory: Callable[[], Any], on_done: OpenDone,
-        window: int, max_pktsize: int,
+        window: int, max_pktsize: int, account: ChannelAccount | None = None,
+        refused: OpenRefused | None = None,
     ) -> None:  # fmt: skip
         self._conn: Any = conn
-        self._factory = factory
+        self._factory: Callable[[], Any] | None = factory  # until the confirmation
         self._on_done: OpenDone | None = on_done
         self._cancelled = False
         self._session: Any = None
-        self._extra: dict[str, Any] = {}
+        self._peers: tuple[str, int, str, int] = ("", 0, "", 0)  # host, port, orig_host, orig_port
+        self._account = account
+        self._refused = refused
+        self._moved: Cancellable | None = None  # the open that took over after a refusal
         self._send_state = _OPENING
         self._send_chan = 0
         self._send_window = 0
@@ -90,8 +132,11 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         self._recv_paused = False
         self._recv_buf: deque[bytes | None] = deque()  # None: the EOF, after the bytes before it
         self._max_pktsize = max_pktsize
-        conn._update_recv_pktlen(max_pktsize)
+        if conn._max_recv_pktlen < max_pktsize + 1024:  # (the same test as asyncssh's, without the call)
+            conn._update_recv_pktlen(max_pktsize)
         self._recv_chan: int | None = conn.add_channel(self)  # type: ignore[arg-type]  # any packet handler
+        if account is not None:
+            account.channels += 1
 
     # -- what asyncssh's connection and logging use --
 
@@ -116,12 +161,17 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         self._send_window = send_window
         self._send_pktsize = send_pktsize
         self._send_state = self._recv_state = _OPEN
+        if self._account is not None:
+            self._account.established += 1
+        # Let go of the factory: it is often the session's bound method, and a cycle through it would
+        # leave this channel and its session to the cyclic garbage collector instead of refcounting.
+        factory, self._factory = self._factory, None
         if self._cancelled:  # nobody wants this channel any more
             self._on_done = None
             self.close()
             return
         try:
-            session = self._factory()
+            session = factory()  # type: ignore[misc]  # set until now: the open is answered once
             self._session = session
             session.connection_made(self)
         except Exception as exc:  # a failing session: this channel only
@@ -136,8 +186,20 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
             raise ProtocolError("Channel not being opened")
         self._send_state = self._recv_state = _CLOSED
         self._release()
-        if not self._cancelled:
-            self._report(None, asyncssh.ChannelOpenError(code, reason, lang))
+        if self._cancelled:
+            return
+        exc = asyncssh.ChannelOpenError(code, reason, lang)
+        if self._refused is not None:
+            try:
+                self._moved = self._refused(self, exc)
+            except Exception as err:  # as `_report`: this channel only, never the SSH connection
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "channel refusal hook failed", "exception": err, "channel": self}
+                )
+            if self._moved is not None:
+                self._on_done = None  # the open that took over answers the caller
+                return
+        self._report(None, exc)
 
     def process_connection_close(self, exc: Exception | None) -> None:
         opening = self._send_state == _OPENING
@@ -157,16 +219,31 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
 
     def start_open(self, host: str, port: int, orig_host: str, orig_port: int) -> None:
         """Send CHANNEL_OPEN direct-tcpip; the outcome reaches `on_done`."""
-        self._extra = {"local_peername": (orig_host, orig_port), "remote_peername": (host, port)}
+        self._peers = (host, port, orig_host, orig_port)
+        to, by = host.encode(), orig_host.encode()  # what asyncssh's String() does, packed in three calls
         self._conn.send_packet(
-            MSG_CHANNEL_OPEN, _DIRECT_TCPIP, UInt32(self._recv_chan), UInt32(self._init_window),  # type: ignore[arg-type]
-            UInt32(self._max_pktsize), String(host), UInt32(port), String(orig_host),
-            UInt32(orig_port), handler=self,
+            MSG_CHANNEL_OPEN, _DIRECT_TCPIP,
+            _OPEN_HEAD(self._recv_chan, self._init_window, self._max_pktsize, len(to)), to,
+            _PORT_AND_LEN(port, len(by)), by, _PORT(orig_port), handler=self,
         )  # fmt: skip
 
     def cancel(self) -> None:
         """Give up on the open: no `on_done` any more; a confirmation that still comes closes the channel."""
         self._cancelled = True
+        if self._moved is not None:
+            self._moved.cancel()
+
+    @property
+    def account(self) -> ChannelAccount | None:
+        """The counters this channel keeps (None: uncounted)."""
+        return self._account
+
+    def open_request(self) -> OpenRequest:
+        """The arguments of this channel's open, with the caller's `on_done` (for a retry elsewhere)."""
+        host, port, orig_host, orig_port = self._peers
+        assert self._on_done is not None and self._factory is not None, "the open was already answered"
+        on_done, window, max_pktsize = self._on_done, self._init_window, self._max_pktsize
+        return OpenRequest(self._factory, host, port, orig_host, orig_port, on_done, window, max_pktsize)
 
     def _report(self, chan: TcpChannel | None, exc: BaseException | None) -> None:
         # Runs inside asyncssh's packet handling: an error here must not end the SSH connection.
@@ -184,8 +261,10 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """`local_peername`, `remote_peername`, else the connection's extra info."""
-        if name in self._extra:
-            return self._extra[name]
+        if name == "local_peername":
+            return self._peers[2:]
+        if name == "remote_peername":
+            return self._peers[:2]
         if name == "connection":
             return self._conn
         return self._conn.get_extra_info(name, default) if self._conn is not None else default
@@ -388,18 +467,24 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
     def _finish(self, exc: Exception | None) -> None:
         """Both sides are closed (or the connection is gone): tell the session once, leave the table."""
         session, self._session = self._session, None
-        self._release()
+        self._release(established=True)
         if session is not None:
             try:
                 session.connection_lost(exc)
             except Exception:
                 log.debug("channel session's connection_lost failed", exc_info=True)
 
-    def _release(self) -> None:
+    def _release(self, established: bool = False) -> None:
+        """Leave the connection's channel table (once); `established`: the open had been confirmed."""
         conn, recv_chan = self._conn, self._recv_chan
         if conn is not None and recv_chan is not None:
             self._recv_chan = None
             conn._channels.pop(recv_chan, None)
+            account = self._account
+            if account is not None:
+                account.channels -= 1
+                if established:
+                    account.established -= 1
 
 
 _HANDLERS: dict[int, Callable[[TcpChannel, SSHPacket], None]] = {
@@ -425,6 +510,8 @@ def open_tcp_channel(
     *,
     window: int,
     max_pktsize: int,
+    account: ChannelAccount | None = None,
+    refused: OpenRefused | None = None,
 ) -> TcpChannel:
     """Open a `direct-tcpip` channel to `host`:`port` on `conn`, by callback.
 
@@ -432,7 +519,11 @@ def open_tcp_channel(
     `on_done(channel, None)` follows; on refusal or a lost connection `on_done(None, exc)` with asyncssh's
     `ChannelOpenError`. `on_done` is never called from within this call. Raises `ChannelOpenError` at once
     when the connection is already closed (as asyncssh's `create_connection` does).
+
+    `account` (optional) counts the channel while it exists (see `ChannelAccount`). `refused` (optional)
+    is offered a refusal first: when it returns an open that takes over, `on_done` comes from that open
+    and the channel's `cancel()` cancels it.
     """
-    chan = TcpChannel(conn, session_factory, on_done, window, max_pktsize)
+    chan = TcpChannel(conn, session_factory, on_done, window, max_pktsize, account, refused)
     chan.start_open(host, port, orig_host, orig_port)
     return chan
