@@ -49,6 +49,7 @@ from x2ssh.frontends.socks_protocol import (
     AddressType,
     Command,
     Credentials,
+    Flavor,
     ProtocolError,
     Reply,
     Request,
@@ -76,6 +77,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_ADDRESSES_TRIED = 4  # of a resolved name, in the resolver's order
+
+
+_REQUEST_KEYS: dict[tuple[Flavor, Command], str] = {}
+
+
+def _request_key(request: Request) -> str:
+    """The stats key of a request, e.g. "socks5 CONNECT" (made once per kind: enum names are slow)."""
+    kind = (request.flavor, request.command)
+    key = _REQUEST_KEYS.get(kind)
+    if key is None:
+        key = _REQUEST_KEYS[kind] = f"{request.flavor.value} {request.command.name}"
+    return key
 
 
 class ProxyBindRefused(UsageError):
@@ -376,7 +389,7 @@ class _Client(asyncio.Protocol):
                            lambda chan, exc: self._opened(request, chan, exc))  # fmt: skip
         if opening is None:
             return False
-        self.stats.requests[f"{request.flavor.value} {request.command.name}"] += 1
+        self.stats.requests[_request_key(request)] += 1
         self._opening = opening
         self._request = request
         assert self.server.opens is not None
@@ -409,7 +422,7 @@ class _Client(asyncio.Protocol):
             self._answer(reply_for_error(TimeoutError()), request)
 
     async def _serve(self, request: Request) -> None:
-        self.stats.requests[f"{request.flavor.value} {request.command.name}"] += 1
+        self.stats.requests[_request_key(request)] += 1
         try:
             if request.command is Command.CONNECT:
                 await self._connect(request)

@@ -41,6 +41,7 @@ DEFER_ACCEPT_SECONDS = 5  # TCP_DEFER_ACCEPT: the kernel queues a silent client 
 _IOV_MAX = 1024
 _writev = getattr(os, "writev", None)
 _TRY_AGAIN = (BlockingIOError, InterruptedError)
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
@@ -375,7 +376,11 @@ class StreamListener:
         self._factory = factory
         self._serving = False
         self._retry: asyncio.TimerHandle | None = None
-        self._deferred = {sock.fileno(): defer_accept and _defer_accept(sock) for sock in socks}
+        # Per listening socket, known once: whether it is TCP (TCP_NODELAY) and accepts deferred.
+        self._kinds = {
+            sock.fileno(): (sock.family in _TCP_FAMILIES, defer_accept and _defer_accept(sock))
+            for sock in socks
+        }
 
     def start(self) -> None:
         """Begin accepting."""
@@ -397,7 +402,7 @@ class StreamListener:
         self.sockets = []
 
     def _accept_ready(self, listener: socket.socket) -> None:
-        deferred = self._deferred.get(listener.fileno(), False)
+        tcp, deferred = self._kinds.get(listener.fileno(), (False, False))
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = listener.accept()
@@ -413,13 +418,13 @@ class StreamListener:
                     self._pause_accepting()
                     return
                 raise
-            self._serve(sock, peer, deferred)
+            self._serve(sock, peer, tcp, deferred)
 
-    def _serve(self, sock: socket.socket, peer: Any, deferred: bool) -> None:
+    def _serve(self, sock: socket.socket, peer: Any, tcp: bool, deferred: bool) -> None:
         first = b""
         try:
             sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
+            if tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if deferred:  # the kernel accepted it because bytes are there: read them without a loop turn
                 with contextlib.suppress(*_TRY_AGAIN):
