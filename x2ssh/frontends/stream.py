@@ -11,9 +11,10 @@ socket first and the rest is buffered (write-buffer limits call the protocol's p
 `writelines` is one `writev`, `write_eof` after the buffer, `close` after the buffer, `abort` at once,
 `connection_lost` once, in a later turn. Two differences, both invisible to a protocol: pausing reading is
 lazy (the reader stays registered until data actually comes while paused, so a pause/resume around a
-channel open costs no epoll change when the client sends nothing meanwhile), and with `TCP_DEFER_ACCEPT`
-(Linux) the socket is accepted when the client's first bytes are there, so they are read right away instead
-of one epoll round later.
+channel open costs no epoll change when the client sends nothing meanwhile), and the peer's address comes
+from accept() instead of a getpeername call. (TCP_DEFER_ACCEPT, so that the first bytes could be read with
+the accept, was measured: no gain in CPU per connection, and a silent client would go unseen by the client
+limit; not used.)
 
 Only for loops with `add_reader` on sockets (`supports_streams`); elsewhere (Windows' proactor loop, other
 loops) the caller uses `loop.create_server`.
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import errno
 import logging
 import os
@@ -37,7 +37,6 @@ MAX_READ = 256 * 1024  # as asyncio's socket transport
 ACCEPT_BATCH = 128  # sockets accepted per readiness event, so one busy port cannot starve the loop
 ACCEPT_RETRY_DELAY = 1.0  # after EMFILE and friends, as asyncio
 BACKLOG = 128  # as OpenSSH's forwarded ports
-DEFER_ACCEPT_SECONDS = 5  # TCP_DEFER_ACCEPT: the kernel queues a silent client after this anyway
 _IOV_MAX = 1024
 _writev = getattr(os, "writev", None)
 _TRY_AGAIN = (BlockingIOError, InterruptedError)
@@ -82,21 +81,14 @@ class SocketStream(asyncio.Transport):
 
     # -- start --
 
-    def start(self, first: bytes = b"") -> None:
-        """Tell the protocol (connection_made, now), register for reading and hand over `first` (bytes
-        already read from the socket)."""
+    def start(self) -> None:
+        """Tell the protocol (connection_made, now) and register for reading."""
         try:
             self._protocol.connection_made(self)
         except Exception as exc:
             self._fatal(exc, "connection_made")
             return
-        if self._closing:
-            return
-        if first:
-            self._deliver(first)
-            if self._closing:
-                return
-        if not self._reading_paused:
+        if not self._closing and not self._reading_paused:
             self._add_reader()
 
     # -- reading --
@@ -369,18 +361,13 @@ class StreamListener:
         loop: asyncio.AbstractEventLoop,
         socks: list[socket.socket],
         factory: ProtocolFactory,
-        defer_accept: bool = False,
     ) -> None:
         self._loop = loop
         self.sockets = socks
         self._factory = factory
         self._serving = False
         self._retry: asyncio.TimerHandle | None = None
-        # Per listening socket, known once: whether it is TCP (TCP_NODELAY) and accepts deferred.
-        self._kinds = {
-            sock.fileno(): (sock.family in _TCP_FAMILIES, defer_accept and _defer_accept(sock))
-            for sock in socks
-        }
+        self._tcp = {sock.fileno(): sock.family in _TCP_FAMILIES for sock in socks}  # TCP_NODELAY or not
 
     def start(self) -> None:
         """Begin accepting."""
@@ -402,7 +389,7 @@ class StreamListener:
         self.sockets = []
 
     def _accept_ready(self, listener: socket.socket) -> None:
-        tcp, deferred = self._kinds.get(listener.fileno(), (False, False))
+        tcp = self._tcp.get(listener.fileno(), False)
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, peer = listener.accept()
@@ -418,17 +405,13 @@ class StreamListener:
                     self._pause_accepting()
                     return
                 raise
-            self._serve(sock, peer, tcp, deferred)
+            self._serve(sock, peer, tcp)
 
-    def _serve(self, sock: socket.socket, peer: Any, tcp: bool, deferred: bool) -> None:
-        first = b""
+    def _serve(self, sock: socket.socket, peer: Any, tcp: bool) -> None:
         try:
             sock.setblocking(False)
             if tcp:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if deferred:  # the kernel accepted it because bytes are there: read them without a loop turn
-                with contextlib.suppress(*_TRY_AGAIN):
-                    first = sock.recv(MAX_READ)
         except OSError as exc:
             log.debug("proxy: accepted socket from %s failed at once: %s", peer, exc)
             sock.close()
@@ -439,7 +422,7 @@ class StreamListener:
             log.exception("proxy: protocol factory failed")
             sock.close()
             return
-        SocketStream(self._loop, sock, protocol, peer).start(first)
+        SocketStream(self._loop, sock, protocol, peer).start()
 
     def _pause_accepting(self) -> None:
         for sock in self.sockets:
@@ -451,19 +434,6 @@ class StreamListener:
         if self._serving:
             for sock in self.sockets:
                 self._loop.add_reader(sock.fileno(), self._accept_ready, sock)
-
-
-def _defer_accept(sock: socket.socket) -> bool:
-    """Ask the kernel to accept only once the client's first bytes came (Linux; SOCKS and HTTP clients
-    always speak first). False where that is not available."""
-    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
-    if option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS)
-    except OSError:
-        return False
-    return True
 
 
 def listen(host: str | None, port: int, backlog: int = BACKLOG) -> list[socket.socket]:
