@@ -142,11 +142,12 @@ class SocksServer:
         # One loop timer each for all clients' handshake and channel-open timeouts (set in start()).
         self.handshakes: Deadlines | None = None
         self.opens: Deadlines | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop it serves on (set in start())
 
     async def start(self) -> None:
         """Check the bind address (`ProxyBindRefused`), then listen. OSError if the port is taken."""
         check_bind(self.host, self.credentials, self.allow_lan)
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         self.handshakes = Deadlines(loop, self.settings.handshake_timeout, _Client.too_slow)
         self.opens = Deadlines(loop, self.settings.open_timeout, _Client.open_too_slow)
         if self.lean and supports_streams(loop):
@@ -246,7 +247,7 @@ class _Client(asyncio.Protocol):
         self._channel_eof = False  # the channel's EOF came: the server sends nothing more
         self._request: Request | None = None  # the request whose channel is opening by callback
         self._held = b""  # the method selection, held to go out with the reply (greeting+request in one read)
-        self._loop = asyncio.get_running_loop()  # once: on Python 3.11 each call costs a getpid()
+        self._loop = server.loop or asyncio.get_running_loop()  # once: on 3.11 each call costs a getpid()
         self._task: asyncio.Task[None] | None = None
         self._opening: Any = None  # a CONNECT to an address opening by callback (no task)
 
