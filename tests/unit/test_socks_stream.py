@@ -60,8 +60,14 @@ def registrations() -> tuple[int, int]:
 
 
 def test_supports_streams_on_selector_loops_only() -> None:
-    assert supports_streams(asyncio.SelectorEventLoop())
-    assert not supports_streams(asyncio.AbstractEventLoop())
+    loop = asyncio.SelectorEventLoop()
+    assert supports_streams(loop)
+    loop.close()
+
+    class OtherLoop(asyncio.AbstractEventLoop):  # e.g. Windows' proactor loop: no add_reader on sockets
+        pass
+
+    assert not supports_streams(OtherLoop.__new__(OtherLoop))  # type: ignore[type-abstract]
 
 
 def test_greeting_and_request_in_one_write_get_one_answer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -300,9 +306,12 @@ def test_stream_half_close_writelines_and_one_connection_lost(keep_open: bool) -
     async def test() -> None:
         loop = asyncio.get_running_loop()
         echoes: list[Echo] = []
-        listener = StreamListener(
-            loop, listen("127.0.0.1", 0), lambda: echoes.append(Echo(keep_open)) or echoes[-1]
-        )
+
+        def factory() -> Echo:
+            echoes.append(Echo(keep_open))
+            return echoes[-1]
+
+        listener = StreamListener(loop, listen("127.0.0.1", 0), factory)
         listener.start()
         reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname()[:2])
         writer.write(b"ab")
@@ -328,9 +337,12 @@ def test_a_protocol_bug_closes_only_that_connection(caplog: pytest.LogCaptureFix
     async def test() -> None:
         loop = asyncio.get_running_loop()
         echoes: list[Echo] = []
-        listener = StreamListener(
-            loop, listen("127.0.0.1", 0), lambda: echoes.append(Echo(fail=not echoes)) or echoes[-1]
-        )
+
+        def factory() -> Echo:
+            echoes.append(Echo(fail=not echoes))  # the first one has a bug
+            return echoes[-1]
+
+        listener = StreamListener(loop, listen("127.0.0.1", 0), factory)
         listener.start()
         where = listener.sockets[0].getsockname()[:2]
         reader, writer = await asyncio.open_connection(*where)
@@ -362,7 +374,7 @@ def test_deadlines_fire_in_order_once_and_not_when_discarded() -> None:
     async def test() -> None:
         loop = asyncio.get_running_loop()
         fired: list[str] = []
-        deadlines = Deadlines(loop, 0.05, lambda key: fired.append(str(key)))
+        deadlines: Deadlines[str] = Deadlines(loop, 0.05, fired.append)
         for key in "abcd":
             deadlines.add(key)
         deadlines.discard("b")

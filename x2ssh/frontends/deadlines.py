@@ -12,29 +12,30 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
+K = TypeVar("K", bound=Hashable)
 
-class Deadlines:
+
+class Deadlines(Generic[K]):
     """Call `callback(key)` for each key still here `delay` seconds after `add(key)`."""
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, delay: float, callback: Callable[[Hashable], None]
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, delay: float, callback: Callable[[K], None]) -> None:
         self._loop = loop
         self.delay = delay
         self._callback = callback
-        self._due: collections.OrderedDict[Hashable, float] = collections.OrderedDict()
+        self._due: collections.OrderedDict[K, float] = collections.OrderedDict()
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
         return len(self._due)
 
-    def __contains__(self, key: Hashable) -> bool:
+    def __contains__(self, key: object) -> bool:
         return key in self._due
 
-    def add(self, key: Hashable) -> None:
+    def add(self, key: K) -> None:
         """Start (or restart) `key`'s deadline."""
         due = self._due
         due.pop(key, None)
@@ -42,7 +43,7 @@ class Deadlines:
         if self._timer is None:
             self._timer = self._loop.call_at(due[key], self._expire)
 
-    def discard(self, key: Hashable) -> None:
+    def discard(self, key: K) -> None:
         """Forget `key` (no callback for it)."""
         self._due.pop(key, None)
 

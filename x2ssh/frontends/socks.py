@@ -140,8 +140,8 @@ class SocksServer:
         self._clients: set[_Client] = set()
         self._associations: dict[Address, UdpAssociation] = {}
         # One loop timer each for all clients' handshake and channel-open timeouts (set in start()).
-        self.handshakes: Deadlines | None = None
-        self.opens: Deadlines | None = None
+        self.handshakes: Deadlines[_Client] | None = None
+        self.opens: Deadlines[_Client] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop it serves on (set in start())
 
     async def start(self) -> None:
@@ -179,6 +179,8 @@ class SocksServer:
         self._listeners.clear()
         for client in list(self._clients):
             client.abort()
+        if self._clients:
+            await asyncio.sleep(0)  # their connection_lost (called soon) closes their sockets and channels
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
