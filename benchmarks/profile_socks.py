@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_socks [--only tcp-up,tcp-down,http-rate] [--seconds 8] [--native]
     python -m benchmarks.profile_socks --compare TREE[,TREE..] [--ssh] [--rounds 3]
+    python -m benchmarks.profile_socks --frontend [--seconds 3] [--rounds 3]
 
 Profile mode starts `x2ssh -D` (the harness's `x2ssh-D` transport) and, for each scenario, records it with
 py-spy (raw collapsed stacks) while the scenario runs, then prints the top functions by own and inclusive
@@ -9,18 +10,29 @@ time. Compare mode alternates this checkout, each TREE (another checkout, same v
 OpenSSH's `ssh -D`, scenario by scenario for `--rounds` rounds in one lab, and prints each one's medians:
 throughput or rate and client CPU per GB or per connection. Needs root; a tool to see where the time goes
 and whether a change helps, not the benchmark (that is `python -m benchmarks`).
+
+Frontend mode measures the proxy's own share of a new connection, without SSH: `SocksServer` in this
+process with a backend whose channels open at once and answer a short HTTP response, and a client process
+doing SOCKS5 CONNECT + request on a new connection each (as the http-rate scenario's clients do). It
+alternates the lean accept path and asyncio's `create_server` and prints CPU per connection of each (no
+root needed, loopback only).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import multiprocessing
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.env import BenchEnv, build_env
 from benchmarks.lab import Lab, cleanup_stale
@@ -147,6 +159,131 @@ def profile(only: list[str], settings: Settings, native: bool, perf: bool, top: 
     return 0
 
 
+# -- frontend mode: the proxy without SSH ------------------------------------------------------------------
+
+_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+
+
+class _InstantChannel:
+    """A channel whose destination answers the first bytes with `_RESPONSE`, then EOF; closes soon."""
+
+    def __init__(self, session: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.session = session
+        self.loop = loop
+        self.answered = False
+
+    def write(self, data: bytes) -> None:
+        if not self.answered:
+            self.answered = True
+            self.session.data_received(_RESPONSE, None)
+            self.session.eof_received()
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.loop.call_soon(self.session.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class _InstantBackend:
+    """Channels open at once, by callback, as the session's backend opens them when connected."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    async def resolve(self, name: str) -> list[str]:
+        return ["127.0.0.1"]
+
+    async def open_tcp(self, host: str, port: int, factory: Any, origin: Any) -> tuple[Any, Any]:
+        session = factory()
+        channel = _InstantChannel(session, self.loop)
+        session.connection_made(channel)
+        return channel, session
+
+    def open_tcp_now(self, host: str, port: int, factory: Any, origin: Any, on_done: Any) -> Any:
+        session = factory()
+        channel = _InstantChannel(session, self.loop)
+        session.connection_made(channel)
+        return self.loop.call_soon(on_done, channel, None)
+
+    def udp_send(self, src: Any, dst: Any, payload: bytes) -> None:
+        pass
+
+
+def _frontend_client(port: int, seconds: float, concurrency: int, done: Any) -> None:
+    """`concurrency` loops of SOCKS5 CONNECT + one request on a new connection each, for `seconds`."""
+
+    async def one(stop: float) -> int:
+        count = 0
+        while time.monotonic() < stop:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"\x05\x01\x00")
+            await reader.readexactly(2)
+            writer.write(b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50")
+            if (await reader.readexactly(10))[1] != 0:
+                raise ConnectionError("the proxy refused")
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            if await reader.read() != _RESPONSE:
+                raise ConnectionError("the response did not come whole through the proxy")
+            writer.close()
+            count += 1
+        return count
+
+    async def run() -> int:
+        stop = time.monotonic() + seconds
+        return sum(await asyncio.gather(*(one(stop) for _ in range(concurrency))))
+
+    done.put(asyncio.run(run()))
+
+
+async def _frontend_round(lean: bool, seconds: float, concurrency: int) -> tuple[int, float, float]:
+    """(connections, CPU s and user CPU s of this process per connection) with the lean path or not."""
+    from x2ssh.frontends.socks import SocksServer
+
+    server = SocksServer(_InstantBackend(asyncio.get_running_loop()), "127.0.0.1", 0, lean=lean)
+    await server.start()
+    done: Any = multiprocessing.Queue()
+    client = multiprocessing.Process(
+        target=_frontend_client, args=(server.addresses[0][1], seconds, concurrency, done)
+    )
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    client.start()
+    while client.is_alive():
+        await asyncio.sleep(0.05)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    await server.close()
+    count = max(1, done.get(timeout=10))
+    user = after.ru_utime - before.ru_utime
+    return count, (user + after.ru_stime - before.ru_stime) / count, user / count
+
+
+def frontend(seconds: float, rounds: int, concurrency: int = 20) -> int:
+    """Alternate the lean accept path and asyncio's create_server; print CPU per connection of each."""
+    results: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    for round_no in range(rounds):
+        for lean in (True, False) if round_no % 2 == 0 else (False, True):
+            count, cpu, user = asyncio.run(_frontend_round(lean, seconds, concurrency))
+            results[lean].append((cpu, user))
+            name = "lean" if lean else "asyncio"
+            print(f"round {round_no + 1} {name:>8}: {count} connections, cpu {cpu * 1e6:.1f} us/conn "
+                  f"(user {user * 1e6:.1f})", flush=True)  # fmt: skip
+    print("medians (CPU of the proxy process per connection, no SSH):")
+    for lean in (True, False):
+        cpu = statistics.median(r[0] for r in results[lean]) * 1e6
+        user = statistics.median(r[1] for r in results[lean]) * 1e6
+        print(f"  {'lean' if lean else 'asyncio':>8}: {cpu:.1f} us (user {user:.1f})")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_socks", description=__doc__)
     parser.add_argument("--only", default="tcp-up,tcp-down,http-rate")
@@ -158,8 +295,11 @@ def main() -> int:
     parser.add_argument("--ssh", action="store_true", help="compare: also ssh -D")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trees-only", action="store_true", help="compare: not this checkout")
+    parser.add_argument("--frontend", action="store_true", help="the proxy without SSH (no root needed)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "x2ssh-profile-socks")
     args = parser.parse_args()
+    if args.frontend:
+        return frontend(float(args.seconds), args.rounds)
     if os.geteuid() != 0:
         print("needs root (network namespaces)")
         return 2

@@ -32,6 +32,7 @@ from typing import Any
 import asyncssh
 
 from x2ssh.errors import UsageError
+from x2ssh.frontends.deadlines import Deadlines
 from x2ssh.frontends.socks_backend import (
     Address,
     NameNotFound,
@@ -48,6 +49,7 @@ from x2ssh.frontends.socks_protocol import (
     AddressType,
     Command,
     Credentials,
+    Flavor,
     ProtocolError,
     Reply,
     Request,
@@ -55,6 +57,7 @@ from x2ssh.frontends.socks_protocol import (
     describe_reply,
 )
 from x2ssh.frontends.socks_udp import UdpAssociation
+from x2ssh.frontends.stream import SocketStream, StreamListener, listen, supports_streams
 from x2ssh.settings import parse_listen
 from x2ssh.ssh.tuning import write_gathered
 
@@ -74,6 +77,18 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_ADDRESSES_TRIED = 4  # of a resolved name, in the resolver's order
+
+
+_REQUEST_KEYS: dict[tuple[Flavor, Command], str] = {}
+
+
+def _request_key(request: Request) -> str:
+    """The stats key of a request, e.g. "socks5 CONNECT" (made once per kind: enum names are slow)."""
+    kind = (request.flavor, request.command)
+    key = _REQUEST_KEYS.get(kind)
+    if key is None:
+        key = _REQUEST_KEYS[kind] = f"{request.flavor.value} {request.command.name}"
+    return key
 
 
 class ProxyBindRefused(UsageError):
@@ -108,7 +123,10 @@ class SocksServer:
         credentials: Credentials | None = None,
         allow_lan: bool = False,
         settings: SocksSettings | None = None,
+        lean: bool = True,
     ) -> None:
+        """`lean`: serve clients with `stream.StreamListener` where the loop allows it (a selector loop),
+        else (or if False) with asyncio's `create_server`."""
         self.backend = backend
         self.host = host
         self.port = port
@@ -116,18 +134,31 @@ class SocksServer:
         self.allow_lan = allow_lan
         self.settings = settings or SocksSettings()
         self.stats = SocksStats()
+        self.lean = lean
         self._servers: list[asyncio.Server] = []
+        self._listeners: list[StreamListener] = []
         self._clients: set[_Client] = set()
         self._associations: dict[Address, UdpAssociation] = {}
+        # One loop timer each for all clients' handshake and channel-open timeouts (set in start()).
+        self.handshakes: Deadlines[_Client] | None = None
+        self.opens: Deadlines[_Client] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop it serves on (set in start())
 
     async def start(self) -> None:
         """Check the bind address (`ProxyBindRefused`), then listen. OSError if the port is taken."""
         check_bind(self.host, self.credentials, self.allow_lan)
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(
-            lambda: _Client(self), self.host or None, self.port, reuse_address=True
-        )
-        self._servers.append(server)
+        self.loop = loop = asyncio.get_running_loop()
+        self.handshakes = Deadlines(loop, self.settings.handshake_timeout, _Client.too_slow)
+        self.opens = Deadlines(loop, self.settings.open_timeout, _Client.open_too_slow)
+        if self.lean and supports_streams(loop):
+            listener = StreamListener(loop, listen(self.host or None, self.port), lambda: _Client(self))
+            listener.start()
+            self._listeners.append(listener)
+        else:
+            server = await loop.create_server(
+                lambda: _Client(self), self.host or None, self.port, reuse_address=True
+            )
+            self._servers.append(server)
         log.info(
             "proxy (SOCKS5, HTTP CONNECT) listening on %s", ", ".join(f"{h}:{p}" for h, p in self.addresses)
         )
@@ -135,18 +166,28 @@ class SocksServer:
     @property
     def addresses(self) -> list[Address]:
         """The bound (host, port) pairs."""
-        return [sock.getsockname()[:2] for server in self._servers for sock in server.sockets]
+        socks = [sock for server in self._servers for sock in server.sockets]
+        socks += [sock for listener in self._listeners for sock in listener.sockets]
+        return [sock.getsockname()[:2] for sock in socks]
 
     async def close(self) -> None:
         """Stop listening and drop every client and association."""
         for server in self._servers:
             server.close()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         for client in list(self._clients):
             client.abort()
+        if self._clients:
+            await asyncio.sleep(0)  # their connection_lost (called soon) closes their sockets and channels
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers.clear()
+        for deadlines in (self.handshakes, self.opens):
+            if deadlines is not None:
+                deadlines.close()
 
     def _forget(self, association: UdpAssociation) -> None:
         if self._associations.get(association.key) is association:
@@ -206,8 +247,9 @@ class _Client(asyncio.Protocol):
         self._channel_full = False
         self._client_full = False
         self._channel_eof = False  # the channel's EOF came: the server sends nothing more
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop = asyncio.get_running_loop()  # once: on Python 3.11 each call costs a getpid()
+        self._request: Request | None = None  # the request whose channel is opening by callback
+        self._held = b""  # the method selection, held to go out with the reply (greeting+request in one read)
+        self._loop = server.loop or asyncio.get_running_loop()  # once: on 3.11 each call costs a getpid()
         self._task: asyncio.Task[None] | None = None
         self._opening: Any = None  # a CONNECT to an address opening by callback (no task)
 
@@ -228,7 +270,8 @@ class _Client(asyncio.Protocol):
         self.stats.clients += 1
         self.stats.active += 1
         transport.set_write_buffer_limits(high=server.settings.client_write_limit)
-        self._timer = self._loop.call_later(server.settings.handshake_timeout, self._too_slow)
+        assert server.handshakes is not None
+        server.handshakes.add(self)
 
     def data_received(self, data: bytes) -> None:
         if self.spliced:
@@ -258,8 +301,7 @@ class _Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._no_deadlines()
         if self in self.server._clients:
             self.server._clients.discard(self)
             self.stats.active -= 1
@@ -296,7 +338,15 @@ class _Client(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def _too_slow(self) -> None:
+    def _no_deadlines(self) -> None:
+        server = self.server
+        if server.handshakes is not None:
+            server.handshakes.discard(self)
+        if server.opens is not None:
+            server.opens.discard(self)
+
+    def too_slow(self) -> None:
+        """The handshake deadline passed: close unless a request is being served."""
         if not self.spliced and self.association is None and self._task is None and self._opening is None:
             log.info(
                 "proxy client %s: no complete request in %.0f s; closed",
@@ -318,13 +368,15 @@ class _Client(asyncio.Protocol):
             self.transport.close()
             return
         out = conn.data_to_send()
-        if out:
-            self.transport.write(out)
         if event is NEED_DATA:
+            if out:
+                self.transport.write(out)
             return
         assert isinstance(event, Request)
-        if self._timer is not None:
-            self._timer.cancel()
+        # The request came in the same read as the messages `out` answers (a client that did not wait for
+        # them): they go out with the reply, in order, in one write. Clients that wait get them at once.
+        self._held = out
+        self._no_deadlines()
         self.transport.pause_reading()
         if event.command is Command.CONNECT and self._connect_now(event):
             return
@@ -340,15 +392,17 @@ class _Client(asyncio.Protocol):
                            lambda chan, exc: self._opened(request, chan, exc))  # fmt: skip
         if opening is None:
             return False
-        self.stats.requests[f"{request.flavor.value} {request.command.name}"] += 1
+        self.stats.requests[_request_key(request)] += 1
         self._opening = opening
-        self._timer = self._loop.call_later(self.server.settings.open_timeout, self._open_too_slow, request)
+        self._request = request
+        assert self.server.opens is not None
+        self.server.opens.add(self)
         return True
 
     def _opened(self, request: Request, channel: TcpChannel | None, exc: BaseException | None) -> None:
         self._opening = None
-        if self._timer is not None:
-            self._timer.cancel()
+        self._request = None
+        self._no_deadlines()
         try:
             if channel is not None:
                 self._splice(channel, request)
@@ -362,14 +416,16 @@ class _Client(asyncio.Protocol):
             else:
                 self.abort()
 
-    def _open_too_slow(self, request: Request) -> None:
+    def open_too_slow(self) -> None:
+        """The channel-open deadline passed: give up on the channel and tell the client."""
         opening, self._opening = self._opening, None
-        if opening is not None:
+        request, self._request = self._request, None
+        if opening is not None and request is not None:
             opening.cancel()  # a channel confirmed later is closed
             self._answer(reply_for_error(TimeoutError()), request)
 
     async def _serve(self, request: Request) -> None:
-        self.stats.requests[f"{request.flavor.value} {request.command.name}"] += 1
+        self.stats.requests[_request_key(request)] += 1
         try:
             if request.command is Command.CONNECT:
                 await self._connect(request)
@@ -398,7 +454,9 @@ class _Client(asyncio.Protocol):
             )
         if self.closed or self.transport is None:
             return
-        self.transport.write(self.conn.reply(code, bound))
+        reply = self.conn.reply(code, bound)
+        held, self._held = self._held, b""
+        self.transport.write(held + reply if held else reply)
         if code != Reply.SUCCEEDED:
             self.transport.close()
 
@@ -486,6 +544,10 @@ class _Client(asyncio.Protocol):
             return
         transport = self.transport
         if transport is None or transport.is_closing():
+            pending.clear()
+            return
+        if len(pending) > 1 and type(transport) is SocketStream:
+            transport.writelines(pending)  # one writev, no joined copy
             pending.clear()
             return
         if len(pending) > 1:  # one writev straight from the packets, no joined copy (when asyncio holds none)

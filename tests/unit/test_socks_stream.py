@@ -1,0 +1,408 @@
+"""The proxy's lean accept path (`frontends.stream`) and its one-timer deadlines (`frontends.deadlines`), on
+loopback sockets: the handshake however the client splits it, clients that vanish mid-handshake, no fd or
+selector registration left behind after many connections, and flow control when the client does not read."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from tests.unit.test_socks_server import FakeBackend, v4
+from x2ssh.frontends.deadlines import Deadlines
+from x2ssh.frontends.socks import SocksServer, SocksSettings
+from x2ssh.frontends.stream import SocketStream, StreamListener, listen, supports_streams
+
+CONNECT = b"\x05\x01\x00" + v4("10.0.0.1", 80)
+GREETING = b"\x05\x01\x00"
+SUCCESS = b"\x05\x00\x00\x01" + bytes(6)
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    """Run `test` on a fresh selector loop; any error the loop reports fails it."""
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+        await test()
+
+    asyncio.run(main())
+    assert not errors, errors
+
+
+async def lean_server(backend: FakeBackend | None = None, **settings: Any) -> tuple[SocksServer, int]:
+    server = SocksServer(backend or FakeBackend(), "127.0.0.1", 0, settings=SocksSettings(**settings))
+    await server.start()
+    assert server._listeners, "a selector loop serves clients on the lean path"
+    return server, server.addresses[0][1]
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never became true")
+
+
+def registrations() -> tuple[int, int]:
+    """(open fds of this process, selector registrations of the running loop). Sockets of earlier tests
+    that only the garbage collector closes are collected first, so they do not count."""
+    gc.collect()
+    loop = asyncio.get_running_loop()
+    return len(os.listdir("/proc/self/fd")), len(loop._selector.get_map())  # type: ignore[attr-defined]
+
+
+def test_supports_streams_on_selector_loops_only() -> None:
+    loop = asyncio.SelectorEventLoop()
+    assert supports_streams(loop)
+    loop.close()
+
+    class OtherLoop(asyncio.AbstractEventLoop):  # e.g. Windows' proactor loop: no add_reader on sockets
+        pass
+
+    assert not supports_streams(OtherLoop.__new__(OtherLoop))  # type: ignore[type-abstract]
+
+
+def test_greeting_and_request_in_one_write_get_one_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends greeting and CONNECT together gets the method selection and the reply in one
+    write, in RFC 1928 order."""
+    writes: list[bytes] = []
+    real = SocketStream.write
+
+    def recording(self: SocketStream, data: Any) -> None:
+        writes.append(bytes(data))
+        real(self, data)
+
+    monkeypatch.setattr(SocketStream, "write", recording)
+
+    async def test() -> None:
+        backend = FakeBackend()
+        server, port = await lean_server(backend)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(GREETING + CONNECT + b"early")
+        assert await reader.readexactly(12) == b"\x05\x00" + SUCCESS
+        await until(lambda: bytes(backend.channels[0].written) == b"early")
+        assert writes[0] == b"\x05\x00" + SUCCESS
+        writer.close()
+        await server.close()
+
+    run(test)
+
+
+def test_a_client_that_trickles_byte_by_byte() -> None:
+    """One byte per segment: the method selection comes as soon as the greeting is whole (the client waits
+    for it), the reply once the request is; bytes after the request reach the channel."""
+
+    async def test() -> None:
+        backend = FakeBackend()
+        server, port = await lean_server(backend)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for byte in GREETING:
+            writer.write(bytes((byte,)))
+            await writer.drain()
+            await asyncio.sleep(0.005)
+        assert await reader.readexactly(2) == b"\x05\x00"
+        for byte in CONNECT:
+            assert not backend.opened
+            writer.write(bytes((byte,)))
+            await writer.drain()
+            await asyncio.sleep(0.005)
+        assert await reader.readexactly(10) == SUCCESS
+        for byte in b"hello":
+            writer.write(bytes((byte,)))
+            await asyncio.sleep(0.005)
+        await until(lambda: bytes(backend.channels[0].written) == b"hello")
+        writer.close()
+        await server.close()
+
+    run(test)
+
+
+@pytest.mark.parametrize("how", ["fin", "reset"])
+def test_an_abort_mid_handshake_frees_the_client(how: str) -> None:
+    async def test() -> None:
+        server, port = await lean_server()
+        before = registrations()
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(GREETING + CONNECT[:4])
+        await until(lambda: server.stats.active == 1)
+        if how == "reset":
+            writer.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )
+        writer.transport.abort()
+        await until(lambda: server.stats.active == 0)
+        await until(lambda: registrations() == before)
+        assert server.stats.protocol_errors == (1 if how == "fin" else 0)  # a FIN mid-handshake is an error
+        assert len(server.handshakes or ()) == 0
+        await server.close()
+
+    run(test)
+
+
+def test_a_thousand_connections_leave_no_fd_or_registration_behind() -> None:
+    """Complete tunnels closed by the client, by the channel, handshakes abandoned with FIN or reset, silent
+    clients and refused requests: afterwards the process holds the fds and selector entries it had."""
+
+    async def one(port: int, number: int, backend: FakeBackend) -> None:
+        kind = number % 5
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sock = writer.get_extra_info("socket")
+        if kind == 0:  # a tunnel the client ends
+            writer.write(GREETING + CONNECT + b"x")
+            assert await reader.readexactly(12) == b"\x05\x00" + SUCCESS
+            writer.write_eof()
+        elif kind == 1:  # a refused CONNECT
+            writer.write(GREETING + b"\x05\x01\x00" + v4("10.9.9.9", 80))
+            assert (await reader.read())[:4] == b"\x05\x00\x05\x05"
+        elif kind == 2:  # half a greeting, then a reset
+            writer.write(b"\x05")
+            await asyncio.sleep(0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif kind == 3:  # connects and closes without a byte
+            pass
+        else:  # a tunnel the server's side ends
+            tag = b"client %d" % number
+            writer.write(GREETING + CONNECT + tag)
+            assert await reader.readexactly(12) == b"\x05\x00" + SUCCESS
+            await until(lambda: any(c.written == tag for c in backend.channels))
+            channel = next(c for c in backend.channels if c.written == tag)
+            channel.session.data_received(b"bye", None)
+            channel.session.connection_lost(None)
+            assert await reader.read() == b"bye"
+        writer.transport.abort()
+
+    async def test() -> None:
+        backend = FakeBackend()
+        backend.errors["10.9.9.9"] = ConnectionRefusedError()
+        server, port = await lean_server(backend)
+        before = registrations()
+        async with asyncio.timeout(120):
+            for batch in range(20):
+                await asyncio.gather(*(one(port, batch * 50 + i, backend) for i in range(50)))
+        for channel in backend.channels:
+            if channel.state == "open":
+                channel.session.connection_lost(None)
+        await until(lambda: server.stats.active == 0)
+        await until(lambda: registrations() == before)
+        assert server.stats.clients == 1000
+        assert len(server.handshakes or ()) == 0 and len(server.opens or ()) == 0
+        await server.close()
+
+    run(test)
+
+
+class Sink(asyncio.Protocol):
+    """Writes `total` bytes as fast as the transport lets it, then closes; counts the pauses."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.sent = 0
+        self.pauses = 0
+        self.resumes = 0
+        self.paused = False
+        self.most_buffered = 0
+        self.lost = asyncio.get_running_loop().create_future()
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=64 * 1024)
+        self._fill()
+
+    def _fill(self) -> None:
+        while not self.paused and self.sent < self.total:
+            block = bytes(((self.sent // 4096) % 251,)) * 4096
+            self.transport.write(block)
+            self.sent += len(block)
+            self.most_buffered = max(self.most_buffered, self.transport.get_write_buffer_size())
+        if self.sent >= self.total:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.pauses += 1
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.resumes += 1
+        self.paused = False
+        asyncio.get_running_loop().call_soon(self._fill)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+def test_flow_control_when_the_client_does_not_read() -> None:
+    """The transport buffers at most about its high-water mark while the client reads nothing, tells the
+    protocol to pause and resume, and delivers every byte in order before the close."""
+    total = 48 * 1024 * 1024  # more than the kernel's socket buffers can hold
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        sinks: list[Sink] = []
+
+        def factory() -> Sink:
+            sinks.append(Sink(total))
+            return sinks[-1]
+
+        listener = StreamListener(loop, listen("127.0.0.1", 0), factory)
+        listener.start()
+        reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname()[:2], limit=1 << 20)
+        await until(lambda: bool(sinks) and sinks[0].paused)
+        await asyncio.sleep(0.2)  # not reading: the kernel's buffers fill, then the sink must wait
+        sink = sinks[0]
+        assert sink.paused and sink.sent < total
+        received = bytearray()
+        while chunk := await reader.read(1 << 20):
+            received += chunk
+        assert len(received) == total
+        assert all(received[i] == (i // 4096) % 251 for i in range(0, total, 4096))
+        assert await sink.lost is None
+        assert sink.pauses >= 1 and sink.resumes >= 1
+        assert sink.most_buffered <= 64 * 1024 + 4096  # never more than the high-water mark and a block
+        writer.close()
+        listener.close()
+
+    run(test)
+
+
+class Echo(asyncio.Protocol):
+    def __init__(self, keep_open: bool = True, fail: bool = False) -> None:
+        self.keep_open = keep_open
+        self.fail = fail
+        self.lost: list[Exception | None] = []
+        self.eofs = 0
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.fail:
+            raise RuntimeError("a bug in the protocol")
+        self.transport.writelines([data, b"|", data])
+
+    def eof_received(self) -> bool:
+        self.eofs += 1
+        self.transport.write(b"bye")
+        self.transport.write_eof()
+        return self.keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.append(exc)
+
+
+@pytest.mark.parametrize("keep_open", [True, False])
+def test_stream_half_close_writelines_and_one_connection_lost(keep_open: bool) -> None:
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        echoes: list[Echo] = []
+
+        def factory() -> Echo:
+            echoes.append(Echo(keep_open))
+            return echoes[-1]
+
+        listener = StreamListener(loop, listen("127.0.0.1", 0), factory)
+        listener.start()
+        reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname()[:2])
+        writer.write(b"ab")
+        assert await reader.readexactly(5) == b"ab|ab"
+        writer.write_eof()
+        assert await reader.read() == b"bye"  # the FIN comes after what was written before it
+        echo = echoes[0]
+        if keep_open:
+            await asyncio.sleep(0.05)  # an EOF is reported once, however long the half-open lasts
+            assert not echo.lost and echo.eofs == 1
+            echo.transport.close()
+        await until(lambda: bool(echo.lost))
+        await asyncio.sleep(0.01)
+        assert echo.lost == [None]
+        assert echo.transport.get_extra_info("peername") == writer.get_extra_info("sockname")
+        writer.close()
+        listener.close()
+
+    run(test)
+
+
+def test_a_protocol_bug_closes_only_that_connection(caplog: pytest.LogCaptureFixture) -> None:
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        echoes: list[Echo] = []
+
+        def factory() -> Echo:
+            echoes.append(Echo(fail=not echoes))  # the first one has a bug
+            return echoes[-1]
+
+        listener = StreamListener(loop, listen("127.0.0.1", 0), factory)
+        listener.start()
+        where = listener.sockets[0].getsockname()[:2]
+        reader, writer = await asyncio.open_connection(*where)
+        writer.write(b"x")
+        assert await reader.read() == b""
+        reader2, writer2 = await asyncio.open_connection(*where)
+        writer2.write(b"y")
+        assert await reader2.readexactly(3) == b"y|y"
+        assert isinstance(echoes[0].lost[0], RuntimeError)
+        writer.close()
+        writer2.close()
+        listener.close()
+
+    run(test)
+    assert "data_received failed" in caplog.text
+
+
+def test_listen_reports_a_taken_port() -> None:
+    taken = listen("127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError, match="error while attempting to bind"):
+            listen("127.0.0.1", taken[0].getsockname()[1])
+    finally:
+        for sock in taken:
+            sock.close()
+
+
+def test_deadlines_fire_in_order_once_and_not_when_discarded() -> None:
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        fired: list[str] = []
+        deadlines: Deadlines[str] = Deadlines(loop, 0.05, fired.append)
+        for key in "abcd":
+            deadlines.add(key)
+        deadlines.discard("b")
+        deadlines.add("a")  # restarted: now after d
+        assert len(deadlines) == 3 and "b" not in deadlines
+        await until(lambda: len(fired) == 3)
+        assert fired == ["c", "d", "a"]
+        deadlines.add("e")
+        deadlines.close()
+        await asyncio.sleep(0.1)
+        assert fired == ["c", "d", "a"]
+
+    run(test)
+
+
+def test_deadlines_survive_a_failing_callback(caplog: pytest.LogCaptureFixture) -> None:
+    async def test() -> None:
+        fired: list[str] = []
+
+        def callback(key: Any) -> None:
+            if key == "bad":
+                raise ValueError("boom")
+            fired.append(key)
+
+        deadlines = Deadlines(asyncio.get_running_loop(), 0.01, callback)
+        deadlines.add("bad")
+        deadlines.add("good")
+        await until(lambda: fired == ["good"])
+
+    run(test)
+    assert "deadline callback" in caplog.text

@@ -1,0 +1,491 @@
+"""A lean listening port for selector event loops: accept without a task per socket, and a small transport.
+
+Why. asyncio's own accept path costs, per accepted socket, a Task (`_accept_connection2`), a waiter Future,
+two `getpeername`/`getsockname` calls and three extra loop turns (connection_made, add_reader and the waiter
+go through `call_soon`). For the proxy port, whose short connections are most of its work, that machinery
+is a large share of the CPU per connection. `StreamListener` accepts on the listening socket from a reader
+callback, until EAGAIN, and hands each socket to a `SocketStream` whose protocol learns of it at once.
+
+`SocketStream` is an `asyncio.Transport` with asyncio's semantics for what the proxy uses: writes go to the
+socket first and the rest is buffered (write-buffer limits call the protocol's pause_writing/resume_writing),
+`writelines` is one `writev`, `write_eof` after the buffer, `close` after the buffer, `abort` at once,
+`connection_lost` once, in a later turn. Two differences, both invisible to a protocol: pausing reading is
+lazy (the reader stays registered until data actually comes while paused, so a pause/resume around a
+channel open costs no epoll change when the client sends nothing meanwhile), and the peer's address comes
+from accept() instead of a getpeername call. (TCP_DEFER_ACCEPT, so that the first bytes could be read with
+the accept, was measured: no gain in CPU per connection, and a silent client would go unseen by the client
+limit; not used.)
+
+Only for loops with `add_reader` on sockets (`supports_streams`); elsewhere (Windows' proactor loop, other
+loops) the caller uses `loop.create_server`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import logging
+import os
+import selectors
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_READ = 256 * 1024  # as asyncio's socket transport
+ACCEPT_BATCH = 128  # sockets accepted per readiness event, so one busy port cannot starve the loop
+ACCEPT_RETRY_DELAY = 1.0  # after EMFILE and friends, as asyncio
+BACKLOG = 128  # as OpenSSH's forwarded ports
+_IOV_MAX = 1024
+_writev = getattr(os, "writev", None)
+_TRY_AGAIN = (BlockingIOError, InterruptedError)
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+def supports_streams(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether `loop` can run a `StreamListener` (a selector loop: add_reader/add_writer on sockets)."""
+    return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+
+
+class SocketStream(asyncio.Transport):
+    """A connected non-blocking socket as an asyncio transport (see the module docstring)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        protocol: asyncio.Protocol,
+        peername: Any = None,
+    ) -> None:
+        super().__init__()
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._peername = peername
+        self._buffer: collections.deque[bytes] = collections.deque()  # unsent, in order
+        self._buffered = 0
+        self._high = 64 * 1024
+        self._low = 16 * 1024
+        self._writing_paused = False  # the protocol was told pause_writing
+        self._reading_paused = False  # the protocol asked for no data_received
+        self._reader_on = False  # registered with the selector
+        self._writer_on = False
+        self._closing = False
+        self._eof_pending = False  # write_eof(): shut down once the buffer is out
+        self._lost = False
+
+    # -- start --
+
+    def start(self) -> None:
+        """Tell the protocol (connection_made, now) and register for reading."""
+        try:
+            self._protocol.connection_made(self)
+        except Exception as exc:
+            self._fatal(exc, "connection_made")
+            return
+        if not self._closing and not self._reading_paused:
+            self._reader_on = True
+            _register_new_reader(self._loop, self._fd, self._read_ready)
+
+    # -- reading --
+
+    def _add_reader(self) -> None:
+        if not self._reader_on:
+            self._reader_on = True
+            self._loop.add_reader(self._fd, self._read_ready)
+
+    def _remove_reader(self) -> None:
+        if self._reader_on:
+            self._reader_on = False
+            self._loop.remove_reader(self._fd)
+
+    def _read_ready(self) -> None:
+        if self._reading_paused:  # lazy pause: only now that data is waiting does the selector forget us
+            self._remove_reader()
+            return
+        try:
+            data = self._sock.recv(MAX_READ)
+        except _TRY_AGAIN:
+            return
+        except OSError as exc:
+            self._fatal(exc, None)
+            return
+        if data:
+            self._deliver(data)
+            return
+        self._remove_reader()  # level-triggered: an EOF would be reported again and again
+        try:
+            keep_open = self._protocol.eof_received()
+        except Exception as exc:
+            self._fatal(exc, "eof_received")
+            return
+        if not keep_open:
+            self.close()
+
+    def _deliver(self, data: bytes) -> None:
+        try:
+            self._protocol.data_received(data)
+        except Exception as exc:
+            self._fatal(exc, "data_received")
+
+    def pause_reading(self) -> None:
+        """No more data_received until resume_reading (the selector is told only if data comes)."""
+        self._reading_paused = True
+
+    def resume_reading(self) -> None:
+        """data_received again."""
+        self._reading_paused = False
+        if not self._closing:
+            self._add_reader()
+
+    def is_reading(self) -> bool:
+        """Whether data_received may be called."""
+        return not self._reading_paused and not self._closing
+
+    # -- writing --
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Send `data` now as far as the socket takes it; buffer the rest (in order)."""
+        if self._closing or self._eof_pending or not data:
+            return
+        if not self._buffer:
+            try:
+                sent = self._sock.send(data)
+            except _TRY_AGAIN:
+                sent = 0
+            except OSError as exc:
+                self._fatal(exc, None)
+                return
+            if sent == len(data):
+                return
+            data = bytes(data[sent:])
+        else:
+            data = bytes(data)
+        self._queue(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Send the parts with one writev when nothing is buffered (no joined copy); buffer the rest."""
+        parts = [bytes(p) if not isinstance(p, bytes) else p for p in list_of_data if p]
+        if not parts or self._closing or self._eof_pending:
+            return
+        if self._buffer or _writev is None or len(parts) == 1:
+            for part in parts:
+                self.write(part)
+            return
+        try:
+            sent = _writev(self._fd, parts[:_IOV_MAX])
+        except _TRY_AGAIN:
+            sent = 0
+        except OSError as exc:
+            self._fatal(exc, None)
+            return
+        for i, part in enumerate(parts):
+            if sent < len(part):
+                self._queue(part[sent:] if sent else part)
+                for rest in parts[i + 1 :]:
+                    self._queue(rest)
+                return
+            sent -= len(part)
+
+    def _queue(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if not self._writer_on:
+            self._writer_on = True
+            self._loop.add_writer(self._fd, self._write_ready)
+        if not self._writing_paused and self._buffered > self._high:
+            self._writing_paused = True
+            try:
+                self._protocol.pause_writing()
+            except Exception as exc:
+                self._fatal(exc, "pause_writing")
+
+    def _write_ready(self) -> None:
+        buffer = self._buffer
+        while buffer:
+            head = buffer[0]
+            try:
+                sent = self._sock.send(head)
+            except _TRY_AGAIN:
+                return
+            except OSError as exc:
+                self._fatal(exc, None)
+                return
+            self._buffered -= sent
+            if sent < len(head):
+                buffer[0] = head[sent:]
+                break
+            buffer.popleft()
+        if self._writing_paused and self._buffered <= self._low:
+            self._writing_paused = False
+            try:
+                self._protocol.resume_writing()
+            except Exception as exc:
+                self._fatal(exc, "resume_writing")
+                return
+        if buffer:
+            return
+        self._writer_on = False
+        self._loop.remove_writer(self._fd)
+        if self._closing:
+            self._lose(None)
+        elif self._eof_pending:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._fatal(exc, None)
+
+    def write_eof(self) -> None:
+        """FIN to the client once the buffer is out."""
+        if self._closing or self._eof_pending:
+            return
+        self._eof_pending = True
+        if not self._buffer:
+            self._shutdown()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        """As asyncio: high defaults to 64 KiB, low to high // 4."""
+        if high is None:
+            high = 64 * 1024 if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+
+    def get_write_buffer_size(self) -> int:
+        return self._buffered
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    # -- closing --
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        """Stop reading; close once the buffer is out (connection_lost(None) in a later turn)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._remove_reader()
+        if not self._buffer:
+            self._lose(None)
+
+    def abort(self) -> None:
+        """Close now; what is buffered is dropped."""
+        self._force_close(None)
+
+    def _fatal(self, exc: BaseException, where: str | None) -> None:
+        if where is not None:  # a bug in the protocol, not the network
+            log.error("%s failed on %r", where, self, exc_info=exc)
+        elif not isinstance(exc, OSError):
+            log.error("socket error on %r", self, exc_info=exc)
+        self._force_close(exc if isinstance(exc, Exception) else None)
+
+    def _force_close(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._remove_reader()
+        if self._writer_on:
+            self._writer_on = False
+            self._loop.remove_writer(self._fd)
+        self._buffer.clear()
+        self._buffered = 0
+        self._closing = True
+        self._lose(exc)
+
+    def _lose(self, exc: Exception | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._loop.call_soon(self._connection_lost, exc)
+
+    def _connection_lost(self, exc: Exception | None) -> None:
+        try:
+            if self._writing_paused:
+                self._writing_paused = False
+            self._protocol.connection_lost(exc)
+        finally:
+            self._sock.close()
+            self._protocol = None  # type: ignore[assignment]
+
+    # -- the rest of the Transport API --
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            if self._peername is None:
+                try:
+                    self._peername = self._sock.getpeername()
+                except OSError:
+                    return default
+            return self._peername
+        if name == "sockname":
+            try:
+                return self._sock.getsockname()
+            except OSError:
+                return default
+        if name == "socket":
+            return self._sock
+        return default
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        assert isinstance(protocol, asyncio.Protocol)
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    def __repr__(self) -> str:
+        state = "closing" if self._closing else "open"
+        return f"<SocketStream fd={self._fd} peer={self._peername} {state}>"
+
+
+def _register_new_reader(loop: asyncio.AbstractEventLoop, fd: int, callback: Callable[[], None]) -> None:
+    """`loop.add_reader(fd, callback)` for a socket just accepted, straight with the loop's selector.
+
+    For an fd it has not seen, asyncio's add_reader raises and catches three KeyErrors (`get_key` twice in
+    `selectors`, `_ensure_fd_no_transport`): 4% of the proxy's CPU in py-spy under the connection-rate
+    benchmark. This registers the same thing the same way (asyncio's selector loops keep `(reader handle,
+    writer handle)` as the key's data), so the loop's remove_reader/add_writer work on it as usual; any
+    other loop, or an fd that is registered after all, takes the loop's own add_reader."""
+    selector = getattr(loop, "_selector", None)
+    if isinstance(selector, selectors.BaseSelector) and supports_streams(loop):
+        handle = asyncio.Handle(callback, (), loop, None)
+        try:
+            selector.register(fd, selectors.EVENT_READ, (handle, None))
+        except KeyError:
+            pass
+        else:
+            return
+    loop.add_reader(fd, callback)
+
+
+class StreamListener:
+    """Listening sockets served from reader callbacks: each accepted socket becomes a `SocketStream` of
+    `factory()` at once (see the module docstring)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        socks: list[socket.socket],
+        factory: ProtocolFactory,
+    ) -> None:
+        self._loop = loop
+        self.sockets = socks
+        self._factory = factory
+        self._serving = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._tcp = {sock.fileno(): sock.family in _TCP_FAMILIES for sock in socks}  # TCP_NODELAY or not
+
+    def start(self) -> None:
+        """Begin accepting."""
+        self._serving = True
+        for sock in self.sockets:
+            self._loop.add_reader(sock.fileno(), self._accept_ready, sock)
+
+    def close(self) -> None:
+        """Stop accepting and close the listening sockets (accepted ones are their protocols' business)."""
+        if not self._serving and not self.sockets:
+            return
+        self._serving = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        for sock in self.sockets:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self.sockets = []
+
+    def _accept_ready(self, listener: socket.socket) -> None:
+        tcp = self._tcp.get(listener.fileno(), False)
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, peer = listener.accept()
+            except _TRY_AGAIN:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:  # let some sockets close, then try again
+                    log.error(
+                        "proxy: cannot accept (%s); pausing for %.0f s", exc.strerror, ACCEPT_RETRY_DELAY
+                    )
+                    self._pause_accepting()
+                    return
+                raise
+            self._serve(sock, peer, tcp)
+
+    def _serve(self, sock: socket.socket, peer: Any, tcp: bool) -> None:
+        try:
+            sock.setblocking(False)
+            if tcp:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            log.debug("proxy: accepted socket from %s failed at once: %s", peer, exc)
+            sock.close()
+            return
+        try:
+            protocol = self._factory()
+        except Exception:
+            log.exception("proxy: protocol factory failed")
+            sock.close()
+            return
+        SocketStream(self._loop, sock, protocol, peer).start()
+
+    def _pause_accepting(self) -> None:
+        for sock in self.sockets:
+            self._loop.remove_reader(sock.fileno())
+        self._retry = self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._retry = None
+        if self._serving:
+            for sock in self.sockets:
+                self._loop.add_reader(sock.fileno(), self._accept_ready, sock)
+
+
+def listen(host: str | None, port: int, backlog: int = BACKLOG) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address of `host` (None: all), as
+    `loop.create_server` makes them (SO_REUSEADDR, IPv6 sockets IPv6-only). OSError as asyncio words it."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    seen: set[tuple[Any, ...]] = set()
+    socks: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in infos:
+            key = (family, address)
+            if key in seen:
+                continue
+            seen.add(key)
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                why = (exc.strerror or str(exc)).lower()
+                raise OSError(
+                    exc.errno, f"error while attempting to bind on address {address!r}: {why}"
+                ) from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
