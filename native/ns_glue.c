@@ -630,13 +630,26 @@ static void send_rst_for(const uint8_t *pkt, const ns_ip *ip) {
  * kernel over a TUN: nothing lingers in flight, and lwIP finds a pcb by walking its lists, so thousands
  * of TIME_WAIT pcbs (short connections at a few thousand per second) would cost every SYN a long walk.
  * Our last ACK has been sent by the time a pcb enters TIME_WAIT (tcp_input outputs before returning): free
- * the pcbs of released flows at once. If that ACK were lost, the app's retransmitted FIN draws a RST,
- * which ends its LAST_ACK just the same. */
+ * the pcbs at once. If that ACK were lost, the app's retransmitted FIN draws a RST, which ends its
+ * LAST_ACK just the same.
+ *
+ * That includes the pcb of a flow the consumer has not released yet (we sent FIN, then the app's FIN came):
+ * lwIP's timer frees a TIME_WAIT pcb after 2 * TCP_MSL without calling its err callback, so a flow still
+ * pointing at it would later touch freed memory and free it again in ns_tcp_close (the "double free in
+ * tcache" seen under 1,000 concurrent flows, where sshd's CLOSE took longer than TIME_WAIT). The flow keeps
+ * what it received for the consumer to read and waits for its release, without a pcb: the connection is
+ * complete both ways. It leaves the 4-tuple hash, so the app may connect again from the same port. */
 static void reap_time_wait(void) {
     struct tcp_pcb *p = tcp_tw_pcbs;
     while (p) {
         struct tcp_pcb *next = p->next;
-        if (p->callback_arg == NULL) tcp_abort(p);
+        ns_flow *f = p->callback_arg;
+        if (f) {
+            detach_pcb(f);
+            if (f->state == FLOW_CLOSING) flow_free(f); /* (cannot happen: its FIN leaves in close_released) */
+            else hash_remove(f);
+        }
+        tcp_abort(p); /* a TIME_WAIT pcb is freed without a RST */
         p = next;
     }
 }
@@ -745,7 +758,9 @@ int ns_pump(int fd, int max_packets) {
 /* ---- timers ---- */
 
 void ns_timers(void) {
-    if (G.open) sys_check_timeouts();
+    if (!G.open) return;
+    if (tcp_tw_pcbs) reap_time_wait(); /* none should be left by input; lwIP's timer must never free one */
+    sys_check_timeouts();
 }
 
 uint32_t ns_next_timer_ms(void) {

@@ -17,7 +17,8 @@
  * Per-connection economy (the peer is the local kernel): data from ns_tcp_write leaves at ns_flush, once
  * per turn of the caller's loop, so an answer and its FIN share a segment; a segment that ends the app's
  * write (PSH) is ACKed at once and an ACK lwIP still owes goes out when the consumer acknowledges bytes
- * (no 250 ms delayed-ACK stalls); TIME_WAIT pcbs of released flows are freed at once.
+ * (no 250 ms delayed-ACK stalls); TIME_WAIT pcbs are freed at once (a flow the consumer has not
+ * released yet keeps its unread bytes, without a pcb, until ns_tcp_close).
  *
  * All functions must be called from one thread. lwIP has global state: one stack per process.
  */
