@@ -1,10 +1,11 @@
 """Random lifecycles of many flows at once through the native core (a hypothesis state machine).
 
 Apps open, send, half-close, reset and retransmit their SYNs; the consumer accepts, refuses, reads, writes,
-shuts down, closes and aborts, in any order and at any moment of the handshake; packets are delivered
-late or lost; the clock jumps across retransmission, TIME_WAIT and SYN_RCVD timeouts. Whatever happens,
-nothing may touch freed memory (run this under AddressSanitizer to see it: see benchmarks/netstack_asan.py)
-and, once every flow is released and the clock has run, nothing is left: no flow, no pcb, no bytes.
+shuts down, closes and aborts, in any order and at any moment of the handshake; turns end with or without
+the owed ACKs; packets are delivered late or lost; the clock jumps across retransmission, TIME_WAIT and
+SYN_RCVD timeouts. Whatever happens, nothing may touch freed memory (run this under AddressSanitizer to see
+it: see benchmarks/netstack_asan.py) and, once every flow is released and the clock has run, nothing is
+left: no flow, no pcb, no bytes.
 
 ``NETSTACK_FUZZ_EXAMPLES`` raises the number of runs (default 25) for a longer search.
 """
@@ -191,9 +192,16 @@ class FlowLifecycles(RuleBasedStateMachine):
         (app.flow.abort if abort else app.flow.close)()
         self._events()
 
+    @rule(acks_now=st.booleans())
+    def turn_ends(self, acks_now: bool) -> None:
+        owed = self.stack.flush()
+        if owed and acks_now:  # else a later turn (or packets_to_send) sends the owed ACKs
+            self.stack.flush_acks()
+        self._events()
+
     @rule()
-    def turn_ends(self) -> None:
-        self.stack.flush()
+    def owed_acks_leave(self) -> None:
+        self.stack.flush_acks()
         self._events()
 
     # -- the link and the clock --
