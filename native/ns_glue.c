@@ -48,6 +48,7 @@ enum {
     F_WANT_WRITABLE = 8,   /* a write was short: emit WRITABLE when the send buffer drains */
     F_OUTPUT_PENDING = 16, /* written since the last ns_flush: listed in G.pending_out */
     F_SHUT_DEFERRED = 32,  /* shutdown asked before the handshake completed: FIN at the next ns_flush */
+    F_ACK_LISTED = 64,     /* may owe the app an ACK: listed in G.ack_owed until ns_flush_acks */
 };
 
 typedef struct {
@@ -81,6 +82,8 @@ static struct {
     ns_flow *accepting;             /* the flow whose SYN is being fed to lwIP by ns_tcp_accept */
     uint32_t *pending_out;          /* flows written to since the last ns_flush */
     size_t npending_out, cap_pending_out;
+    uint32_t *ack_owed;             /* flows that may owe the app a quick ACK (see ns_flush_acks) */
+    size_t nack_owed, cap_ack_owed;
     ns_event *events;
     size_t nevents, cap_events;
     uint8_t *arena, *out;
@@ -388,6 +391,19 @@ static void flow_free(ns_flow *f) {
     free(f);
 }
 
+/* List a flow that may owe the app an ACK (lwIP's TF_ACK_DELAY says whether it still does). Returns 0
+ * when there is no memory to remember it: the ACK is then marked to go with the pcb's next output. */
+static int owe_ack(ns_flow *f) {
+    if (f->flags & F_ACK_LISTED) return 1;
+    if (grow((void **)&G.ack_owed, &G.cap_ack_owed, G.nack_owed + 1, sizeof *G.ack_owed) != 0) {
+        if (f->pcb) tcp_ack_now(f->pcb);
+        return 0;
+    }
+    f->flags |= F_ACK_LISTED;
+    G.ack_owed[G.nack_owed++] = f->id;
+    return 1;
+}
+
 /* ---- lwIP callbacks: record, never call out ---- */
 
 static err_t on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err) {
@@ -405,9 +421,10 @@ static err_t on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err) 
         return ERR_OK;
     }
     /* Quick ACK: PSH ends the app's write, and an app with Nagle on now waits for our ACK before it
-     * sends its next small segment. lwIP would hold the ACK for its 250 ms timer; the link is local,
-     * so ACK now (tcp_input calls tcp_output right after this callback). */
-    if (p->flags & PBUF_FLAG_PUSH) tcp_ack_now(pcb);
+     * sends its next small segment. lwIP would hold the ACK for its 250 ms timer; the link is local, so
+     * the ACK is owed at once, but sent by ns_flush_acks: after the consumer had the bytes and after
+     * the caller's other sends of this turn (an answer written meanwhile carries it, for free). */
+    if (p->flags & PBUF_FLAG_PUSH) owe_ack(f); /* (short of memory: tcp_input's output sends it now) */
     if (f->rx) pbuf_cat(f->rx, p); else f->rx = p;
     if (!(f->flags & F_READABLE_SENT)) {
         f->flags |= F_READABLE_SENT;
@@ -630,13 +647,26 @@ static void send_rst_for(const uint8_t *pkt, const ns_ip *ip) {
  * kernel over a TUN: nothing lingers in flight, and lwIP finds a pcb by walking its lists, so thousands
  * of TIME_WAIT pcbs (short connections at a few thousand per second) would cost every SYN a long walk.
  * Our last ACK has been sent by the time a pcb enters TIME_WAIT (tcp_input outputs before returning): free
- * the pcbs of released flows at once. If that ACK were lost, the app's retransmitted FIN draws a RST,
- * which ends its LAST_ACK just the same. */
+ * the pcbs at once. If that ACK were lost, the app's retransmitted FIN draws a RST, which ends its
+ * LAST_ACK just the same.
+ *
+ * That includes the pcb of a flow the consumer has not released yet (we sent FIN, then the app's FIN came):
+ * lwIP's timer frees a TIME_WAIT pcb after 2 * TCP_MSL without calling its err callback, so a flow still
+ * pointing at it would later touch freed memory and free it again in ns_tcp_close (the "double free in
+ * tcache" seen under 1,000 concurrent flows, where sshd's CLOSE took longer than TIME_WAIT). The flow keeps
+ * what it received for the consumer to read and waits for its release, without a pcb: the connection is
+ * complete both ways. It leaves the 4-tuple hash, so the app may connect again from the same port. */
 static void reap_time_wait(void) {
     struct tcp_pcb *p = tcp_tw_pcbs;
     while (p) {
         struct tcp_pcb *next = p->next;
-        if (p->callback_arg == NULL) tcp_abort(p);
+        ns_flow *f = p->callback_arg;
+        if (f) {
+            detach_pcb(f);
+            if (f->state == FLOW_CLOSING) flow_free(f); /* (cannot happen: its FIN leaves in close_released) */
+            else hash_remove(f);
+        }
+        tcp_abort(p); /* a TIME_WAIT pcb is freed without a RST */
         p = next;
     }
 }
@@ -745,7 +775,9 @@ int ns_pump(int fd, int max_packets) {
 /* ---- timers ---- */
 
 void ns_timers(void) {
-    if (G.open) sys_check_timeouts();
+    if (!G.open) return;
+    if (tcp_tw_pcbs) reap_time_wait(); /* none should be left by input; lwIP's timer must never free one */
+    sys_check_timeouts();
 }
 
 uint32_t ns_next_timer_ms(void) {
@@ -767,6 +799,7 @@ void ns_events_clear(void) {
 
 size_t ns_out_take(const uint8_t **buf) {
     ns_flush();
+    ns_flush_acks();
     *buf = G.out;
     return G.out_len;
 }
@@ -900,12 +933,9 @@ int ns_tcp_ack(uint32_t id, size_t len) {
         tcp_recved(f->pcb, chunk);
         len -= chunk;
     }
-    /* The consumer has taken the bytes: an ACK lwIP still holds for its delayed-ACK timer goes out now.
-     * Only when one is owed, so a bulk upload never draws duplicate ACKs. */
-    if (f->pcb->flags & TF_ACK_DELAY) {
-        tcp_ack_now(f->pcb);
-        tcp_output(f->pcb);
-    }
+    /* The consumer has taken the bytes: an ACK lwIP still holds for its delayed-ACK timer is owed now
+     * (ns_flush_acks sends it). Only when one is owed, so a bulk upload never draws duplicate ACKs. */
+    if ((f->pcb->flags & TF_ACK_DELAY) && !owe_ack(f)) tcp_output(f->pcb);
     return NS_OK;
 }
 
@@ -988,7 +1018,37 @@ static void close_released(ns_flow *f) {
     flow_free(f);
 }
 
-void ns_flush(void) {
+/* Keep the flows that still owe an ACK (one sent with data since cleared lwIP's flag); return how many. */
+static int acks_still_owed(void) {
+    size_t kept = 0;
+    for (size_t i = 0; i < G.nack_owed; i++) {
+        ns_flow *f = flow_find(G.ack_owed[i]);
+        if (!f) continue;
+        if (f->state == FLOW_ACCEPTED && f->pcb && (f->pcb->flags & TF_ACK_DELAY)) {
+            G.ack_owed[kept++] = f->id;
+        } else {
+            f->flags &= (uint8_t)~F_ACK_LISTED;
+        }
+    }
+    G.nack_owed = kept;
+    return (int)kept;
+}
+
+int ns_flush_acks(void) {
+    for (size_t i = 0; i < G.nack_owed; i++) {
+        ns_flow *f = flow_find(G.ack_owed[i]);
+        if (!f) continue;
+        f->flags &= (uint8_t)~F_ACK_LISTED;
+        if (f->state == FLOW_ACCEPTED && f->pcb && (f->pcb->flags & TF_ACK_DELAY)) {
+            tcp_ack_now(f->pcb);
+            tcp_output(f->pcb);
+        }
+    }
+    G.nack_owed = 0;
+    return 0;
+}
+
+int ns_flush(void) {
     for (size_t i = 0; i < G.npending_out; i++) {
         ns_flow *f = flow_find(G.pending_out[i]);
         if (!f) continue;
@@ -1004,6 +1064,7 @@ void ns_flush(void) {
         }
     }
     G.npending_out = 0;
+    return G.nack_owed ? acks_still_owed() : 0;
 }
 
 /* ---- UDP replies ---- */
@@ -1223,9 +1284,9 @@ void ns_close(void) {
     free(G.slots); free(G.free_idx); free(G.buckets);
     G.slots = NULL; G.free_idx = NULL; G.buckets = NULL;
     G.nslots = G.nfree = G.nbuckets = G.hcount = 0;
-    free(G.events); free(G.arena); free(G.out); free(G.pending_out);
-    G.events = NULL; G.arena = NULL; G.out = NULL; G.pending_out = NULL;
-    G.npending_out = G.cap_pending_out = 0;
+    free(G.events); free(G.arena); free(G.out); free(G.pending_out); free(G.ack_owed);
+    G.events = NULL; G.arena = NULL; G.out = NULL; G.pending_out = NULL; G.ack_owed = NULL;
+    G.npending_out = G.cap_pending_out = G.nack_owed = G.cap_ack_owed = 0;
     G.nevents = G.cap_events = G.arena_len = G.arena_cap = G.out_len = G.out_cap = 0;
     uint64_t mem = G.st.mem_in_use;
     memset(&G.st, 0, sizeof G.st);

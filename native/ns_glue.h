@@ -15,9 +15,12 @@
  * the TUN fd when one is set, otherwise into a queue drained by ns_out_take (the sans-IO mode).
  *
  * Per-connection economy (the peer is the local kernel): data from ns_tcp_write leaves at ns_flush, once
- * per turn of the caller's loop, so an answer and its FIN share a segment; a segment that ends the app's
- * write (PSH) is ACKed at once and an ACK lwIP still owes goes out when the consumer acknowledges bytes
- * (no 250 ms delayed-ACK stalls); TIME_WAIT pcbs of released flows are freed at once.
+ * per turn of the caller's loop, so an answer and its FIN share a segment. A segment that ends the app's
+ * write (PSH), and bytes the consumer acknowledges, make an ACK owed at once (no 250 ms delayed-ACK
+ * stalls); ns_flush sends it with any data written meanwhile, and ns_flush_acks sends the ones still owed
+ * as bare ACKs, after the caller's own sends of the turn (the ACK is not on the request's path). TIME_WAIT
+ * pcbs are freed at once (a flow the consumer has not released yet keeps its unread bytes, without a pcb,
+ * until ns_tcp_close).
  *
  * All functions must be called from one thread. lwIP has global state: one stack per process.
  */
@@ -27,7 +30,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define NS_ABI_VERSION 2  /* bump when the C interface changes (2: ICMP, buffer accounting, flush) */
+#define NS_ABI_VERSION 3  /* bump when the C interface changes (2: ICMP, buffer accounting, flush; 3: acks) */
 
 enum ns_event_type {
     NS_EV_TCP_CONNECT = 1,  /* a new SYN waits for ns_tcp_accept / ns_tcp_refuse; addresses filled */
@@ -112,8 +115,11 @@ size_t ns_tcp_sndbuf(uint32_t flow);
 /* Bytes lwIP holds right now (received and sent data not yet released, pcbs): cheap, for memory caps. */
 uint64_t ns_mem_in_use(void);
 /* Send what ns_tcp_write queued since the last call (ns_out_take does this first). Call once per turn of
- * the caller's loop, after its writes and shutdowns. */
-void ns_flush(void);
+ * the caller's loop, after its writes and shutdowns. Returns how many flows still owe the app an ACK. */
+int ns_flush(void);
+/* Send the ACKs still owed (see above) as bare ACKs; call soon after ns_flush returned non-zero, once the
+ * turn's other sends are out (ns_out_take does this too). Returns 0. */
+int ns_flush_acks(void);
 
 int ns_udp_send(int family, const uint8_t *src, uint16_t sport, const uint8_t *dst, uint16_t dport,
                 const uint8_t *payload, size_t len);

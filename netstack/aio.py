@@ -53,8 +53,13 @@ from netstack.stack import READ_CHUNK, Stack, StackConfig, TcpFlow
 log = logging.getLogger(__name__)
 
 PUMP_BATCH = 256
+DISPATCH_PASSES = 4
 WRITE_HIGH = 1024 * 1024
 WRITE_LOW = 256 * 1024
+# A small write from outside a batch (an answer from upstream) leaves at once, without waiting for the end of
+# the loop's turn, on a flow that has answered before (interactive: a request/response exchange). A flow's
+# first answer waits for the turn's end: a one-request connection's FIN then shares its segment.
+WRITE_THROUGH = 16 * 1024
 
 
 class ConnectionResetByApp(ConnectionResetError):
@@ -80,6 +85,7 @@ class TcpTransport(asyncio.Transport):
         self._paused_by_buffer = False  # our write buffer passed its high-water mark
         self._paused_by_budget = False  # all flows together passed the memory budget
         self._withheld = 0  # bytes handed on whose window reopening waits for the budget
+        self._answered = False  # written to before (see WRITE_THROUGH)
         self._high, self._low = WRITE_HIGH, WRITE_LOW
 
     @property
@@ -139,8 +145,15 @@ class TcpTransport(asyncio.Transport):
             except FlowClosedError:
                 return
             if taken == len(data):
-                self._tun._kick()
-                if self._tun.over_budget and not self._paused_by_budget:
+                tun = self._tun
+                if tun._dispatching:
+                    pass  # the dispatch flushes at its end
+                elif self._answered and len(data) <= WRITE_THROUGH and tun._timer is not None:
+                    tun._send_now()
+                else:
+                    tun._kick()
+                self._answered = True
+                if tun.over_budget and not self._paused_by_budget:
                     self._budget_pause()
                 return
             data = memoryview(data)[taken:]
@@ -294,6 +307,8 @@ class TunStack:
         self._transports: dict[int, TcpTransport] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._kicked = False
+        self._dispatching = False  # inside _dispatch: it drains, flushes and re-arms the timer at its end
+        self._acks_scheduled = False
         self._started = False
         self.buffer_budget = self.stack.config.buffer_budget
         self._buffered = 0  # bytes in the transports' write buffers
@@ -399,8 +414,9 @@ class TunStack:
             self._started = False
 
     def _kick(self) -> None:
-        """Operations outside a batch may queue events or start lwIP timers: handle them soon."""
-        if not self._kicked:
+        """Operations outside a batch may queue events or start lwIP timers: handle them soon. (Inside a
+        batch the dispatch does it at its end: no extra turn of the loop.)"""
+        if not self._kicked and not self._dispatching:
             self._kicked = True
             self._loop.call_soon(self._after_ops)
 
@@ -415,6 +431,22 @@ class TunStack:
         self._dispatch()
         self._arm_timer()
 
+    def _send_now(self) -> None:
+        """A small write from outside a batch (an answer from upstream): send it now instead of a turn
+        later. What other flows queued leaves with it."""
+        if self.stack.flush() and not self._acks_scheduled:
+            self._acks_scheduled = True
+            self._loop.call_soon(self._flush_acks)
+        self.port.write_batch(self.stack)
+
+    def _flush_acks(self) -> None:
+        # A turn after the batch that owed them: the bytes' way upstream (the SSH channel's send, which
+        # waits for the end of the turn as well) went first, so the bare ACK is off the request's path.
+        self._acks_scheduled = False
+        if not self.stack._closed:
+            self.stack.flush_acks()
+            self.port.write_batch(self.stack)
+
     def _arm_timer(self) -> None:
         delay = self.stack.timer_deadline() if not self.stack._closed else None
         if delay is None:
@@ -427,13 +459,27 @@ class TunStack:
         self._timer = self._loop.call_at(when, self._on_timer)
 
     def _dispatch(self) -> None:
-        for event in self.stack.events():
-            try:
-                self._handle(event)
-            except Exception:  # one misbehaving protocol must not take the others down
-                log.exception("error while handling %s", type(event).__name__)
-        self.stack.flush()  # what this turn wrote leaves now, a FIN with the last data
-        self.port.write_batch(self.stack)  # (an fd port: it already left)
+        stack = self.stack
+        self._dispatching = True
+        try:
+            for _ in range(DISPATCH_PASSES):  # what the handlers cause (an accept that fails...) comes next
+                events = stack.events()
+                if not events:
+                    break
+                for event in events:
+                    try:
+                        self._handle(event)
+                    except Exception:  # one misbehaving protocol must not take the others down
+                        log.exception("error while handling %s", type(event).__name__)
+            else:
+                self._dispatching = False
+                self._kick()  # still more: on the next turn, so other callbacks get theirs
+        finally:
+            self._dispatching = False
+        if stack.flush() and not self._acks_scheduled:  # what was written leaves now, a FIN with the data
+            self._acks_scheduled = True
+            self._loop.call_soon(self._flush_acks)
+        self.port.write_batch(stack)  # (an fd port: it already left)
         self._check_budget()
 
     def _handle(self, event: object) -> None:

@@ -287,11 +287,19 @@ class Stack:
             raise OSError(-rc, f"reading the TUN device: {os.strerror(-rc)}")
         return rc
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
         """Send what ``TcpFlow.write`` queued. Writes wait for this (once per turn of the caller's loop) so
         that several writes and a FIN leave in as few segments as possible; ``packets_to_send`` flushes
-        first by itself."""
-        lib.ns_flush()
+        first by itself.
+
+        Returns True when some apps are still owed an ACK for bytes they sent (the end of a write, or bytes
+        the consumer acknowledged, and no answer carried the ACK): call ``flush_acks`` soon, ideally once
+        this turn's other sends (the request's way upstream) are out."""
+        return bool(lib.ns_flush())
+
+    def flush_acks(self) -> None:
+        """Send the ACKs still owed to apps as bare ACKs (``packets_to_send`` does this by itself)."""
+        lib.ns_flush_acks()
 
     def set_output_fd(self, fd: int | None) -> None:
         """Write output packets straight to ``fd`` (a TUN device), or queue them when None."""

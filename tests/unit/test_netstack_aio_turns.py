@@ -1,0 +1,173 @@
+"""Loop turns on the netstack's side of a request/response (netstack.aio on a socketpair standing in for the
+TUN device): an interactive answer leaves at once, a one-request connection's answer and FIN share a
+segment, the bare ACK for a request waits until the request's own way upstream had its turn, and a batch
+schedules no extra turn for itself."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+from scapy.layers.inet import IP, TCP
+
+from netstack import StackConfig, TcpFlow
+from netstack.aio import TunStack
+from tests.unit.tcp_peer import TcpPeer
+
+
+class Wire:
+    """The app's end of the socketpair: TcpPeer's packets go into the "TUN", the stack's come out."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def receive_packet(self, raw: bytes) -> None:
+        self.sock.send(raw)
+
+    def packets(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self.sock.recv(70000))
+            except BlockingIOError:
+                return out
+
+
+class Recorder(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.on_data = lambda: None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.on_data()
+
+
+@pytest.fixture
+def wired():
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    yield ours, Wire(theirs)
+    ours.close()
+    theirs.close()
+
+
+async def exchange(wire: Wire, peer: TcpPeer, rounds: int = 5) -> list[bytes]:
+    """Let the loop run and hand the stack's packets to the peer; returns them."""
+    seen = []
+    for _ in range(rounds):
+        await asyncio.sleep(0.001)
+        for raw in wire.packets():
+            seen.append(raw)
+            peer.handle(raw)
+    return seen
+
+
+async def _connected(ours: socket.socket, wire: Wire) -> tuple[TunStack, TcpPeer, Recorder]:
+    protocols: list[Recorder] = []
+
+    def on_tcp(flow: TcpFlow) -> None:
+        protocols.append(Recorder())
+        tun.accept(flow, lambda: protocols[-1])
+
+    tun = TunStack(ours.fileno(), config=StackConfig(mtu=16000), on_tcp=on_tcp)
+    tun.start()
+    peer = TcpPeer(wire, "198.18.0.2", "198.19.0.2", mss=8000)  # type: ignore[arg-type]
+    peer.syn()
+    await exchange(wire, peer)
+    assert peer.got_synack and len(protocols) == 1
+    return tun, peer, protocols[0]
+
+
+def test_an_interactive_answer_leaves_before_the_turn_ends(wired):
+    async def run() -> None:
+        tun, peer, proto = await _connected(*wired)
+        wire = wired[1]
+        try:
+            for n in range(3):
+                peer.send(b"request %d" % n)
+                await exchange(wire, peer)
+                proto.transport.write(b"answer %d" % n)  # from upstream: outside the stack's batch
+                already = wire.packets()  # before the loop gets another turn
+                if n == 0:
+                    assert already == [], "a flow's first answer waits for the end of the turn"
+                else:
+                    (raw,) = already
+                    assert bytes(IP(raw)[TCP].payload) == b"answer %d" % n
+                for raw in already:
+                    peer.handle(raw)
+                await exchange(wire, peer)
+            assert bytes(peer.received) == b"answer 0answer 1answer 2"
+        finally:
+            tun.close()
+
+    asyncio.run(run())
+
+
+def test_a_first_answer_and_its_fin_share_one_segment(wired):
+    async def run() -> None:
+        tun, peer, proto = await _connected(*wired)
+        wire = wired[1]
+        try:
+            peer.send(b"GET / HTTP/1.0\r\n\r\n")
+            await exchange(wire, peer)
+            proto.transport.write(b"HTTP/1.0 200 OK\r\n\r\nbody")
+            proto.transport.write_eof()
+            segments = [IP(raw)[TCP] for raw in await exchange(wire, peer)]
+            with_data = [seg for seg in segments if bytes(seg.payload)]
+            assert len(with_data) == 1 and "F" in str(with_data[0].flags)
+            assert peer.got_fin and bytes(peer.received).endswith(b"body")
+        finally:
+            tun.close()
+
+    asyncio.run(run())
+
+
+def test_the_bare_ack_waits_for_the_requests_way_upstream(wired):
+    """The consumer's upstream send runs at the end of the turn (as the SSH side's coalesced send does);
+    the ACK for the request is written after it, not before."""
+
+    async def run() -> None:
+        tun, peer, proto = await _connected(*wired)
+        wire = wired[1]
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+
+        def upstream_send() -> None:
+            acks = [raw for raw in wire.packets() if IP(raw)[TCP].ack == peer.seq]
+            order.append("ack" if acks else "upstream")
+
+        proto.on_data = lambda: loop.call_soon(upstream_send)
+        try:
+            peer.auto_ack = False
+            peer.send(b"request", push=True)
+            segments = [IP(raw)[TCP] for raw in await exchange(wire, peer)]
+            assert order == ["upstream"], "the bare ACK went before the request's send upstream"
+            assert [seg.ack for seg in segments] == [peer.seq], "then exactly one ACK"
+        finally:
+            tun.close()
+
+    asyncio.run(run())
+
+
+def test_a_batch_schedules_no_extra_turn_for_itself(wired):
+    async def run() -> None:
+        tun, peer, proto = await _connected(*wired)
+        wire = wired[1]
+        extra: list[int] = []
+        original = tun._after_ops
+        tun._after_ops = lambda: (extra.append(1), original())  # type: ignore[method-assign]
+        try:
+            peer.send(b"request")
+            await exchange(wire, peer)
+            assert bytes(proto.data) == b"request"
+            assert extra == [], "delivering a batch scheduled another turn of the loop"
+        finally:
+            tun.close()
+
+    asyncio.run(run())
