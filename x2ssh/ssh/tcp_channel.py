@@ -157,6 +157,12 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         if self._send_state != _OPENING:
             raise ProtocolError("Channel not being opened")
         packet.check_end()  # direct-tcpip confirmations carry nothing else
+        self.receive_open_confirmation(send_chan, send_window, send_pktsize)
+
+    def receive_open_confirmation(self, send_chan: int, send_window: int, send_pktsize: int) -> None:
+        """The server's confirmation, checked (the fast path of `x2ssh.ssh.tuning` calls this directly)."""
+        if self._send_state != _OPENING:
+            raise ProtocolError("Channel not being opened")
         self._send_chan = send_chan
         self._send_window = send_window
         self._send_pktsize = send_pktsize
@@ -179,7 +185,14 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
             self.abort()
             self._report(None, exc)
             return
-        self._report(self, None)
+        on_done, self._on_done = self._on_done, None  # `_report(self, None)`, without the call per flow
+        if on_done is not None:
+            try:
+                on_done(self, None)
+            except Exception as err:
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "channel open callback failed", "exception": err, "channel": self}
+                )
 
     def process_open_failure(self, code: int, reason: str, lang: str) -> None:
         if self._send_state != _OPENING:
@@ -435,17 +448,34 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         if self._recv_state != _OPEN:
             raise ProtocolError("Channel not open for sending")
         packet.check_end()
+        self.receive_eof()
+
+    def receive_eof(self) -> None:
+        """The server's EOF (the fast path of `x2ssh.ssh.tuning` calls this directly)."""
+        if self._recv_state != _OPEN:
+            raise ProtocolError("Channel not open for sending")
         self._recv_state = _EOF
         if self._recv_paused or self._recv_buf:
             self._recv_buf.append(None)
-        elif self._send_state not in (_CLOSE_PENDING, _CLOSED):
-            self._deliver_eof()
+        elif (  # `_deliver_eof`, without the call
+            self._send_state not in (_CLOSE_PENDING, _CLOSED)
+            and not self._session.eof_received()
+            and self._send_state == _OPEN
+        ):
+            self.write_eof()
 
     def _process_close(self, packet: SSHPacket) -> None:
         if self._recv_state not in (_OPEN, _EOF):
             raise ProtocolError("Channel not open")
         packet.check_end()
-        self._close_send()  # answered at once, as asyncssh does; bytes not sent yet are dropped
+        self.receive_close()
+
+    def receive_close(self) -> None:
+        """The server's CLOSE (the fast path of `x2ssh.ssh.tuning` calls this directly)."""
+        if self._recv_state not in (_OPEN, _EOF):
+            raise ProtocolError("Channel not open")
+        if self._send_state != _CLOSED:  # (once closed, nothing is buffered to send)
+            self._close_send()  # answered at once, as asyncssh does; bytes not sent yet are dropped
         if self._recv_buf:  # the session paused reading: what it has not taken yet comes first
             self._recv_state = _CLOSE_PENDING
         else:
@@ -467,7 +497,14 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
     def _finish(self, exc: Exception | None) -> None:
         """Both sides are closed (or the connection is gone): tell the session once, leave the table."""
         session, self._session = self._session, None
-        self._release(established=True)
+        conn, recv_chan = self._conn, self._recv_chan
+        if conn is not None and recv_chan is not None:  # `_release(established=True)`, without the call
+            self._recv_chan = None
+            conn._channels.pop(recv_chan, None)
+            account = self._account
+            if account is not None:
+                account.channels -= 1
+                account.established -= 1
         if session is not None:
             try:
                 session.connection_lost(exc)

@@ -22,7 +22,9 @@ import asyncssh.connection as _asyncssh_connection
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.constants import (
+    MSG_CHANNEL_CLOSE,
     MSG_CHANNEL_DATA,
+    MSG_CHANNEL_EOF,
     MSG_CHANNEL_FAILURE,
     MSG_CHANNEL_OPEN_CONFIRMATION,
     MSG_CHANNEL_OPEN_FAILURE,
@@ -220,11 +222,27 @@ def send_channel_chunks(conn: Any, send_chan: int, data: Any, pktsize: int) -> N
 
 
 class DirectDataHandler:
-    """A channel whose DATA payloads the receive fast path hands straight to `receive_data`."""
+    """A channel the receive fast path hands its DATA payloads, open confirmation, EOF and CLOSE straight to.
+
+    Each is called only for a well-formed packet (the exact length, a packet size above zero); the channel
+    checks its own state, as in `process_packet`, and raises `ProtocolError` on a packet out of turn."""
 
     __slots__ = ()
 
     def receive_data(self, data: bytes) -> None:
+        """A CHANNEL_DATA payload."""
+        raise NotImplementedError
+
+    def receive_open_confirmation(self, send_chan: int, send_window: int, send_pktsize: int) -> None:
+        """A CHANNEL_OPEN_CONFIRMATION with nothing after its four numbers."""
+        raise NotImplementedError
+
+    def receive_eof(self) -> None:
+        """A CHANNEL_EOF."""
+        raise NotImplementedError
+
+    def receive_close(self) -> None:
+        """A CHANNEL_CLOSE."""
         raise NotImplementedError
 
 
@@ -283,13 +301,25 @@ def _dispatch_opened(self: SSHConnection, enc: Any, data: bytes | None, rem: int
         return _recv_opened(self, enc, data)
     inpbuf = self._inpbuf
     end = len(data) - data[0]
-    chan = _direct_data_channel(self, data, end) if SSHLogger._debug_level < PACKET_DEBUG_LEVEL else None
+    chan = _direct_channel(self, data, end) if SSHLogger._debug_level < PACKET_DEBUG_LEVEL else None
     if chan is not None:
+        pkttype = data[1]
         seq = self._recv_seq
         self._inpbuf = inpbuf[rem:]
         self._packet = b""
-        chan.receive_data(data[10:end])
-        self._finish_recv_packet(MSG_CHANNEL_DATA, seq)
+        if pkttype == MSG_CHANNEL_DATA:
+            chan.receive_data(data[10:end])
+        elif pkttype == MSG_CHANNEL_CLOSE:
+            chan.receive_close()
+        elif pkttype == MSG_CHANNEL_EOF:
+            chan.receive_eof()
+        else:  # the confirmation: the server's channel, window and packet size
+            chan.receive_open_confirmation(
+                int.from_bytes(data[6:10], "big"),
+                int.from_bytes(data[10:14], "big"),
+                int.from_bytes(data[14:18], "big"),
+            )
+        self._finish_recv_packet(pkttype, seq)
         return True
     packet = SSHPacket(data[1:end])
     pkttype = packet.get_byte()
@@ -322,6 +352,30 @@ def _direct_data_channel(self: SSHConnection, data: bytes, end: int) -> DirectDa
     if isinstance(chan, DirectDataHandler) and int.from_bytes(data[6:10], "big") == end - 10:
         return chan
     return None
+
+
+# The payload length of each other message a `DirectDataHandler` takes straight: type and channel, and the
+# confirmation's three numbers. Another length goes through asyncssh's parsing and errors.
+_DIRECT_LENGTHS = {MSG_CHANNEL_EOF: 6, MSG_CHANNEL_CLOSE: 6, MSG_CHANNEL_OPEN_CONFIRMATION: 18}
+_NO_PKTSIZE = bytes(4)
+
+
+def _direct_channel(self: SSHConnection, data: bytes, end: int) -> DirectDataHandler | None:
+    """The channel an opened DATA, EOF, CLOSE or OPEN_CONFIRMATION packet (`data`, payload up to `end`)
+    goes straight to, or None: asyncssh handles the packet, with its checks and errors.
+
+    A confirmation is taken here only as asyncssh would take it: a packet size above zero, and no
+    compression (asyncssh lowers the packet size by one for dropbear with compression)."""
+    pkttype = data[1]
+    if pkttype == MSG_CHANNEL_DATA:
+        if end < 10 or int.from_bytes(data[6:10], "big") != end - 10:
+            return None
+    elif end != _DIRECT_LENGTHS.get(pkttype) or (
+        pkttype == MSG_CHANNEL_OPEN_CONFIRMATION and (self._compressor or data[14:18] == _NO_PKTSIZE)
+    ):
+        return None
+    chan = self._channels.get(int.from_bytes(data[2:6], "big"))
+    return chan if isinstance(chan, DirectDataHandler) else None
 
 
 def _recv_opened(self: SSHConnection, enc: Any, data: bytes | None) -> bool:
