@@ -317,9 +317,17 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         if self._send_state == _OPENING:
             return  # not ours yet: `cancel()` gives up an open (the connection closing reports it failed)
         if self._send_state not in (_CLOSE_PENDING, _CLOSED):
-            self._send_state = _CLOSE_PENDING
-            self._flush_send()
-        self._discard_recv()
+            if self._send_buf:
+                self._send_state = _CLOSE_PENDING
+                self._flush_send()
+            else:  # nothing to wait for (nor paused): `_close_send()`, without three calls per flow
+                self._conn.send_packet(MSG_CHANNEL_CLOSE, _PORT(self._send_chan), handler=self)
+                self._send_state = _CLOSED
+        self._recv_buf.clear()  # `_discard_recv()`, inline for the same reason
+        self._recv_paused = False
+        if self._recv_state == _CLOSE_PENDING:
+            self._recv_state = _CLOSED
+            self._finish(None)
 
     def abort(self) -> None:
         """CLOSE at once; buffered bytes both ways are dropped."""
@@ -396,8 +404,11 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         self._recv_window -= n
         if self._recv_paused or self._recv_buf:
             self._recv_buf.append(data)
-        else:
-            self._deliver(data)
+            return
+        if self._recv_window < self._init_window // 2:  # `_deliver(data)`, without the call per packet
+            self._send(MSG_CHANNEL_WINDOW_ADJUST, UInt32(self._init_window - self._recv_window))
+            self._recv_window = self._init_window
+        self._session.data_received(data, None)
 
     def _deliver(self, data: bytes) -> None:
         if self._recv_window < self._init_window // 2:
