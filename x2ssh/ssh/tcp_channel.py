@@ -22,7 +22,10 @@ retries it on another connection); the caller's `on_done` then comes from there,
 The connection routes packets to it as to any channel (it sits in the connection's channel table, and
 asyncssh calls `process_packet`, `process_open_confirmation`, `process_open_failure` and
 `process_connection_close` on it). With the AES-GCM fast path of `x2ssh.ssh.tuning`, a DATA packet's
-payload comes straight to `receive_data` and an outgoing one is sealed straight from the caller's bytes.
+payload comes straight to `receive_data`, a well-formed confirmation, EOF and CLOSE straight to
+`receive_open_confirmation`, `receive_eof` and `receive_close` (the same checks as the `process_*` path,
+which parses the packet and then calls them); an outgoing packet is sealed straight from the caller's
+bytes.
 Other ciphers, a rekey in progress and packet debugging go through asyncssh's own send and receive.
 """
 

@@ -253,7 +253,8 @@ class DirectDataHandler:
 # `inspect.isawaitable` about the handler's result. Here, on an established AES-GCM connection without
 # compression, the packet is opened with the same AESGCM call (same IV sequence); a channel message
 # (window adjust, data, EOF, close, request, success, failure) for a known channel goes straight to that
-# channel's handler, an open confirmation or failure to the connection's (where asyncssh routes them), and
+# channel's handler, an open confirmation or failure to the connection's (where asyncssh routes them); a
+# `DirectDataHandler` takes a well-formed DATA, EOF, CLOSE and confirmation without any of that; and
 # the bookkeeping after it (sequence number, next header) is asyncssh's own. Any other packet, an unknown
 # channel, a bad tag or a short packet is handed to asyncssh's `_recv_packet` as it is,
 # with the bytes already opened (a stand-in receive cipher returns them), so its checks and errors apply.
@@ -354,9 +355,13 @@ def _direct_data_channel(self: SSHConnection, data: bytes, end: int) -> DirectDa
     return None
 
 
-# The payload length of each other message a `DirectDataHandler` takes straight: type and channel, and the
-# confirmation's three numbers. Another length goes through asyncssh's parsing and errors.
-_DIRECT_LENGTHS = {MSG_CHANNEL_EOF: 6, MSG_CHANNEL_CLOSE: 6, MSG_CHANNEL_OPEN_CONFIRMATION: 18}
+# By message type, the payload length of each other message a `DirectDataHandler` takes straight (type and
+# channel, and the confirmation's three numbers), 0 for the rest: another length goes through asyncssh's
+# parsing and errors. A tuple, so the lookup is an index, not a call.
+_DIRECT_LENGTH = tuple(
+    {MSG_CHANNEL_EOF: 6, MSG_CHANNEL_CLOSE: 6, MSG_CHANNEL_OPEN_CONFIRMATION: 18}.get(t, 0)
+    for t in range(256)
+)
 _NO_PKTSIZE = bytes(4)
 
 
@@ -370,7 +375,7 @@ def _direct_channel(self: SSHConnection, data: bytes, end: int) -> DirectDataHan
     if pkttype == MSG_CHANNEL_DATA:
         if end < 10 or int.from_bytes(data[6:10], "big") != end - 10:
             return None
-    elif end != _DIRECT_LENGTHS.get(pkttype) or (
+    elif end != _DIRECT_LENGTH[pkttype] or (
         pkttype == MSG_CHANNEL_OPEN_CONFIRMATION and (self._compressor or data[14:18] == _NO_PKTSIZE)
     ):
         return None
