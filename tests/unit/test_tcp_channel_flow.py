@@ -321,6 +321,42 @@ def test_the_server_s_close_is_answered_and_the_session_told_once(opened: Any) -
     assert session.events == ["eof", ("lost", None)]
 
 
+def test_close_with_nothing_buffered_sends_close_at_once_and_ends_on_the_server_s(opened: Any) -> None:
+    chan, conn, session = opened
+    chan.close()
+    assert conn.sent == [(MSG_CHANNEL_CLOSE, UInt32(99))]
+    assert chan.is_closing() and session.events == []  # the channel ends with the server's CLOSE
+    chan.close()
+    assert len(conn.sent) == 1
+    chan.process_packet(MSG_CHANNEL_CLOSE, 0, _packet())
+    assert conn.sent == [(MSG_CHANNEL_CLOSE, UInt32(99))]
+    assert session.events == [("lost", None)]
+    assert conn._channels == {}
+
+
+def test_close_sends_close_after_the_buffered_bytes(opened: Any) -> None:
+    chan, conn, session = opened
+    chan.write(b"x" * 150)  # window 100: 50 buffered
+    chan.close()
+    assert all(t == MSG_CHANNEL_DATA for t, _ in conn.sent)
+    chan.process_packet(MSG_CHANNEL_WINDOW_ADJUST, 0, _packet(UInt32(1000)))
+    assert conn.sent[-1] == (MSG_CHANNEL_CLOSE, UInt32(99))
+    assert b"".join(p[8:] for t, p in conn.sent if t == MSG_CHANNEL_DATA) == b"x" * 150
+    assert session.events == []
+
+
+def test_close_after_the_server_s_close_waited_behind_paused_bytes_ends_the_channel(opened: Any) -> None:
+    chan, conn, session = opened
+    chan.pause_reading()
+    chan.process_packet(MSG_CHANNEL_DATA, 0, _packet(String(b"a" * 10)))
+    chan.process_packet(MSG_CHANNEL_CLOSE, 0, _packet())
+    assert session.events == []  # held behind the paused bytes
+    chan.close()  # the session gives up: the held bytes are dropped, the channel ends
+    assert session.events == [("lost", None)]
+    assert [t for t, _ in conn.sent].count(MSG_CHANNEL_CLOSE) == 1
+    assert conn._channels == {}
+
+
 def test_a_lost_connection_fails_an_open_and_ends_an_open_channel() -> None:
     asyncio.run(_lost_connection())
 

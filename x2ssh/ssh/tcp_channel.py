@@ -22,7 +22,10 @@ retries it on another connection); the caller's `on_done` then comes from there,
 The connection routes packets to it as to any channel (it sits in the connection's channel table, and
 asyncssh calls `process_packet`, `process_open_confirmation`, `process_open_failure` and
 `process_connection_close` on it). With the AES-GCM fast path of `x2ssh.ssh.tuning`, a DATA packet's
-payload comes straight to `receive_data` and an outgoing one is sealed straight from the caller's bytes.
+payload comes straight to `receive_data`, a well-formed confirmation, EOF and CLOSE straight to
+`receive_open_confirmation`, `receive_eof` and `receive_close` (the same checks as the `process_*` path,
+which parses the packet and then calls them); an outgoing packet is sealed straight from the caller's
+bytes.
 Other ciphers, a rekey in progress and packet debugging go through asyncssh's own send and receive.
 """
 
@@ -157,6 +160,12 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         if self._send_state != _OPENING:
             raise ProtocolError("Channel not being opened")
         packet.check_end()  # direct-tcpip confirmations carry nothing else
+        self.receive_open_confirmation(send_chan, send_window, send_pktsize)
+
+    def receive_open_confirmation(self, send_chan: int, send_window: int, send_pktsize: int) -> None:
+        """The server's confirmation, checked (the fast path of `x2ssh.ssh.tuning` calls this directly)."""
+        if self._send_state != _OPENING:
+            raise ProtocolError("Channel not being opened")
         self._send_chan = send_chan
         self._send_window = send_window
         self._send_pktsize = send_pktsize
@@ -179,7 +188,14 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
             self.abort()
             self._report(None, exc)
             return
-        self._report(self, None)
+        on_done, self._on_done = self._on_done, None  # `_report(self, None)`, without the call per flow
+        if on_done is not None:
+            try:
+                on_done(self, None)
+            except Exception as err:
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": "channel open callback failed", "exception": err, "channel": self}
+                )
 
     def process_open_failure(self, code: int, reason: str, lang: str) -> None:
         if self._send_state != _OPENING:
@@ -304,9 +320,17 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         if self._send_state == _OPENING:
             return  # not ours yet: `cancel()` gives up an open (the connection closing reports it failed)
         if self._send_state not in (_CLOSE_PENDING, _CLOSED):
-            self._send_state = _CLOSE_PENDING
-            self._flush_send()
-        self._discard_recv()
+            if self._send_buf:
+                self._send_state = _CLOSE_PENDING
+                self._flush_send()
+            else:  # nothing to wait for (nor paused): `_close_send()`, without three calls per flow
+                self._conn.send_packet(MSG_CHANNEL_CLOSE, _PORT(self._send_chan), handler=self)
+                self._send_state = _CLOSED
+        self._recv_buf.clear()  # `_discard_recv()`, inline for the same reason
+        self._recv_paused = False
+        if self._recv_state == _CLOSE_PENDING:
+            self._recv_state = _CLOSED
+            self._finish(None)
 
     def abort(self) -> None:
         """CLOSE at once; buffered bytes both ways are dropped."""
@@ -383,8 +407,11 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         self._recv_window -= n
         if self._recv_paused or self._recv_buf:
             self._recv_buf.append(data)
-        else:
-            self._deliver(data)
+            return
+        if self._recv_window < self._init_window // 2:  # `_deliver(data)`, without the call per packet
+            self._send(MSG_CHANNEL_WINDOW_ADJUST, UInt32(self._init_window - self._recv_window))
+            self._recv_window = self._init_window
+        self._session.data_received(data, None)
 
     def _deliver(self, data: bytes) -> None:
         if self._recv_window < self._init_window // 2:
@@ -435,17 +462,34 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         if self._recv_state != _OPEN:
             raise ProtocolError("Channel not open for sending")
         packet.check_end()
+        self.receive_eof()
+
+    def receive_eof(self) -> None:
+        """The server's EOF (the fast path of `x2ssh.ssh.tuning` calls this directly)."""
+        if self._recv_state != _OPEN:
+            raise ProtocolError("Channel not open for sending")
         self._recv_state = _EOF
         if self._recv_paused or self._recv_buf:
             self._recv_buf.append(None)
-        elif self._send_state not in (_CLOSE_PENDING, _CLOSED):
-            self._deliver_eof()
+        elif (  # `_deliver_eof`, without the call
+            self._send_state not in (_CLOSE_PENDING, _CLOSED)
+            and not self._session.eof_received()
+            and self._send_state == _OPEN
+        ):
+            self.write_eof()
 
     def _process_close(self, packet: SSHPacket) -> None:
         if self._recv_state not in (_OPEN, _EOF):
             raise ProtocolError("Channel not open")
         packet.check_end()
-        self._close_send()  # answered at once, as asyncssh does; bytes not sent yet are dropped
+        self.receive_close()
+
+    def receive_close(self) -> None:
+        """The server's CLOSE (the fast path of `x2ssh.ssh.tuning` calls this directly)."""
+        if self._recv_state not in (_OPEN, _EOF):
+            raise ProtocolError("Channel not open")
+        if self._send_state != _CLOSED:  # (once closed, nothing is buffered to send)
+            self._close_send()  # answered at once, as asyncssh does; bytes not sent yet are dropped
         if self._recv_buf:  # the session paused reading: what it has not taken yet comes first
             self._recv_state = _CLOSE_PENDING
         else:
@@ -467,7 +511,14 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
     def _finish(self, exc: Exception | None) -> None:
         """Both sides are closed (or the connection is gone): tell the session once, leave the table."""
         session, self._session = self._session, None
-        self._release(established=True)
+        conn, recv_chan = self._conn, self._recv_chan
+        if conn is not None and recv_chan is not None:  # `_release(established=True)`, without the call
+            self._recv_chan = None
+            conn._channels.pop(recv_chan, None)
+            account = self._account
+            if account is not None:
+                account.channels -= 1
+                account.established -= 1
         if session is not None:
             try:
                 session.connection_lost(exc)

@@ -22,7 +22,9 @@ import asyncssh.connection as _asyncssh_connection
 from asyncssh.channel import SSHChannel
 from asyncssh.connection import SSHConnection
 from asyncssh.constants import (
+    MSG_CHANNEL_CLOSE,
     MSG_CHANNEL_DATA,
+    MSG_CHANNEL_EOF,
     MSG_CHANNEL_FAILURE,
     MSG_CHANNEL_OPEN_CONFIRMATION,
     MSG_CHANNEL_OPEN_FAILURE,
@@ -220,11 +222,27 @@ def send_channel_chunks(conn: Any, send_chan: int, data: Any, pktsize: int) -> N
 
 
 class DirectDataHandler:
-    """A channel whose DATA payloads the receive fast path hands straight to `receive_data`."""
+    """A channel the receive fast path hands its DATA payloads, open confirmation, EOF and CLOSE straight to.
+
+    Each is called only for a well-formed packet (the exact length, a packet size above zero); the channel
+    checks its own state, as in `process_packet`, and raises `ProtocolError` on a packet out of turn."""
 
     __slots__ = ()
 
     def receive_data(self, data: bytes) -> None:
+        """A CHANNEL_DATA payload."""
+        raise NotImplementedError
+
+    def receive_open_confirmation(self, send_chan: int, send_window: int, send_pktsize: int) -> None:
+        """A CHANNEL_OPEN_CONFIRMATION with nothing after its four numbers."""
+        raise NotImplementedError
+
+    def receive_eof(self) -> None:
+        """A CHANNEL_EOF."""
+        raise NotImplementedError
+
+    def receive_close(self) -> None:
+        """A CHANNEL_CLOSE."""
         raise NotImplementedError
 
 
@@ -235,7 +253,8 @@ class DirectDataHandler:
 # `inspect.isawaitable` about the handler's result. Here, on an established AES-GCM connection without
 # compression, the packet is opened with the same AESGCM call (same IV sequence); a channel message
 # (window adjust, data, EOF, close, request, success, failure) for a known channel goes straight to that
-# channel's handler, an open confirmation or failure to the connection's (where asyncssh routes them), and
+# channel's handler, an open confirmation or failure to the connection's (where asyncssh routes them); a
+# `DirectDataHandler` takes a well-formed DATA, EOF, CLOSE and confirmation without any of that; and
 # the bookkeeping after it (sequence number, next header) is asyncssh's own. Any other packet, an unknown
 # channel, a bad tag or a short packet is handed to asyncssh's `_recv_packet` as it is,
 # with the bytes already opened (a stand-in receive cipher returns them), so its checks and errors apply.
@@ -283,13 +302,25 @@ def _dispatch_opened(self: SSHConnection, enc: Any, data: bytes | None, rem: int
         return _recv_opened(self, enc, data)
     inpbuf = self._inpbuf
     end = len(data) - data[0]
-    chan = _direct_data_channel(self, data, end) if SSHLogger._debug_level < PACKET_DEBUG_LEVEL else None
+    chan = _direct_channel(self, data, end) if SSHLogger._debug_level < PACKET_DEBUG_LEVEL else None
     if chan is not None:
+        pkttype = data[1]
         seq = self._recv_seq
         self._inpbuf = inpbuf[rem:]
         self._packet = b""
-        chan.receive_data(data[10:end])
-        self._finish_recv_packet(MSG_CHANNEL_DATA, seq)
+        if pkttype == MSG_CHANNEL_DATA:
+            chan.receive_data(data[10:end])
+        elif pkttype == MSG_CHANNEL_CLOSE:
+            chan.receive_close()
+        elif pkttype == MSG_CHANNEL_EOF:
+            chan.receive_eof()
+        else:  # the confirmation: the server's channel, window and packet size
+            chan.receive_open_confirmation(
+                int.from_bytes(data[6:10], "big"),
+                int.from_bytes(data[10:14], "big"),
+                int.from_bytes(data[14:18], "big"),
+            )
+        self._finish_recv_packet(pkttype, seq)
         return True
     packet = SSHPacket(data[1:end])
     pkttype = packet.get_byte()
@@ -322,6 +353,34 @@ def _direct_data_channel(self: SSHConnection, data: bytes, end: int) -> DirectDa
     if isinstance(chan, DirectDataHandler) and int.from_bytes(data[6:10], "big") == end - 10:
         return chan
     return None
+
+
+# By message type, the payload length of each other message a `DirectDataHandler` takes straight (type and
+# channel, and the confirmation's three numbers), 0 for the rest: another length goes through asyncssh's
+# parsing and errors. A tuple, so the lookup is an index, not a call.
+_DIRECT_LENGTH = tuple(
+    {MSG_CHANNEL_EOF: 6, MSG_CHANNEL_CLOSE: 6, MSG_CHANNEL_OPEN_CONFIRMATION: 18}.get(t, 0)
+    for t in range(256)
+)
+_NO_PKTSIZE = bytes(4)
+
+
+def _direct_channel(self: SSHConnection, data: bytes, end: int) -> DirectDataHandler | None:
+    """The channel an opened DATA, EOF, CLOSE or OPEN_CONFIRMATION packet (`data`, payload up to `end`)
+    goes straight to, or None: asyncssh handles the packet, with its checks and errors.
+
+    A confirmation is taken here only as asyncssh would take it: a packet size above zero, and no
+    compression (asyncssh lowers the packet size by one for dropbear with compression)."""
+    pkttype = data[1]
+    if pkttype == MSG_CHANNEL_DATA:
+        if end < 10 or int.from_bytes(data[6:10], "big") != end - 10:
+            return None
+    elif end != _DIRECT_LENGTH[pkttype] or (
+        pkttype == MSG_CHANNEL_OPEN_CONFIRMATION and (self._compressor or data[14:18] == _NO_PKTSIZE)
+    ):
+        return None
+    chan = self._channels.get(int.from_bytes(data[2:6], "big"))
+    return chan if isinstance(chan, DirectDataHandler) else None
 
 
 def _recv_opened(self: SSHConnection, enc: Any, data: bytes | None) -> bool:
