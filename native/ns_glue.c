@@ -358,6 +358,12 @@ static ns_flow *flow_new(const ns_tuple *key) {
     }
     ns_flow *f = calloc(1, sizeof *f);
     if (!f) { G.free_idx[G.nfree++] = idx; return NULL; }
+    /* Ids come back: the generation (10 bits, one counter for all slots) repeats after 1023 new flows,
+     * and a freed slot is the next one used. A stale id left in G.pending_out or G.ack_owed is harmless:
+     * ns_flush and ns_flush_acks look each id up again and do only what the flow holding it needs anyway
+     * (an output, its deferred FIN or close, an owed ACK), flag-gated, so a second entry repeats nothing.
+     * Events for a released flow precede the CONNECT of the flow reusing its id; a released TcpFlow never
+     * calls in by id (netstack/stack.py). */
     G.gen = (G.gen + 1) & ((1u << (32 - NS_IDX_BITS)) - 1);
     if (G.gen == 0) G.gen = 1;
     f->id = (G.gen << NS_IDX_BITS) | idx;
