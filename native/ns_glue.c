@@ -49,6 +49,7 @@ enum {
     F_OUTPUT_PENDING = 16, /* written since the last ns_flush: listed in G.pending_out */
     F_SHUT_DEFERRED = 32,  /* shutdown asked before the handshake completed: FIN at the next ns_flush */
     F_ACK_LISTED = 64,     /* may owe the app an ACK: listed in G.ack_owed until ns_flush_acks */
+    F_CLOSE_DEFERRED = 128, /* closed gracefully with bytes unread: NS_EV_TCP_CLOSED once they are read */
 };
 
 typedef struct {
@@ -61,7 +62,8 @@ typedef struct ns_flow {
     uint32_t id;
     uint8_t state, flags, in_hash;
     struct tcp_pcb *pcb;
-    struct pbuf *rx;          /* received, not yet read */
+    struct pbuf *rx, *rx_tail; /* received, not yet read: a list of single pbufs linked by next */
+    size_t rx_len;            /* bytes in rx (a pbuf's 16-bit tot_len would wrap past 64 KiB: unused) */
     size_t read_unacked;      /* read by the consumer, window not yet reopened */
     uint8_t *syn;             /* the held SYN while pending */
     uint16_t syn_len;
@@ -356,6 +358,12 @@ static ns_flow *flow_new(const ns_tuple *key) {
     }
     ns_flow *f = calloc(1, sizeof *f);
     if (!f) { G.free_idx[G.nfree++] = idx; return NULL; }
+    /* Ids come back: the generation (10 bits, one counter for all slots) repeats after 1023 new flows,
+     * and a freed slot is the next one used. A stale id left in G.pending_out or G.ack_owed is harmless:
+     * ns_flush and ns_flush_acks look each id up again and do only what the flow holding it needs anyway
+     * (an output, its deferred FIN or close, an owed ACK), flag-gated, so a second entry repeats nothing.
+     * Events for a released flow precede the CONNECT of the flow reusing its id; a released TcpFlow never
+     * calls in by id (netstack/stack.py). */
     G.gen = (G.gen + 1) & ((1u << (32 - NS_IDX_BITS)) - 1);
     if (G.gen == 0) G.gen = 1;
     f->id = (G.gen << NS_IDX_BITS) | idx;
@@ -365,8 +373,30 @@ static ns_flow *flow_new(const ns_tuple *key) {
     return f;
 }
 
+/* The receive queue. lwIP hands over chains of at most 64 KiB; pbuf_cat'ing them would wrap the head's
+ * 16-bit tot_len and walk the whole queue per segment. The queue instead links single pbufs through their
+ * next pointers, appends at a tail pointer and keeps its own size_t count: no pbuf's tot_len in it is ever
+ * read again. Each pbuf is freed on its own (detached first), so refcounts stay exact. */
+static void rx_append(ns_flow *f, struct pbuf *p) {
+    struct pbuf *last = p;
+    while (last->next) last = last->next; /* (the new chain only: a segment's few pbufs) */
+    if (f->rx_tail) f->rx_tail->next = p; else f->rx = p;
+    f->rx_tail = last;
+    f->rx_len += p->tot_len;
+}
+
+/* Drop the first pbuf of the queue. */
+static void rx_pop(ns_flow *f) {
+    struct pbuf *q = f->rx;
+    f->rx = q->next;
+    if (!f->rx) f->rx_tail = NULL;
+    q->next = NULL;
+    pbuf_free(q);
+}
+
 static void rx_free(ns_flow *f) {
-    if (f->rx) { pbuf_free(f->rx); f->rx = NULL; }
+    while (f->rx) rx_pop(f);
+    f->rx_len = 0;
 }
 
 /* Forget the pcb: no lwIP callback will reach this flow again. */
@@ -425,7 +455,7 @@ static err_t on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err) 
      * the ACK is owed at once, but sent by ns_flush_acks: after the consumer had the bytes and after
      * the caller's other sends of this turn (an answer written meanwhile carries it, for free). */
     if (p->flags & PBUF_FLAG_PUSH) owe_ack(f); /* (short of memory: tcp_input's output sends it now) */
-    if (f->rx) pbuf_cat(f->rx, p); else f->rx = p;
+    rx_append(f, p);
     if (!(f->flags & F_READABLE_SENT)) {
         f->flags |= F_READABLE_SENT;
         push_event(NS_EV_TCP_READABLE, f->id);
@@ -459,8 +489,15 @@ static void on_err(void *arg, err_t err) {
         return;
     }
     hash_remove(f);
-    rx_free(f);
     f->state = FLOW_CLOSED;
+    if (err == ERR_CLSD && f->rx) {
+        /* A graceful close (the app's ACK of our FIN, after its own FIN) while bytes still wait for the
+         * consumer (its reading paused): they are the app's, and its EOF comes after them. The flow keeps
+         * them without a pcb; ns_tcp_read reports the close once they are read. A reset drops them. */
+        f->flags |= F_CLOSE_DEFERRED;
+        return;
+    }
+    rx_free(f);
     ns_event *e = push_event(NS_EV_TCP_CLOSED, f->id);
     if (e) {
         e->err = err == ERR_RST ? NS_CLOSED_RESET
@@ -910,15 +947,23 @@ int ns_tcp_read(uint32_t id, uint8_t *buf, size_t maxlen) {
     if (maxlen > 0x7fffffff) maxlen = 0x7fffffff;
     size_t n = 0;
     while (f->rx && n < maxlen) {
-        size_t want = maxlen - n;
-        if (want > 0xffff) want = 0xffff;
-        u16_t got = pbuf_copy_partial(f->rx, buf + n, (u16_t)want, 0);
-        if (!got) break;
-        f->rx = pbuf_free_header(f->rx, got);
-        n += got;
+        struct pbuf *q = f->rx;
+        size_t take = maxlen - n < q->len ? maxlen - n : q->len;
+        memcpy(buf + n, q->payload, take);
+        n += take;
+        if (take == q->len) rx_pop(f);
+        else pbuf_remove_header(q, take); /* (take < len <= 0xffff) */
     }
+    f->rx_len -= n;
     f->read_unacked += n;
-    if (!f->rx) f->flags &= (uint8_t)~F_READABLE_SENT;
+    if (!f->rx) {
+        f->flags &= (uint8_t)~F_READABLE_SENT;
+        if (f->flags & F_CLOSE_DEFERRED) { /* the last bytes of a closed connection: now the close */
+            f->flags &= (uint8_t)~F_CLOSE_DEFERRED;
+            ns_event *e = push_event(NS_EV_TCP_CLOSED, f->id);
+            if (e) e->err = NS_CLOSED_NORMAL;
+        }
+    }
     return (int)n;
 }
 
@@ -964,7 +1009,7 @@ int ns_tcp_close(uint32_t id, int abort_it) {
     if (pcb) {
         /* Whatever was received but not passed on is dropped with the flow; reopen the window for it so
          * tcp_close does not turn a graceful close into a RST. */
-        size_t pending = f->read_unacked + (f->rx ? f->rx->tot_len : 0);
+        size_t pending = f->read_unacked + f->rx_len;
         rx_free(f);
         f->read_unacked = 0;
         if (!abort_it && pcb->state == SYN_RCVD) {

@@ -20,7 +20,10 @@
  * stalls); ns_flush sends it with any data written meanwhile, and ns_flush_acks sends the ones still owed
  * as bare ACKs, after the caller's own sends of the turn (the ACK is not on the request's path). TIME_WAIT
  * pcbs are freed at once (a flow the consumer has not released yet keeps its unread bytes, without a pcb,
- * until ns_tcp_close).
+ * until ns_tcp_close). A graceful close never loses received bytes: when lwIP ends a connection (the app's
+ * ACK of our FIN, after its own FIN) while bytes are unread, the flow keeps them without a pcb and
+ * NS_EV_TCP_CLOSED (NORMAL) comes once ns_tcp_read has taken the last of them; a reset drops them.
+ * Received bytes wait in a queue with its own size_t count (a pbuf chain's 16-bit tot_len would wrap).
  *
  * All functions must be called from one thread. lwIP has global state: one stack per process.
  */
@@ -37,7 +40,8 @@ enum ns_event_type {
     NS_EV_TCP_READABLE = 2, /* received data waits in ns_tcp_read */
     NS_EV_TCP_EOF = 3,      /* the app sent FIN (after all its data) */
     NS_EV_TCP_WRITABLE = 4, /* a short ns_tcp_write may be retried: the send buffer drained */
-    NS_EV_TCP_CLOSED = 5,   /* the connection is gone (err says why); release with ns_tcp_close */
+    NS_EV_TCP_CLOSED = 5,   /* the connection is gone (err says why); release with ns_tcp_close. NORMAL
+                             * comes after the last unread byte was read (RESET... at once, bytes dropped) */
     NS_EV_UDP = 6,          /* a datagram: addresses filled, payload at arena + off, len bytes */
 };
 

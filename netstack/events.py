@@ -51,7 +51,11 @@ class TcpWritable:
 
 @dataclass(frozen=True, slots=True)
 class TcpClosed:
-    """The connection is gone; the flow has been released."""
+    """The connection is gone; the flow has been released.
+
+    A ``NORMAL`` close (both sides sent FIN) comes only after every received byte was read from the flow,
+    so nothing the app sent is lost; a reset, a timeout or an error comes at once and drops unread bytes.
+    """
 
     flow: TcpFlow
     reason: CloseReason

@@ -10,6 +10,7 @@ A TCP connection starts as a ``TcpConnectRequest``: nothing has been answered ye
 first open its upstream (an SSH channel) and then ``accept`` (the handshake completes) or ``refuse`` (the
 app gets a RST at once). Received bytes stay in the stack until read; the app's receive window reopens
 only when the consumer calls ``ack`` for bytes it has handed on, which is what bounds memory per flow.
+A connection that ends gracefully keeps its unread bytes: ``TcpClosed(NORMAL)`` comes after the last read.
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ class TcpFlow:
     """One TCP connection from an app, addressed by its original 4-tuple.
 
     ``src`` is the app's address and port, ``dst`` the destination it connected to. Every method raises
-    ``FlowClosedError`` once the connection is gone, and ``LocalProtocolError`` on misuse.
+    ``FlowClosedError`` once the connection is gone (and once the flow was released, before the core is
+    asked: its id may belong to a new connection by then), and ``LocalProtocolError`` on misuse.
     """
 
     __slots__ = ("_stack", "closed", "dst", "eof_received", "id", "src", "user_data")
@@ -172,12 +174,21 @@ class TcpFlow:
             _raise(rc, what)
         return rc
 
+    def _released(self, what: str) -> FlowClosedError:
+        # A released flow's id comes back for a new connection (after 1023 others: see ns_glue.c's
+        # flow_new), so a released flow must never reach the core by its id.
+        return FlowClosedError(f"{what}: flow already released")
+
     def accept(self) -> None:
         """Complete the app's handshake (SYN-ACK)."""
+        if self.closed:
+            raise self._released("accept")
         self._check(lib.ns_tcp_accept(self.id), "accept")
 
     def refuse(self) -> None:
         """Answer the app's SYN with a RST and release the flow."""
+        if self.closed:
+            raise self._released("refuse")
         self._check(lib.ns_tcp_refuse(self.id), "refuse")
         self._stack._forget(self)
 
@@ -187,22 +198,30 @@ class TcpFlow:
         They leave at the next ``Stack.flush`` (or ``packets_to_send``). After a short write a
         ``TcpWritable`` event says when to try again.
         """
+        if self.closed:
+            raise self._released("write")
         if not data:
             return 0
         return self._check(lib.ns_tcp_write(self.id, ffi.from_buffer("uint8_t[]", data), len(data)), "write")
 
     def read(self, max_bytes: int = READ_CHUNK) -> bytes:
         """Take up to ``max_bytes`` received bytes (b"" when none wait). Acknowledge them with ``ack``."""
+        if self.closed:
+            raise self._released("read")
         buf = self._stack._read_buf
         n = self._check(lib.ns_tcp_read(self.id, buf, min(max_bytes, READ_CHUNK)), "read")
         return ffi.buffer(buf, n)[:] if n else b""
 
     def ack(self, nbytes: int) -> None:
         """Say that ``nbytes`` read bytes were handed on: the app's receive window reopens by that much."""
+        if self.closed:
+            raise self._released("ack")
         self._check(lib.ns_tcp_ack(self.id, nbytes), "ack")
 
     def shutdown(self) -> None:
         """Half-close: send FIN after the queued bytes; the app may still send."""
+        if self.closed:
+            raise self._released("shutdown")
         self._check(lib.ns_tcp_shutdown(self.id), "shutdown")
 
     def close(self) -> None:
@@ -220,7 +239,7 @@ class TcpFlow:
     @property
     def send_buffer_free(self) -> int:
         """Bytes ``write`` would take right now."""
-        return int(lib.ns_tcp_sndbuf(self.id))
+        return 0 if self.closed else int(lib.ns_tcp_sndbuf(self.id))
 
 
 class Stack:

@@ -5,7 +5,9 @@ shuts down, closes and aborts, in any order and at any moment of the handshake; 
 the owed ACKs; packets are delivered late or lost; the clock jumps across retransmission, TIME_WAIT and
 SYN_RCVD timeouts. Whatever happens, nothing may touch freed memory (run this under AddressSanitizer to see
 it: see benchmarks/netstack_asan.py) and, once every flow is released and the clock has run, nothing is
-left: no flow, no pcb, no bytes.
+left: no flow, no pcb, no bytes. And nothing is lost: once an app's FIN was taken (its end of stream), every
+byte it sent before reaches the consumer, also when the connection ends before the consumer has read them
+(a ``TcpClosed(NORMAL)`` comes only after the last of them).
 
 ``NETSTACK_FUZZ_EXAMPLES`` raises the number of runs (default 25) for a longer search.
 """
@@ -17,16 +19,18 @@ import os
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
 from netstack import (
+    CloseReason,
     NetstackError,
     Stack,
     StackConfig,
     TcpClosed,
     TcpConnectRequest,
+    TcpEndOfStream,
 )
 from tests.unit.tcp_peer import TcpPeer
 
@@ -44,6 +48,14 @@ class _App:
         self.accepted = False
         self.released = False  # closed, aborted or refused by the consumer, or closed by the stack
         self.app_done = False  # the app sent FIN or RST: it sends nothing more
+        self.connects = 0  # CONNECT events: after a second one, sent and got no longer match one flow
+        self.sent = bytearray()  # what the app sent (the stack may refuse bytes past its window)
+        self.got = bytearray()  # what the consumer read
+        self.eof_seen = False  # the app's FIN was taken: everything it sent before was taken too
+
+    def check_nothing_lost(self) -> None:
+        if self.connects == 1 and self.eof_seen:
+            assert len(self.got) == len(self.sent) and self.got == self.sent, (len(self.got), len(self.sent))
 
 
 class FlowLifecycles(RuleBasedStateMachine):
@@ -68,8 +80,14 @@ class FlowLifecycles(RuleBasedStateMachine):
                 app = self.by_port[src_port]
                 app.flow = event.flow  # (a SYN repeated after a refusal or a release: a new flow)
                 app.accepted = app.released = False
+                app.connects += 1
+            elif isinstance(event, TcpEndOfStream):
+                self.by_port[event.flow.src[1]].eof_seen = True
             elif isinstance(event, TcpClosed):
-                self.by_port[event.flow.src[1]].released = True
+                app = self.by_port[event.flow.src[1]]
+                app.released = True
+                if event.reason is CloseReason.NORMAL:  # both FINs done, every received byte read
+                    app.check_nothing_lost()
 
     def _deliver(self, lose_every: int = 0) -> None:
         for _ in range(20):
@@ -91,6 +109,15 @@ class FlowLifecycles(RuleBasedStateMachine):
             fn(*args)
 
     # -- the apps --
+
+    @initialize(n=st.integers(0, 3), v6=st.booleans())
+    def apps_already_connected(self, n: int, v6: bool) -> None:
+        # Hypothesis's runs are mostly short: start some with connections past their handshake, so that
+        # the steps go into what happens on them.
+        for _ in range(n):
+            self.app_connects(v6, False)
+            self.consumer_decides(len(self.apps) - 1, True)
+        self._deliver()
 
     @precondition(lambda self: len(self.apps) < 8)  # few apps: each lives through many steps
     @rule(v6=st.booleans(), reuse=st.booleans())
@@ -124,7 +151,9 @@ class FlowLifecycles(RuleBasedStateMachine):
     def app_sends(self, i: int, size: int, push: bool) -> None:
         app = self._pick(i)
         if app is not None and app.peer.got_synack and not app.app_done:
-            app.peer.send(os.urandom(size), push=push)
+            data = os.urandom(size)
+            app.peer.send(data, push=push)
+            app.sent += data
             self._events()
 
     @rule(i=st.integers(0, 1000))
@@ -134,6 +163,15 @@ class FlowLifecycles(RuleBasedStateMachine):
             app.app_done = True
             app.peer.fin()
             self._events()
+
+    @rule(i=st.integers(0, 1000), size=SIZES)
+    def app_sends_its_last_bytes(self, i: int, size: int) -> None:
+        # A request and the app's FIN at once (an upload, an HTTP/1.0 client): the close then often
+        # completes before the consumer (its upstream busy) has read the request.
+        app = self._pick(i)
+        if app is not None and app.peer.got_synack and not app.app_done:
+            self.app_sends(i, size, True)
+            self.app_fins(i)
 
     @rule(i=st.integers(0, 1000))
     def app_resets(self, i: int) -> None:
@@ -165,6 +203,7 @@ class FlowLifecycles(RuleBasedStateMachine):
             return
         with contextlib.suppress(NetstackError):
             data = app.flow.read()
+            app.got += data
             if ack and data:
                 app.flow.ack(len(data))
         self._events()
@@ -175,6 +214,19 @@ class FlowLifecycles(RuleBasedStateMachine):
         if app is not None and app.accepted and not app.released:
             self._call(app.flow.write, os.urandom(size))
             self._events()
+
+    @rule(i=st.integers(0, 1000), size=SIZES)
+    def consumer_answers_and_shuts_down(self, i: int, size: int) -> None:
+        self.consumer_writes(i, size)
+        self.consumer_shuts_down(i)
+
+    @rule(i=st.integers(0, 1000), size=SIZES, answer=SIZES)
+    def request_meets_a_busy_consumer(self, i: int, size: int, answer: int) -> None:
+        # The app's last bytes and FIN, the consumer's answer and FIN before it reads (its upstream is
+        # full), and the app's ACK: lwIP ends the connection with the request still unread.
+        self.app_sends_its_last_bytes(i, size)
+        self.consumer_answers_and_shuts_down(i, answer)
+        self._deliver()
 
     @rule(i=st.integers(0, 1000))
     def consumer_shuts_down(self, i: int) -> None:
@@ -235,6 +287,10 @@ class FlowLifecycles(RuleBasedStateMachine):
         try:
             for app in self.apps:
                 if app.flow is not None and not app.released:
+                    if app.eof_seen:  # (a finished connection without a pcb, after TIME_WAIT, too)
+                        while data := app.flow.read():
+                            app.got += data
+                        app.check_nothing_lost()
                     app.released = True
                     app.flow.close()
             # Live apps finish their closes; for silent ones lwIP retransmits, then gives up (TCP_MAXRTX:
