@@ -320,7 +320,11 @@ def _dispatch_opened(self: SSHConnection, enc: Any, data: bytes | None, rem: int
                 int.from_bytes(data[10:14], "big"),
                 int.from_bytes(data[14:18], "big"),
             )
-        self._finish_recv_packet(pkttype, seq)
+        # asyncssh's _finish_recv_packet, inline (see _direct_data_channel's note)
+        self._auth_final = True
+        if self._transport:
+            self._recv_seq = (seq + 1) & 0xFFFFFFFF
+        self._recv_handler = self._recv_pkthdr
         return True
     packet = SSHPacket(data[1:end])
     pkttype = packet.get_byte()
@@ -341,8 +345,19 @@ def _dispatch_opened(self: SSHConnection, enc: Any, data: bytes | None, rem: int
         raise ProtocolError(str(exc)) from None
     if result is not True:  # asyncssh's handlers of these types always answer True
         raise RuntimeError(f"asyncssh channel handler returned {result!r}; x2ssh.ssh.tuning needs review")
-    self._finish_recv_packet(pkttype, seq)
+    # asyncssh's _finish_recv_packet, inline (see _direct_data_channel's note)
+    self._auth_final = True
+    if self._transport:
+        self._recv_seq = (seq + 1) & 0xFFFFFFFF
+    self._recv_handler = self._recv_pkthdr
     return True
+
+
+# asyncssh's `_finish_recv_packet` after a connection-protocol packet: authentication is final, the
+# sequence number moves on while the transport is open (the rollover check applies only before the first
+# key exchange, the reset only to NEWKEYS) and the parser awaits a header. For the channel messages
+# handled here (an established connection, so the receive cipher is set) it is those three assignments,
+# done inline: a call less per received packet, about four per flow.
 
 
 def _direct_data_channel(self: SSHConnection, data: bytes, end: int) -> DirectDataHandler | None:
@@ -660,12 +675,21 @@ def _open_packets(self: SSHConnection, enc: Any, buf: bytes, pos: int = 0) -> tu
         except InvalidTag:
             return pos, True  # asyncssh's parser opens it again and reports the bad MAC
         cipher._update_iv()
-        payload_end = len(data) - data[0]
-        chan = _direct_data_channel(self, data, payload_end) if data[0] else None
+        # Only a DATA packet can go straight to its channel here: the type first, so a control packet
+        # (window adjust, confirmation, EOF, CLOSE) costs no lookup before `_dispatch_opened`.
+        chan = (
+            _direct_data_channel(self, data, len(data) - data[0])
+            if data[1] == MSG_CHANNEL_DATA and data[0]
+            else None
+        )
         if chan is not None:
             seq = self._recv_seq
-            chan.receive_data(data[10:payload_end])
-            self._finish_recv_packet(MSG_CHANNEL_DATA, seq)
+            chan.receive_data(data[10 : len(data) - data[0]])
+            # asyncssh's _finish_recv_packet, inline (see _direct_data_channel's note)
+            self._auth_final = True
+            if self._transport:
+                self._recv_seq = (seq + 1) & 0xFFFFFFFF
+            self._recv_handler = pkthdr
         else:  # as the per-packet direct path, with asyncssh's state set up for this one packet
             self._packet = buf[pos : pos + blocksize]
             self._pktlen = pktlen
