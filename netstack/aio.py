@@ -130,7 +130,9 @@ class TcpTransport(asyncio.Transport):
         if self._eof_waiting and not self._data_waiting and not self._reading_paused:
             self._eof_waiting = False
             self._protocol.eof_received()
-        self._tun._kick()
+        tun = self._tun
+        if not (tun._kicked or tun._dispatching):  # _kick's own test, here: no call when it would do nothing
+            tun._kick()
 
     # -- writing (protocol -> app) --
 
@@ -150,7 +152,7 @@ class TcpTransport(asyncio.Transport):
                     pass  # the dispatch flushes at its end
                 elif self._answered and len(data) <= WRITE_THROUGH and tun._timer is not None:
                     tun._send_now()
-                else:
+                elif not tun._kicked:
                     tun._kick()
                 self._answered = True
                 if tun.over_budget and not self._paused_by_budget:
@@ -215,7 +217,9 @@ class TcpTransport(asyncio.Transport):
                 self._flow.shutdown()
             except FlowClosedError:
                 return
-        self._tun._kick()
+        tun = self._tun
+        if not (tun._kicked or tun._dispatching):
+            tun._kick()
 
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
@@ -252,7 +256,9 @@ class TcpTransport(asyncio.Transport):
             self._flow.abort()
         else:
             self._flow.close()
-        self._tun._kick()
+        tun = self._tun
+        if not (tun._kicked or tun._dispatching):
+            tun._kick()
         self._connection_lost(None)
 
     def _connection_lost(self, exc: Exception | None) -> None:
@@ -347,7 +353,8 @@ class TunStack:
         flow.accept()
         self._transports[flow.id] = transport
         protocol.connection_made(transport)
-        self._kick()
+        if not (self._kicked or self._dispatching):
+            self._kick()
         return transport
 
     def udp_send(self, src: tuple[str, int], dst: tuple[str, int], payload: bytes) -> None:
@@ -415,7 +422,8 @@ class TunStack:
 
     def _kick(self) -> None:
         """Operations outside a batch may queue events or start lwIP timers: handle them soon. (Inside a
-        batch the dispatch does it at its end: no extra turn of the loop.)"""
+        batch the dispatch does it at its end: no extra turn of the loop.) The per-flow callers test
+        `_kicked` and `_dispatching` before they call: several calls per flow would do nothing."""
         if not self._kicked and not self._dispatching:
             self._kicked = True
             self._loop.call_soon(self._after_ops)
@@ -460,6 +468,7 @@ class TunStack:
 
     def _dispatch(self) -> None:
         stack = self.stack
+        handlers = self._handlers
         self._dispatching = True
         try:
             for _ in range(DISPATCH_PASSES):  # what the handlers cause (an accept that fails...) comes next
@@ -468,7 +477,10 @@ class TunStack:
                     break
                 for event in events:
                     try:
-                        self._handle(event)
+                        # One dict lookup by the event's type instead of a chain of isinstance checks (a
+                        # short connection produces about a dozen events), straight from here: no call
+                        # in between.
+                        handlers[type(event)](self, event)
                     except Exception:  # one misbehaving protocol must not take the others down
                         log.exception("error while handling %s", type(event).__name__)
             else:
@@ -481,11 +493,6 @@ class TunStack:
             self._loop.call_soon(self._flush_acks)
         self.port.write_batch(stack)  # (an fd port: it already left)
         self._check_budget()
-
-    def _handle(self, event: object) -> None:
-        # One dict lookup by the event's type instead of a chain of isinstance checks: a short connection
-        # produces about a dozen events.
-        self._handlers[type(event)](self, event)
 
     def _on_data(self, event: TcpDataReceived) -> None:
         transport = self._transports.get(event.flow.id)

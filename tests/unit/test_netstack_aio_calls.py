@@ -1,0 +1,68 @@
+"""The netstack's per-flow event path makes no call that would do nothing.
+
+A short connection passes each of its events (connect, data, end of stream) from `TunStack._dispatch`
+straight to the event's handler, and the per-flow operations (accept, write, write_eof, a delivery, the
+release) call `_kick` only when it will schedule a turn: not while a batch is being dispatched (the dispatch
+handles what they queued at its end) nor when a turn is already scheduled. Checked on a real flow through
+netstack.aio on a socketpair, by watching the Python calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+from tests.unit.test_netstack_aio_turns import _connected, exchange, wired  # noqa: F401 (fixture)
+
+_HANDLERS = {"_on_connect", "_on_data", "_on_eof", "_on_closed", "_on_writable"}
+
+
+class _Calls:
+    """Records, for netstack/aio.py's functions, who called each handler and the state `_kick` met."""
+
+    def __init__(self) -> None:
+        self.handlers: list[str] = []
+        self.handler_callers: list[str] = []
+        self.idle_kicks: list[tuple[bool, bool]] = []  # (_kicked, _dispatching) at a _kick that did nothing
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> None:
+        if event != "call" or not frame.f_code.co_filename.endswith("aio.py"):
+            return
+        name = frame.f_code.co_name
+        if name in _HANDLERS:
+            self.handlers.append(name)
+            self.handler_callers.append(frame.f_back.f_code.co_name)
+        elif name == "_kick":
+            tun = frame.f_locals["self"]
+            if tun._kicked or tun._dispatching:
+                self.idle_kicks.append((tun._kicked, tun._dispatching))
+
+
+def test_a_flow_s_events_and_operations_make_no_idle_calls(wired):  # noqa: F811 (the fixture)
+    calls = _Calls()
+
+    async def run() -> bytes:
+        sys.setprofile(calls)
+        try:
+            tun, peer, proto = await _connected(*wired)
+            wire = wired[1]
+            try:
+                peer.send(b"GET / HTTP/1.0\r\n\r\n")
+                peer.fin()
+                await exchange(wire, peer)
+                proto.transport.write(b"HTTP/1.0 200 OK\r\n\r\nbody")
+                proto.transport.write_eof()
+                proto.transport.close()
+                await exchange(wire, peer)
+                return bytes(peer.received)
+            finally:
+                tun.close()
+        finally:
+            sys.setprofile(None)
+
+    received = asyncio.run(run())
+    assert received.endswith(b"body")
+    assert {"_on_connect", "_on_data", "_on_eof"} <= set(calls.handlers)
+    assert set(calls.handler_callers) == {"_dispatch"}
+    assert calls.idle_kicks == []
