@@ -418,7 +418,7 @@ class StreamListener:
         family, kind, proto = self._kinds[listener.fileno()]
         for _ in range(ACCEPT_BATCH):
             try:
-                fd, peer = listener._accept()
+                fd, peer = listener._accept()  # type: ignore[attr-defined]
                 sock = socket.socket(family, kind, proto, fd)
             except _TRY_AGAIN:
                 return
