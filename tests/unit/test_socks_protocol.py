@@ -386,3 +386,25 @@ def test_udp_datagram_drops() -> None:
         with pytest.raises(ProtocolError):
             parse_udp_datagram(junk)
     assert parse_udp_datagram(b"\x00\x00\x00\x01\x7f\x00\x00\x01\x00\x07").payload == b""
+
+
+def test_a_request_builds_no_reply_and_calls_no_enum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parsing a CONNECT makes no error reply in advance and looks its command up without `Command(n)` (both
+    were per-request Python calls on the proxy's new-connection path); the request is as before."""
+    from x2ssh.frontends import socks_protocol
+
+    made: list[object] = []
+    monkeypatch.setattr(socks_protocol, "socks5_reply", lambda *a: made.append(a) or b"")
+    real_call = type(Command).__call__
+
+    def counting(cls: type, *args: object, **kwargs: object) -> object:
+        if cls is Command:
+            made.append(args)
+        return real_call(cls, *args, **kwargs)
+
+    monkeypatch.setattr(type(Command), "__call__", counting)
+    for command_byte, command in ((1, Command.CONNECT), (2, Command.BIND), (3, Command.UDP_ASSOCIATE)):
+        request = feed(ServerConnection(), GREET_NOAUTH + b"\x05" + bytes((command_byte,)) + connect_v4()[2:])
+        assert request.command is command
+        assert (request.host, request.port, request.address_type) == ("127.0.0.1", 80, AddressType.IPV4)
+    assert made == []

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_socks_server import FakeBackend, v4
+from tests.unit.test_socks_server import CallbackBackend, FakeBackend, v4
 from x2ssh.frontends.deadlines import Deadlines
 from x2ssh.frontends.socks import SocksServer, SocksSettings
 from x2ssh.frontends.stream import SocketStream, StreamListener, listen, supports_streams
@@ -406,3 +406,65 @@ def test_deadlines_survive_a_failing_callback(caplog: pytest.LogCaptureFixture) 
 
     run(test)
     assert "deadline callback" in caplog.text
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_accepted_sockets_are_made_without_socket_accept(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
+    """The listener wraps each accepted fd itself (`socket.accept` converts family and type to enums per
+    socket): the socket it serves has the listener's family and type, TCP_NODELAY, and the peer's address."""
+    if host == "::1" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+
+    def forbidden(self: socket.socket) -> Any:
+        raise AssertionError("socket.accept() on the lean path")
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        echoes: list[Echo] = []
+        try:
+            socks = listen(host, 0)
+        except OSError as exc:
+            pytest.skip(f"cannot listen on {host}: {exc}")
+        listener = StreamListener(loop, socks, lambda: echoes.append(Echo()) or echoes[-1])
+        listener.start()
+        monkeypatch.setattr(socket.socket, "accept", forbidden)
+        reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname()[:2])
+        writer.write(b"z")
+        async with asyncio.timeout(5):
+            assert await reader.readexactly(3) == b"z|z"
+        served = echoes[0].transport.get_extra_info("socket")
+        assert (served.family, served.type) == (listener.sockets[0].family, socket.SOCK_STREAM)
+        assert served.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert echoes[0].transport.get_extra_info("peername")[:2] == writer.get_extra_info("sockname")[:2]
+        writer.close()
+        listener.close()
+
+    run(test)
+
+
+def test_a_connection_leaves_each_deadline_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client discards itself only from the deadline it is in (handshake, then channel open): two
+    discards for a tunnel opened by callback, not two per step; the deadlines still fire (other tests)."""
+    discards: list[tuple[Deadlines[Any], Any]] = []
+    real = Deadlines.discard
+
+    def counting(self: Deadlines[Any], key: Any) -> None:
+        discards.append((self, key))
+        real(self, key)
+
+    monkeypatch.setattr(Deadlines, "discard", counting)
+
+    async def test() -> None:
+        backend = CallbackBackend()
+        server, port = await lean_server(backend)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(GREETING + CONNECT)
+        assert await reader.readexactly(12) == b"\x05\x00" + SUCCESS
+        assert backend.by_callback == 1
+        handshakes, opens = server.handshakes, server.opens
+        assert handshakes is not None and opens is not None and not handshakes and not opens
+        await server.close()  # connection_lost: nothing more to discard
+        writer.close()
+        assert [deadlines for deadlines, _ in discards] == [handshakes, opens]
+
+    run(test)

@@ -244,6 +244,9 @@ def encode_address(host: str, port: int) -> bytes:
 
 
 _UNBOUND_REPLIES = {code: bytes((5, code, 0)) + encode_address(*_UNBOUND) for code in Reply}
+_BAD_ADDRESS_TYPE = _UNBOUND_REPLIES[Reply.ADDRESS_TYPE_NOT_SUPPORTED]
+_BAD_NAME = _UNBOUND_REPLIES[Reply.HOST_UNREACHABLE]
+_COMMANDS: dict[int, Command] = {int(command): command for command in Command}  # Command(n) is a Python call
 
 
 _NAME_OK = re.compile(rb"[A-Za-z0-9_.-]+\.?")
@@ -481,15 +484,17 @@ class ServerConnection:
             raise ProtocolError(
                 f"request version {buf[0]:#04x}, expected 0x05", socks5_reply(Reply.GENERAL_FAILURE)
             )
-        if buf[1] not in (1, 2, 3):
-            raise ProtocolError(f"unknown command {buf[1]:#04x}", socks5_reply(Reply.COMMAND_NOT_SUPPORTED))
+        command = _COMMANDS.get(buf[1])
+        if command is None:
+            raise ProtocolError(
+                f"unknown command {buf[1]:#04x}", _UNBOUND_REPLIES[Reply.COMMAND_NOT_SUPPORTED]
+            )
         parsed = _parse_address(
-            buf, 3, socks5_reply(Reply.ADDRESS_TYPE_NOT_SUPPORTED), socks5_reply(Reply.HOST_UNREACHABLE)
-        )
+            buf, 3, _BAD_ADDRESS_TYPE, _BAD_NAME
+        )  # error replies made once, not per request
         if parsed is None:
             return None
         host, port, kind, end = parsed
-        command = Command(buf[1])
         del buf[:end]
         return self._requested(Request(Flavor.SOCKS5, command, host, port, kind, self._username))
 

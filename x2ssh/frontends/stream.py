@@ -390,6 +390,7 @@ class StreamListener:
         self._serving = False
         self._retry: asyncio.TimerHandle | None = None
         self._tcp = {sock.fileno(): sock.family in _TCP_FAMILIES for sock in socks}  # TCP_NODELAY or not
+        self._kinds = {sock.fileno(): (int(sock.family), int(sock.type), sock.proto) for sock in socks}
 
     def start(self) -> None:
         """Begin accepting."""
@@ -412,9 +413,13 @@ class StreamListener:
 
     def _accept_ready(self, listener: socket.socket) -> None:
         tcp = self._tcp.get(listener.fileno(), False)
+        # socket.accept() wraps the new fd with the listener's family and type as enums (two Python enum
+        # conversions, plus timeout checks, per socket); the plain ints make the same socket.
+        family, kind, proto = self._kinds[listener.fileno()]
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, peer = listener.accept()
+                fd, peer = listener._accept()  # type: ignore[attr-defined]
+                sock = socket.socket(family, kind, proto, fd)
             except _TRY_AGAIN:
                 return
             except ConnectionAbortedError:
