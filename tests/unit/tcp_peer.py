@@ -13,7 +13,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Packet, Raw
 
-from netstack import Stack
+from netstack import Stack, TcpConnectRequest, TcpFlow
 
 
 def ip_layer(src: str, dst: str) -> Packet:
@@ -127,3 +127,16 @@ def deliver(stack: Stack, peers: list[TcpPeer], rounds: int = 50) -> list[bytes]
             if not any(p.handle(raw) for p in peers):
                 unclaimed.append(raw)
     return unclaimed
+
+
+def connect(stack: Stack, peer: TcpPeer, accept: bool = True) -> TcpFlow:
+    """The app's SYN from `peer`; its flow, accepted (handshake completed) unless `accept` is False."""
+    peer.syn()
+    events = stack.events()
+    assert len(events) == 1 and isinstance(events[0], TcpConnectRequest)
+    flow = events[0].flow
+    if accept:
+        flow.accept()
+        deliver(stack, [peer])
+        assert peer.got_synack
+    return flow

@@ -10,8 +10,8 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
-from netstack import Stack, StackConfig, TcpConnectRequest, TcpDataReceived
-from tests.unit.tcp_peer import TcpPeer, deliver
+from netstack import Stack, StackConfig, TcpDataReceived
+from tests.unit.tcp_peer import TcpPeer, connect
 
 
 @pytest.fixture
@@ -19,16 +19,6 @@ def stack():
     s = Stack(StackConfig(mtu=16000), clock="manual")
     yield s
     s.close()
-
-
-def connect(stack: Stack, peer: TcpPeer):
-    peer.syn()
-    (request,) = stack.events()
-    assert isinstance(request, TcpConnectRequest)
-    request.flow.accept()
-    deliver(stack, [peer])
-    assert peer.got_synack
-    return request.flow
 
 
 def acks_sent(stack: Stack, peer: TcpPeer) -> list[int]:

@@ -22,11 +22,10 @@ from netstack import (
     Stack,
     StackConfig,
     TcpClosed,
-    TcpConnectRequest,
     TcpDataReceived,
     TcpEndOfStream,
 )
-from tests.unit.tcp_peer import TcpPeer, deliver
+from tests.unit.tcp_peer import TcpPeer, connect, deliver
 
 ADDRS = {4: ("198.18.0.2", "198.19.0.2"), 6: ("fd58:3278:7373:1::2", "fd58:3278:7373:2::9")}
 
@@ -36,16 +35,6 @@ def stack():
     s = Stack(StackConfig(mtu=16000), clock="manual")
     yield s
     s.close()
-
-
-def _connect(stack: Stack, peer: TcpPeer):
-    peer.syn()
-    (request,) = stack.events()
-    assert isinstance(request, TcpConnectRequest)
-    request.flow.accept()
-    deliver(stack, [peer])
-    assert peer.got_synack
-    return request.flow
 
 
 def _flags(raw: bytes) -> str:
@@ -63,7 +52,7 @@ def _read_all(flow) -> bytes:
 @pytest.mark.parametrize("family", [4, 6])
 def test_a_graceful_close_completed_before_the_consumer_read_keeps_the_bytes(stack, family):
     peer = TcpPeer(stack, *ADDRS[family], sport=40101)
-    flow = _connect(stack, peer)
+    flow = connect(stack, peer)
     request = os.urandom(30_000)
     peer.send(request)
     peer.fin()
@@ -86,7 +75,7 @@ def test_a_graceful_close_completed_before_the_consumer_read_keeps_the_bytes(sta
 
 def test_the_close_comes_after_the_last_of_several_reads(stack):
     peer = TcpPeer(stack, *ADDRS[4], sport=40102)
-    flow = _connect(stack, peer)
+    flow = connect(stack, peer)
     request = os.urandom(5000)
     peer.send(request)
     peer.fin()
@@ -102,7 +91,7 @@ def test_the_close_comes_after_the_last_of_several_reads(stack):
 
 def test_releasing_the_finished_flow_before_reading_frees_everything(stack):
     peer = TcpPeer(stack, *ADDRS[4], sport=40103)
-    flow = _connect(stack, peer)
+    flow = connect(stack, peer)
     peer.send(os.urandom(20_000))
     peer.fin()
     flow.shutdown()
@@ -118,7 +107,7 @@ def test_releasing_the_finished_flow_before_reading_frees_everything(stack):
 
 def test_a_reset_from_the_app_still_drops_unread_bytes(stack):
     peer = TcpPeer(stack, *ADDRS[4], sport=40104)
-    flow = _connect(stack, peer)
+    flow = connect(stack, peer)
     peer.send(os.urandom(10_000))
     stack.events()
     peer.rst()
@@ -132,7 +121,7 @@ def test_a_reset_from_the_app_still_drops_unread_bytes(stack):
 @pytest.mark.parametrize("family", [4, 6])
 def test_closing_with_more_than_64k_unread_sends_fin_not_rst(stack, family):
     peer = TcpPeer(stack, *ADDRS[family], sport=40105)
-    flow = _connect(stack, peer)
+    flow = connect(stack, peer)
     peer.send(os.urandom(100_000), segment=8000)  # tot_len of one chain: 100000 mod 65536 = 34464
     assert [type(e) for e in stack.events()] == [TcpDataReceived]
     deliver(stack, [peer])
@@ -143,7 +132,7 @@ def test_closing_with_more_than_64k_unread_sends_fin_not_rst(stack, family):
 
 def test_more_than_64k_unread_is_read_back_whole(stack):
     peer = TcpPeer(stack, *ADDRS[4], sport=40106)
-    flow = _connect(stack, peer)
+    flow = connect(stack, peer)
     sent = os.urandom(300_000)
     peer.send(sent, segment=8000)
     stack.events()

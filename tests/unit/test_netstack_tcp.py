@@ -20,12 +20,11 @@ from netstack import (
     StackBusyError,
     StackConfig,
     TcpClosed,
-    TcpConnectRequest,
     TcpDataReceived,
     TcpEndOfStream,
     TcpWritable,
 )
-from tests.unit.tcp_peer import TcpPeer, deliver
+from tests.unit.tcp_peer import TcpPeer, connect, deliver
 
 
 @pytest.fixture
@@ -33,18 +32,6 @@ def stack():
     s = Stack(StackConfig(mtu=16000), clock="manual")
     yield s
     s.close()
-
-
-def connect(stack: Stack, peer: TcpPeer, accept: bool = True):
-    peer.syn()
-    events = stack.events()
-    assert len(events) == 1 and isinstance(events[0], TcpConnectRequest)
-    flow = events[0].flow
-    if accept:
-        flow.accept()
-        deliver(stack, [peer])
-        assert peer.got_synack
-    return flow
 
 
 def drain(flow, stack: Stack) -> bytes:

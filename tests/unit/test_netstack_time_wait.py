@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from scapy.layers.inet import IP, TCP
 
-from netstack import Stack, StackConfig, TcpConnectRequest, TcpEndOfStream
-from tests.unit.tcp_peer import TcpPeer, deliver
+from netstack import Stack, StackConfig, TcpEndOfStream
+from tests.unit.tcp_peer import TcpPeer, connect, deliver
 
 TOP = Path(__file__).resolve().parents[2]
 PAST_TIME_WAIT = 3.0  # seconds; TIME_WAIT is 2 * TCP_MSL = 2 s (native/lwipopts.h)
@@ -29,16 +29,6 @@ def stack():
     s.close()
 
 
-def _connect(stack: Stack, peer: TcpPeer):
-    peer.syn()
-    (request,) = stack.events()
-    assert isinstance(request, TcpConnectRequest)
-    request.flow.accept()
-    deliver(stack, [peer])
-    assert peer.got_synack
-    return request.flow
-
-
 def _run_clock(stack: Stack, until: float) -> None:
     steps = int(until / 0.25)
     for i in range(1, steps + 1):
@@ -50,7 +40,7 @@ def _run_clock(stack: Stack, until: float) -> None:
 def test_our_fin_then_the_apps_leaves_no_pcb_behind_a_live_flow(stack, family):
     src, dst = ADDRS[family]
     peer = TcpPeer(stack, src, dst, sport=40001)
-    flow = _connect(stack, peer)
+    flow = connect(stack, peer)
     flow.write(b"answer")
     flow.shutdown()
     deliver(stack, [peer])
@@ -74,7 +64,7 @@ def test_our_fin_then_the_apps_leaves_no_pcb_behind_a_live_flow(stack, family):
 def test_simultaneous_close_leaves_no_pcb_behind_a_live_flow(stack):
     """Both FINs cross (CLOSING, then TIME_WAIT once the app ACKs ours)."""
     peer = TcpPeer(stack, *ADDRS[4], sport=40002)
-    flow = _connect(stack, peer)
+    flow = connect(stack, peer)
     flow.shutdown()
     ours = stack.packets_to_send()  # our FIN, not yet seen by the app
     assert [str(IP(raw)[TCP].flags) for raw in ours] == ["FA"]
@@ -93,14 +83,14 @@ def test_simultaneous_close_leaves_no_pcb_behind_a_live_flow(stack):
 
 def test_the_same_4_tuple_connects_again_while_the_finished_flow_is_unreleased(stack):
     peer = TcpPeer(stack, *ADDRS[4], sport=40003)
-    old = _connect(stack, peer)
+    old = connect(stack, peer)
     old.shutdown()
     deliver(stack, [peer])
     peer.fin()
     deliver(stack, [peer])
     stack.events()
     again = TcpPeer(stack, *ADDRS[4], sport=40003)
-    new = _connect(stack, again)  # a new flow: the finished one no longer owns the 4-tuple
+    new = connect(stack, again)  # a new flow: the finished one no longer owns the 4-tuple
     assert new.id != old.id
     new.write(b"fresh")
     deliver(stack, [again])
