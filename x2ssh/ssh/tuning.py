@@ -321,47 +321,39 @@ def _dispatch_opened(self: SSHConnection, enc: Any, data: bytes | None, rem: int
         chan = self._channels.get(int.from_bytes(data[2:6], "big"))
         if not isinstance(chan, DirectDataHandler):
             chan = None
-    if chan is not None:
-        seq = self._recv_seq
-        self._inpbuf = inpbuf[rem:]
-        self._packet = b""
-        if pkttype == MSG_CHANNEL_DATA:
-            chan.receive_data(data[10:end])
-        elif pkttype == MSG_CHANNEL_CLOSE:
-            chan.receive_close()
-        elif pkttype == MSG_CHANNEL_EOF:
-            chan.receive_eof()
-        else:  # the confirmation: the server's channel, window and packet size
-            chan.receive_open_confirmation(
-                int.from_bytes(data[6:10], "big"),
-                int.from_bytes(data[10:14], "big"),
-                int.from_bytes(data[14:18], "big"),
-            )
-        # asyncssh's _finish_recv_packet, inline (see the note before _direct_data_channel)
-        self._auth_final = True
-        if self._transport:
-            self._recv_seq = (seq + 1) & 0xFFFFFFFF
-        self._recv_handler = self._recv_pkthdr
-        return True
-    packet = SSHPacket(data[1:end])
-    pkttype = packet.get_byte()
-    if pkttype in _OPEN_REPLIES:
-        handler: Any = self  # the connection matches the reply to its channel, as asyncssh routes it
-    else:
-        handler = self._channels.get(packet.get_uint32())
-        if handler is None:
-            return _recv_opened(self, enc, data)
+    if chan is None:
+        packet = SSHPacket(data[1:end])
+        pkttype = packet.get_byte()
+        if pkttype in _OPEN_REPLIES:
+            handler: Any = self  # the connection matches the reply to its channel, as asyncssh routes it
+        else:
+            handler = self._channels.get(packet.get_uint32())
+            if handler is None:
+                return _recv_opened(self, enc, data)
     seq = self._recv_seq
     self._inpbuf = inpbuf[rem:]
     self._packet = b""
-    if SSHLogger._debug_level >= PACKET_DEBUG_LEVEL:
-        handler.log_received_packet(pkttype, seq, packet)
-    try:
-        result = handler.process_packet(pkttype, seq, packet)
-    except PacketDecodeError as exc:
-        raise ProtocolError(str(exc)) from None
-    if result is not True:  # asyncssh's handlers of these types always answer True
-        raise RuntimeError(f"asyncssh channel handler returned {result!r}; x2ssh.ssh.tuning needs review")
+    if chan is None:
+        if SSHLogger._debug_level >= PACKET_DEBUG_LEVEL:
+            handler.log_received_packet(pkttype, seq, packet)
+        try:
+            result = handler.process_packet(pkttype, seq, packet)
+        except PacketDecodeError as exc:
+            raise ProtocolError(str(exc)) from None
+        if result is not True:  # asyncssh's handlers of these types always answer True
+            raise RuntimeError(f"asyncssh channel handler returned {result!r}; x2ssh.ssh.tuning needs review")
+    elif pkttype == MSG_CHANNEL_DATA:
+        chan.receive_data(data[10:end])
+    elif pkttype == MSG_CHANNEL_CLOSE:
+        chan.receive_close()
+    elif pkttype == MSG_CHANNEL_EOF:
+        chan.receive_eof()
+    else:  # the confirmation: the server's channel, window and packet size
+        chan.receive_open_confirmation(
+            int.from_bytes(data[6:10], "big"),
+            int.from_bytes(data[10:14], "big"),
+            int.from_bytes(data[14:18], "big"),
+        )
     # asyncssh's _finish_recv_packet, inline (see the note before _direct_data_channel)
     self._auth_final = True
     if self._transport:
