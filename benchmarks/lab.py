@@ -49,6 +49,7 @@ from benchmarks.sshd import SshServer
 log = logging.getLogger(__name__)
 
 PREFIX = "x2l-"
+_lab_serial = itertools.count()  # see Lab.__init__
 NETNS_ETC = Path("/etc/netns")
 CMD_TIMEOUT = 60.0
 KILL_GRACE = 3.0
@@ -100,7 +101,10 @@ class Lab:
     target_addr = TARGET_ADDR
 
     def __init__(self, workdir: Path | None = None) -> None:
-        tag = f"{PREFIX}{os.getpid()}-{secrets.token_hex(2)}"
+        # A serial number makes the names unique within this process (two random bytes alone once
+        # collided, and the second lab, failing to build, tore down the first's namespaces); the pid
+        # keeps processes apart.
+        tag = f"{PREFIX}{os.getpid()}-{next(_lab_serial):x}{secrets.token_hex(2)}"
         self.client = f"{tag}-cli"
         self.server = f"{tag}-srv"
         self.target = f"{tag}-tgt"
