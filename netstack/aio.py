@@ -48,7 +48,7 @@ from netstack.events import (
     UdpDatagram,
 )
 from netstack.port import FdPort, PacketPort
-from netstack.stack import READ_CHUNK, Stack, StackConfig, TcpFlow
+from netstack.stack import ACKS_HELD, ACKS_NOW, READ_CHUNK, Stack, StackConfig, TcpFlow
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +315,7 @@ class TunStack:
         self._kicked = False
         self._dispatching = False  # inside _dispatch: it drains, flushes and re-arms the timer at its end
         self._acks_scheduled = False
+        self._held_acks: asyncio.TimerHandle | None = None  # sends the held ACKs (see Stack.flush)
         self._started = False
         self.buffer_budget = self.stack.config.buffer_budget
         self._buffered = 0  # bytes in the transports' write buffers
@@ -334,6 +335,9 @@ class TunStack:
             self._started = False
         if self._timer:
             self._timer.cancel()
+        if self._held_acks:
+            self._held_acks.cancel()
+            self._held_acks = None
         for transport in list(self._transports.values()):
             transport._connection_lost(ConnectionAbortedError("netstack closed"))
         self._transports.clear()
@@ -442,15 +446,33 @@ class TunStack:
     def _send_now(self) -> None:
         """A small write from outside a batch (an answer from upstream): send it now instead of a turn
         later. What other flows queued leaves with it."""
-        if self.stack.flush() and not self._acks_scheduled:
+        owed = self.stack.flush()
+        if owed:
+            self._owe_acks(owed)
+        self.port.write_batch(self.stack)
+
+    def _owe_acks(self, owed: int) -> None:
+        """Schedule the bare ACKs that `Stack.flush` says are still owed."""
+        if owed & ACKS_NOW and not self._acks_scheduled:
             self._acks_scheduled = True
             self._loop.call_soon(self._flush_acks)
-        self.port.write_batch(self.stack)
+        if owed & ACKS_HELD and self._held_acks is None:
+            self._held_acks = self._loop.call_later(self.stack.config.ack_hold, self._flush_held_acks)
 
     def _flush_acks(self) -> None:
         # A turn after the batch that owed them: the bytes' way upstream (the SSH channel's send, which
         # waits for the end of the turn as well) went first, so the bare ACK is off the request's path.
+        # Held ones (new connections' requests) wait for their answer, up to ack_hold.
         self._acks_scheduled = False
+        if not self.stack._closed:
+            if self.stack.flush_acks(held=False) and self._held_acks is None:
+                self._held_acks = self._loop.call_later(self.stack.config.ack_hold, self._flush_held_acks)
+            self.port.write_batch(self.stack)
+
+    def _flush_held_acks(self) -> None:
+        # The held ACKs whose answer did not come within ack_hold (one timer for all: an ACK owed later
+        # than the timer's start waits less, never more).
+        self._held_acks = None
         if not self.stack._closed:
             self.stack.flush_acks()
             self.port.write_batch(self.stack)
@@ -488,9 +510,9 @@ class TunStack:
                 self._kick()  # still more: on the next turn, so other callbacks get theirs
         finally:
             self._dispatching = False
-        if stack.flush() and not self._acks_scheduled:  # what was written leaves now, a FIN with the data
-            self._acks_scheduled = True
-            self._loop.call_soon(self._flush_acks)
+        owed = stack.flush()  # what was written leaves now, a FIN with the data
+        if owed:
+            self._owe_acks(owed)
         self.port.write_batch(stack)  # (an fd port: it already left)
         self._check_budget()
 

@@ -38,6 +38,8 @@ from netstack.events import (
 ffi, lib = load()
 
 READ_CHUNK = 256 * 1024
+ACKS_NOW = int(lib.NS_ACKS_NOW)  # Stack.flush: bare ACKs owed, to send soon
+ACKS_HELD = int(lib.NS_ACKS_HELD)  # Stack.flush: first ACKs of flows, which may wait for an answer
 _FAMILY = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
 _ERRORS = {
     lib.NS_ENOFLOW: "flow already released",
@@ -140,11 +142,16 @@ class StackConfig:
     ``max_flows`` caps live TCP flows (pending ones included): SYNs beyond it are answered with a RST.
     ``buffer_budget`` caps the bytes buffered for all flows together (in the stack and in the asyncio
     adapter's write buffers); beyond it the adapter stops reading, it never drops (see ``netstack.aio``).
+    ``ack_hold`` (seconds) bounds how long a flow's first owed ACK waits for an answer to carry it (see
+    ``Stack.flush``): a new connection's request is usually answered within it, which saves a packet each
+    way through the TUN. An app that writes twice with Nagle on and then waits for the answer waits this
+    long once per connection, never again (the kernel's own delayed ACK is 40 ms and more).
     """
 
     mtu: int = 65535
     max_flows: int = 65536
     buffer_budget: int = 128 * 1024 * 1024
+    ack_hold: float = 0.008
 
 
 class TcpFlow:
@@ -259,6 +266,8 @@ class Stack:
         self.config = config or StackConfig()
         if self.config.buffer_budget < 1:
             raise LocalProtocolError(f"buffer_budget must be positive, not {self.config.buffer_budget}")
+        if not 0 <= self.config.ack_hold <= 0.2:  # beyond the app's minimum retransmission timeout
+            raise LocalProtocolError(f"ack_hold must be 0 to 0.2 seconds, not {self.config.ack_hold}")
         rc = lib.ns_open(self.config.mtu, self.config.max_flows)
         if rc < 0:
             _raise(rc, f"open (mtu={self.config.mtu}, max_flows={self.config.max_flows})")
@@ -306,19 +315,23 @@ class Stack:
             raise OSError(-rc, f"reading the TUN device: {os.strerror(-rc)}")
         return rc
 
-    def flush(self) -> bool:
+    def flush(self) -> int:
         """Send what ``TcpFlow.write`` queued. Writes wait for this (once per turn of the caller's loop) so
         that several writes and a FIN leave in as few segments as possible; ``packets_to_send`` flushes
         first by itself.
 
-        Returns True when some apps are still owed an ACK for bytes they sent (the end of a write, or bytes
-        the consumer acknowledged, and no answer carried the ACK): call ``flush_acks`` soon, ideally once
-        this turn's other sends (the request's way upstream) are out."""
-        return bool(lib.ns_flush())
+        Returns which ACKs apps are still owed for bytes they sent (the end of a write, or bytes the
+        consumer acknowledged, and no answer carried the ACK), as bits (0: none). ``ACKS_NOW``: call
+        ``flush_acks(held=False)`` soon, ideally once this turn's other sends (the request's way upstream)
+        are out. ``ACKS_HELD``: a flow's first owed ACK (the end of a new connection's request, typically),
+        which may wait up to ``StackConfig.ack_hold`` for the answer to carry it; then call
+        ``flush_acks()``."""
+        return int(lib.ns_flush())
 
-    def flush_acks(self) -> None:
-        """Send the ACKs still owed to apps as bare ACKs (``packets_to_send`` does this by itself)."""
-        lib.ns_flush_acks()
+    def flush_acks(self, held: bool = True) -> bool:
+        """Send the ACKs still owed to apps as bare ACKs; with ``held=False`` keep those that may still wait
+        for an answer. Returns whether held ones are still owed. (``packets_to_send`` sends all of them.)"""
+        return bool(lib.ns_flush_acks(1 if held else 0))
 
     def set_output_fd(self, fd: int | None) -> None:
         """Write output packets straight to ``fd`` (a TUN device), or queue them when None."""
