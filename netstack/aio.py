@@ -537,9 +537,16 @@ class TunStack:
 
     def _on_eof(self, event: TcpEndOfStream) -> None:
         transport = self._transports.get(event.flow.id)
-        if transport is not None:
-            transport._eof_waiting = True
-            transport._deliver()
+        if transport is None:
+            return
+        transport._eof_waiting = True
+        if transport._data_waiting or transport._reading_paused:
+            transport._deliver()  # (paused: it does nothing; resume_reading delivers the bytes, then EOF)
+        else:
+            # Every byte signalled before the EOF was delivered already (a READABLE event comes before
+            # the EOF of the same segment, and _deliver reads until the queue is empty): no read needed.
+            transport._eof_waiting = False
+            transport._protocol.eof_received()
 
     def _on_closed(self, event: TcpClosed) -> None:
         transport = self._transports.get(event.flow.id)

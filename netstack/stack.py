@@ -190,7 +190,9 @@ class TcpFlow:
         """Complete the app's handshake (SYN-ACK)."""
         if self.closed:
             raise self._released("accept")
-        self._check(lib.ns_tcp_accept(self.id), "accept")
+        rc = lib.ns_tcp_accept(self.id)
+        if rc < 0:  # (inline, not _check: every connection passes here)
+            _raise(rc, "accept")
 
     def refuse(self) -> None:
         """Answer the app's SYN with a RST and release the flow."""
@@ -209,27 +211,38 @@ class TcpFlow:
             raise self._released("write")
         if not data:
             return 0
-        return self._check(lib.ns_tcp_write(self.id, ffi.from_buffer("uint8_t[]", data), len(data)), "write")
+        rc: int = lib.ns_tcp_write(self.id, ffi.from_buffer("uint8_t[]", data), len(data))
+        if rc < 0:
+            _raise(rc, "write")
+        return rc
 
     def read(self, max_bytes: int = READ_CHUNK) -> bytes:
         """Take up to ``max_bytes`` received bytes (b"" when none wait). Acknowledge them with ``ack``."""
         if self.closed:
             raise self._released("read")
         buf = self._stack._read_buf
-        n = self._check(lib.ns_tcp_read(self.id, buf, min(max_bytes, READ_CHUNK)), "read")
-        return ffi.buffer(buf, n)[:] if n else b""
+        n = lib.ns_tcp_read(self.id, buf, max_bytes if max_bytes < READ_CHUNK else READ_CHUNK)
+        if n > 0:
+            return ffi.buffer(buf, n)[:]
+        if n < 0:
+            _raise(n, "read")
+        return b""
 
     def ack(self, nbytes: int) -> None:
         """Say that ``nbytes`` read bytes were handed on: the app's receive window reopens by that much."""
         if self.closed:
             raise self._released("ack")
-        self._check(lib.ns_tcp_ack(self.id, nbytes), "ack")
+        rc = lib.ns_tcp_ack(self.id, nbytes)
+        if rc < 0:
+            _raise(rc, "ack")
 
     def shutdown(self) -> None:
         """Half-close: send FIN after the queued bytes; the app may still send."""
         if self.closed:
             raise self._released("shutdown")
-        self._check(lib.ns_tcp_shutdown(self.id), "shutdown")
+        rc = lib.ns_tcp_shutdown(self.id)
+        if rc < 0:
+            _raise(rc, "shutdown")
 
     def close(self) -> None:
         """Release the flow gracefully (FIN); unread bytes are dropped. Safe to call twice."""
