@@ -85,6 +85,31 @@ _TUPLE_START = ffi.offsetof("ns_event", "sport")
 _TUPLE_END = ffi.offsetof("ns_event", "dst") + 16
 _udp_pairs: dict[bytes, tuple[Address, Address]] = {}
 
+# A TCP connection's hosts, by the event's raw family and address bytes: every connection between the same
+# two hosts converts them once (its ports differ).
+_HOSTS_START = ffi.offsetof("ns_event", "family")
+_HOSTS_END = ffi.offsetof("ns_event", "dst") + 16
+_tcp_hosts: dict[bytes, tuple[str, str]] = {}
+
+
+def _tcp_hosts_of(ev: Any, key: bytes) -> tuple[str, str]:
+    hosts = (_address(ev.family, ev.src, 0)[0], _address(ev.family, ev.dst, 0)[0])
+    if len(_tcp_hosts) >= ADDRESS_CACHE:
+        _tcp_hosts.clear()
+    _tcp_hosts[key] = hosts
+    return hosts
+
+
+# Event kinds as plain ints: the events loop compares each event against several (a cffi `lib` attribute
+# is a lookup each time).
+_EV_READABLE = int(lib.NS_EV_TCP_READABLE)
+_EV_UDP = int(lib.NS_EV_UDP)
+_EV_ICMP_ECHO = int(lib.NS_EV_ICMP_ECHO)
+_EV_CONNECT = int(lib.NS_EV_TCP_CONNECT)
+_EV_EOF = int(lib.NS_EV_TCP_EOF)
+_EV_WRITABLE = int(lib.NS_EV_TCP_WRITABLE)
+_EV_CLOSED = int(lib.NS_EV_TCP_CLOSED)
+
 
 def _udp_pair(ev: Any, key: bytes) -> tuple[Address, Address]:
     pair = (_address(ev.family, ev.src, ev.sport), _address(ev.family, ev.dst, ev.dport))
@@ -434,15 +459,15 @@ class Stack:
             return []
         evs, arena, flows = self._ev_ptr[0], self._arena_ptr[0], self._flows
         out: list[Event] = []
-        raw = None  # the events' bytes, for the UDP address cache's keys
+        raw = None  # the events' bytes, for the address caches' keys
         for i in range(n):
             ev = evs[i]
             kind = ev.type
-            if kind == lib.NS_EV_TCP_READABLE:
+            if kind == _EV_READABLE:
                 flow = flows.get(ev.flow)
                 if flow is not None:
                     out.append(TcpDataReceived(flow))
-            elif kind == lib.NS_EV_UDP:
+            elif kind == _EV_UDP:
                 if raw is None:
                     raw = ffi.buffer(evs, n * _EVENT_SIZE)
                 at = i * _EVENT_SIZE
@@ -450,7 +475,7 @@ class Stack:
                 if pair is None:
                     pair = _udp_pair(ev, raw[at + _TUPLE_START : at + _TUPLE_END])
                 out.append(UdpDatagram(pair[0], pair[1], ffi.buffer(arena + ev.off, ev.len)[:]))
-            elif kind == lib.NS_EV_ICMP_ECHO:
+            elif kind == _EV_ICMP_ECHO:
                 out.append(
                     IcmpEchoRequest(
                         _address(ev.family, ev.src, 0)[0],
@@ -460,25 +485,26 @@ class Stack:
                         ffi.buffer(arena + ev.off, ev.len)[:],
                     )
                 )
-            elif kind == lib.NS_EV_TCP_CONNECT:
-                flow = TcpFlow(
-                    self,
-                    ev.flow,
-                    _address(ev.family, ev.src, ev.sport),
-                    _address(ev.family, ev.dst, ev.dport),
-                )
-                flows[ev.flow] = flow
+            elif kind == _EV_CONNECT:
+                if raw is None:
+                    raw = ffi.buffer(evs, n * _EVENT_SIZE)
+                at = i * _EVENT_SIZE
+                key = raw[at + _HOSTS_START : at + _HOSTS_END]
+                hosts = _tcp_hosts.get(key) or _tcp_hosts_of(ev, key)
+                flow_id = ev.flow
+                flow = TcpFlow(self, flow_id, (hosts[0], ev.sport), (hosts[1], ev.dport))
+                flows[flow_id] = flow
                 out.append(TcpConnectRequest(flow))
             else:
                 flow = flows.get(ev.flow)
                 if flow is None:
                     continue  # released by the consumer earlier in this batch
-                if kind == lib.NS_EV_TCP_EOF:
+                if kind == _EV_EOF:
                     flow.eof_received = True
                     out.append(TcpEndOfStream(flow))
-                elif kind == lib.NS_EV_TCP_WRITABLE:
+                elif kind == _EV_WRITABLE:
                     out.append(TcpWritable(flow))
-                elif kind == lib.NS_EV_TCP_CLOSED:
+                elif kind == _EV_CLOSED:
                     lib.ns_tcp_close(flow.id, 1)  # the pcb is gone: this only frees the slot
                     self._forget(flow)
                     out.append(TcpClosed(flow, CloseReason(ev.err)))
