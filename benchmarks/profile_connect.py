@@ -6,6 +6,10 @@ Builds the namespace lab, starts x2ssh (the harness's `x2ssh` transport), runs `
 connection per 1 KiB request, and records the busiest x2ssh process with py-spy (raw collapsed stacks).
 Prints the top functions by own time and by inclusive time, as shares of all samples. Needs root and
 py-spy; not a benchmark (no baseline), a tool to see where the time goes.
+
+`--compare TREE` runs this checkout and another one alternately in one lab and prints, per connection, the
+data plane's user and system CPU and the packets through the TUN each way (the device's counters: every
+packet costs x2ssh a system call, and one written to the apps the kernel's delivery as well).
 """
 
 from __future__ import annotations
