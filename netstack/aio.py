@@ -315,6 +315,7 @@ class TunStack:
         self._kicked = False
         self._dispatching = False  # inside _dispatch: it drains, flushes and re-arms the timer at its end
         self._acks_scheduled = False
+        self._deferred: list[Callable[[], None]] = []  # see `defer`
         self._started = False
         self.buffer_budget = self.stack.config.buffer_budget
         self._buffered = 0  # bytes in the transports' write buffers
@@ -374,6 +375,17 @@ class TunStack:
         self.stack.icmp_unreachable(reporter, app, dst, code, echo)
         self.port.write_batch(self.stack)
 
+    def defer(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the batch of packets being handled is done (right after the protocols' calls,
+        before the loop's next turn), or on the loop's next turn when no batch is being handled.
+
+        For what a protocol gathers while a batch is delivered (an upstream connection's packets): it
+        leaves with the batch instead of a turn of the loop later, and still in one piece per batch."""
+        if self._dispatching:
+            self._deferred.append(callback)
+        else:
+            self._loop.call_soon(callback)
+
     @property
     def transports(self) -> dict[int, TcpTransport]:
         return self._transports
@@ -410,6 +422,9 @@ class TunStack:
                     break
         except OSError as exc:
             self._port_failed(exc)
+        finally:
+            if self._deferred:  # once for all the batches of this turn, as a loop turn would have
+                self._run_deferred()
         self._arm_timer()
 
     def _port_failed(self, exc: BaseException) -> None:
@@ -431,13 +446,25 @@ class TunStack:
     def _after_ops(self) -> None:
         self._kicked = False
         self._dispatch()
+        if self._deferred:
+            self._run_deferred()
         self._arm_timer()
 
     def _on_timer(self) -> None:
         self._timer = None
         self.stack.handle_timer()
         self._dispatch()
+        if self._deferred:
+            self._run_deferred()
         self._arm_timer()
+
+    def _run_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for callback in deferred:
+            try:
+                callback()
+            except Exception:  # as the loop would report a failed callback; the others still run
+                log.exception("error in a callback deferred to the end of a batch")
 
     def _send_now(self) -> None:
         """A small write from outside a batch (an answer from upstream): send it now instead of a turn

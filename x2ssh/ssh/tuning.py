@@ -16,6 +16,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh.connection as _asyncssh_connection
@@ -748,6 +749,7 @@ def coalesce_sends(conn: Any) -> None:
         return
     pending: list[bytes] = []
     loop = asyncio.get_running_loop()
+    defer = loop.call_soon  # when the gathered packets leave (see `flush_sends_with`)
 
     def flush() -> None:
         parts = pending.copy()
@@ -764,10 +766,26 @@ def coalesce_sends(conn: Any) -> None:
 
     def coalescing_send(data: bytes) -> None:
         if not pending:
-            loop.call_soon(flush)
+            defer(flush)
         pending.append(data)
 
+    def set_defer(schedule: Callable[[Callable[[], None]], None]) -> None:
+        nonlocal defer
+        defer = schedule
+
     conn._send = coalescing_send
+    conn._x2ssh_set_defer = set_defer
+
+
+def flush_sends_with(conn: Any, defer: Callable[[Callable[[], None]], None]) -> None:
+    """Have the packets `coalesce_sends` gathers for `conn` leave through `defer(flush)` instead of on the
+    loop's next turn: `netstack.aio.TunStack.defer` sends them at the end of the netstack batch that wrote
+    them (a request from the app leaves a loop turn earlier, still with one write per batch). `defer` must
+    run the flush no later than the loop's next turn. A no-op for a connection `coalesce_sends` did not
+    wrap."""
+    set_defer = getattr(conn, "_x2ssh_set_defer", None)
+    if set_defer is not None:
+        set_defer(defer)
 
 
 def write_gathered(transport: Any, parts: list[bytes]) -> bytes | None:
