@@ -8,7 +8,9 @@ same native module: `git archive REV | tar -x -C TREE` plus a copy of netstack/_
 turn, `--rounds` times: the same load and the same sshd for all. Prints each run's p50/p99 and the
 median p50 per transport with its ratio to `ssh -L`'s. `--strace OUT` records x2ssh's system calls
 (strace -f -tt -T) during one extra run of this checkout: where the time of a round trip goes.
-Needs root (the lab). Not a benchmark of record: `python -m benchmarks --only rr-latency` is.
+`--also ab-rate,tcp-up` runs those harness scenarios on each transport in each round too (no
+regression elsewhere). Needs root (the lab). Not a benchmark of record: `python -m benchmarks
+--only rr-latency` is.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from benchmarks.env import build_env
 from benchmarks.lab import Lab, cleanup_stale
 from benchmarks.profile_connect import _busiest, _times, _X2sshFromTree, _X2sshUnderCProfile, summarize
-from benchmarks.scenarios import _client
+from benchmarks.scenarios import Settings, _client, all_scenarios
 from benchmarks.transports import SshLocalForward, Transport, X2ssh
 
 
@@ -108,6 +110,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--strace", type=Path, default=None, metavar="OUT")
+    parser.add_argument("--also", default="", metavar="SCENARIO[,..]", help="harness scenarios to A/B too")
     parser.add_argument("--spy", action="store_true", help="py-spy (raw, own and inclusive top) of one run")
     parser.add_argument("--cprofile", action="store_true", help="cProfile (CPU time, calls) of one run")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "x2ssh-profile-rr")
@@ -115,6 +118,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     names = (["ssh-L", "this"] + (["other"] if args.compare else [])) if args.rounds else []
     p50s: dict[str, list[float]] = {name: [] for name in names}
+    also = [s for s in all_scenarios() if s.name in args.also.split(",")]
+    settings = Settings.full()
+    figures: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
     cleanup_stale()
     with Lab() as lab:
         env = build_env(lab, args.out / "logs", 1024 * 1024)
@@ -131,6 +137,13 @@ def main() -> int:
                 transport.start(env)
                 try:
                     data = _rr(env, transport, args.count)
+                    for scenario in also:
+                        values = scenario.run(env, transport, settings)
+                        for metric, (value, _) in values.items():
+                            if value is not None:
+                                figures[(metric, name)].append(value)
+                        shown = {k: round(v[0], 1) for k, v in values.items() if v[0] is not None}
+                        print(f"{name:6s} {scenario.name}: {shown}", flush=True)
                 finally:
                     transport.stop()
                 p50s[name].append(data["p50_us"])
@@ -161,6 +174,8 @@ def main() -> int:
             _cprofile(env, args.count, args.out)
     if not names:
         return 0
+    for (metric, name), values in sorted(figures.items()):
+        print(f"median {metric} {name}: {statistics.median(values):.1f}")
     base = statistics.median(p50s["ssh-L"])
     for name, values in p50s.items():
         mid = statistics.median(values)

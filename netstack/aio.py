@@ -376,8 +376,9 @@ class TunStack:
         self.port.write_batch(self.stack)
 
     def defer(self, callback: Callable[[], None]) -> None:
-        """Run `callback` once the batch of packets being handled is done (right after the protocols' calls,
-        before the loop's next turn), or on the loop's next turn when no batch is being handled.
+        """Run `callback` once the protocols have been handed the batch of events being handled (before the
+        stack sends its own output and before the loop's next turn), or on the loop's next turn when no
+        batch is being handled.
 
         For what a protocol gathers while a batch is delivered (an upstream connection's packets): it
         leaves with the batch instead of a turn of the loop later, and still in one piece per batch."""
@@ -422,9 +423,6 @@ class TunStack:
                     break
         except OSError as exc:
             self._port_failed(exc)
-        finally:
-            if self._deferred:  # once for all the batches of this turn, as a loop turn would have
-                self._run_deferred()
         self._arm_timer()
 
     def _port_failed(self, exc: BaseException) -> None:
@@ -446,16 +444,12 @@ class TunStack:
     def _after_ops(self) -> None:
         self._kicked = False
         self._dispatch()
-        if self._deferred:
-            self._run_deferred()
         self._arm_timer()
 
     def _on_timer(self) -> None:
         self._timer = None
         self.stack.handle_timer()
         self._dispatch()
-        if self._deferred:
-            self._run_deferred()
         self._arm_timer()
 
     def _run_deferred(self) -> None:
@@ -510,11 +504,15 @@ class TunStack:
                         handlers[type(event)](self, event)
                     except Exception:  # one misbehaving protocol must not take the others down
                         log.exception("error while handling %s", type(event).__name__)
+                if self._deferred:  # before the stack's own work below: the request's way upstream first
+                    self._run_deferred()
             else:
                 self._dispatching = False
                 self._kick()  # still more: on the next turn, so other callbacks get theirs
         finally:
             self._dispatching = False
+            if self._deferred:  # (only when something above raised)
+                self._run_deferred()
         if stack.flush() and not self._acks_scheduled:  # what was written leaves now, a FIN with the data
             self._acks_scheduled = True
             self._loop.call_soon(self._flush_acks)

@@ -8,6 +8,7 @@ import asyncio
 import socket
 
 import pytest
+from scapy.layers.inet import IP, TCP
 
 from netstack import StackConfig, TcpFlow
 from netstack.aio import TunStack
@@ -119,6 +120,42 @@ def test_a_failing_deferred_callback_is_logged_and_the_others_still_run(wired, c
             await exchange(wired[1], peer)
             assert upstream.writes == [b"header request"]
             assert "deferred failure" in caplog.text
+        finally:
+            tun.close()
+
+    asyncio.run(run())
+
+
+def test_the_upstream_send_goes_before_the_stacks_own_output_of_the_batch(wired):
+    """The request's way upstream is the critical path: it leaves before the segments the stack sends for
+    the same batch (here an answer the protocol wrote back to the app at once)."""
+
+    async def run() -> None:
+        ours, wire = wired
+        on_wire_at_flush: list[list[bytes]] = []
+
+        class Watching(Upstream):
+            def _send(self, data: bytes) -> None:
+                segments = [bytes(IP(raw)[TCP].payload) for raw in wire.packets()]
+                on_wire_at_flush.append([s for s in segments if s])
+                super()._send(data)
+
+        upstream = Watching()
+        tun, peer, _ = await _forwarding(ours, wire, upstream)
+        protocol = next(iter(tun.transports.values())).get_protocol()
+        forward = protocol.on_data  # type: ignore[attr-defined]
+
+        def answer_then_forward() -> None:
+            protocol.transport.write(b"answer")  # type: ignore[attr-defined]
+            forward()
+
+        protocol.on_data = answer_then_forward  # type: ignore[attr-defined]
+        try:
+            peer.send(b"request")
+            await exchange(wire, peer)
+            assert upstream.writes == [b"header request"]
+            assert on_wire_at_flush == [[]], "the stack's output of the batch left before the upstream send"
+            assert bytes(peer.received) == b"answer"
         finally:
             tun.close()
 
