@@ -305,6 +305,9 @@ class TunStack:
         on_icmp: Callable[[IcmpEchoRequest], None] | None = None,
     ) -> None:
         self.port: PacketPort = FdPort(port) if isinstance(port, int) else port
+        # An fd port's `write_batch` does nothing (the core writes each packet to the fd): the calls on the
+        # per-packet paths below are skipped for it.
+        self._port_queues = type(self.port) is not FdPort
         self.stack = stack or Stack(config)
         self.on_tcp = on_tcp or (lambda flow: flow.refuse())
         self.on_udp = on_udp or (lambda datagram: None)
@@ -466,7 +469,8 @@ class TunStack:
         if self.stack.flush() and not self._acks_scheduled:
             self._acks_scheduled = True
             self._loop.call_soon(self._flush_acks)
-        self.port.write_batch(self.stack)
+        if self._port_queues:
+            self.port.write_batch(self.stack)
 
     def _flush_acks(self) -> None:
         # A turn after the batch that owed them: the bytes' way upstream (the SSH channel's send, which
@@ -474,7 +478,8 @@ class TunStack:
         self._acks_scheduled = False
         if not self.stack._closed:
             self.stack.flush_acks()
-            self.port.write_batch(self.stack)
+            if self._port_queues:
+                self.port.write_batch(self.stack)
 
     def _arm_timer(self) -> None:
         delay = self.stack.timer_deadline() if not self.stack._closed else None
@@ -516,7 +521,8 @@ class TunStack:
         if stack.flush() and not self._acks_scheduled:  # what was written leaves now, a FIN with the data
             self._acks_scheduled = True
             self._loop.call_soon(self._flush_acks)
-        self.port.write_batch(stack)  # (an fd port: it already left)
+        if self._port_queues:  # (an fd port: it already left)
+            self.port.write_batch(stack)
         self._check_budget()
 
     def _on_data(self, event: TcpDataReceived) -> None:
