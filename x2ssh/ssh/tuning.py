@@ -568,29 +568,29 @@ def _data_received_in_slices(self: SSHConnection, data: bytes, datatype: Any = N
 # asyncssh's own parser, which then reports the same errors as always.
 
 
-def _in_place_ok(self: SSHConnection, enc: Any) -> bool:
-    return (
-        enc.__class__ is GCMEncryption
-        and self._decompressor is None
-        and self._auth_complete
-        and self._transport is not None
-        and SSHLogger._debug_level < PACKET_DEBUG_LEVEL
-    )
-
-
 def _data_received_in_place(self: SSHConnection, data: bytes, datatype: Any = None) -> None:
+    # (Once per socket read, so the checks are inline, the usual outcome first: every read of an
+    # interactive flow's answer comes through here.)
     enc = self._recv_encryption
-    handler = self._recv_handler
-    if not _in_place_ok(self, enc):
+    if (
+        enc.__class__ is not GCMEncryption
+        or self._decompressor is not None
+        or not self._auth_complete
+        or self._transport is None
+        or SSHLogger._debug_level >= PACKET_DEBUG_LEVEL
+    ):
         _data_received_in_slices(self, data, datatype)
         return
-    if handler == self._recv_packet:  # asyncssh's parser took the first block of a packet it awaits
-        self._inpbuf = self._packet + self._inpbuf  # GCM leaves that block as it is (the length is plain)
+    handler = self._recv_handler
+    if handler != self._recv_pkthdr:
+        if handler != self._recv_packet:  # a packet's handler is still at work: asyncssh buffers
+            _data_received_in_slices(self, data, datatype)
+            return
+        # asyncssh's parser took the first block of a packet it awaits: GCM leaves that block as it is
+        # (the length is plain), so it goes back in front of the buffer
+        self._inpbuf = self._packet + self._inpbuf
         self._packet = b""
         self._recv_handler = self._recv_pkthdr
-    elif handler != self._recv_pkthdr:  # a packet's handler is still at work: asyncssh buffers
-        _data_received_in_slices(self, data, datatype)
-        return
     self._reset_keepalive_timer()
     try:
         rest = _parse_in_place(self, enc, data)
@@ -648,7 +648,7 @@ def _open_packets(self: SSHConnection, enc: Any, buf: bytes, pos: int = 0) -> tu
     blocksize = self._recv_blocksize
     max_pktlen = self._max_recv_pktlen
     cipher = enc._cipher
-    aead = _aead(cipher)
+    aead = cipher.__dict__.get("_x2ssh_aead") or _aead(cipher)
     pkthdr = self._recv_pkthdr
     while (
         n - pos >= blocksize
