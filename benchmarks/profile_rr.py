@@ -27,11 +27,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.env import build_env
+from benchmarks.env import BenchEnv, build_env
 from benchmarks.lab import Lab, cleanup_stale
 from benchmarks.profile_connect import _busiest, _times, _X2sshFromTree, _X2sshUnderCProfile, summarize
 from benchmarks.scenarios import Settings, _client, all_scenarios
-from benchmarks.transports import SshLocalForward, Transport, X2ssh
+from benchmarks.transports import REPO_ROOT, SshLocalForward, Transport, X2ssh
 
 
 def _run_ns(pid: int) -> int:
@@ -91,17 +91,48 @@ def _spy(env: object, count: int, out: Path) -> None:
         print(f"  {100 * n / total:5.1f}%  {name}")
 
 
-def _cprofile(env: object, count: int, out: Path) -> None:
-    transport = _X2sshUnderCProfile()
-    stats = out / "rr.pstats"
-    transport.out = str(stats)  # type: ignore[attr-defined]
-    transport.start(env)  # type: ignore[arg-type]
-    try:
-        data = _rr(env, transport, count)
-        print(f"under cProfile: p50 {data['p50_us']:.1f} µs, {count} round trips")
-    finally:
-        transport.stop()
-    pstats.Stats(str(stats)).sort_stats("tottime").print_stats(45)
+class _CProfiledTree(_X2sshUnderCProfile):
+    """benchmarks.cprofile_x2ssh run from checkout `tree` (this one by default)."""
+
+    tree = str(REPO_ROOT)
+
+    def start(self, env: BenchEnv) -> None:
+        self.env = env
+        sshd = env.sshd
+        argv = [
+            sys.executable, "-m", "benchmarks.cprofile_x2ssh", self.out, "--vpn", "-F", str(sshd.ssh_config),
+            "-i", str(sshd.client_key), "-p", str(sshd.port), "--vpn-dns", "off", sshd.destination,
+        ]  # fmt: skip
+        self._spawn_watched(argv, r"VPN up", cwd=self.tree)
+
+
+def _cprofile(env: BenchEnv, count: int, out: Path, trees: dict[str, str]) -> None:
+    """Per round trip: Python calls, loop turns and socket/TUN system calls, for each checkout (exact
+    counts, unlike the times); then this checkout's top functions by own CPU time."""
+    for name, tree in trees.items():
+        transport = _CProfiledTree()
+        transport.tree = tree
+        stats = out / f"rr-{name}.pstats"
+        transport.out = str(stats)  # type: ignore[attr-defined]
+        transport.start(env)
+        try:
+            _rr(env, transport, 300)  # warm-up, then the counted run: the difference is the run's
+            data = _rr(env, transport, count)
+        finally:
+            transport.stop()
+        profile = pstats.Stats(str(stats))
+        calls = sum(nc for (_, _, _), (_, nc, _, _, _) in profile.stats.items())  # type: ignore[attr-defined]
+        turns = sum(
+            nc
+            for (f, _, fn), (_, nc, _, _, _) in profile.stats.items()  # type: ignore[attr-defined]
+            if fn == "_run_once" and f.endswith("base_events.py")
+        )
+        total = count + 600  # the warm-ups' round trips count too (each _rr warms up with 300)
+        print(
+            f"{name}: {calls / total:.0f} Python calls and {turns / total:.2f} loop turns per round trip "
+            f"(whole run incl. start-up, {total} round trips); p50 under cProfile {data['p50_us']:.0f} µs"
+        )
+    pstats.Stats(str(out / "rr-this.pstats")).sort_stats("tottime").print_stats(30)
 
 
 def main() -> int:
@@ -171,7 +202,8 @@ def main() -> int:
         if args.spy:
             _spy(env, args.count, args.out)
         if args.cprofile:
-            _cprofile(env, args.count, args.out)
+            trees = {"this": str(REPO_ROOT)} | ({"other": str(args.compare)} if args.compare else {})
+            _cprofile(env, args.count, args.out, trees)
     if not names:
         return 0
     for (metric, name), values in sorted(figures.items()):
