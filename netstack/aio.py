@@ -473,8 +473,9 @@ class TunStack:
             self.port.write_batch(self.stack)
 
     def _flush_acks(self) -> None:
-        # A turn after the batch that owed them: the bytes' way upstream (the SSH channel's send, which
-        # waits for the end of the turn as well) went first, so the bare ACK is off the request's path.
+        # A turn after the batch that owed them: the bytes' way upstream went first (an SSH connection's
+        # packets at the end of the batch through `defer`, another consumer's send at the end of the turn),
+        # so the bare ACK is off the request's path.
         self._acks_scheduled = False
         if not self.stack._closed:
             self.stack.flush_acks()
