@@ -1,6 +1,7 @@
 """A/B the 64-byte request/response latency of x2ssh --vpn: this checkout, another one, and `ssh -L`.
 
-    python -m benchmarks.profile_rr [--compare TREE] [--rounds 3] [--count 3000] [--strace OUT]
+    python -m benchmarks.profile_rr [--compare TREE] [--rounds 3] [--count 3000] [--also SCENARIO,..]
+                                    [--strace OUT] [--spy] [--cprofile]
 
 Builds the namespace lab once and runs the harness's rr client (64 B, one connection, TCP_NODELAY)
 through `ssh -L`, this checkout's x2ssh and, with `--compare`, the x2ssh of another checkout (same venv,
@@ -9,8 +10,12 @@ turn, `--rounds` times: the same load and the same sshd for all. Prints each run
 median p50 per transport with its ratio to `ssh -L`'s. `--strace OUT` records x2ssh's system calls
 (strace -f -tt -T) during one extra run of this checkout: where the time of a round trip goes.
 `--also ab-rate,tcp-up` runs those harness scenarios on each transport in each round too (no
-regression elsewhere). Needs root (the lab). Not a benchmark of record: `python -m benchmarks
---only rr-latency` is.
+regression elsewhere). `--spy` samples one run with py-spy (wall time: on a busy two-core machine it
+charges preemption to the system call in progress). `--cprofile` runs this checkout (and `--compare`'s)
+under cProfile and prints the Python calls and loop turns per round trip: exact counts, which the shared
+machine's load does not blur as it blurs the times (`--rounds 0` skips the timed rounds). The client
+CPU column is the transport's own CPU per round trip, from the scheduler's count. Needs root (the lab).
+Not a benchmark of record: `python -m benchmarks --only rr-latency` is.
 """
 
 from __future__ import annotations
