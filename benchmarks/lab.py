@@ -114,6 +114,7 @@ class Lab:
         self._servers: list[SshServer] = []
         self._built = False
         self._closed = False
+        self._created: list[str] = []  # namespaces this lab added: close() deletes these and no others
         self._impairments: dict[tuple[str, str], tuple[subprocess.Popen, int, HostAddresses]] = {}
         self._impairment_ids = itertools.count(1)
         self.netem_backend = "none"
@@ -140,7 +141,8 @@ class Lab:
 
     def _build(self) -> None:
         for ns in self.namespaces:
-            _ip("netns", "add", ns)
+            _ip("netns", "add", ns)  # fails if the name is taken: then it is not ours to delete
+            self._created.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
         _ip(
             "-n", self.client, "link", "add", self.client_if, "type", "veth",
@@ -168,7 +170,8 @@ class Lab:
 
     def close(self) -> None:
         """Kill every tracked process and everything still running in the namespaces, delete the
-        namespaces and their /etc/netns directories. Safe to call twice and after a partial build."""
+        namespaces and their /etc/netns directories. Safe to call twice and after a partial build, which
+        removes only the namespaces this lab itself added (a name already in use is someone else's)."""
         if self._closed:
             return
         self._closed = True
@@ -177,7 +180,7 @@ class Lab:
                 server.stop()
         for proc in self._procs:
             _terminate(proc)
-        for ns in self.namespaces:
+        for ns in self._created:
             _kill_namespace_pids(ns)
             if _netns_exists(ns):
                 done = subprocess.run(["ip", "netns", "del", ns], capture_output=True, text=True, timeout=30)

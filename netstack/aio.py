@@ -305,6 +305,9 @@ class TunStack:
         on_icmp: Callable[[IcmpEchoRequest], None] | None = None,
     ) -> None:
         self.port: PacketPort = FdPort(port) if isinstance(port, int) else port
+        # An fd port's `write_batch` does nothing (the core writes each packet to the fd): the calls on the
+        # per-packet paths below are skipped for it.
+        self._port_queues = type(self.port) is not FdPort
         self.stack = stack or Stack(config)
         self.on_tcp = on_tcp or (lambda flow: flow.refuse())
         self.on_udp = on_udp or (lambda datagram: None)
@@ -316,6 +319,7 @@ class TunStack:
         self._dispatching = False  # inside _dispatch: it drains, flushes and re-arms the timer at its end
         self._acks_scheduled = False
         self._held_acks: asyncio.TimerHandle | None = None  # sends the held ACKs (see Stack.flush)
+        self._deferred: list[Callable[[], None]] = []  # see `defer`
         self._started = False
         self.buffer_budget = self.stack.config.buffer_budget
         self._buffered = 0  # bytes in the transports' write buffers
@@ -377,6 +381,18 @@ class TunStack:
         """Send an app an ICMP destination-unreachable error (see ``Stack.icmp_unreachable``)."""
         self.stack.icmp_unreachable(reporter, app, dst, code, echo)
         self.port.write_batch(self.stack)
+
+    def defer(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the protocols have been handed the batch of events being handled (before the
+        stack sends its own output and before the loop's next turn), or on the loop's next turn when no
+        batch is being handled.
+
+        For what a protocol gathers while a batch is delivered (an upstream connection's packets): it
+        leaves with the batch instead of a turn of the loop later, and still in one piece per batch."""
+        if self._dispatching:
+            self._deferred.append(callback)
+        else:
+            self._loop.call_soon(callback)
 
     @property
     def transports(self) -> dict[int, TcpTransport]:
@@ -443,13 +459,22 @@ class TunStack:
         self._dispatch()
         self._arm_timer()
 
+    def _run_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for callback in deferred:
+            try:
+                callback()
+            except Exception:  # as the loop would report a failed callback; the others still run
+                log.exception("error in a callback deferred to the end of a batch")
+
     def _send_now(self) -> None:
         """A small write from outside a batch (an answer from upstream): send it now instead of a turn
         later. What other flows queued leaves with it."""
         owed = self.stack.flush()
         if owed:
             self._owe_acks(owed)
-        self.port.write_batch(self.stack)
+        if self._port_queues:
+            self.port.write_batch(self.stack)
 
     def _owe_acks(self, owed: int) -> None:
         """Schedule the bare ACKs that `Stack.flush` says are still owed."""
@@ -460,14 +485,16 @@ class TunStack:
             self._held_acks = self._loop.call_later(self.stack.config.ack_hold, self._flush_held_acks)
 
     def _flush_acks(self) -> None:
-        # A turn after the batch that owed them: the bytes' way upstream (the SSH channel's send, which
-        # waits for the end of the turn as well) went first, so the bare ACK is off the request's path.
-        # Held ones (new connections' requests) wait for their answer, up to ack_hold.
+        # A turn after the batch that owed them: the bytes' way upstream went first (an SSH connection's
+        # packets at the end of the batch through `defer`, another consumer's send at the end of the turn),
+        # so the bare ACK is off the request's path. Held ones (new connections' requests) wait for their
+        # answer, up to ack_hold.
         self._acks_scheduled = False
         if not self.stack._closed:
             if self.stack.flush_acks(held=False) and self._held_acks is None:
                 self._held_acks = self._loop.call_later(self.stack.config.ack_hold, self._flush_held_acks)
-            self.port.write_batch(self.stack)
+            if self._port_queues:
+                self.port.write_batch(self.stack)
 
     def _flush_held_acks(self) -> None:
         # The held ACKs whose answer did not come within ack_hold (one timer for all: an ACK owed later
@@ -475,7 +502,8 @@ class TunStack:
         self._held_acks = None
         if not self.stack._closed:
             self.stack.flush_acks()
-            self.port.write_batch(self.stack)
+            if self._port_queues:
+                self.port.write_batch(self.stack)
 
     def _arm_timer(self) -> None:
         delay = self.stack.timer_deadline() if not self.stack._closed else None
@@ -505,15 +533,20 @@ class TunStack:
                         handlers[type(event)](self, event)
                     except Exception:  # one misbehaving protocol must not take the others down
                         log.exception("error while handling %s", type(event).__name__)
+                if self._deferred:  # before the stack's own work below: the request's way upstream first
+                    self._run_deferred()
             else:
                 self._dispatching = False
                 self._kick()  # still more: on the next turn, so other callbacks get theirs
         finally:
             self._dispatching = False
+            if self._deferred:  # (only when something above raised)
+                self._run_deferred()
         owed = stack.flush()  # what was written leaves now, a FIN with the data
         if owed:
             self._owe_acks(owed)
-        self.port.write_batch(stack)  # (an fd port: it already left)
+        if self._port_queues:  # (an fd port: it already left)
+            self.port.write_batch(stack)
         self._check_budget()
 
     def _on_data(self, event: TcpDataReceived) -> None:

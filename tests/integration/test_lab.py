@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.lab import NETNS_ETC, Lab, cleanup_stale, list_lab_namespaces
+from benchmarks.lab import NETNS_ETC, Lab, LabError, cleanup_stale, list_lab_namespaces
 from benchmarks.services import DNS_ZONE, TargetServices, wait_tcp_port
 from benchmarks.sshd import SshServer
 
@@ -151,3 +151,22 @@ def test_netem_impairs_and_clears(lab: Lab, lab_sshd: SshServer) -> None:
         lab.clear_netem(lab.client, lab.client_if)
     assert lab.run(lab.client, probe).returncode == 0
     assert "lookup 10" not in lab.run(lab.client, ["ip", "rule"]).stdout
+
+
+def test_a_lab_that_fails_to_build_leaves_a_namespace_of_the_same_name_alone() -> None:
+    lab = Lab()
+    taken = lab.server  # the second name: the lab adds its first namespace, then fails
+    subprocess.run(["ip", "netns", "add", taken], check=True, timeout=30)
+    marker = NETNS_ETC / taken / "resolv.conf"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("# not the lab's\n")
+    try:
+        with pytest.raises(LabError, match="File exists"):
+            lab.build()
+        assert taken in list_lab_namespaces()
+        assert marker.read_text() == "# not the lab's\n"
+        assert lab.client not in list_lab_namespaces()  # what it did add, it removed
+    finally:
+        subprocess.run(["ip", "netns", "del", taken], capture_output=True, timeout=30)
+        (NETNS_ETC / taken / "resolv.conf").unlink(missing_ok=True)
+        (NETNS_ETC / taken).rmdir()

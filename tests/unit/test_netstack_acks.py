@@ -10,15 +10,8 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
-from netstack import Stack, StackConfig, TcpDataReceived
+from netstack import Stack, TcpDataReceived
 from tests.unit.tcp_peer import TcpPeer, connect
-
-
-@pytest.fixture
-def stack():
-    s = Stack(StackConfig(mtu=16000), clock="manual")
-    yield s
-    s.close()
 
 
 def acks_sent(stack: Stack, peer: TcpPeer) -> list[int]:

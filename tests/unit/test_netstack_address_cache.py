@@ -14,7 +14,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from netstack import LocalProtocolError, Stack, StackConfig, TcpConnectRequest, UdpDatagram
+from netstack import LocalProtocolError, TcpConnectRequest, UdpDatagram
 from netstack import stack as stack_module
 
 
@@ -26,11 +26,7 @@ def empty_caches(monkeypatch):
         monkeypatch.setattr(stack_module, name, {})
 
 
-@pytest.fixture
-def stack():
-    s = Stack(StackConfig(mtu=9000), clock="manual")
-    yield s
-    s.close()
+STACK_MTU = 9000  # the `stack` fixture (conftest.py)
 
 
 def _hosts(count: int) -> list[str]:

@@ -66,3 +66,31 @@ def test_a_flow_s_events_and_operations_make_no_idle_calls(wired):  # noqa: F811
     assert {"_on_connect", "_on_data", "_on_eof"} <= set(calls.handlers)
     assert set(calls.handler_callers) == {"_dispatch"}
     assert calls.idle_kicks == []
+
+
+def test_an_fd_port_s_empty_write_batch_is_not_called_per_packet(wired):  # noqa: F811 (the fixture)
+    """The native core writes each packet to the TUN fd itself: `FdPort.write_batch` has nothing to do,
+    and the dispatch, an answer sent at once and the ACK flush skip the call."""
+    names: list[str] = []
+
+    def watch(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename.endswith("port.py"):
+            names.append(frame.f_code.co_name)
+
+    async def run() -> bytes:
+        tun, peer, proto = await _connected(*wired)
+        wire = wired[1]
+        sys.setprofile(watch)
+        try:
+            for n in range(3):
+                peer.send(b"request %d" % n)
+                await exchange(wire, peer)
+                proto.transport.write(b"answer %d" % n)
+                await exchange(wire, peer)
+            return bytes(peer.received)
+        finally:
+            sys.setprofile(None)
+            tun.close()
+
+    assert asyncio.run(run()) == b"answer 0answer 1answer 2"
+    assert "read_batch" in names and "write_batch" not in names

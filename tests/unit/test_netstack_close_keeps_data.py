@@ -19,8 +19,6 @@ from scapy.layers.inet6 import IPv6
 from netstack import (
     CloseReason,
     FlowClosedError,
-    Stack,
-    StackConfig,
     TcpClosed,
     TcpDataReceived,
     TcpEndOfStream,
@@ -28,13 +26,6 @@ from netstack import (
 from tests.unit.tcp_peer import TcpPeer, connect, deliver
 
 ADDRS = {4: ("198.18.0.2", "198.19.0.2"), 6: ("fd58:3278:7373:1::2", "fd58:3278:7373:2::9")}
-
-
-@pytest.fixture
-def stack():
-    s = Stack(StackConfig(mtu=16000), clock="manual")
-    yield s
-    s.close()
 
 
 def _flags(raw: bytes) -> str:

@@ -12,17 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from netstack import FlowClosedError, Stack, StackConfig, TcpConnectRequest
+from netstack import FlowClosedError, Stack, TcpConnectRequest
 from tests.unit.tcp_peer import TcpPeer, deliver
 
 GENERATIONS = 1023
-
-
-@pytest.fixture
-def stack():
-    s = Stack(StackConfig(mtu=16000), clock="manual")
-    yield s
-    s.close()
 
 
 def _request(stack: Stack, peer: TcpPeer):

@@ -13,7 +13,7 @@ from scapy.layers.inet import ICMP, IP
 from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6PacketTooBig, IPv6
 from scapy.packet import Raw
 
-from netstack import IcmpEchoRequest, LocalProtocolError, Stack, StackConfig
+from netstack import IcmpEchoRequest, LocalProtocolError, Stack
 from netstack.stack import UNREACH_HOST, UNREACH_NET, UNREACH_PORT, UNREACH_PROHIBITED
 from tests.unit.tcp_peer import checksums_ok
 
@@ -21,11 +21,7 @@ APP4, TARGET4 = "100.100.83.1", "198.19.0.2"
 APP6, TARGET6 = "fd78:7832:7373::1", "fd58:3278:7373:2::2"
 
 
-@pytest.fixture
-def stack():
-    s = Stack(StackConfig(mtu=9000), clock="manual")
-    yield s
-    s.close()
+STACK_MTU = 9000  # the `stack` fixture (conftest.py)
 
 
 def folded_sum(data: bytes) -> int:

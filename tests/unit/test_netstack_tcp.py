@@ -27,13 +27,6 @@ from netstack import (
 from tests.unit.tcp_peer import TcpPeer, connect, deliver
 
 
-@pytest.fixture
-def stack():
-    s = Stack(StackConfig(mtu=16000), clock="manual")
-    yield s
-    s.close()
-
-
 def drain(flow, stack: Stack) -> bytes:
     data = bytearray()
     while chunk := flow.read():

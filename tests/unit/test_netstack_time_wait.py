@@ -14,19 +14,12 @@ from pathlib import Path
 import pytest
 from scapy.layers.inet import IP, TCP
 
-from netstack import Stack, StackConfig, TcpEndOfStream
+from netstack import Stack, TcpEndOfStream
 from tests.unit.tcp_peer import TcpPeer, connect, deliver
 
 TOP = Path(__file__).resolve().parents[2]
 PAST_TIME_WAIT = 3.0  # seconds; TIME_WAIT is 2 * TCP_MSL = 2 s (native/lwipopts.h)
 ADDRS = {4: ("198.18.0.2", "198.19.0.2"), 6: ("fd58:3278:7373:1::2", "fd58:3278:7373:2::9")}
-
-
-@pytest.fixture
-def stack():
-    s = Stack(StackConfig(mtu=16000), clock="manual")
-    yield s
-    s.close()
 
 
 def _run_clock(stack: Stack, until: float) -> None:

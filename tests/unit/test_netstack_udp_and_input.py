@@ -13,12 +13,7 @@ from scapy.packet import Raw, fuzz
 from netstack import LocalProtocolError, Stack, StackConfig, TcpConnectRequest, UdpDatagram
 from tests.unit.tcp_peer import checksums_ok
 
-
-@pytest.fixture
-def stack():
-    s = Stack(StackConfig(mtu=9000), clock="manual")
-    yield s
-    s.close()
+STACK_MTU = 9000  # the `stack` fixture (conftest.py)
 
 
 @pytest.mark.parametrize(

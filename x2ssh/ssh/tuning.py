@@ -16,6 +16,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh.connection as _asyncssh_connection
@@ -567,29 +568,29 @@ def _data_received_in_slices(self: SSHConnection, data: bytes, datatype: Any = N
 # asyncssh's own parser, which then reports the same errors as always.
 
 
-def _in_place_ok(self: SSHConnection, enc: Any) -> bool:
-    return (
-        enc.__class__ is GCMEncryption
-        and self._decompressor is None
-        and self._auth_complete
-        and self._transport is not None
-        and SSHLogger._debug_level < PACKET_DEBUG_LEVEL
-    )
-
-
 def _data_received_in_place(self: SSHConnection, data: bytes, datatype: Any = None) -> None:
+    # (Once per socket read, so the checks are inline, the usual outcome first: every read of an
+    # interactive flow's answer comes through here.)
     enc = self._recv_encryption
-    handler = self._recv_handler
-    if not _in_place_ok(self, enc):
+    if (
+        enc.__class__ is not GCMEncryption
+        or self._decompressor is not None
+        or not self._auth_complete
+        or self._transport is None
+        or SSHLogger._debug_level >= PACKET_DEBUG_LEVEL
+    ):
         _data_received_in_slices(self, data, datatype)
         return
-    if handler == self._recv_packet:  # asyncssh's parser took the first block of a packet it awaits
-        self._inpbuf = self._packet + self._inpbuf  # GCM leaves that block as it is (the length is plain)
+    handler = self._recv_handler
+    if handler != self._recv_pkthdr:
+        if handler != self._recv_packet:  # a packet's handler is still at work: asyncssh buffers
+            _data_received_in_slices(self, data, datatype)
+            return
+        # asyncssh's parser took the first block of a packet it awaits: GCM leaves that block as it is
+        # (the length is plain), so it goes back in front of the buffer
+        self._inpbuf = self._packet + self._inpbuf
         self._packet = b""
         self._recv_handler = self._recv_pkthdr
-    elif handler != self._recv_pkthdr:  # a packet's handler is still at work: asyncssh buffers
-        _data_received_in_slices(self, data, datatype)
-        return
     self._reset_keepalive_timer()
     try:
         rest = _parse_in_place(self, enc, data)
@@ -647,7 +648,7 @@ def _open_packets(self: SSHConnection, enc: Any, buf: bytes, pos: int = 0) -> tu
     blocksize = self._recv_blocksize
     max_pktlen = self._max_recv_pktlen
     cipher = enc._cipher
-    aead = _aead(cipher)
+    aead = cipher.__dict__.get("_x2ssh_aead") or _aead(cipher)
     pkthdr = self._recv_pkthdr
     while (
         n - pos >= blocksize
@@ -748,6 +749,7 @@ def coalesce_sends(conn: Any) -> None:
         return
     pending: list[bytes] = []
     loop = asyncio.get_running_loop()
+    defer = loop.call_soon  # when the gathered packets leave (see `flush_sends_with`)
 
     def flush() -> None:
         parts = pending.copy()
@@ -764,10 +766,26 @@ def coalesce_sends(conn: Any) -> None:
 
     def coalescing_send(data: bytes) -> None:
         if not pending:
-            loop.call_soon(flush)
+            defer(flush)
         pending.append(data)
 
+    def set_defer(schedule: Callable[[Callable[[], None]], None]) -> None:
+        nonlocal defer
+        defer = schedule
+
     conn._send = coalescing_send
+    conn._x2ssh_set_defer = set_defer
+
+
+def flush_sends_with(conn: Any, defer: Callable[[Callable[[], None]], None]) -> None:
+    """Have the packets `coalesce_sends` gathers for `conn` leave through `defer(flush)` instead of on the
+    loop's next turn: `netstack.aio.TunStack.defer` sends them at the end of the netstack batch that wrote
+    them (a request from the app leaves a loop turn earlier, still with one write per batch). `defer` must
+    run the flush no later than the loop's next turn. A no-op for a connection `coalesce_sends` did not
+    wrap."""
+    set_defer = getattr(conn, "_x2ssh_set_defer", None)
+    if set_defer is not None:
+        set_defer(defer)
 
 
 def write_gathered(transport: Any, parts: list[bytes]) -> bytes | None:
