@@ -6,6 +6,10 @@ Builds the namespace lab, starts x2ssh (the harness's `x2ssh` transport), runs `
 connection per 1 KiB request, and records the busiest x2ssh process with py-spy (raw collapsed stacks).
 Prints the top functions by own time and by inclusive time, as shares of all samples. Needs root and
 py-spy; not a benchmark (no baseline), a tool to see where the time goes.
+
+`--compare TREE` runs this checkout and another one alternately in one lab and prints, per connection, the
+data plane's user and system CPU and the packets through the TUN each way (the device's counters: every
+packet costs x2ssh a system call, and one written to the apps the kernel's delivery as well).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from benchmarks.lab import Lab, cleanup_stale
 from benchmarks.procstat import ResourceMeter
 from benchmarks.scenarios import parse_ab
 from benchmarks.transports import REPO_ROOT, X2ssh
+from x2ssh.settings import DEFAULT_TUN
 
 
 class _X2sshFromTree(X2ssh):
@@ -45,7 +50,7 @@ class _X2sshFromTree(X2ssh):
 def compare(tree: Path, rounds: int, seconds: float, concurrency: int, out: Path) -> int:
     """CPU per connection of this checkout and of `tree`, alternating in one lab (same load, same time)."""
     cleanup_stale()
-    figures: dict[str, list[tuple[float, float, float]]] = {"this": [], "other": []}
+    figures: dict[str, list[tuple[float, float, float, float, float]]] = {"this": [], "other": []}
     with Lab() as lab:
         env = build_env(lab, out / "logs", 1024 * 1024)
         for _ in range(rounds):
@@ -59,21 +64,28 @@ def compare(tree: Path, rounds: int, seconds: float, concurrency: int, out: Path
                     lab.run(ep.ns, ["ab", "-q", "-c", "10", "-n", "2000", url], timeout=60)
                     pids = transport.client_pids()
                     before = [_times(pid) for pid in pids]
+                    packets_before = _tun_packets(lab)
                     argv = ["ab", "-q", "-r", "-c", str(concurrency), "-t", str(seconds), "-n", "10000000"]
                     ab = parse_ab(lab.run(ep.ns, [*argv, url], timeout=seconds + 60).stdout)
+                    packets_after = _tun_packets(lab)
                     after = [_times(pid) for pid in pids]
                 finally:
                     transport.stop()
                 n = ab["complete"]
                 user = sum(a[0] - b[0] for a, b in zip(after, before, strict=True)) / n * 1e6
                 system = sum(a[1] - b[1] for a, b in zip(after, before, strict=True)) / n * 1e6
-                figures[name].append((ab["rate"], user, system))
-                print(f"{name}: {ab['rate']:.0f} req/s: user {user:.1f} µs, system {system:.1f} µs")
+                to_x2ssh, to_apps = ((a - b) / n for a, b in zip(packets_after, packets_before, strict=True))
+                figures[name].append((ab["rate"], user, system, to_x2ssh, to_apps))
+                print(
+                    f"{name}: {ab['rate']:.0f} req/s: user {user:.1f} µs, system {system:.1f} µs, "
+                    f"TUN packets per connection {to_x2ssh:.2f} in, {to_apps:.2f} out"
+                )
     for name, rows in figures.items():
-        rates, users, systems = (sorted(col) for col in zip(*rows, strict=True))
+        rates, users, systems, ins, outs = (sorted(col) for col in zip(*rows, strict=True))
         mid = len(rows) // 2
         print(
-            f"median {name}: {rates[mid]:.0f} req/s, user {users[mid]:.1f} µs, system {systems[mid]:.1f} µs"
+            f"median {name}: {rates[mid]:.0f} req/s, user {users[mid]:.1f} µs, system {systems[mid]:.1f} µs, "
+            f"TUN packets per connection {ins[mid]:.2f} in, {outs[mid]:.2f} out"
         )
     return 0
 
@@ -101,6 +113,16 @@ def _times(pid: int) -> tuple[float, float]:
         return -1.0, -1.0
     hz = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / hz, int(fields[12]) / hz
+
+
+def _tun_packets(lab: Lab) -> tuple[int, int]:
+    """Packets the apps sent into x2ssh's TUN and packets x2ssh wrote to them, so far (the device's counters:
+    the kernel transmits what the apps send, and receives what x2ssh writes)."""
+    counters = []
+    for name in ("tx_packets", "rx_packets"):
+        path = f"/sys/class/net/{DEFAULT_TUN}/statistics/{name}"
+        counters.append(int(lab.run(lab.client, ["cat", path]).stdout))
+    return counters[0], counters[1]
 
 
 def _busiest(pids: list[int]) -> int:

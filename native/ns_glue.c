@@ -51,6 +51,11 @@ enum {
     F_ACK_LISTED = 64,     /* may owe the app an ACK: listed in G.ack_owed until ns_flush_acks */
     F_CLOSE_DEFERRED = 128, /* closed gracefully with bytes unread: NS_EV_TCP_CLOSED once they are read */
 };
+/* ns_flow.ack: the owed-ACK state (see owe_ack). */
+enum {
+    A_HOLD_USED = 1, /* the flow's one held ACK was owed already: every later one is owed at once */
+    A_HELD = 2,      /* the ACK listed in G.ack_owed may wait for an answer (ns_flush_acks(0) keeps it) */
+};
 
 typedef struct {
     uint8_t family;
@@ -60,7 +65,7 @@ typedef struct {
 
 typedef struct ns_flow {
     uint32_t id;
-    uint8_t state, flags, in_hash;
+    uint8_t state, flags, in_hash, ack;
     struct tcp_pcb *pcb;
     struct pbuf *rx, *rx_tail; /* received, not yet read: a list of single pbufs linked by next */
     size_t rx_len;            /* bytes in rx (a pbuf's 16-bit tot_len would wrap past 64 KiB: unused) */
@@ -422,7 +427,13 @@ static void flow_free(ns_flow *f) {
 }
 
 /* List a flow that may owe the app an ACK (lwIP's TF_ACK_DELAY says whether it still does). Returns 0
- * when there is no memory to remember it: the ACK is then marked to go with the pcb's next output. */
+ * when there is no memory to remember it: the ACK is then marked to go with the pcb's next output.
+ *
+ * A flow's first owed ACK is held (A_HELD): it is usually the end of a new connection's request, whose
+ * answer carries the ACK for free a few milliseconds later; a bare ACK would cost a TUN write and the app
+ * kernel's processing of it (about one packet in four of a short connection). The caller bounds the wait
+ * (ns_flush says that held ACKs are owed; ns_flush_acks(1) sends them). Only the first: an app that keeps
+ * writing with Nagle on, and gets no answer, must never wait for our ACK more than once. */
 static int owe_ack(ns_flow *f) {
     if (f->flags & F_ACK_LISTED) return 1;
     if (grow((void **)&G.ack_owed, &G.cap_ack_owed, G.nack_owed + 1, sizeof *G.ack_owed) != 0) {
@@ -430,6 +441,7 @@ static int owe_ack(ns_flow *f) {
         return 0;
     }
     f->flags |= F_ACK_LISTED;
+    f->ack = (f->ack & A_HOLD_USED) ? A_HOLD_USED : (A_HOLD_USED | A_HELD);
     G.ack_owed[G.nack_owed++] = f->id;
     return 1;
 }
@@ -453,7 +465,8 @@ static err_t on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err) 
     /* Quick ACK: PSH ends the app's write, and an app with Nagle on now waits for our ACK before it
      * sends its next small segment. lwIP would hold the ACK for its 250 ms timer; the link is local, so
      * the ACK is owed at once, but sent by ns_flush_acks: after the consumer had the bytes and after
-     * the caller's other sends of this turn (an answer written meanwhile carries it, for free). */
+     * the caller's other sends of this turn (an answer written meanwhile carries it, for free). A flow's
+     * first one may wait a little longer for the answer (see owe_ack). */
     if (p->flags & PBUF_FLAG_PUSH) owe_ack(f); /* (short of memory: tcp_input's output sends it now) */
     rx_append(f, p);
     if (!(f->flags & F_READABLE_SENT)) {
@@ -836,7 +849,7 @@ void ns_events_clear(void) {
 
 size_t ns_out_take(const uint8_t **buf) {
     ns_flush();
-    ns_flush_acks();
+    ns_flush_acks(1);
     *buf = G.out;
     return G.out_len;
 }
@@ -1063,34 +1076,48 @@ static void close_released(ns_flow *f) {
     flow_free(f);
 }
 
-/* Keep the flows that still owe an ACK (one sent with data since cleared lwIP's flag); return how many. */
+/* Whether the listed flow still owes its app an ACK (one sent with data since cleared lwIP's flag). */
+static int still_owes(const ns_flow *f) {
+    return f->state == FLOW_ACCEPTED && f->pcb && (f->pcb->flags & TF_ACK_DELAY);
+}
+
+/* Keep the flows that still owe an ACK; return which kinds are owed (NS_ACKS_NOW, NS_ACKS_HELD). */
 static int acks_still_owed(void) {
+    size_t kept = 0;
+    int kinds = 0;
+    for (size_t i = 0; i < G.nack_owed; i++) {
+        ns_flow *f = flow_find(G.ack_owed[i]);
+        if (!f) continue;
+        if (still_owes(f)) {
+            G.ack_owed[kept++] = f->id;
+            kinds |= (f->ack & A_HELD) ? NS_ACKS_HELD : NS_ACKS_NOW;
+        } else {
+            f->flags &= (uint8_t)~F_ACK_LISTED;
+            f->ack &= (uint8_t)~A_HELD;
+        }
+    }
+    G.nack_owed = kept;
+    return kinds;
+}
+
+int ns_flush_acks(int held_too) {
     size_t kept = 0;
     for (size_t i = 0; i < G.nack_owed; i++) {
         ns_flow *f = flow_find(G.ack_owed[i]);
         if (!f) continue;
-        if (f->state == FLOW_ACCEPTED && f->pcb && (f->pcb->flags & TF_ACK_DELAY)) {
-            G.ack_owed[kept++] = f->id;
-        } else {
-            f->flags &= (uint8_t)~F_ACK_LISTED;
+        if (!held_too && (f->ack & A_HELD) && still_owes(f)) {
+            G.ack_owed[kept++] = f->id; /* (a stale id repeats nothing: see flow_new) */
+            continue;
         }
-    }
-    G.nack_owed = kept;
-    return (int)kept;
-}
-
-int ns_flush_acks(void) {
-    for (size_t i = 0; i < G.nack_owed; i++) {
-        ns_flow *f = flow_find(G.ack_owed[i]);
-        if (!f) continue;
         f->flags &= (uint8_t)~F_ACK_LISTED;
-        if (f->state == FLOW_ACCEPTED && f->pcb && (f->pcb->flags & TF_ACK_DELAY)) {
+        f->ack &= (uint8_t)~A_HELD;
+        if (still_owes(f)) {
             tcp_ack_now(f->pcb);
             tcp_output(f->pcb);
         }
     }
-    G.nack_owed = 0;
-    return 0;
+    G.nack_owed = kept;
+    return (int)kept;
 }
 
 int ns_flush(void) {

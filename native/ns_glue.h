@@ -18,7 +18,8 @@
  * per turn of the caller's loop, so an answer and its FIN share a segment. A segment that ends the app's
  * write (PSH), and bytes the consumer acknowledges, make an ACK owed at once (no 250 ms delayed-ACK
  * stalls); ns_flush sends it with any data written meanwhile, and ns_flush_acks sends the ones still owed
- * as bare ACKs, after the caller's own sends of the turn (the ACK is not on the request's path). TIME_WAIT
+ * as bare ACKs, after the caller's own sends of the turn (the ACK is not on the request's path). A flow's
+ * first owed ACK may wait a few milliseconds longer (the caller's choice) for the answer to carry it. TIME_WAIT
  * pcbs are freed at once (a flow the consumer has not released yet keeps its unread bytes, without a pcb,
  * until ns_tcp_close). A graceful close never loses received bytes: when lwIP ends a connection (the app's
  * ACK of our FIN, after its own FIN) while bytes are unread, the flow keeps them without a pcb and
@@ -33,7 +34,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define NS_ABI_VERSION 3  /* bump when the C interface changes (2: ICMP, buffer accounting, flush; 3: acks) */
+#define NS_ABI_VERSION 4  /* bump when the C interface changes (2: ICMP, buffer accounting, flush; 3: acks;
+                           * 4: held acks) */
 
 enum ns_event_type {
     NS_EV_TCP_CONNECT = 1,  /* a new SYN waits for ns_tcp_accept / ns_tcp_refuse; addresses filled */
@@ -118,12 +120,17 @@ int ns_tcp_close(uint32_t flow, int abort);
 size_t ns_tcp_sndbuf(uint32_t flow);
 /* Bytes lwIP holds right now (received and sent data not yet released, pcbs): cheap, for memory caps. */
 uint64_t ns_mem_in_use(void);
+/* What ns_flush returns: the kinds of ACKs still owed (bits). NOW: send them soon (ns_flush_acks(0)).
+ * HELD: a flow's first owed ACK (the end of a new connection's request), which may wait a few
+ * milliseconds for the answer to carry it; ns_flush_acks(1) sends it bare when that wait ends. */
+enum { NS_ACKS_NOW = 1, NS_ACKS_HELD = 2 };
 /* Send what ns_tcp_write queued since the last call (ns_out_take does this first). Call once per turn of
- * the caller's loop, after its writes and shutdowns. Returns how many flows still owe the app an ACK. */
+ * the caller's loop, after its writes and shutdowns. Returns the NS_ACKS_* kinds still owed (0: none). */
 int ns_flush(void);
-/* Send the ACKs still owed (see above) as bare ACKs; call soon after ns_flush returned non-zero, once the
- * turn's other sends are out (ns_out_take does this too). Returns 0. */
-int ns_flush_acks(void);
+/* Send the ACKs still owed (see above) as bare ACKs, the held ones too when held_too; call soon after
+ * ns_flush returned NS_ACKS_NOW, once the turn's other sends are out (ns_out_take sends all of them).
+ * Returns how many held ACKs are still owed. */
+int ns_flush_acks(int held_too);
 
 int ns_udp_send(int family, const uint8_t *src, uint16_t sport, const uint8_t *dst, uint16_t dport,
                 const uint8_t *payload, size_t len);

@@ -48,7 +48,7 @@ from netstack.events import (
     UdpDatagram,
 )
 from netstack.port import FdPort, PacketPort
-from netstack.stack import READ_CHUNK, Stack, StackConfig, TcpFlow
+from netstack.stack import ACKS_HELD, ACKS_NOW, READ_CHUNK, Stack, StackConfig, TcpFlow
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +318,7 @@ class TunStack:
         self._kicked = False
         self._dispatching = False  # inside _dispatch: it drains, flushes and re-arms the timer at its end
         self._acks_scheduled = False
+        self._held_acks: asyncio.TimerHandle | None = None  # sends the held ACKs (see Stack.flush)
         self._deferred: list[Callable[[], None]] = []  # see `defer`
         self._started = False
         self.buffer_budget = self.stack.config.buffer_budget
@@ -338,6 +339,9 @@ class TunStack:
             self._started = False
         if self._timer:
             self._timer.cancel()
+        if self._held_acks:
+            self._held_acks.cancel()
+            self._held_acks = None
         for transport in list(self._transports.values()):
             transport._connection_lost(ConnectionAbortedError("netstack closed"))
         self._transports.clear()
@@ -466,17 +470,36 @@ class TunStack:
     def _send_now(self) -> None:
         """A small write from outside a batch (an answer from upstream): send it now instead of a turn
         later. What other flows queued leaves with it."""
-        if self.stack.flush() and not self._acks_scheduled:
-            self._acks_scheduled = True
-            self._loop.call_soon(self._flush_acks)
+        owed = self.stack.flush()
+        if owed:
+            self._owe_acks(owed)
         if self._port_queues:
             self.port.write_batch(self.stack)
+
+    def _owe_acks(self, owed: int) -> None:
+        """Schedule the bare ACKs that `Stack.flush` says are still owed."""
+        if owed & ACKS_NOW and not self._acks_scheduled:
+            self._acks_scheduled = True
+            self._loop.call_soon(self._flush_acks)
+        if owed & ACKS_HELD and self._held_acks is None:
+            self._held_acks = self._loop.call_later(self.stack.config.ack_hold, self._flush_held_acks)
 
     def _flush_acks(self) -> None:
         # A turn after the batch that owed them: the bytes' way upstream went first (an SSH connection's
         # packets at the end of the batch through `defer`, another consumer's send at the end of the turn),
-        # so the bare ACK is off the request's path.
+        # so the bare ACK is off the request's path. Held ones (new connections' requests) wait for their
+        # answer, up to ack_hold.
         self._acks_scheduled = False
+        if not self.stack._closed:
+            if self.stack.flush_acks(held=False) and self._held_acks is None:
+                self._held_acks = self._loop.call_later(self.stack.config.ack_hold, self._flush_held_acks)
+            if self._port_queues:
+                self.port.write_batch(self.stack)
+
+    def _flush_held_acks(self) -> None:
+        # The held ACKs whose answer did not come within ack_hold (one timer for all: an ACK owed later
+        # than the timer's start waits less, never more).
+        self._held_acks = None
         if not self.stack._closed:
             self.stack.flush_acks()
             if self._port_queues:
@@ -519,9 +542,9 @@ class TunStack:
             self._dispatching = False
             if self._deferred:  # (only when something above raised)
                 self._run_deferred()
-        if stack.flush() and not self._acks_scheduled:  # what was written leaves now, a FIN with the data
-            self._acks_scheduled = True
-            self._loop.call_soon(self._flush_acks)
+        owed = stack.flush()  # what was written leaves now, a FIN with the data
+        if owed:
+            self._owe_acks(owed)
         if self._port_queues:  # (an fd port: it already left)
             self.port.write_batch(stack)
         self._check_budget()
@@ -547,9 +570,16 @@ class TunStack:
 
     def _on_eof(self, event: TcpEndOfStream) -> None:
         transport = self._transports.get(event.flow.id)
-        if transport is not None:
-            transport._eof_waiting = True
-            transport._deliver()
+        if transport is None:
+            return
+        transport._eof_waiting = True
+        if transport._data_waiting or transport._reading_paused:
+            transport._deliver()  # (paused: it does nothing; resume_reading delivers the bytes, then EOF)
+        else:
+            # Every byte signalled before the EOF was delivered already (a READABLE event comes before
+            # the EOF of the same segment, and _deliver reads until the queue is empty): no read needed.
+            transport._eof_waiting = False
+            transport._protocol.eof_received()
 
     def _on_closed(self, event: TcpClosed) -> None:
         transport = self._transports.get(event.flow.id)

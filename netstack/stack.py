@@ -38,6 +38,8 @@ from netstack.events import (
 ffi, lib = load()
 
 READ_CHUNK = 256 * 1024
+ACKS_NOW = int(lib.NS_ACKS_NOW)  # Stack.flush: bare ACKs owed, to send soon
+ACKS_HELD = int(lib.NS_ACKS_HELD)  # Stack.flush: first ACKs of flows, which may wait for an answer
 _FAMILY = {4: (socket.AF_INET, 4), 6: (socket.AF_INET6, 16)}
 _ERRORS = {
     lib.NS_ENOFLOW: "flow already released",
@@ -82,6 +84,31 @@ _EVENT_SIZE = ffi.sizeof("ns_event")
 _TUPLE_START = ffi.offsetof("ns_event", "sport")
 _TUPLE_END = ffi.offsetof("ns_event", "dst") + 16
 _udp_pairs: dict[bytes, tuple[Address, Address]] = {}
+
+# A TCP connection's hosts, by the event's raw family and address bytes: every connection between the same
+# two hosts converts them once (its ports differ).
+_HOSTS_START = ffi.offsetof("ns_event", "family")
+_HOSTS_END = ffi.offsetof("ns_event", "dst") + 16
+_tcp_hosts: dict[bytes, tuple[str, str]] = {}
+
+
+def _tcp_hosts_of(ev: Any, key: bytes) -> tuple[str, str]:
+    hosts = (_address(ev.family, ev.src, 0)[0], _address(ev.family, ev.dst, 0)[0])
+    if len(_tcp_hosts) >= ADDRESS_CACHE:
+        _tcp_hosts.clear()
+    _tcp_hosts[key] = hosts
+    return hosts
+
+
+# Event kinds as plain ints: the events loop compares each event against several (a cffi `lib` attribute
+# is a lookup each time).
+_EV_READABLE = int(lib.NS_EV_TCP_READABLE)
+_EV_UDP = int(lib.NS_EV_UDP)
+_EV_ICMP_ECHO = int(lib.NS_EV_ICMP_ECHO)
+_EV_CONNECT = int(lib.NS_EV_TCP_CONNECT)
+_EV_EOF = int(lib.NS_EV_TCP_EOF)
+_EV_WRITABLE = int(lib.NS_EV_TCP_WRITABLE)
+_EV_CLOSED = int(lib.NS_EV_TCP_CLOSED)
 
 
 def _udp_pair(ev: Any, key: bytes) -> tuple[Address, Address]:
@@ -140,11 +167,16 @@ class StackConfig:
     ``max_flows`` caps live TCP flows (pending ones included): SYNs beyond it are answered with a RST.
     ``buffer_budget`` caps the bytes buffered for all flows together (in the stack and in the asyncio
     adapter's write buffers); beyond it the adapter stops reading, it never drops (see ``netstack.aio``).
+    ``ack_hold`` (seconds) bounds how long a flow's first owed ACK waits for an answer to carry it (see
+    ``Stack.flush``): a new connection's request is usually answered within it, which saves a packet each
+    way through the TUN. An app that writes twice with Nagle on and then waits for the answer waits this
+    long once per connection, never again (the kernel's own delayed ACK is 40 ms and more).
     """
 
     mtu: int = 65535
     max_flows: int = 65536
     buffer_budget: int = 128 * 1024 * 1024
+    ack_hold: float = 0.008
 
 
 class TcpFlow:
@@ -183,7 +215,9 @@ class TcpFlow:
         """Complete the app's handshake (SYN-ACK)."""
         if self.closed:
             raise self._released("accept")
-        self._check(lib.ns_tcp_accept(self.id), "accept")
+        rc = lib.ns_tcp_accept(self.id)
+        if rc < 0:  # (inline, not _check: every connection passes here)
+            _raise(rc, "accept")
 
     def refuse(self) -> None:
         """Answer the app's SYN with a RST and release the flow."""
@@ -202,27 +236,38 @@ class TcpFlow:
             raise self._released("write")
         if not data:
             return 0
-        return self._check(lib.ns_tcp_write(self.id, ffi.from_buffer("uint8_t[]", data), len(data)), "write")
+        rc: int = lib.ns_tcp_write(self.id, ffi.from_buffer("uint8_t[]", data), len(data))
+        if rc < 0:
+            _raise(rc, "write")
+        return rc
 
     def read(self, max_bytes: int = READ_CHUNK) -> bytes:
         """Take up to ``max_bytes`` received bytes (b"" when none wait). Acknowledge them with ``ack``."""
         if self.closed:
             raise self._released("read")
         buf = self._stack._read_buf
-        n = self._check(lib.ns_tcp_read(self.id, buf, min(max_bytes, READ_CHUNK)), "read")
-        return ffi.buffer(buf, n)[:] if n else b""
+        n = lib.ns_tcp_read(self.id, buf, max_bytes if max_bytes < READ_CHUNK else READ_CHUNK)
+        if n > 0:
+            return ffi.buffer(buf, n)[:]
+        if n < 0:
+            _raise(n, "read")
+        return b""
 
     def ack(self, nbytes: int) -> None:
         """Say that ``nbytes`` read bytes were handed on: the app's receive window reopens by that much."""
         if self.closed:
             raise self._released("ack")
-        self._check(lib.ns_tcp_ack(self.id, nbytes), "ack")
+        rc = lib.ns_tcp_ack(self.id, nbytes)
+        if rc < 0:
+            _raise(rc, "ack")
 
     def shutdown(self) -> None:
         """Half-close: send FIN after the queued bytes; the app may still send."""
         if self.closed:
             raise self._released("shutdown")
-        self._check(lib.ns_tcp_shutdown(self.id), "shutdown")
+        rc = lib.ns_tcp_shutdown(self.id)
+        if rc < 0:
+            _raise(rc, "shutdown")
 
     def close(self) -> None:
         """Release the flow gracefully (FIN); unread bytes are dropped. Safe to call twice."""
@@ -259,6 +304,8 @@ class Stack:
         self.config = config or StackConfig()
         if self.config.buffer_budget < 1:
             raise LocalProtocolError(f"buffer_budget must be positive, not {self.config.buffer_budget}")
+        if not 0 <= self.config.ack_hold <= 0.2:  # beyond the app's minimum retransmission timeout
+            raise LocalProtocolError(f"ack_hold must be 0 to 0.2 seconds, not {self.config.ack_hold}")
         rc = lib.ns_open(self.config.mtu, self.config.max_flows)
         if rc < 0:
             _raise(rc, f"open (mtu={self.config.mtu}, max_flows={self.config.max_flows})")
@@ -306,19 +353,23 @@ class Stack:
             raise OSError(-rc, f"reading the TUN device: {os.strerror(-rc)}")
         return rc
 
-    def flush(self) -> bool:
+    def flush(self) -> int:
         """Send what ``TcpFlow.write`` queued. Writes wait for this (once per turn of the caller's loop) so
         that several writes and a FIN leave in as few segments as possible; ``packets_to_send`` flushes
         first by itself.
 
-        Returns True when some apps are still owed an ACK for bytes they sent (the end of a write, or bytes
-        the consumer acknowledged, and no answer carried the ACK): call ``flush_acks`` soon, ideally once
-        this turn's other sends (the request's way upstream) are out."""
-        return bool(lib.ns_flush())
+        Returns which ACKs apps are still owed for bytes they sent (the end of a write, or bytes the
+        consumer acknowledged, and no answer carried the ACK), as bits (0: none). ``ACKS_NOW``: call
+        ``flush_acks(held=False)`` soon, ideally once this turn's other sends (the request's way upstream)
+        are out. ``ACKS_HELD``: a flow's first owed ACK (the end of a new connection's request, typically),
+        which may wait up to ``StackConfig.ack_hold`` for the answer to carry it; then call
+        ``flush_acks()``."""
+        return int(lib.ns_flush())
 
-    def flush_acks(self) -> None:
-        """Send the ACKs still owed to apps as bare ACKs (``packets_to_send`` does this by itself)."""
-        lib.ns_flush_acks()
+    def flush_acks(self, held: bool = True) -> bool:
+        """Send the ACKs still owed to apps as bare ACKs; with ``held=False`` keep those that may still wait
+        for an answer. Returns whether held ones are still owed. (``packets_to_send`` sends all of them.)"""
+        return bool(lib.ns_flush_acks(1 if held else 0))
 
     def set_output_fd(self, fd: int | None) -> None:
         """Write output packets straight to ``fd`` (a TUN device), or queue them when None."""
@@ -408,15 +459,15 @@ class Stack:
             return []
         evs, arena, flows = self._ev_ptr[0], self._arena_ptr[0], self._flows
         out: list[Event] = []
-        raw = None  # the events' bytes, for the UDP address cache's keys
+        raw = None  # the events' bytes, for the address caches' keys
         for i in range(n):
             ev = evs[i]
             kind = ev.type
-            if kind == lib.NS_EV_TCP_READABLE:
+            if kind == _EV_READABLE:
                 flow = flows.get(ev.flow)
                 if flow is not None:
                     out.append(TcpDataReceived(flow))
-            elif kind == lib.NS_EV_UDP:
+            elif kind == _EV_UDP:
                 if raw is None:
                     raw = ffi.buffer(evs, n * _EVENT_SIZE)
                 at = i * _EVENT_SIZE
@@ -424,7 +475,7 @@ class Stack:
                 if pair is None:
                     pair = _udp_pair(ev, raw[at + _TUPLE_START : at + _TUPLE_END])
                 out.append(UdpDatagram(pair[0], pair[1], ffi.buffer(arena + ev.off, ev.len)[:]))
-            elif kind == lib.NS_EV_ICMP_ECHO:
+            elif kind == _EV_ICMP_ECHO:
                 out.append(
                     IcmpEchoRequest(
                         _address(ev.family, ev.src, 0)[0],
@@ -434,25 +485,26 @@ class Stack:
                         ffi.buffer(arena + ev.off, ev.len)[:],
                     )
                 )
-            elif kind == lib.NS_EV_TCP_CONNECT:
-                flow = TcpFlow(
-                    self,
-                    ev.flow,
-                    _address(ev.family, ev.src, ev.sport),
-                    _address(ev.family, ev.dst, ev.dport),
-                )
-                flows[ev.flow] = flow
+            elif kind == _EV_CONNECT:
+                if raw is None:
+                    raw = ffi.buffer(evs, n * _EVENT_SIZE)
+                at = i * _EVENT_SIZE
+                key = raw[at + _HOSTS_START : at + _HOSTS_END]
+                hosts = _tcp_hosts.get(key) or _tcp_hosts_of(ev, key)
+                flow_id = ev.flow
+                flow = TcpFlow(self, flow_id, (hosts[0], ev.sport), (hosts[1], ev.dport))
+                flows[flow_id] = flow
                 out.append(TcpConnectRequest(flow))
             else:
                 flow = flows.get(ev.flow)
                 if flow is None:
                     continue  # released by the consumer earlier in this batch
-                if kind == lib.NS_EV_TCP_EOF:
+                if kind == _EV_EOF:
                     flow.eof_received = True
                     out.append(TcpEndOfStream(flow))
-                elif kind == lib.NS_EV_TCP_WRITABLE:
+                elif kind == _EV_WRITABLE:
                     out.append(TcpWritable(flow))
-                elif kind == lib.NS_EV_TCP_CLOSED:
+                elif kind == _EV_CLOSED:
                     lib.ns_tcp_close(flow.id, 1)  # the pcb is gone: this only frees the slot
                     self._forget(flow)
                     out.append(TcpClosed(flow, CloseReason(ev.err)))

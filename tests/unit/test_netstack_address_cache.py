@@ -10,11 +10,11 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from scapy.layers.inet import IP, UDP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.packet import Raw
 
-from netstack import LocalProtocolError, UdpDatagram
+from netstack import LocalProtocolError, TcpConnectRequest, UdpDatagram
 from netstack import stack as stack_module
 
 
@@ -22,7 +22,7 @@ from netstack import stack as stack_module
 def empty_caches(monkeypatch):
     # Tests run before these (test_netstack_tcp.py, say) leave the module's caches fuller than the lowered
     # ADDRESS_CACHE, and the bound is applied only as an entry is added: start empty, whatever the order.
-    for name in ("_names", "_packed_cache", "_udp_pairs", "_udp_hosts"):
+    for name in ("_names", "_packed_cache", "_udp_pairs", "_udp_hosts", "_tcp_hosts"):
         monkeypatch.setattr(stack_module, name, {})
 
 
@@ -93,3 +93,23 @@ def test_a_bad_address_is_a_clear_error_every_time(stack, bad):
             stack.udp_send((bad, 53), ("198.18.0.2", 40000), b"x")
     assert bad not in stack_module._packed_cache
     assert stack.packets_to_send() == []
+
+
+def test_one_batch_of_many_connections_keeps_each_connections_own_addresses(stack, monkeypatch):
+    # A new connection's hosts are cached by the event's raw family and address bytes: connections that
+    # differ in a port, the family or one address byte each get their own, at every batch index, and the
+    # cache stays bounded.
+    monkeypatch.setattr(stack_module, "ADDRESS_CACHE", 8)
+    sent = []
+    for i in range(120):
+        v6 = i % 3 == 0
+        src = f"fd58:3278:7373:1::{i % 4 + 1}" if v6 else f"198.18.0.{i % 4 + 1}"
+        dst = f"fd58:3278:7373:2::{i % 5 + 1}" if v6 else f"198.19.0.{i % 5}"
+        sport, dport = 20000 + i, 80 + i % 2
+        ip = IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)
+        stack.receive_packet(bytes(ip / TCP(sport=sport, dport=dport, flags="S", seq=1)))
+        sent.append(((src, sport), (dst, dport)))
+    events = stack.events()
+    assert all(isinstance(event, TcpConnectRequest) for event in events)
+    assert [(event.flow.src, event.flow.dst) for event in events] == sent
+    assert len(stack_module._tcp_hosts) <= 8

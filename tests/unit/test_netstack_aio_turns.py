@@ -1,7 +1,8 @@
 """Loop turns on the netstack's side of a request/response (netstack.aio on a socketpair standing in for the
 TUN device): an interactive answer leaves at once, a one-request connection's answer and FIN share a
-segment, the bare ACK for a request waits until the request's own way upstream had its turn, and a batch
-schedules no extra turn for itself."""
+segment, the bare ACK for a request waits until the request's own way upstream had its turn (for a new
+connection's first request, until its answer carries the ACK, or ack_hold), and a batch schedules no extra
+turn for itself."""
 
 from __future__ import annotations
 
@@ -68,14 +69,16 @@ async def exchange(wire: Wire, peer: TcpPeer, rounds: int = 5) -> list[bytes]:
     return seen
 
 
-async def _connected(ours: socket.socket, wire: Wire) -> tuple[TunStack, TcpPeer, Recorder]:
+async def _connected(
+    ours: socket.socket, wire: Wire, ack_hold: float = StackConfig.ack_hold
+) -> tuple[TunStack, TcpPeer, Recorder]:
     protocols: list[Recorder] = []
 
     def on_tcp(flow: TcpFlow) -> None:
         protocols.append(Recorder())
         tun.accept(flow, lambda: protocols[-1])
 
-    tun = TunStack(ours.fileno(), config=StackConfig(mtu=16000), on_tcp=on_tcp)
+    tun = TunStack(ours.fileno(), config=StackConfig(mtu=16000, ack_hold=ack_hold), on_tcp=on_tcp)
     tun.start()
     peer = TcpPeer(wire, "198.18.0.2", "198.19.0.2", mss=8000)  # type: ignore[arg-type]
     peer.syn()
@@ -130,13 +133,16 @@ def test_a_first_answer_and_its_fin_share_one_segment(wired):
 
 def test_the_bare_ack_waits_for_the_requests_way_upstream(wired):
     """The consumer's upstream send runs at the end of the turn (as the SSH side's coalesced send does);
-    the ACK for the request is written after it, not before."""
+    the ACK for the request is written after it, not before. (The flow's second request: the first one's
+    ACK is held, see below.)"""
 
     async def run() -> None:
-        tun, peer, proto = await _connected(*wired)
+        tun, peer, proto = await _connected(*wired, ack_hold=0.001)
         wire = wired[1]
         loop = asyncio.get_running_loop()
         order: list[str] = []
+        peer.send(b"first request", push=True)
+        await exchange(wire, peer, rounds=20)
 
         def upstream_send() -> None:
             acks = [raw for raw in wire.packets() if IP(raw)[TCP].ack == peer.seq]
@@ -167,6 +173,49 @@ def test_a_batch_schedules_no_extra_turn_for_itself(wired):
             await exchange(wire, peer)
             assert bytes(proto.data) == b"request"
             assert extra == [], "delivering a batch scheduled another turn of the loop"
+        finally:
+            tun.close()
+
+    asyncio.run(run())
+
+
+def test_a_new_connections_request_is_acknowledged_by_its_answer(wired):
+    """The answer comes a few milliseconds after the request (its way through SSH): no bare ACK goes
+    before it; the answer carries the ACK."""
+
+    async def run() -> None:
+        tun, peer, proto = await _connected(*wired, ack_hold=0.2)
+        wire = wired[1]
+        loop = asyncio.get_running_loop()
+        proto.on_data = lambda: loop.call_later(0.003, proto.transport.write, b"answer")
+        try:
+            peer.auto_ack = False
+            peer.send(b"request", push=True)
+            segments = [IP(raw)[TCP] for raw in await exchange(wire, peer, rounds=20)]
+            assert [(bytes(seg.payload), seg.ack) for seg in segments] == [(b"answer", peer.seq)]
+        finally:
+            tun.close()
+
+    asyncio.run(run())
+
+
+def test_an_unanswered_first_request_is_acknowledged_after_ack_hold(wired):
+    """No answer comes (an app with Nagle on waits for our ACK before it sends the rest): one bare ACK
+    after ack_hold; the flow's next request is acknowledged without waiting for its answer."""
+
+    async def run() -> None:
+        tun, peer, proto = await _connected(*wired, ack_hold=0.002)
+        wire = wired[1]
+        try:
+            peer.auto_ack = False
+            peer.send(b"GET / HTTP/1.1\r\n", push=True)
+            segments = [IP(raw)[TCP] for raw in await exchange(wire, peer, rounds=20)]
+            assert [(bytes(seg.payload), seg.ack) for seg in segments] == [(b"", peer.seq)]
+            tun.stack.config.__dict__["ack_hold"] = 3600.0  # (frozen dataclass) only the first ACK may wait
+            peer.send(b"\r\n", push=True)
+            segments = [IP(raw)[TCP] for raw in await exchange(wire, peer, rounds=3)]
+            assert [(bytes(seg.payload), seg.ack) for seg in segments] == [(b"", peer.seq)]
+            assert bytes(proto.data) == b"GET / HTTP/1.1\r\n\r\n"
         finally:
             tun.close()
 
