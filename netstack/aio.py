@@ -48,7 +48,7 @@ from netstack.events import (
     UdpDatagram,
 )
 from netstack.port import FdPort, PacketPort
-from netstack.stack import ACKS_HELD, ACKS_NOW, READ_CHUNK, Stack, StackConfig, TcpFlow
+from netstack.stack import ACKS_HELD, READ_CHUNK, Stack, StackConfig, TcpFlow
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +319,7 @@ class TunStack:
         self._dispatching = False  # inside _dispatch: it drains, flushes and re-arms the timer at its end
         self._acks_scheduled = False
         self._held_acks: asyncio.TimerHandle | None = None  # sends the held ACKs (see Stack.flush)
+        self._hold_acks = self.stack.config.ack_hold > 0
         self._deferred: list[Callable[[], None]] = []  # see `defer`
         self._started = False
         self.buffer_budget = self.stack.config.buffer_budget
@@ -477,12 +478,15 @@ class TunStack:
             self.port.write_batch(self.stack)
 
     def _owe_acks(self, owed: int) -> None:
-        """Schedule the bare ACKs that `Stack.flush` says are still owed."""
-        if owed & ACKS_NOW and not self._acks_scheduled:
+        """Schedule the bare ACKs that `Stack.flush` says are still owed (held ones as owed now when the
+        stack holds none: `StackConfig.ack_hold` 0)."""
+        if owed & ACKS_HELD and self._hold_acks:
+            if self._held_acks is None:
+                self._held_acks = self._loop.call_later(self.stack.config.ack_hold, self._flush_held_acks)
+            owed &= ~ACKS_HELD
+        if owed and not self._acks_scheduled:
             self._acks_scheduled = True
             self._loop.call_soon(self._flush_acks)
-        if owed & ACKS_HELD and self._held_acks is None:
-            self._held_acks = self._loop.call_later(self.stack.config.ack_hold, self._flush_held_acks)
 
     def _flush_acks(self) -> None:
         # A turn after the batch that owed them: the bytes' way upstream went first (an SSH connection's
@@ -491,7 +495,7 @@ class TunStack:
         # answer, up to ack_hold.
         self._acks_scheduled = False
         if not self.stack._closed:
-            if self.stack.flush_acks(held=False) and self._held_acks is None:
+            if self.stack.flush_acks(held=not self._hold_acks) and self._held_acks is None:
                 self._held_acks = self._loop.call_later(self.stack.config.ack_hold, self._flush_held_acks)
             if self._port_queues:
                 self.port.write_batch(self.stack)

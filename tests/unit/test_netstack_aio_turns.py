@@ -220,3 +220,21 @@ def test_an_unanswered_first_request_is_acknowledged_after_ack_hold(wired):
             tun.close()
 
     asyncio.run(run())
+
+
+def test_by_default_a_first_request_is_acknowledged_without_a_hold(wired):
+    """StackConfig's default holds no ACK: over a real network no answer comes within any sensible hold,
+    so an app with Nagle on would only wait longer. The bare ACK follows a turn of the loop later."""
+
+    async def run() -> None:
+        tun, peer, _proto = await _connected(*wired)
+        wire = wired[1]
+        try:
+            peer.auto_ack = False
+            peer.send(b"GET / HTTP/1.1\r\n", push=True)
+            segments = [IP(raw)[TCP] for raw in await exchange(wire, peer, rounds=3)]  # (3 ms)
+            assert [(bytes(seg.payload), seg.ack) for seg in segments] == [(b"", peer.seq)]
+        finally:
+            tun.close()
+
+    asyncio.run(run())
