@@ -91,9 +91,11 @@ def compare(tree: Path, rounds: int, seconds: float, concurrency: int, out: Path
 
 
 class _X2sshUnderCProfile(X2ssh):
-    """The harness's x2ssh, run by benchmarks.cprofile_x2ssh (stats written to `out` at exit)."""
+    """The harness's x2ssh, run by benchmarks.cprofile_x2ssh (stats written to `out` at exit) from checkout
+    `tree` (this one by default)."""
 
     out = ""
+    tree = str(REPO_ROOT)
 
     def start(self, env: BenchEnv) -> None:
         self.env = env
@@ -102,7 +104,7 @@ class _X2sshUnderCProfile(X2ssh):
             sys.executable, "-m", "benchmarks.cprofile_x2ssh", self.out, "--vpn", "-F", str(sshd.ssh_config),
             "-i", str(sshd.client_key), "-p", str(sshd.port), "--vpn-dns", "off", sshd.destination,
         ]  # fmt: skip
-        self._spawn_watched(argv, r"VPN up", cwd=str(REPO_ROOT))
+        self._spawn_watched(argv, r"VPN up", cwd=self.tree)
 
 
 def _times(pid: int) -> tuple[float, float]:

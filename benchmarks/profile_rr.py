@@ -96,26 +96,11 @@ def _spy(env: object, count: int, out: Path) -> None:
         print(f"  {100 * n / total:5.1f}%  {name}")
 
 
-class _CProfiledTree(_X2sshUnderCProfile):
-    """benchmarks.cprofile_x2ssh run from checkout `tree` (this one by default)."""
-
-    tree = str(REPO_ROOT)
-
-    def start(self, env: BenchEnv) -> None:
-        self.env = env
-        sshd = env.sshd
-        argv = [
-            sys.executable, "-m", "benchmarks.cprofile_x2ssh", self.out, "--vpn", "-F", str(sshd.ssh_config),
-            "-i", str(sshd.client_key), "-p", str(sshd.port), "--vpn-dns", "off", sshd.destination,
-        ]  # fmt: skip
-        self._spawn_watched(argv, r"VPN up", cwd=self.tree)
-
-
 def _cprofile(env: BenchEnv, count: int, out: Path, trees: dict[str, str]) -> None:
     """Per round trip: Python calls, loop turns and socket/TUN system calls, for each checkout (exact
     counts, unlike the times); then this checkout's top functions by own CPU time."""
     for name, tree in trees.items():
-        transport = _CProfiledTree()
+        transport = _X2sshUnderCProfile()
         transport.tree = tree
         stats = out / f"rr-{name}.pstats"
         transport.out = str(stats)  # type: ignore[attr-defined]

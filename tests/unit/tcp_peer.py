@@ -7,6 +7,7 @@ handshakes, data, half-close and resets, and to check every packet the stack sen
 from __future__ import annotations
 
 import random
+import socket
 from dataclasses import dataclass, field
 
 from scapy.layers.inet import IP, TCP, UDP
@@ -140,3 +141,22 @@ def connect(stack: Stack, peer: TcpPeer, accept: bool = True) -> TcpFlow:
         deliver(stack, [peer])
         assert peer.got_synack
     return flow
+
+
+class Wire:
+    """The app's end of a socketpair that stands in for the TUN device: a TcpPeer's packets go in (it is the
+    peer's "stack"), the stack's packets come out."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def receive_packet(self, raw: bytes) -> None:
+        self.sock.send(raw)
+
+    def packets(self) -> list[bytes]:
+        out = []
+        while True:
+            try:
+                out.append(self.sock.recv(70000))
+            except BlockingIOError:
+                return out

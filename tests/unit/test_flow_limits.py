@@ -15,7 +15,7 @@ from scapy.layers.inet import IP, TCP
 
 from netstack import StackConfig, TcpFlow
 from netstack.aio import TunStack
-from tests.unit.tcp_peer import TcpPeer
+from tests.unit.tcp_peer import TcpPeer, Wire
 from x2ssh.flows.tcp_bridge import BridgeLimits, TcpBridge
 
 # -- the cap on channel opens ------------------------------------------------------------------------------
@@ -217,24 +217,6 @@ def test_limits_are_validated():
 # -- the global buffer budget ------------------------------------------------------------------------------
 
 
-class _Wire:
-    """The app's end of a socketpair that stands in for the TUN device."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def receive_packet(self, raw: bytes) -> None:  # TcpPeer's "stack": its packets go into the TUN
-        self.sock.send(raw)
-
-    def packets(self) -> list[bytes]:
-        out = []
-        while True:
-            try:
-                out.append(self.sock.recv(70000))
-            except BlockingIOError:
-                return out
-
-
 class Recorder(asyncio.Protocol):
     def __init__(self) -> None:
         self.events: list[str] = []
@@ -253,7 +235,7 @@ class Recorder(asyncio.Protocol):
         self.events.append("resume")
 
 
-async def exchange(wire: _Wire, peers: list[TcpPeer], rounds: int = 20) -> list[int]:
+async def exchange(wire: Wire, peers: list[TcpPeer], rounds: int = 20) -> list[int]:
     """Let the loop run and hand every packet to its peer; returns the windows advertised to the apps."""
     windows = []
     for _ in range(rounds):
@@ -266,21 +248,11 @@ async def exchange(wire: _Wire, peers: list[TcpPeer], rounds: int = 20) -> list[
     return windows
 
 
-@pytest.fixture
-def wired():
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ours.setblocking(False)
-    theirs.setblocking(False)
-    yield ours, _Wire(theirs)
-    ours.close()
-    theirs.close()
-
-
 def test_past_the_budget_every_flow_stops_reading_and_nothing_is_dropped(wired):
     asyncio.run(_budget(*wired))
 
 
-async def _budget(ours: socket.socket, wire: _Wire) -> None:
+async def _budget(ours: socket.socket, wire: Wire) -> None:
     protocols: list[Recorder] = []
 
     def on_tcp(flow: TcpFlow) -> None:

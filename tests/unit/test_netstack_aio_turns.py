@@ -9,30 +9,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
-import pytest
 from scapy.layers.inet import IP, TCP
 
 from netstack import StackConfig, TcpFlow
 from netstack.aio import TunStack
-from tests.unit.tcp_peer import TcpPeer
-
-
-class Wire:
-    """The app's end of the socketpair: TcpPeer's packets go into the "TUN", the stack's come out."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def receive_packet(self, raw: bytes) -> None:
-        self.sock.send(raw)
-
-    def packets(self) -> list[bytes]:
-        out = []
-        while True:
-            try:
-                out.append(self.sock.recv(70000))
-            except BlockingIOError:
-                return out
+from tests.unit.tcp_peer import TcpPeer, Wire
 
 
 class Recorder(asyncio.Protocol):
@@ -46,16 +27,6 @@ class Recorder(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.data += data
         self.on_data()
-
-
-@pytest.fixture
-def wired():
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ours.setblocking(False)
-    theirs.setblocking(False)
-    yield ours, Wire(theirs)
-    ours.close()
-    theirs.close()
 
 
 async def exchange(wire: Wire, peer: TcpPeer, rounds: int = 5) -> list[bytes]:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import socket
 
-import pytest
 from scapy.layers.inet import IP, TCP
 
 from netstack import StackConfig, TcpFlow
 from netstack.aio import TunStack
-from tests.unit.tcp_peer import TcpPeer
-from tests.unit.test_netstack_aio_turns import Recorder, Wire, exchange
+from tests.unit.tcp_peer import TcpPeer, Wire
+from tests.unit.test_netstack_aio_turns import Recorder, exchange
 from x2ssh.ssh import tuning
 
 
@@ -25,16 +24,6 @@ class Upstream:
 
     def _send(self, data: bytes) -> None:
         self.writes.append(data)
-
-
-@pytest.fixture
-def wired():
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ours.setblocking(False)
-    theirs.setblocking(False)
-    yield ours, Wire(theirs)
-    ours.close()
-    theirs.close()
 
 
 async def _forwarding(ours: socket.socket, wire: Wire, upstream: Upstream) -> tuple[TunStack, TcpPeer, list]:
