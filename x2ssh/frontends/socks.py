@@ -557,8 +557,8 @@ class _Client(asyncio.Protocol):
             rest = write_gathered(transport, pending)
             if rest is not None:
                 pending.clear()
-                if rest:
-                    transport.write(rest)
+                for part in rest:
+                    transport.write(part)
                 return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()

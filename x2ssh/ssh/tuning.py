@@ -807,8 +807,8 @@ def coalesce_sends(conn: Any) -> None:
             if transport is not None:
                 rest = write_gathered(transport, parts)
                 if rest is not None:
-                    if rest:
-                        send(rest)
+                    for part in rest:
+                        send(part)
                     return
         send(b"".join(parts))
 
@@ -826,11 +826,14 @@ def coalesce_sends(conn: Any) -> None:
     conn._send = coalescing_send
 
 
-def write_gathered(transport: Any, parts: list[bytes]) -> bytes | None:
-    """`writev` `parts` to the transport's socket if asyncio has nothing queued for it: the bytes it did not
-    take (b"" if none), or None when this does not apply (asyncio's own write then takes everything).
+def write_gathered(transport: Any, parts: list[bytes]) -> list[Any] | None:
+    """`writev` `parts` to the transport's socket if asyncio has nothing queued for it: the buffers it did
+    not take, in order (empty if none; the first may be a view of a part's tail), or None when this does
+    not apply (asyncio's own write then takes everything).
 
-    The caller hands what is returned to the transport's `write`, so the order on the socket is kept."""
+    The caller hands what is returned to the transport's `write`, each in turn, so the order on the socket is
+    kept; asyncio copies them into its buffer once (they are not joined first: a large batch that meets a
+    full socket, e.g. a 1 MiB client read on upload, would otherwise be copied twice)."""
     if type(transport).__module__ != _SOCKET_TRANSPORTS:
         # A ProxyCommand's pipe, or the channel of a jump host, whose "socket" is the outer connection's.
         return None
@@ -847,12 +850,12 @@ def write_gathered(transport: Any, parts: list[bytes]) -> bytes | None:
     except OSError:
         return None  # asyncio's write meets the same error and closes the transport its own way
     if whole and sent == sum(map(len, parts)):  # the usual case, without a Python step per part
-        return b""
+        return []
     for i, part in enumerate(parts):
         if sent < len(part):
-            return b"".join((part[sent:], *parts[i + 1 :]))
+            return [memoryview(part)[sent:] if sent else part, *parts[i + 1 :]]
         sent -= len(part)
-    return b""
+    return []
 
 
 async def ping(conn: Any) -> None:
