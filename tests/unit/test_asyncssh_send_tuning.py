@@ -205,3 +205,57 @@ async def _in_lab(scenario: Any, ciphers: tuple[str, ...] = ("aes128-gcm@openssh
 
 def test_packets_go_out_through_the_direct_path_when_installed() -> None:
     assert asyncssh.connection.SSHConnection.send_packet is tuning._send_packet_fast
+
+
+class _GcmConnection:
+    """The state of an established AES-GCM connection that the direct send path reads and updates."""
+
+    def __init__(self, key: bytes, iv: bytes) -> None:
+        from asyncssh.encryption import GCMEncryption
+
+        self._send_encryption = GCMEncryption.new("aes128-gcm", key, iv)
+        self._strict_kex = self._auth_complete = self._kex_complete = True
+        self._compressor = None
+        self._rekey_bytes_sent, self._rekey_bytes, self._rekey_seconds, self._rekey_time = 0, 1 << 40, 0, 0
+        self._send_blocksize, self._send_enchdrlen, self._send_seq = 16, 4, 0
+        self.writes: list[bytes] = []
+
+    def _send(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+
+def test_a_write_s_packets_reach_the_coalesced_send_in_one_call() -> None:
+    """With coalesce_sends, a write's sealed packets go to its pending list in one call (not two calls per
+    packet), and the bytes, sequence number and IV are those of the per-part path."""
+    key, iv = bytes(range(16)), bytes(range(12))
+    data = bytes(range(256)) * 1024 + b"tail"  # eight full packets and a short one
+
+    def build(coalesced: bool) -> tuple[bytes, int, bytes, int]:
+        conn = _GcmConnection(key, iv)
+        calls = []
+
+        async def scenario() -> None:
+            if coalesced:
+                tuning.coalesce_sends(conn)
+                many = conn._send.many  # type: ignore[attr-defined]
+
+                def counting(parts: list[bytes]) -> None:
+                    calls.append(len(parts))
+                    many(parts)
+
+                conn._send.many = counting  # type: ignore[attr-defined]
+            tuning.send_channel_chunks(conn, 3, data, 32768)
+            await asyncio.sleep(0)  # the turn ends: the coalesced parts go out
+
+        real_os = asyncssh_connection.os
+        asyncssh_connection.os = _CountingRandom(real_os)  # type: ignore[attr-defined]
+        try:
+            asyncio.run(scenario())
+        finally:
+            asyncssh_connection.os = real_os  # type: ignore[attr-defined]
+        cipher = conn._send_encryption._cipher
+        return b"".join(conn.writes), conn._send_seq, cipher._iv, len(calls) and calls[0]
+
+    plain, coalesced = build(False), build(True)
+    assert coalesced[:3] == plain[:3] and plain[1] == 9
+    assert coalesced[3] == 2 * 9  # one call: a length and a sealed body per packet

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.unit.test_socks_server import CallbackBackend, FakeBackend, v4
+from x2ssh.frontends import stream as stream_module
 from x2ssh.frontends.deadlines import Deadlines
 from x2ssh.frontends.socks import SocksServer, SocksSettings
 from x2ssh.frontends.stream import SocketStream, StreamListener, listen, supports_streams
@@ -466,5 +467,46 @@ def test_a_connection_leaves_each_deadline_once(monkeypatch: pytest.MonkeyPatch)
         await server.close()  # connection_lost: nothing more to discard
         writer.close()
         assert [deadlines for deadlines, _ in discards] == [handshakes, opens]
+
+    run(test)
+
+
+def test_a_full_socket_is_read_in_reads_larger_than_asyncio_s() -> None:
+    """On a bulk upload the client's socket holds more than asyncio's 256 KiB read: one loop turn takes
+    up to MAX_READ (fewer turns, writevs and send-path calls per GB), every byte in order."""
+
+    class Sink(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.reads: list[int] = []
+            self.data = bytearray()
+
+        def data_received(self, data: bytes) -> None:
+            self.reads.append(len(data))
+            self.data += data
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        for sock, option in ((ours, socket.SO_RCVBUF), (theirs, socket.SO_SNDBUF)):
+            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+        payload = os.urandom(3 << 20)
+        theirs.setblocking(False)
+        sent = 0
+        while sent < len(payload):  # fill the socket before the stream reads anything
+            try:
+                sent += theirs.send(payload[sent:])
+            except BlockingIOError:
+                break
+        ours.setblocking(False)
+        sink = Sink()
+        stream = SocketStream(loop, ours, sink)
+        stream.start()
+        await until(lambda: len(sink.data) >= sent)
+        assert sink.data == payload[:sent]
+        assert sent > 2 * stream_module.MAX_READ  # the socket held several reads' worth
+        assert max(sink.reads) > 256 * 1024
+        stream.abort()
+        theirs.close()
+        await asyncio.sleep(0)
 
     run(test)

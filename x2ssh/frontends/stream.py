@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Bytes per read. asyncio's transports read 256 KiB; on a bulk upload the client's socket always held more
 # (perf syscall counts: every read was full), so each 256 KiB cost a loop turn, a writev and the per-write
-# work of the send path. 1 MiB: 4x fewer turns, ~8 % less proxy CPU per GB on the -D upload (median of 3
+# work of the send path. 1 MiB: 4x fewer turns, ~6 % less proxy CPU per GB on the -D upload (median of 3
 # rounds, benchmarks.profile_socks --compare). A read is sealed into SSH packets at once as far as the
 # channel's window goes; memory per client stays bounded by this read plus the channel's buffer limit.
 MAX_READ = 1024 * 1024
