@@ -96,6 +96,8 @@ def _run_metered(
     """(throughput, client CPU s/GB) of an iperf scenario; (rate, client CPU s per 1,000 connections)."""
     if scenario.name != "http-rate":
         values = scenario.run(env, transport, settings)
+        server = float(values[f"{scenario.name}-cpu-server"][0] or 0.0)
+        print(f"    {transport.name} {scenario.name}: server side CPU {server:.3f} s/GB", flush=True)
         return float(values[scenario.name][0] or 0.0), float(values[f"{scenario.name}-cpu-client"][0] or 0.0)
     with ResourceMeter(transport.client_pids) as meter:
         values = scenario.run(env, transport, settings)
