@@ -121,7 +121,9 @@ def test_chunks_are_the_packets_of_send_channel_data_per_chunk(rekey_after: int 
             _set_state(conn, before)
             chunked = _build_data(conn, _chunks, data)
             _set_state(conn, before)
-            results.append((per_chunk, chunked))
+            read_into = _build_data(conn, _read_into, data)
+            _set_state(conn, before)
+            results.append((per_chunk, chunked, read_into))
         conn._rekey_bytes = 1 << 60
         _set_state(conn, start)
         return results
@@ -133,8 +135,18 @@ def test_chunks_are_the_packets_of_send_channel_data_per_chunk(rekey_after: int 
     def _chunks(conn: Any, data: bytes) -> None:
         tuning.send_channel_chunks(conn, 5, data, 32768)
 
-    for n, (per_chunk, chunked) in zip(sizes, asyncio.run(_in_lab(scenario)), strict=True):
+    def _read_into(conn: Any, data: bytes) -> None:  # as a socket read into the buffers, then the send
+        buffers = tuning.channel_read_buffers(conn, 32768, len(data))
+        assert buffers is not None and sum(map(len, buffers)) == len(data)  # as far as the window goes
+        at = 0
+        for buffer in buffers:
+            buffer[:] = data[at : at + len(buffer)]
+            at += len(buffer)
+        tuning.send_read_buffers(conn, 5, 32768, len(data))
+
+    for n, (per_chunk, chunked, read_into) in zip(sizes, asyncio.run(_in_lab(scenario)), strict=True):
         assert chunked == per_chunk, n
+        assert read_into == per_chunk, n
         parts = per_chunk[0]
         if rekey_after is not None and n > rekey_after * 32768:
             assert parts.index("KEXINIT") == 2 * rekey_after  # after two packets (length, sealed body each)
@@ -259,3 +271,13 @@ def test_a_write_s_packets_reach_the_coalesced_send_in_one_call() -> None:
     plain, coalesced = build(False), build(True)
     assert coalesced[:3] == plain[:3] and plain[1] == 9
     assert coalesced[3] == 2 * 9  # one call: a length and a sealed body per packet
+
+
+def test_read_buffers_keep_to_the_window_and_stay_off_other_ciphers() -> None:
+    conn = _GcmConnection(bytes(16), bytes(12))
+    full = tuning.channel_read_buffers(conn, 32768, 1 << 30)
+    assert full is not None and sum(map(len, full)) == tuning.READ_INTO_MAX  # one read at most
+    assert [len(b) for b in tuning.channel_read_buffers(conn, 32768, 70_000) or []] == [32768, 32768, 4464]
+    assert tuning.channel_read_buffers(conn, 32768, 0) is None  # no window: read into bytes, buffer there
+    conn._rekey_bytes_sent = conn._rekey_bytes  # a rekey is due: asyncssh's path
+    assert tuning.channel_read_buffers(conn, 32768, 1 << 20) is None

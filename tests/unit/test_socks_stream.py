@@ -510,3 +510,54 @@ def test_a_full_socket_is_read_in_reads_larger_than_asyncio_s() -> None:
         await asyncio.sleep(0)
 
     run(test)
+
+
+def test_reads_go_into_the_target_s_buffers_when_it_offers_some() -> None:
+    """`read_into`: a read fills the target's buffers in order (one recvmsg_into) and reports the count;
+    when the target offers none the bytes come by data_received; the EOF is reported either way."""
+
+    class Target(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.arena = bytearray(8)
+            self.offer = True
+            self.got = bytearray()
+            self.by_data_received = bytearray()
+            self.eofs = 0
+
+        def read_buffers(self) -> list[memoryview] | None:
+            view = memoryview(self.arena)
+            return [view[:3], view[3:8]] if self.offer else None
+
+        def buffers_read(self, n: int) -> None:
+            self.got += self.arena[:n]
+
+        def data_received(self, data: bytes) -> None:
+            self.by_data_received += data
+
+        def eof_received(self) -> bool:
+            self.eofs += 1
+            return True
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        target = Target()
+        stream = SocketStream(loop, ours, target)
+        stream.read_into(target)
+        stream.start()
+        theirs.sendall(b"abcdefghijkl")  # more than the 8 bytes offered: two reads
+        await until(lambda: len(target.got) == 12)
+        assert target.got == b"abcdefghijkl" and not target.by_data_received
+        target.offer = False
+        theirs.sendall(b"plain")
+        await until(lambda: target.by_data_received == b"plain")
+        target.offer = True
+        theirs.shutdown(socket.SHUT_WR)
+        await until(lambda: target.eofs == 1)
+        assert target.got == b"abcdefghijkl"
+        stream.abort()
+        theirs.close()
+        await asyncio.sleep(0)
+
+    run(test)

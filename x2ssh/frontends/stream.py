@@ -30,7 +30,7 @@ import os
 import selectors
 import socket
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,16 @@ _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+class ReadInto(Protocol):
+    """Where a `SocketStream` may read straight into (see `SocketStream.read_into`)."""
+
+    def read_buffers(self) -> list[memoryview] | None:
+        """Buffers for the next read, in order (None or empty: read into bytes, data_received)."""
+
+    def buffers_read(self, n: int) -> None:
+        """The last read put `n` bytes (> 0) into the buffers `read_buffers` returned."""
 
 
 def supports_streams(loop: asyncio.AbstractEventLoop) -> bool:
@@ -84,6 +94,7 @@ class SocketStream(asyncio.Transport):
         self._closing = False
         self._eof_pending = False  # write_eof(): shut down once the buffer is out
         self._lost = False
+        self._into: ReadInto | None = None  # reads go into its buffers when it has some (see read_into)
 
     # -- start --
 
@@ -110,10 +121,38 @@ class SocketStream(asyncio.Transport):
             self._reader_on = False
             self._loop.remove_reader(self._fd)
 
+    def read_into(self, target: ReadInto | None) -> None:
+        """Read into `target`'s buffers whenever it offers some (`read_buffers`), reporting the count
+        (`buffers_read`) instead of calling data_received; None: back to data_received only."""
+        self._into = target
+
     def _read_ready(self) -> None:
         if self._reading_paused:  # lazy pause: only now that data is waiting does the selector forget us
             self._remove_reader()
             return
+        into = self._into
+        if into is not None:
+            try:
+                buffers = into.read_buffers()
+            except Exception as exc:
+                self._fatal(exc, "read_buffers")
+                return
+            if buffers:
+                try:
+                    n = self._sock.recvmsg_into(buffers)[0]
+                except _TRY_AGAIN:
+                    return
+                except OSError as exc:
+                    self._fatal(exc, None)
+                    return
+                if n:
+                    try:
+                        into.buffers_read(n)
+                    except Exception as exc:
+                        self._fatal(exc, "buffers_read")
+                    return
+                self._eof()
+                return
         try:
             data = self._sock.recv(MAX_READ)
         except _TRY_AGAIN:
@@ -124,6 +163,9 @@ class SocketStream(asyncio.Transport):
         if data:
             self._deliver(data)
             return
+        self._eof()
+
+    def _eof(self) -> None:
         self._remove_reader()  # level-triggered: an EOF would be reported again and again
         try:
             keep_open = self._protocol.eof_received()
@@ -327,6 +369,7 @@ class SocketStream(asyncio.Transport):
         finally:
             self._sock.close()
             self._protocol = None  # type: ignore[assignment]
+            self._into = None
 
     # -- the rest of the Transport API --
 
