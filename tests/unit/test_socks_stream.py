@@ -561,3 +561,58 @@ def test_reads_go_into_the_target_s_buffers_when_it_offers_some() -> None:
         await asyncio.sleep(0)
 
     run(test)
+
+
+def test_a_spliced_client_s_bytes_are_read_into_the_channel_s_packets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once spliced to an SSH channel, the lean path reads the client's bytes straight into the buffers the
+    channel offers (no bytes object per read, no `write`); without buffers on offer, `write` as before."""
+    from tests.unit.test_socks_server import FakeChannel
+    from x2ssh.frontends import socks as socks_module
+
+    class ArenaChannel(FakeChannel):
+        def __init__(self, session: Any) -> None:
+            super().__init__(session)
+            self.arena = bytearray(1000)
+            self.offer = True
+            self.read_in = bytearray()
+
+        def read_buffers(self) -> list[memoryview] | None:
+            view = memoryview(self.arena)
+            return [view[:400], view[400:]] if self.offer else None
+
+        def sent_read_buffers(self, n: int) -> None:
+            self.read_in += self.arena[:n]
+
+    class ArenaBackend(FakeBackend):
+        async def open_tcp(self, host: str, port: int, factory: Any, origin: Any) -> Any:
+            session = factory()
+            channel = ArenaChannel(session)
+            self.channels.append(channel)
+            session.connection_made(channel)
+            return channel, session
+
+    monkeypatch.setattr(socks_module, "SshTcpChannel", ArenaChannel)
+
+    async def test() -> None:
+        backend = ArenaBackend()
+        server, port = await lean_server(backend)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(GREETING + CONNECT)
+        assert await reader.readexactly(2) == b"\x05\x00"
+        assert await reader.readexactly(10) == SUCCESS
+        channel = backend.channels[0]
+        assert isinstance(channel, ArenaChannel)
+        payload = os.urandom(5000)
+        writer.write(payload)
+        await until(lambda: len(channel.read_in) == len(payload))
+        assert channel.read_in == payload and not channel.written
+        assert server.stats.bytes_up == len(payload)
+        channel.offer = False
+        writer.write(b"by write")
+        await until(lambda: channel.written == b"by write")
+        writer.close()
+        await server.close()
+
+    run(test)
