@@ -148,10 +148,10 @@ def compare(
 
 
 SYSCALLS = (
-    "recvfrom", "read", "readv", "writev", "write", "sendto", "sendmsg", "epoll_wait", "epoll_ctl",
+    "recvfrom", "recvmsg", "read", "readv", "writev", "write", "sendto", "sendmsg", "epoll_wait", "epoll_ctl",
     "poll", "ppoll", "pselect6", "select", "getrandom",
 )  # fmt: skip
-_READS = ("recvfrom", "read", "readv")
+_READS = ("recvfrom", "recvmsg", "read", "readv")
 _WRITES = ("writev", "write", "sendto", "sendmsg")
 
 
