@@ -513,8 +513,9 @@ def test_a_full_socket_is_read_in_reads_larger_than_asyncio_s() -> None:
 
 
 def test_reads_go_into_the_target_s_buffers_when_it_offers_some() -> None:
-    """`read_into`: a read fills the target's buffers in order (one recvmsg_into) and reports the count;
-    when the target offers none the bytes come by data_received; the EOF is reported either way."""
+    """`read_into`: after a large read, reads fill the target's buffers in order (one recvmsg_into each) and
+    report the count, until one fills less than offered; with no buffers on offer, data_received; the EOF
+    is reported either way."""
 
     class Target(asyncio.Protocol):
         def __init__(self) -> None:
@@ -542,17 +543,21 @@ def test_reads_go_into_the_target_s_buffers_when_it_offers_some() -> None:
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
+        bulk = os.urandom(stream_module.BULK_READ)
+        theirs.sendall(bulk)  # in the socket before the first read: one large read
         target = Target()
         stream = SocketStream(loop, ours, target)
         stream.read_into(target)
         stream.start()
-        theirs.sendall(b"abcdefghijkl")  # more than the 8 bytes offered: two reads
+        await until(lambda: len(target.by_data_received) == len(bulk))
+        theirs.sendall(b"abcdefghijkl")  # more than the 8 bytes offered: two reads into them
         await until(lambda: len(target.got) == 12)
-        assert target.got == b"abcdefghijkl" and not target.by_data_received
+        assert target.got == b"abcdefghijkl" and target.by_data_received == bulk
+        theirs.sendall(b"plain")  # the last read filled less than offered: back to data_received
+        await until(lambda: target.by_data_received.endswith(b"plain"))
         target.offer = False
-        theirs.sendall(b"plain")
-        await until(lambda: target.by_data_received == b"plain")
-        target.offer = True
+        theirs.sendall(bulk + bulk)
+        await until(lambda: len(target.by_data_received) == 3 * len(bulk) + 5)
         theirs.shutdown(socket.SHUT_WR)
         await until(lambda: target.eofs == 1)
         assert target.got == b"abcdefghijkl"
@@ -574,16 +579,22 @@ def test_a_spliced_client_s_bytes_are_read_into_the_channel_s_packets(
     class ArenaChannel(FakeChannel):
         def __init__(self, session: Any) -> None:
             super().__init__(session)
-            self.arena = bytearray(1000)
+            self.arena = bytearray(128 * 1024)
             self.offer = True
-            self.read_in = bytearray()
+            self.read_in = 0
+            self.got = bytearray()  # in order, however each piece came
+
+        def write(self, data: bytes) -> None:
+            super().write(data)
+            self.got += data
 
         def read_buffers(self) -> list[memoryview] | None:
             view = memoryview(self.arena)
-            return [view[:400], view[400:]] if self.offer else None
+            return [view[:40000], view[40000:]] if self.offer else None
 
         def sent_read_buffers(self, n: int) -> None:
-            self.read_in += self.arena[:n]
+            self.read_in += n
+            self.got += self.arena[:n]
 
     class ArenaBackend(FakeBackend):
         async def open_tcp(self, host: str, port: int, factory: Any, origin: Any) -> Any:
@@ -604,14 +615,15 @@ def test_a_spliced_client_s_bytes_are_read_into_the_channel_s_packets(
         assert await reader.readexactly(10) == SUCCESS
         channel = backend.channels[0]
         assert isinstance(channel, ArenaChannel)
-        payload = os.urandom(5000)
+        payload = os.urandom(4 << 20)
         writer.write(payload)
-        await until(lambda: len(channel.read_in) == len(payload))
-        assert channel.read_in == payload and not channel.written
+        await until(lambda: len(channel.got) == len(payload))
+        assert channel.got == payload and channel.read_in > 0  # much of it read straight into the buffers
         assert server.stats.bytes_up == len(payload)
         channel.offer = False
+        written = len(channel.written)
         writer.write(b"by write")
-        await until(lambda: channel.written == b"by write")
+        await until(lambda: channel.written[written:] == b"by write")
         writer.close()
         await server.close()
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # rounds, benchmarks.profile_socks --compare). A read is sealed into SSH packets at once as far as the
 # channel's window goes; memory per client stays bounded by this read plus the channel's buffer limit.
 MAX_READ = 1024 * 1024
+BULK_READ = 64 * 1024  # see SocketStream.read_into
 ACCEPT_BATCH = 128  # sockets accepted per readiness event, so one busy port cannot starve the loop
 ACCEPT_RETRY_DELAY = 1.0  # after EMFILE and friends, as asyncio
 BACKLOG = 128  # as OpenSSH's forwarded ports
@@ -95,6 +96,7 @@ class SocketStream(asyncio.Transport):
         self._eof_pending = False  # write_eof(): shut down once the buffer is out
         self._lost = False
         self._into: ReadInto | None = None  # reads go into its buffers when it has some (see read_into)
+        self._bulk = False  # the last read was large: the next one goes into `_into`'s buffers
 
     # -- start --
 
@@ -123,7 +125,12 @@ class SocketStream(asyncio.Transport):
 
     def read_into(self, target: ReadInto | None) -> None:
         """Read into `target`'s buffers whenever it offers some (`read_buffers`), reporting the count
-        (`buffers_read`) instead of calling data_received; None: back to data_received only."""
+        (`buffers_read`) instead of calling data_received; None: back to data_received only.
+
+        Only while reads are large (from a read of BULK_READ bytes until one that fills less than offered
+        and less than BULK_READ): a scatter read costs more per call than a plain one (a buffer per packet
+        to set up), which pays off only in bulk; short exchanges (a request and its answer) keep the plain
+        read."""
         self._into = target
 
     def _read_ready(self) -> None:
@@ -131,7 +138,7 @@ class SocketStream(asyncio.Transport):
             self._remove_reader()
             return
         into = self._into
-        if into is not None:
+        if into is not None and self._bulk:
             try:
                 buffers = into.read_buffers()
             except Exception as exc:
@@ -146,6 +153,8 @@ class SocketStream(asyncio.Transport):
                     self._fatal(exc, None)
                     return
                 if n:
+                    if n < BULK_READ and n < sum(map(len, buffers)):  # (not: a window that was short)
+                        self._bulk = False
                     try:
                         into.buffers_read(n)
                     except Exception as exc:
@@ -161,6 +170,8 @@ class SocketStream(asyncio.Transport):
             self._fatal(exc, None)
             return
         if data:
+            if into is not None and len(data) >= BULK_READ:
+                self._bulk = True
             self._deliver(data)
             return
         self._eof()
