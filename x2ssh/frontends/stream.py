@@ -36,10 +36,11 @@ log = logging.getLogger(__name__)
 
 # Bytes per read. asyncio's transports read 256 KiB; on a bulk upload the client's socket always held more
 # (perf syscall counts: every read was full), so each 256 KiB cost a loop turn, a writev and the per-write
-# work of the send path. 1 MiB: 4x fewer turns, ~6 % less proxy CPU per GB on the -D upload (median of 3
-# rounds, benchmarks.profile_socks --compare). A read is sealed into SSH packets at once as far as the
-# channel's window goes; memory per client stays bounded by this read plus the channel's buffer limit.
-MAX_READ = 1024 * 1024
+# work of the send path. 512 KiB: half the turns. 1 MiB cut the proxy's CPU a little more, but its bursts
+# cost sshd ~0.07 s/GB more and the upload was ~6 % slower than with 512 KiB (benchmarks.profile_socks
+# --compare, 4 rounds, server side CPU per GB). Memory per client stays bounded by this read plus the
+# channel's buffer limit.
+MAX_READ = 512 * 1024
 BULK_READ = 64 * 1024  # see SocketStream.read_into
 ACCEPT_BATCH = 128  # sockets accepted per readiness event, so one busy port cannot starve the loop
 ACCEPT_RETRY_DELAY = 1.0  # after EMFILE and friends, as asyncio

@@ -282,7 +282,7 @@ def _seal_chunks(conn: Any, enc: Any, send_chan: int, view: memoryview, pktsize:
 
 _SLOT_HEAD = 10  # pad length, type, channel, data length
 _SLOT_TAIL = 32  # room for the padding (at most a cipher block + 3 bytes)
-READ_INTO_MAX = 1024 * 1024  # bytes per read into the arena
+READ_INTO_MAX = 512 * 1024  # bytes per read into the arena (as frontends.stream.MAX_READ; see there)
 _DATA_HEAD_INTO = struct.Struct(">BBII").pack_into
 
 
