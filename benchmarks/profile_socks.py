@@ -3,6 +3,8 @@
     python -m benchmarks.profile_socks [--only tcp-up,tcp-down,http-rate] [--seconds 8] [--native]
     python -m benchmarks.profile_socks --compare TREE[,TREE..] [--ssh] [--rounds 3]
     python -m benchmarks.profile_socks --frontend [--seconds 3] [--rounds 3]
+    python -m benchmarks.profile_socks --syscalls [--only tcp-up] [--ssh]
+    python -m benchmarks.profile_socks --cprofile --only tcp-up
 
 Profile mode starts `x2ssh -D` (the harness's `x2ssh-D` transport) and, for each scenario, records it with
 py-spy (raw collapsed stacks) while the scenario runs, then prints the top functions by own and inclusive
@@ -10,6 +12,10 @@ time. Compare mode alternates this checkout, each TREE (another checkout, same v
 OpenSSH's `ssh -D`, scenario by scenario for `--rounds` rounds in one lab, and prints each one's medians:
 throughput or rate and client CPU per GB or per connection. Needs root; a tool to see where the time goes
 and whether a change helps, not the benchmark (that is `python -m benchmarks`).
+
+Syscalls mode counts the proxy's system calls per GB moved (perf's syscall tracepoints: no ptrace, so the
+proxy runs at full speed and its reads are as large as in the benchmark), for x2ssh -D and with `--ssh`
+ssh -D in the same lab, with bytes per read and per write call.
 
 Frontend mode measures the proxy's own share of a new connection, without SSH: `SocksServer` in this
 process with a backend whose channels open at once and answer a short HTTP response, and a client process
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import multiprocessing
 import os
 import resource
@@ -59,6 +66,23 @@ class _X2sshDynamicFromTree(X2sshDynamic):
         self._spawn_watched(argv, r"proxy up", cwd=self.tree)
 
 
+class _X2sshDynamicUnderCProfile(X2sshDynamic):
+    """The harness's `x2ssh -D` run by benchmarks.cprofile_x2ssh (stats written to `out` at exit)."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out = out
+
+    def start(self, env: BenchEnv) -> None:
+        _SocksProxy.start(self, env)
+        sshd = env.sshd
+        argv = [
+            sys.executable, "-m", "benchmarks.cprofile_x2ssh", str(self.out), "-D", f"127.0.0.1:{SOCKS_PORT}",
+            "-F", str(sshd.ssh_config), "-i", str(sshd.client_key), "-p", str(sshd.port), sshd.destination,
+        ]  # fmt: skip
+        self._spawn_watched(argv, r"proxy up", cwd=str(Path(__file__).resolve().parent.parent))
+
+
 SCENARIOS: dict[str, Scenario] = {
     "tcp-up": IperfTcp("tcp-up", "TCP 1 flow upload", reverse=False, flows=1),
     "tcp-down": IperfTcp("tcp-down", "TCP 1 flow download", reverse=True, flows=1),
@@ -72,6 +96,8 @@ def _run_metered(
     """(throughput, client CPU s/GB) of an iperf scenario; (rate, client CPU s per 1,000 connections)."""
     if scenario.name != "http-rate":
         values = scenario.run(env, transport, settings)
+        server = float(values[f"{scenario.name}-cpu-server"][0] or 0.0)
+        print(f"    {transport.name} {scenario.name}: server side CPU {server:.3f} s/GB", flush=True)
         return float(values[scenario.name][0] or 0.0), float(values[f"{scenario.name}-cpu-client"][0] or 0.0)
     with ResourceMeter(transport.client_pids) as meter:
         values = scenario.run(env, transport, settings)
@@ -121,13 +147,100 @@ def compare(
     return 0
 
 
-def profile(only: list[str], settings: Settings, native: bool, perf: bool, top: int, out: Path) -> int:
+SYSCALLS = (
+    "recvfrom", "recvmsg", "read", "readv", "writev", "write", "sendto", "sendmsg", "epoll_wait", "epoll_ctl",
+    "poll", "ppoll", "pselect6", "select", "getrandom",
+)  # fmt: skip
+_READS = ("recvfrom", "recvmsg", "read", "readv")
+_WRITES = ("writev", "write", "sendto", "sendmsg")
+
+
+def _count_syscalls(pid: int, seconds: int, run: Any) -> tuple[Any, dict[str, int]]:
+    """Run `run()` while perf counts `pid`'s system calls (all threads); (its result, counts by name)."""
+    events = ",".join(f"syscalls:sys_enter_{name}" for name in SYSCALLS)
+    with tempfile.NamedTemporaryFile("r", suffix=".perf") as out:
+        cmd = ["perf", "stat", "-x", ",", "-e", events, "-p", str(pid), "-o", out.name]
+        perf = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # attached before the flow starts
+        try:
+            result = run()
+        finally:
+            perf.send_signal(2)
+            perf.wait(timeout=30)
+        counts: dict[str, int] = {}
+        for line in Path(out.name).read_text().splitlines():
+            fields = line.split(",")
+            # (a count that is "<not counted>" is left out)
+            if len(fields) > 2 and fields[2].startswith("syscalls:sys_enter_") and fields[0].isdigit():
+                counts[fields[2].removeprefix("syscalls:sys_enter_")] = int(fields[0])
+    return result, counts
+
+
+def syscalls(only: list[str], ssh: bool, rounds: int, settings: Settings, out: Path) -> int:
+    """Print system calls per GB of x2ssh -D (and ssh -D) for each iperf scenario of `only`."""
+    cleanup_stale()
+    with Lab() as lab:
+        env = build_env(lab, out / "logs", 1024 * 1024)
+        for round_no in range(rounds):
+            for transport in [X2sshDynamic()] + ([SshDynamic()] if ssh else []):
+                transport.start(env)
+                try:
+                    pid = transport.client_pids()[0]
+                    for key in only:
+                        run = functools.partial(SCENARIOS[key].run, env, transport, settings)
+                        values, counts = _count_syscalls(pid, settings.iperf_seconds, run)
+                        moved = values[key][1]["bytes"] / 1e9
+                        per_gb = {k: v / moved for k, v in counts.items() if v}
+                        reads = sum(counts.get(k, 0) for k in _READS)
+                        writes = sum(counts.get(k, 0) for k in _WRITES)
+                        print(
+                            f"round {round_no + 1} {transport.name:>8} {key}: {values[key][0]:.0f} Mbit/s, "
+                            f"cpu {values[f'{key}-cpu-client'][0] or 0:.3f} s/GB; bytes moved per read call "
+                            f"{moved * 1e9 / max(reads, 1):.0f}, per write call "
+                            f"{moved * 1e9 / max(writes, 1):.0f}"
+                        )
+                        print("   per GB: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(per_gb.items())))
+                finally:
+                    transport.stop()
+    return 0
+
+
+def cprofile(key: str, settings: Settings, top: int, out: Path) -> int:
+    """cProfile (CPU time) of x2ssh -D over one iperf scenario: calls per GB and time per function."""
+    import pstats
+
+    cleanup_stale()
+    out.mkdir(parents=True, exist_ok=True)
+    stats = out / f"{key}.pstats"
+    with Lab() as lab:
+        env = build_env(lab, out / "logs", 1024 * 1024)
+        transport = _X2sshDynamicUnderCProfile(stats)
+        transport.start(env)
+        try:
+            values = SCENARIOS[key].run(env, transport, settings)
+        finally:
+            transport.stop()
+    moved = values[key][1]["bytes"] / 1e9
+    print(f"== {key}: {values[key][0]:.0f} Mbit/s (under cProfile), {moved:.2f} GB moved")
+    table = pstats.Stats(str(stats)).stats  # type: ignore[attr-defined]
+    rows = sorted(table.items(), key=lambda item: -item[1][2])[:top]
+    print(f"{'calls/GB':>10} {'own s/GB':>9} {'incl s/GB':>9}  function")
+    for (path, line, name), (_, calls, own, incl, _) in rows:
+        where = f"{Path(path).name}:{line}" if line else path
+        print(f"{calls / moved:10.0f} {own / moved:9.3f} {incl / moved:9.3f}  {name} ({where})")
+    return 0
+
+
+def profile(
+    only: list[str], settings: Settings, native: bool, perf: bool, top: int, out: Path, ssh: bool = False
+) -> int:
+    """py-spy (or with `perf` perf record) of x2ssh -D for each scenario; with `ssh` and `perf`, of ssh -D."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     cleanup_stale()
     out.mkdir(parents=True, exist_ok=True)
     with Lab() as lab:
         env = build_env(lab, out / "logs", 1024 * 1024)
-        transport = X2sshDynamic()
+        transport: Transport = SshDynamic() if ssh and perf else X2sshDynamic()
         transport.start(env)
         try:
             pid = transport.client_pids()[0]
@@ -292,10 +405,12 @@ def main() -> int:
     parser.add_argument("--perf", action="store_true", help="perf record -g instead of py-spy (C and kernel)")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--compare", default=None, metavar="TREE[,TREE..]")
-    parser.add_argument("--ssh", action="store_true", help="compare: also ssh -D")
+    parser.add_argument("--ssh", action="store_true", help="compare, syscalls: also ssh -D; perf: ssh -D")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trees-only", action="store_true", help="compare: not this checkout")
     parser.add_argument("--frontend", action="store_true", help="the proxy without SSH (no root needed)")
+    parser.add_argument("--cprofile", action="store_true", help="cProfile: calls per GB (first of --only)")
+    parser.add_argument("--syscalls", action="store_true", help="system calls per GB (perf tracepoints)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "x2ssh-profile-socks")
     args = parser.parse_args()
     if args.frontend:
@@ -306,6 +421,12 @@ def main() -> int:
     only = [k for k in args.only.split(",") if k]
     settings = Settings(**{**Settings.full().__dict__, "iperf_seconds": args.seconds,
                            "http_seconds": float(args.seconds)})  # fmt: skip
+    if args.cprofile:
+        return cprofile(only[0], settings, args.top, args.out)
+    if args.syscalls:
+        return syscalls([k for k in only if k != "http-rate"], args.ssh, args.rounds, settings, args.out)
+    if args.perf and args.compare is None:
+        return profile(only, settings, args.native, args.perf, args.top, args.out, args.ssh)
     if args.compare is not None or args.ssh:
         trees = [t for t in (args.compare or "").split(",") if t]
         return compare(trees, args.ssh, only, args.rounds, settings, args.out, args.trees_only)

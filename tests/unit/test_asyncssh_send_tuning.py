@@ -121,7 +121,9 @@ def test_chunks_are_the_packets_of_send_channel_data_per_chunk(rekey_after: int 
             _set_state(conn, before)
             chunked = _build_data(conn, _chunks, data)
             _set_state(conn, before)
-            results.append((per_chunk, chunked))
+            read_into = _build_data(conn, _read_into, data)
+            _set_state(conn, before)
+            results.append((per_chunk, chunked, read_into))
         conn._rekey_bytes = 1 << 60
         _set_state(conn, start)
         return results
@@ -133,8 +135,18 @@ def test_chunks_are_the_packets_of_send_channel_data_per_chunk(rekey_after: int 
     def _chunks(conn: Any, data: bytes) -> None:
         tuning.send_channel_chunks(conn, 5, data, 32768)
 
-    for n, (per_chunk, chunked) in zip(sizes, asyncio.run(_in_lab(scenario)), strict=True):
+    def _read_into(conn: Any, data: bytes) -> None:  # as a socket read into the buffers, then the send
+        buffers = tuning.channel_read_buffers(conn, 32768, len(data))
+        assert buffers is not None and sum(map(len, buffers)) == len(data)  # as far as the window goes
+        at = 0
+        for buffer in buffers:
+            buffer[:] = data[at : at + len(buffer)]
+            at += len(buffer)
+        tuning.send_read_buffers(conn, 5, 32768, len(data))
+
+    for n, (per_chunk, chunked, read_into) in zip(sizes, asyncio.run(_in_lab(scenario)), strict=True):
         assert chunked == per_chunk, n
+        assert read_into == per_chunk, n
         parts = per_chunk[0]
         if rekey_after is not None and n > rekey_after * 32768:
             assert parts.index("KEXINIT") == 2 * rekey_after  # after two packets (length, sealed body each)
@@ -205,3 +217,67 @@ async def _in_lab(scenario: Any, ciphers: tuple[str, ...] = ("aes128-gcm@openssh
 
 def test_packets_go_out_through_the_direct_path_when_installed() -> None:
     assert asyncssh.connection.SSHConnection.send_packet is tuning._send_packet_fast
+
+
+class _GcmConnection:
+    """The state of an established AES-GCM connection that the direct send path reads and updates."""
+
+    def __init__(self, key: bytes, iv: bytes) -> None:
+        from asyncssh.encryption import GCMEncryption
+
+        self._send_encryption = GCMEncryption.new("aes128-gcm", key, iv)
+        self._strict_kex = self._auth_complete = self._kex_complete = True
+        self._compressor = None
+        self._rekey_bytes_sent, self._rekey_bytes, self._rekey_seconds, self._rekey_time = 0, 1 << 40, 0, 0
+        self._send_blocksize, self._send_enchdrlen, self._send_seq = 16, 4, 0
+        self.writes: list[bytes] = []
+
+    def _send(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+
+def test_a_write_s_packets_reach_the_coalesced_send_in_one_call() -> None:
+    """With coalesce_sends, a write's sealed packets go to its pending list in one call (not two calls per
+    packet), and the bytes, sequence number and IV are those of the per-part path."""
+    key, iv = bytes(range(16)), bytes(range(12))
+    data = bytes(range(256)) * 1024 + b"tail"  # eight full packets and a short one
+
+    def build(coalesced: bool) -> tuple[bytes, int, bytes, int]:
+        conn = _GcmConnection(key, iv)
+        calls = []
+
+        async def scenario() -> None:
+            if coalesced:
+                tuning.coalesce_sends(conn)
+                many = conn._send.many  # type: ignore[attr-defined]
+
+                def counting(parts: list[bytes]) -> None:
+                    calls.append(len(parts))
+                    many(parts)
+
+                conn._send.many = counting  # type: ignore[attr-defined]
+            tuning.send_channel_chunks(conn, 3, data, 32768)
+            await asyncio.sleep(0)  # the turn ends: the coalesced parts go out
+
+        real_os = asyncssh_connection.os
+        asyncssh_connection.os = _CountingRandom(real_os)  # type: ignore[attr-defined]
+        try:
+            asyncio.run(scenario())
+        finally:
+            asyncssh_connection.os = real_os  # type: ignore[attr-defined]
+        cipher = conn._send_encryption._cipher
+        return b"".join(conn.writes), conn._send_seq, cipher._iv, len(calls) and calls[0]
+
+    plain, coalesced = build(False), build(True)
+    assert coalesced[:3] == plain[:3] and plain[1] == 9
+    assert coalesced[3] == 2 * 9  # one call: a length and a sealed body per packet
+
+
+def test_read_buffers_keep_to_the_window_and_stay_off_other_ciphers() -> None:
+    conn = _GcmConnection(bytes(16), bytes(12))
+    full = tuning.channel_read_buffers(conn, 32768, 1 << 30)
+    assert full is not None and sum(map(len, full)) == tuning.READ_INTO_MAX  # one read at most
+    assert [len(b) for b in tuning.channel_read_buffers(conn, 32768, 70_000) or []] == [32768, 32768, 4464]
+    assert tuning.channel_read_buffers(conn, 32768, 0) is None  # no window: read into bytes, buffer there
+    conn._rekey_bytes_sent = conn._rekey_bytes  # a rekey is due: asyncssh's path
+    assert tuning.channel_read_buffers(conn, 32768, 1 << 20) is None

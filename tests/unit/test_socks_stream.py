@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.unit.test_socks_server import CallbackBackend, FakeBackend, v4
+from x2ssh.frontends import stream as stream_module
 from x2ssh.frontends.deadlines import Deadlines
 from x2ssh.frontends.socks import SocksServer, SocksSettings
 from x2ssh.frontends.stream import SocketStream, StreamListener, listen, supports_streams
@@ -466,5 +467,164 @@ def test_a_connection_leaves_each_deadline_once(monkeypatch: pytest.MonkeyPatch)
         await server.close()  # connection_lost: nothing more to discard
         writer.close()
         assert [deadlines for deadlines, _ in discards] == [handshakes, opens]
+
+    run(test)
+
+
+def test_a_full_socket_is_read_in_reads_larger_than_asyncio_s() -> None:
+    """On a bulk upload the client's socket holds more than asyncio's 256 KiB read: one loop turn takes
+    up to MAX_READ (fewer turns, writevs and send-path calls per GB), every byte in order."""
+
+    class Sink(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.reads: list[int] = []
+            self.data = bytearray()
+
+        def data_received(self, data: bytes) -> None:
+            self.reads.append(len(data))
+            self.data += data
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        for sock, option in ((ours, socket.SO_RCVBUF), (theirs, socket.SO_SNDBUF)):
+            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+        payload = os.urandom(3 << 20)
+        theirs.setblocking(False)
+        sent = 0
+        while sent < len(payload):  # fill the socket before the stream reads anything
+            try:
+                sent += theirs.send(payload[sent:])
+            except BlockingIOError:
+                break
+        ours.setblocking(False)
+        sink = Sink()
+        stream = SocketStream(loop, ours, sink)
+        stream.start()
+        await until(lambda: len(sink.data) >= sent)
+        assert sink.data == payload[:sent]
+        assert sent > 2 * stream_module.MAX_READ  # the socket held several reads' worth
+        assert max(sink.reads) > 256 * 1024
+        stream.abort()
+        theirs.close()
+        await asyncio.sleep(0)
+
+    run(test)
+
+
+def test_reads_go_into_the_target_s_buffers_when_it_offers_some() -> None:
+    """`read_into`: after a large read, reads fill the target's buffers in order (one recvmsg_into each) and
+    report the count, until one fills less than offered; with no buffers on offer, data_received; the EOF
+    is reported either way."""
+
+    class Target(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.arena = bytearray(8)
+            self.offer = True
+            self.got = bytearray()
+            self.by_data_received = bytearray()
+            self.eofs = 0
+
+        def read_buffers(self) -> list[memoryview] | None:
+            view = memoryview(self.arena)
+            return [view[:3], view[3:8]] if self.offer else None
+
+        def buffers_read(self, n: int) -> None:
+            self.got += self.arena[:n]
+
+        def data_received(self, data: bytes) -> None:
+            self.by_data_received += data
+
+        def eof_received(self) -> bool:
+            self.eofs += 1
+            return True
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        bulk = os.urandom(stream_module.BULK_READ)
+        theirs.sendall(bulk)  # in the socket before the first read: one large read
+        target = Target()
+        stream = SocketStream(loop, ours, target)
+        stream.read_into(target)
+        stream.start()
+        await until(lambda: len(target.by_data_received) == len(bulk))
+        theirs.sendall(b"abcdefghijkl")  # more than the 8 bytes offered: two reads into them
+        await until(lambda: len(target.got) == 12)
+        assert target.got == b"abcdefghijkl" and target.by_data_received == bulk
+        theirs.sendall(b"plain")  # the last read filled less than offered: back to data_received
+        await until(lambda: target.by_data_received.endswith(b"plain"))
+        target.offer = False
+        theirs.sendall(bulk + bulk)
+        await until(lambda: len(target.by_data_received) == 3 * len(bulk) + 5)
+        theirs.shutdown(socket.SHUT_WR)
+        await until(lambda: target.eofs == 1)
+        assert target.got == b"abcdefghijkl"
+        stream.abort()
+        theirs.close()
+        await asyncio.sleep(0)
+
+    run(test)
+
+
+def test_a_spliced_client_s_bytes_are_read_into_the_channel_s_packets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once spliced to an SSH channel, the lean path reads the client's bytes straight into the buffers the
+    channel offers (no bytes object per read, no `write`); without buffers on offer, `write` as before."""
+    from tests.unit.test_socks_server import FakeChannel
+    from x2ssh.frontends import socks as socks_module
+
+    class ArenaChannel(FakeChannel):
+        def __init__(self, session: Any) -> None:
+            super().__init__(session)
+            self.arena = bytearray(128 * 1024)
+            self.offer = True
+            self.read_in = 0
+            self.got = bytearray()  # in order, however each piece came
+
+        def write(self, data: bytes) -> None:
+            super().write(data)
+            self.got += data
+
+        def read_buffers(self) -> list[memoryview] | None:
+            view = memoryview(self.arena)
+            return [view[:40000], view[40000:]] if self.offer else None
+
+        def sent_read_buffers(self, n: int) -> None:
+            self.read_in += n
+            self.got += self.arena[:n]
+
+    class ArenaBackend(FakeBackend):
+        async def open_tcp(self, host: str, port: int, factory: Any, origin: Any) -> Any:
+            session = factory()
+            channel = ArenaChannel(session)
+            self.channels.append(channel)
+            session.connection_made(channel)
+            return channel, session
+
+    monkeypatch.setattr(socks_module, "SshTcpChannel", ArenaChannel)
+
+    async def test() -> None:
+        backend = ArenaBackend()
+        server, port = await lean_server(backend)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(GREETING + CONNECT)
+        assert await reader.readexactly(2) == b"\x05\x00"
+        assert await reader.readexactly(10) == SUCCESS
+        channel = backend.channels[0]
+        assert isinstance(channel, ArenaChannel)
+        payload = os.urandom(4 << 20)
+        writer.write(payload)
+        await until(lambda: len(channel.got) == len(payload))
+        assert channel.got == payload and channel.read_in > 0  # much of it read straight into the buffers
+        assert server.stats.bytes_up == len(payload)
+        channel.offer = False
+        written = len(channel.written)
+        writer.write(b"by write")
+        await until(lambda: channel.written[written:] == b"by write")
+        writer.close()
+        await server.close()
 
     run(test)

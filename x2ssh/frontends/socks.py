@@ -59,6 +59,7 @@ from x2ssh.frontends.socks_protocol import (
 from x2ssh.frontends.socks_udp import UdpAssociation
 from x2ssh.frontends.stream import SocketStream, StreamListener, listen, supports_streams
 from x2ssh.settings import parse_listen
+from x2ssh.ssh.tcp_channel import TcpChannel as SshTcpChannel
 from x2ssh.ssh.tuning import write_gathered
 
 __all__ = [
@@ -513,8 +514,21 @@ class _Client(asyncio.Protocol):
         self.early.clear()
         if self._client_full:
             channel.pause_reading()
+        if type(self.transport) is SocketStream and isinstance(channel, SshTcpChannel):
+            self.transport.read_into(self)  # the client's bytes go straight into the channel's packets
         if not self._channel_full and not self.closed:
             self.transport.resume_reading()
+
+    def read_buffers(self) -> list[memoryview] | None:
+        """Where the next read from the client may go (`SocketStream.read_into`): the channel's packets."""
+        channel = self.channel
+        return channel.read_buffers() if isinstance(channel, SshTcpChannel) else None
+
+    def buffers_read(self, n: int) -> None:
+        self.stats.bytes_up += n
+        channel = self.channel
+        assert isinstance(channel, SshTcpChannel)  # read_buffers just gave its buffers
+        channel.sent_read_buffers(n)
 
     def from_channel(self, data: bytes | None) -> None:
         if self.spliced:
@@ -557,8 +571,8 @@ class _Client(asyncio.Protocol):
             rest = write_gathered(transport, pending)
             if rest is not None:
                 pending.clear()
-                if rest:
-                    transport.write(rest)
+                for part in rest:
+                    transport.write(part)
                 return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()

@@ -309,6 +309,18 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
         self._send_buf_len += n
         self._flush_send()
 
+    def read_buffers(self) -> list[memoryview] | None:
+        """Buffers a socket read may fill that go straight into this channel's next packets (as far as the
+        window goes), or None: read into bytes and `write` them. `sent_read_buffers` must follow at once."""
+        if self._send_state != _OPEN or self._send_buf:
+            return None
+        return tuning.channel_read_buffers(self._conn, self._send_pktsize, self._send_window)
+
+    def sent_read_buffers(self, n: int) -> None:
+        """Send the `n` bytes a socket read put into the buffers of `read_buffers`."""
+        self._send_window -= n
+        tuning.send_read_buffers(self._conn, self._send_chan, self._send_pktsize, n)
+
     def write_eof(self) -> None:
         """Send EOF after the buffered bytes."""
         if self._send_state == _OPEN:
