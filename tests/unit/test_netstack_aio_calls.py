@@ -13,7 +13,7 @@ import asyncio
 import sys
 from typing import Any
 
-from tests.unit.test_netstack_aio_turns import _connected, exchange, wired  # noqa: F401 (fixture)
+from tests.unit.test_netstack_aio_turns import _connected, exchange
 
 _HANDLERS = {"_on_connect", "_on_data", "_on_eof", "_on_closed", "_on_writable"}
 
@@ -39,7 +39,7 @@ class _Calls:
                 self.idle_kicks.append((tun._kicked, tun._dispatching))
 
 
-def test_a_flow_s_events_and_operations_make_no_idle_calls(wired):  # noqa: F811 (the fixture)
+def test_a_flow_s_events_and_operations_make_no_idle_calls(wired):
     calls = _Calls()
 
     async def run() -> bytes:
@@ -68,7 +68,7 @@ def test_a_flow_s_events_and_operations_make_no_idle_calls(wired):  # noqa: F811
     assert calls.idle_kicks == []
 
 
-def test_an_fd_port_s_empty_write_batch_is_not_called_per_packet(wired):  # noqa: F811 (the fixture)
+def test_an_fd_port_s_empty_write_batch_is_not_called_per_packet(wired):
     """The native core writes each packet to the TUN fd itself: `FdPort.write_batch` has nothing to do,
     and the dispatch, an answer sent at once and the ACK flush skip the call."""
     names: list[str] = []

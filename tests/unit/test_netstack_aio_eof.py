@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from netstack.stack import TcpFlow
-from tests.unit.test_netstack_aio_turns import Recorder, _connected, exchange, wired  # noqa: F401 (fixture)
+from tests.unit.test_netstack_aio_turns import Recorder, _connected, exchange
 
 
 class EofRecorder(Recorder):
@@ -42,7 +42,7 @@ def empty_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("together", [False, True])
-def test_eof_after_the_bytes_without_an_empty_read(wired, empty_reads, together):  # noqa: F811
+def test_eof_after_the_bytes_without_an_empty_read(wired, empty_reads, together):
     async def run() -> None:
         tun, peer, proto = await _connected(*wired)
         proto.__class__ = EofRecorder
@@ -65,7 +65,7 @@ def test_eof_after_the_bytes_without_an_empty_read(wired, empty_reads, together)
     asyncio.run(run())
 
 
-def test_eof_waits_for_the_bytes_while_reading_is_paused(wired):  # noqa: F811
+def test_eof_waits_for_the_bytes_while_reading_is_paused(wired):
     async def run() -> None:
         tun, peer, proto = await _connected(*wired)
         proto.__class__ = EofRecorder
