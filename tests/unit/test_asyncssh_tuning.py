@@ -64,14 +64,15 @@ class SocketConnection:
     """The part of an asyncssh connection that coalesce_sends uses, on a real asyncio socket transport."""
 
     def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
+        self._transport: asyncio.Transport | None = transport
         self.joined_writes = 0
         self.handed: list[bytes] = []  # what went to asyncio's write
 
     def _send(self, data: bytes) -> None:
-        self.joined_writes += 1
-        self.handed.append(bytes(data))
-        self._transport.write(data)
+        if self._transport:  # as asyncssh: nothing once `_force_close` has forgotten the transport
+            self.joined_writes += 1
+            self.handed.append(bytes(data))
+            self._transport.write(data)
 
 
 def test_gathered_writes_keep_every_byte_in_order_when_the_socket_fills() -> None:
@@ -163,3 +164,32 @@ def test_a_transport_that_is_not_asyncio_s_socket_transport_gets_the_joined_byte
         return transport.written, leaked
 
     assert asyncio.run(scenario()) == ([b"inner packets"], b"")
+
+
+def test_what_was_sent_before_asyncssh_forces_the_close_still_leaves() -> None:
+    """asyncssh's disconnect() sends DISCONNECT, then `_force_close` forgets the transport and aborts it a
+    turn later. Written at once (asyncssh's own way) the DISCONNECT left; gathered, it must leave too. What
+    is sent after the abort goes nowhere, as with asyncssh."""
+
+    async def scenario() -> bytes:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+        conn = SocketConnection(transport)
+        asyncssh_tuning.coalesce_sends(conn)
+        conn._send(b"last data, ")
+        conn._send(b"DISCONNECT")
+        conn._transport = None  # asyncssh's _force_close: forget it...
+        loop.call_soon(transport.abort)  # ...and abort it on the next turn
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        conn._send(b"after the abort")  # (asyncssh's cleanup may still send: dropped)
+        await asyncio.sleep(0)
+        theirs.settimeout(5)
+        got = b""
+        while chunk := theirs.recv(100):
+            got += chunk
+        theirs.close()
+        return got
+
+    assert asyncio.run(scenario()) == b"last data, DISCONNECT"

@@ -12,6 +12,7 @@ first; with packet debugging on (`asyncssh.set_debug_level(3)`, x2ssh -vvv) the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import struct
@@ -904,18 +905,26 @@ def coalesce_sends(conn: Any) -> None:
     pending: list[bytes] = []
     loop = asyncio.get_running_loop()
     defer = loop.call_soon  # when the gathered packets leave (see `flush_sends_with`)
+    own_transport = getattr(conn, "_transport", None)
 
     def flush() -> None:
         parts = pending.copy()
         pending.clear()
-        if len(parts) > 1:
-            transport = getattr(conn, "_transport", None)
-            if transport is not None:
-                rest = write_gathered(transport, parts)
-                if rest is not None:
-                    for part in rest:
-                        send(part)
-                    return
+        transport = getattr(conn, "_transport", None)
+        if transport is None and own_transport is not None:
+            # asyncssh's `_force_close` (right after it sent a DISCONNECT, say) forgets the transport and
+            # aborts it on the loop's next turn: what it sent before that still leaves, as it did when each
+            # packet was written at once. (After the abort nothing does: asyncssh's own `_send` drops it.)
+            if not own_transport.is_closing():
+                with contextlib.suppress(ConnectionError):
+                    own_transport.write(b"".join(parts))
+            return
+        if len(parts) > 1 and transport is not None:
+            rest = write_gathered(transport, parts)
+            if rest is not None:
+                for part in rest:
+                    send(part)
+                return
         send(b"".join(parts))
 
     def coalescing_send(data: bytes) -> None:
