@@ -22,10 +22,10 @@ retries it on another connection); the caller's `on_done` then comes from there,
 The connection routes packets to it as to any channel (it sits in the connection's channel table, and
 asyncssh calls `process_packet`, `process_open_confirmation`, `process_open_failure` and
 `process_connection_close` on it). With the AES-GCM fast path of `x2ssh.ssh.tuning`, a DATA packet's
-payload comes straight to `receive_data`, a well-formed confirmation, EOF and CLOSE straight to
-`receive_open_confirmation`, `receive_eof` and `receive_close` (the same checks as the `process_*` path,
-which parses the packet and then calls them); an outgoing packet is sealed straight from the caller's
-bytes.
+payload comes straight to `receive_data`, a well-formed window adjust, confirmation, EOF and CLOSE straight
+to `receive_window_adjust`, `receive_open_confirmation`, `receive_eof` and `receive_close` (the same checks
+as the `process_*` path, which parses the packet and then calls them); an outgoing packet is sealed straight
+from the caller's bytes.
 Other ciphers, a rekey in progress and packet debugging go through asyncssh's own send and receive.
 """
 
@@ -459,8 +459,18 @@ class TcpChannel(SSHPacketLogger, tuning.DirectDataHandler):
             raise ProtocolError("Channel not open")
         adjust = packet.get_uint32()
         packet.check_end()
+        self.receive_window_adjust(adjust)
+
+    def receive_window_adjust(self, adjust: int) -> None:
+        """The server's WINDOW_ADJUST (the fast path of `x2ssh.ssh.tuning` calls this directly)."""
+        if self._recv_state not in (_OPEN, _EOF):
+            raise ProtocolError("Channel not open")
         self._send_window += adjust
-        self._flush_send()
+        # Only bytes waiting for the window (or a paused session) need the flush: an EOF or CLOSE pending
+        # always has bytes before it. On upload most adjusts find nothing buffered (the client's reads go
+        # straight into packets as far as the window goes), so most cost one addition.
+        if self._send_buf or self._send_paused:
+            self._flush_send()
 
     def _process_data(self, packet: SSHPacket) -> None:
         data = packet.get_string()

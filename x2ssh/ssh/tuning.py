@@ -378,7 +378,8 @@ def send_read_buffers(conn: Any, send_chan: int, pktsize: int, n: int) -> None:
 
 
 class DirectDataHandler:
-    """A channel the receive fast path hands its DATA payloads, open confirmation, EOF and CLOSE straight to.
+    """A channel the receive fast path hands its DATA payloads, window adjusts, open confirmation, EOF and
+    CLOSE straight to.
 
     Each is called only for a well-formed packet (the exact length, a packet size above zero); the channel
     checks its own state, as in `process_packet`, and raises `ProtocolError` on a packet out of turn."""
@@ -397,6 +398,10 @@ class DirectDataHandler:
         """A CHANNEL_EOF."""
         raise NotImplementedError
 
+    def receive_window_adjust(self, adjust: int) -> None:
+        """A CHANNEL_WINDOW_ADJUST of `adjust` bytes (0 to 2**32 - 1)."""
+        raise NotImplementedError
+
     def receive_close(self) -> None:
         """A CHANNEL_CLOSE."""
         raise NotImplementedError
@@ -410,9 +415,9 @@ class DirectDataHandler:
 # compression, the packet is opened with the same AESGCM call (same IV sequence); a channel message
 # (window adjust, data, EOF, close, request, success, failure) for a known channel goes straight to that
 # channel's handler, an open confirmation or failure to the connection's (where asyncssh routes them); a
-# `DirectDataHandler` takes a well-formed DATA, EOF, CLOSE and confirmation without any of that; and
-# the bookkeeping after it (sequence number, next header) is asyncssh's own. Any other packet, an unknown
-# channel, a bad tag or a short packet is handed to asyncssh's `_recv_packet` as it is,
+# `DirectDataHandler` takes a well-formed DATA, WINDOW_ADJUST, EOF, CLOSE and confirmation without any of
+# that; and the bookkeeping after it (sequence number, next header) is asyncssh's own. Any other packet, an
+# unknown channel, a bad tag or a short packet is handed to asyncssh's `_recv_packet` as it is,
 # with the bytes already opened (a stand-in receive cipher returns them), so its checks and errors apply.
 
 _OPEN_REPLIES = (MSG_CHANNEL_OPEN_CONFIRMATION, MSG_CHANNEL_OPEN_FAILURE)
@@ -500,6 +505,8 @@ def _dispatch_opened(self: SSHConnection, enc: Any, data: bytes | None, rem: int
             raise RuntimeError(f"asyncssh channel handler returned {result!r}; x2ssh.ssh.tuning needs review")
     elif pkttype == MSG_CHANNEL_DATA:
         chan.receive_data(data[10:end])
+    elif pkttype == MSG_CHANNEL_WINDOW_ADJUST:
+        chan.receive_window_adjust(int.from_bytes(data[6:10], "big"))
     elif pkttype == MSG_CHANNEL_CLOSE:
         chan.receive_close()
     elif pkttype == MSG_CHANNEL_EOF:
@@ -536,10 +543,16 @@ def _direct_data_channel(self: SSHConnection, data: bytes, end: int) -> DirectDa
 
 
 # By message type, the payload length of each other message a `DirectDataHandler` takes straight (type and
-# channel, and the confirmation's three numbers), 0 for the rest: another length goes through asyncssh's
-# parsing and errors. A tuple, so the lookup is an index, not a call.
+# channel, the adjust's byte count, the confirmation's three numbers), 0 for the rest: another length goes
+# through asyncssh's parsing and errors. A tuple, so the lookup is an index, not a call.
+_ADJUST_LENGTH = 10
 _DIRECT_LENGTH = tuple(
-    {MSG_CHANNEL_EOF: 6, MSG_CHANNEL_CLOSE: 6, MSG_CHANNEL_OPEN_CONFIRMATION: 18}.get(t, 0)
+    {
+        MSG_CHANNEL_EOF: 6,
+        MSG_CHANNEL_CLOSE: 6,
+        MSG_CHANNEL_WINDOW_ADJUST: _ADJUST_LENGTH,
+        MSG_CHANNEL_OPEN_CONFIRMATION: 18,
+    }.get(t, 0)
     for t in range(256)
 )
 _NO_PKTSIZE = bytes(4)
@@ -716,11 +729,11 @@ def _data_received_in_slices(self: SSHConnection, data: bytes, datatype: Any = N
 # profiled with perf). Here each complete packet of a socket read is opened straight from the read (a view:
 # AES-GCM takes its length as associated data and the rest as ciphertext and tag), in order, with the same
 # IV sequence; only a packet split across two reads is joined once, and what follows the last complete
-# packet is kept for the next read as asyncssh keeps it (its parser takes over at any point). A DATA
-# packet for a `DirectDataHandler` goes straight to it; every other packet goes through `_dispatch_opened`,
-# as on the per-packet direct path. Anything unusual (too long, a bad tag, a new key, a handler that waits,
-# the connection closing, another cipher, packet debugging) stops this parser: the rest of the read goes to
-# asyncssh's own parser, which then reports the same errors as always.
+# packet is kept for the next read as asyncssh keeps it (its parser takes over at any point). A DATA or
+# WINDOW_ADJUST packet for a `DirectDataHandler` goes straight to it; every other packet goes through
+# `_dispatch_opened`, as on the per-packet direct path. Anything unusual (too long, a bad tag, a new key, a
+# handler that waits, the connection closing, another cipher, packet debugging) stops this parser: the rest
+# of the read goes to asyncssh's own parser, which then reports the same errors as always.
 
 
 def _data_received_in_place(self: SSHConnection, data: bytes, datatype: Any = None) -> None:
@@ -822,15 +835,24 @@ def _open_packets(self: SSHConnection, enc: Any, buf: bytes, pos: int = 0) -> tu
         except InvalidTag:
             return pos, True  # asyncssh's parser opens it again and reports the bad MAC
         cipher._update_iv()
-        # Only a DATA packet can go straight to its channel here: the type first, so a control packet
-        # (window adjust, confirmation, EOF, CLOSE) costs no lookup before `_dispatch_opened`.
+        # A DATA packet and a WINDOW_ADJUST (on upload, one per ~7 packets sent: sshd tops up the window
+        # every 96 KiB) go straight to their channel here: the type first, so another control packet
+        # (confirmation, EOF, CLOSE) costs no lookup before `_dispatch_opened`.
         chan = None
-        if data[1] == MSG_CHANNEL_DATA and data[0]:
+        pkttype = data[1]
+        if pkttype == MSG_CHANNEL_DATA and data[0]:
             payload_end = len(data) - data[0]
             chan = _direct_data_channel(self, data, payload_end)
+        elif pkttype == MSG_CHANNEL_WINDOW_ADJUST and data[0] and len(data) - data[0] == _ADJUST_LENGTH:
+            chan = self._channels.get(int.from_bytes(data[2:6], "big"))
+            if not isinstance(chan, DirectDataHandler):
+                chan = None
         if chan is not None:
             seq = self._recv_seq
-            chan.receive_data(data[10:payload_end])
+            if pkttype == MSG_CHANNEL_DATA:
+                chan.receive_data(data[10:payload_end])
+            else:
+                chan.receive_window_adjust(int.from_bytes(data[6:10], "big"))
             # asyncssh's _finish_recv_packet, inline (see the note before _direct_data_channel)
             self._auth_final = True
             if self._transport:
