@@ -36,6 +36,7 @@
 #define NS_MAX_PACKET 65535
 #define NS_IDX_BITS 22
 #define NS_IDX_MASK ((1u << NS_IDX_BITS) - 1)
+#define NS_ORPHAN_BUCKETS 16384 /* a power of two */
 
 /* FLOW_CLOSING: released by the consumer (graceful) while lwIP still waited for the app's ACK of our SYN-ACK.
  * The flow stays behind, invisible to the API and silent, until the handshake completes and ns_flush closes
@@ -90,6 +91,8 @@ static struct {
     uint32_t nslots, *free_idx, nfree, gen;
     ns_flow **buckets;              /* 4-tuple hash: SYN dedupe for pending and attached flows */
     uint32_t nbuckets, hcount;
+    int hash_incomplete;            /* a flow is missing from the 4-tuple hash (no memory for its table) */
+    uint32_t orphans[NS_ORPHAN_BUCKETS]; /* live pcbs of released flows, by 4-tuple hash (see orphan_mark) */
     ns_flow *accepting;             /* the flow whose SYN is being fed to lwIP by ns_tcp_accept */
     uint32_t *pending_out;          /* flows written to since the last ns_flush */
     size_t npending_out, cap_pending_out;
@@ -357,7 +360,8 @@ static void hash_insert(ns_flow *f) {
     if (G.hcount + 1 > G.nbuckets) {
         uint32_t nb = G.nbuckets ? G.nbuckets * 2 : 1024;
         ns_flow **b = calloc(nb, sizeof *b);
-        if (!b) return; /* keep the old table; dedupe degrades, nothing breaks */
+        if (!b && !G.nbuckets) { G.hash_incomplete = 1; return; } /* (see stale_pcb_possible) */
+        if (!b) goto insert; /* keep the old table: longer chains, nothing breaks */
         for (uint32_t i = 0; i < G.nbuckets; i++) {
             ns_flow *x = G.buckets[i];
             while (x) {
@@ -372,6 +376,7 @@ static void hash_insert(ns_flow *f) {
         G.buckets = b;
         G.nbuckets = nb;
     }
+insert:;
     uint32_t j = tuple_hash(&f->key) & (G.nbuckets - 1);
     f->hnext = G.buckets[j];
     G.buckets[j] = f;
@@ -470,9 +475,25 @@ static void rx_free(ns_flow *f) {
     f->rx_len = 0;
 }
 
-/* Forget the pcb: no lwIP callback will reach this flow again. */
+/* Pcbs of released flows ("orphans": detached, finishing their close in lwIP) are counted by 4-tuple hash:
+ * the pcb's ext arg holds its bucket + 1, and on_pcb_destroyed (lwIP's destroy hook, called as tcp_free
+ * frees any pcb) counts it out. An empty bucket proves that no orphan has the 4-tuple (see
+ * stale_pcb_possible). */
+static void orphan_mark(struct tcp_pcb *pcb, const ns_tuple *key) {
+    uint32_t b = tuple_hash(key) & (NS_ORPHAN_BUCKETS - 1);
+    G.orphans[b]++;
+    tcp_ext_arg_set(pcb, G.ext_id, (void *)(uintptr_t)(b + 1));
+}
+
+static void on_pcb_destroyed(u8_t id, void *data) {
+    (void)id;
+    if (data) G.orphans[(uintptr_t)data - 1]--;
+}
+
+/* Forget the pcb: no lwIP callback will reach this flow again (it is an orphan until lwIP frees it). */
 static void detach_pcb(ns_flow *f) {
     if (f->pcb) {
+        orphan_mark(f->pcb, &f->key);
         tcp_arg(f->pcb, NULL);
         tcp_recv(f->pcb, NULL);
         tcp_sent(f->pcb, NULL);
@@ -602,6 +623,8 @@ static err_t on_accept(void *arg, struct tcp_pcb *newpcb, err_t err) {
     return ERR_OK;
 }
 
+static const struct tcp_ext_arg_callbacks ext_callbacks;
+
 static err_t on_passive_open(u8_t id, struct tcp_pcb_listen *lpcb, struct tcp_pcb *npcb) {
     (void)id; (void)lpcb;
     ns_flow *f = G.accepting;
@@ -612,10 +635,12 @@ static err_t on_passive_open(u8_t id, struct tcp_pcb_listen *lpcb, struct tcp_pc
     tcp_sent(npcb, on_sent);
     tcp_err(npcb, on_err);
     tcp_nagle_disable(npcb);
+    tcp_ext_arg_set_callbacks(npcb, G.ext_id, &ext_callbacks);
     return ERR_OK;
 }
 
-static const struct tcp_ext_arg_callbacks ext_callbacks = {NULL, on_passive_open};
+/* On listeners (passive_open) and on every accepted pcb (destroy: see orphan_mark). */
+static const struct tcp_ext_arg_callbacks ext_callbacks = {on_pcb_destroyed, on_passive_open};
 
 static struct tcp_pcb *listener_for(uint16_t port) {
     if (G.listeners[port]) return G.listeners[port];
@@ -958,6 +983,34 @@ static void drop_stale_pcb(const ns_tuple *k) {
     }
 }
 
+/* Whether lwIP may hold a pcb with this 4-tuple other than the one of the flow being accepted. The pcbs in
+ * lwIP's lists are the ones of flows (each in the 4-tuple hash, where a SYN for a new flow found none),
+ * orphans (counted by hash bucket: see orphan_mark) and TIME_WAIT pcbs (reaped after each input, so
+ * rarely any). */
+static int stale_pcb_possible(const ns_tuple *k) {
+    return tcp_tw_pcbs != NULL || G.hash_incomplete || G.orphans[tuple_hash(k) & (NS_ORPHAN_BUCKETS - 1)];
+}
+
+/* Feed a new flow's SYN to lwIP. tcp_input looks for the segment's pcb by walking every active pcb before
+ * it tries the listeners: with thousands of live flows that walk was most of an accept's cost, and it can
+ * find nothing when stale_pcb_possible says so. The list is then set aside while lwIP takes the SYN (it
+ * only registers the new pcb at the head; short of memory, tcp_alloc finds no pcb to kill and the accept
+ * fails with a RST, as it would anyway) and put back behind the new pcb. */
+static void feed_new_syn(ns_flow *f, const ns_ip *ip) {
+    if (stale_pcb_possible(&f->key)) {
+        drop_stale_pcb(&f->key);
+        lwip_feed(f->syn, ip);
+        return;
+    }
+    struct tcp_pcb *aside = tcp_active_pcbs;
+    tcp_active_pcbs = NULL;
+    lwip_feed(f->syn, ip);
+    struct tcp_pcb **tail = &tcp_active_pcbs;
+    while (*tail) tail = &(*tail)->next; /* (the new pcb, if any) */
+    *tail = aside;
+    G.st.syn_fast_path++;
+}
+
 int ns_tcp_accept(uint32_t id) {
     ns_flow *f = flow_get(id);
     if (!f) return NS_ENOFLOW;
@@ -970,9 +1023,8 @@ int ns_tcp_accept(uint32_t id) {
         send_rst_for(f->syn, &ip);
         goto fail;
     }
-    drop_stale_pcb(&f->key);
     G.accepting = f;
-    lwip_feed(f->syn, &ip);
+    feed_new_syn(f, &ip);
     G.accepting = NULL;
     if (!f->pcb) { /* lwIP could not take it (out of memory): the app gets a RST, not a hang */
         send_rst_for(f->syn, &ip);
@@ -1433,6 +1485,8 @@ void ns_close(void) {
     free(G.slots); free(G.free_idx); free(G.buckets);
     G.slots = NULL; G.free_idx = NULL; G.buckets = NULL;
     G.nslots = G.nfree = G.nbuckets = G.hcount = 0;
+    G.hash_incomplete = 0;
+    memset(G.orphans, 0, sizeof G.orphans); /* (already: every pcb was freed above, each counted out) */
     free(G.events); free(G.arena); free(G.out); free(G.pending_out); free(G.ack_owed);
     G.events = NULL; G.arena = NULL; G.out = NULL; G.pending_out = NULL; G.ack_owed = NULL;
     G.npending_out = G.cap_pending_out = G.nack_owed = G.cap_ack_owed = 0;

@@ -35,7 +35,7 @@
 #include <stdint.h>
 
 #define NS_ABI_VERSION 5  /* bump when the C interface changes (2: ICMP, buffer accounting, flush; 3: acks;
-                           * 4: held acks; 5: events_deferred, ns_test_freeze_events) */
+                           * 4: held acks; 5: events_deferred, syn_fast_path, ns_test_freeze_events) */
 
 enum ns_event_type {
     NS_EV_TCP_CONNECT = 1,  /* a new SYN waits for ns_tcp_accept / ns_tcp_refuse; addresses filled */
@@ -86,6 +86,7 @@ typedef struct {
     uint64_t dropped_output, udp_in, udp_out, tcp_refused, tcp_over_limit;
     uint64_t flows_live, flows_pending, pcbs_active, pcbs_time_wait, listeners, mem_in_use;
     uint64_t events_deferred; /* TCP events that found the queue full (out of memory) and came later */
+    uint64_t syn_fast_path;   /* accepts whose SYN skipped lwIP's walk of the active pcbs (ns_tcp_accept) */
 } ns_stats;
 
 int ns_version(void);
