@@ -25,6 +25,11 @@
  * ACK of our FIN, after its own FIN) while bytes are unread, the flow keeps them without a pcb and
  * NS_EV_TCP_CLOSED (NORMAL) comes once ns_tcp_read has taken the last of them; a reset drops them.
  * Received bytes wait in a queue with its own size_t count (a pbuf chain's 16-bit tot_len would wrap).
+ * A flow's TCP events are never lost: one the queue has no room for (out of memory) waits on its flow and
+ * comes, in order, with a later ns_events. Accepts stay O(1) with many live flows: lwIP's walk of its
+ * active pcbs for a new SYN is skipped when no pcb can have the 4-tuple (released flows' pcbs are counted
+ * by 4-tuple hash through lwIP's pcb destroy hook); other segments still walk it (lwIP moves a found pcb
+ * to the front), as do lwIP's timers once per tick.
  *
  * All functions must be called from one thread. lwIP has global state: one stack per process.
  */
