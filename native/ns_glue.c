@@ -36,6 +36,7 @@
 #define NS_MAX_PACKET 65535
 #define NS_IDX_BITS 22
 #define NS_IDX_MASK ((1u << NS_IDX_BITS) - 1)
+#define NS_ORPHAN_BUCKETS 16384 /* a power of two */
 
 /* FLOW_CLOSING: released by the consumer (graceful) while lwIP still waited for the app's ACK of our SYN-ACK.
  * The flow stays behind, invisible to the API and silent, until the handshake completes and ns_flush closes
@@ -74,6 +75,10 @@ typedef struct ns_flow {
     uint16_t syn_len;
     ns_tuple key;
     struct ns_flow *hnext;
+    /* Events the queue had no room for (out of memory), re-emitted by ns_events: see flow_event. */
+    uint8_t lost;             /* LOST_* bits */
+    int8_t lost_err;          /* the NS_CLOSED_* reason of a lost NS_EV_TCP_CLOSED */
+    struct ns_flow *lost_next, *lost_prev; /* in G.lost while lost != 0 */
 } ns_flow;
 
 static struct {
@@ -86,6 +91,8 @@ static struct {
     uint32_t nslots, *free_idx, nfree, gen;
     ns_flow **buckets;              /* 4-tuple hash: SYN dedupe for pending and attached flows */
     uint32_t nbuckets, hcount;
+    int hash_incomplete;            /* a flow is missing from the 4-tuple hash (no memory for its table) */
+    uint32_t orphans[NS_ORPHAN_BUCKETS]; /* live pcbs of released flows, by 4-tuple hash (see orphan_mark) */
     ns_flow *accepting;             /* the flow whose SYN is being fed to lwIP by ns_tcp_accept */
     uint32_t *pending_out;          /* flows written to since the last ns_flush */
     size_t npending_out, cap_pending_out;
@@ -93,6 +100,9 @@ static struct {
     size_t nack_owed, cap_ack_owed;
     ns_event *events;
     size_t nevents, cap_events;
+    ns_flow *lost;                  /* flows with events the queue had no room for (see flow_event) */
+    int events_frozen;              /* test switch: the event queue cannot grow (ns_test_freeze_events) */
+    size_t frozen_cap;
     uint8_t *arena, *out;
     size_t arena_len, arena_cap, out_len, out_cap;
     ns_stats st;
@@ -221,7 +231,11 @@ static uint16_t l4_csum(int family, const uint8_t *src, const uint8_t *dst, uint
 /* ---- events and output ---- */
 
 static ns_event *push_event(uint32_t type, uint32_t flow) {
-    if (grow((void **)&G.events, &G.cap_events, G.nevents + 1, sizeof(ns_event))) return NULL;
+    /* (the test switch is read only when the queue is full: it costs nothing per event) */
+    if (G.nevents >= G.cap_events &&
+        (G.events_frozen || grow((void **)&G.events, &G.cap_events, G.nevents + 1, sizeof(ns_event)))) {
+        return NULL;
+    }
     ns_event *e = &G.events[G.nevents++];
     memset(e, 0, sizeof *e);
     e->type = type;
@@ -235,6 +249,61 @@ static void fill_addrs(ns_event *e, const ns_tuple *t) {
     memcpy(e->dst, t->dst, 16);
     e->sport = t->sport;
     e->dport = t->dport;
+}
+
+/* A flow's TCP events may not be lost: without its CLOSED (or its CONNECT, or EOF) the consumer would never
+ * learn that the flow ended or began, and its transport, channel and id would leak while the app waits.
+ * When the queue cannot grow (out of memory), the event is remembered on the flow instead: one bit per kind
+ * (every kind is level-like, one of each is all the consumer needs; no allocation) and the flow joins the
+ * G.lost list, which ns_events empties into the queue as soon as there is room. While a flow has events
+ * waiting, its later ones wait too, so they keep their order: the bits are re-emitted as CONNECT,
+ * READABLE, WRITABLE, EOF, CLOSED, the one order a flow's events can have (data only after CONNECT and
+ * before CLOSED; WRITABLE before or after EOF, both are only hints). */
+static const uint8_t lost_order[] = {NS_EV_TCP_CONNECT, NS_EV_TCP_READABLE, NS_EV_TCP_WRITABLE, NS_EV_TCP_EOF,
+                                     NS_EV_TCP_CLOSED};
+#define LOST_BIT(type) ((uint8_t)(1u << ((type) - 1)))
+#define NS_LOST_RETRY_MS 10 /* how soon ns_next_timer_ms asks for another ns_events while events wait */
+
+static void lost_unlink(ns_flow *f) {
+    if (f->lost_prev) f->lost_prev->lost_next = f->lost_next; else G.lost = f->lost_next;
+    if (f->lost_next) f->lost_next->lost_prev = f->lost_prev;
+    f->lost_next = f->lost_prev = NULL;
+    f->lost = 0;
+}
+
+static int push_flow_event(ns_flow *f, uint32_t type, int32_t err) {
+    ns_event *e = push_event(type, f->id);
+    if (!e) return -1;
+    if (type == NS_EV_TCP_CONNECT) fill_addrs(e, &f->key);
+    e->err = err;
+    return 0;
+}
+
+static void flow_event(ns_flow *f, uint32_t type, int32_t err) {
+    if (!f->lost && push_flow_event(f, type, err) == 0) return;
+    if (!f->lost) {
+        f->lost_prev = NULL;
+        f->lost_next = G.lost;
+        if (G.lost) G.lost->lost_prev = f;
+        G.lost = f;
+    }
+    f->lost |= LOST_BIT(type);
+    if (type == NS_EV_TCP_CLOSED) f->lost_err = (int8_t)err;
+    G.st.events_deferred++;
+}
+
+/* Queue the events that found no room before (see flow_event), as far as there is room now. */
+static void requeue_lost(void) {
+    while (G.lost) {
+        ns_flow *f = G.lost;
+        for (size_t i = 0; i < sizeof lost_order; i++) {
+            uint32_t type = lost_order[i];
+            if (!(f->lost & LOST_BIT(type))) continue;
+            if (push_flow_event(f, type, type == NS_EV_TCP_CLOSED ? f->lost_err : 0)) return;
+            f->lost &= (uint8_t)~LOST_BIT(type);
+        }
+        lost_unlink(f);
+    }
 }
 
 static void emit(const uint8_t *pkt, size_t len) {
@@ -291,7 +360,8 @@ static void hash_insert(ns_flow *f) {
     if (G.hcount + 1 > G.nbuckets) {
         uint32_t nb = G.nbuckets ? G.nbuckets * 2 : 1024;
         ns_flow **b = calloc(nb, sizeof *b);
-        if (!b) return; /* keep the old table; dedupe degrades, nothing breaks */
+        if (!b && !G.nbuckets) { G.hash_incomplete = 1; return; } /* (see stale_pcb_possible) */
+        if (!b) goto insert; /* keep the old table: longer chains, nothing breaks */
         for (uint32_t i = 0; i < G.nbuckets; i++) {
             ns_flow *x = G.buckets[i];
             while (x) {
@@ -306,6 +376,7 @@ static void hash_insert(ns_flow *f) {
         G.buckets = b;
         G.nbuckets = nb;
     }
+insert:;
     uint32_t j = tuple_hash(&f->key) & (G.nbuckets - 1);
     f->hnext = G.buckets[j];
     G.buckets[j] = f;
@@ -404,9 +475,25 @@ static void rx_free(ns_flow *f) {
     f->rx_len = 0;
 }
 
-/* Forget the pcb: no lwIP callback will reach this flow again. */
+/* Pcbs of released flows ("orphans": detached, finishing their close in lwIP) are counted by 4-tuple hash:
+ * the pcb's ext arg holds its bucket + 1, and on_pcb_destroyed (lwIP's destroy hook, called as tcp_free
+ * frees any pcb) counts it out. An empty bucket proves that no orphan has the 4-tuple (see
+ * stale_pcb_possible). */
+static void orphan_mark(struct tcp_pcb *pcb, const ns_tuple *key) {
+    uint32_t b = tuple_hash(key) & (NS_ORPHAN_BUCKETS - 1);
+    G.orphans[b]++;
+    tcp_ext_arg_set(pcb, G.ext_id, (void *)(uintptr_t)(b + 1));
+}
+
+static void on_pcb_destroyed(u8_t id, void *data) {
+    (void)id;
+    if (data) G.orphans[(uintptr_t)data - 1]--;
+}
+
+/* Forget the pcb: no lwIP callback will reach this flow again (it is an orphan until lwIP frees it). */
 static void detach_pcb(ns_flow *f) {
     if (f->pcb) {
+        orphan_mark(f->pcb, &f->key);
         tcp_arg(f->pcb, NULL);
         tcp_recv(f->pcb, NULL);
         tcp_sent(f->pcb, NULL);
@@ -416,6 +503,7 @@ static void detach_pcb(ns_flow *f) {
 }
 
 static void flow_free(ns_flow *f) {
+    if (f->lost) lost_unlink(f);
     hash_remove(f);
     rx_free(f);
     free(f->syn);
@@ -458,7 +546,7 @@ static err_t on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err) 
     if (!p) {
         if (!(f->flags & F_RX_EOF)) {
             f->flags |= F_RX_EOF;
-            push_event(NS_EV_TCP_EOF, f->id);
+            flow_event(f, NS_EV_TCP_EOF, 0);
         }
         return ERR_OK;
     }
@@ -471,7 +559,7 @@ static err_t on_recv(void *arg, struct tcp_pcb *pcb, struct pbuf *p, err_t err) 
     rx_append(f, p);
     if (!(f->flags & F_READABLE_SENT)) {
         f->flags |= F_READABLE_SENT;
-        push_event(NS_EV_TCP_READABLE, f->id);
+        flow_event(f, NS_EV_TCP_READABLE, 0);
     }
     return ERR_OK;
 }
@@ -488,7 +576,7 @@ static err_t on_sent(void *arg, struct tcp_pcb *pcb, u16_t len) {
     (void)len;
     if (f && f->state != FLOW_CLOSING && (f->flags & F_WANT_WRITABLE) && send_room(pcb)) {
         f->flags &= (uint8_t)~F_WANT_WRITABLE;
-        push_event(NS_EV_TCP_WRITABLE, f->id);
+        flow_event(f, NS_EV_TCP_WRITABLE, 0);
     }
     return ERR_OK;
 }
@@ -511,12 +599,10 @@ static void on_err(void *arg, err_t err) {
         return;
     }
     rx_free(f);
-    ns_event *e = push_event(NS_EV_TCP_CLOSED, f->id);
-    if (e) {
-        e->err = err == ERR_RST ? NS_CLOSED_RESET
+    flow_event(f, NS_EV_TCP_CLOSED,
+               err == ERR_RST ? NS_CLOSED_RESET
                : err == ERR_ABRT ? NS_CLOSED_TIMEOUT
-               : err == ERR_CLSD ? NS_CLOSED_NORMAL : NS_CLOSED_ERROR;
-    }
+               : err == ERR_CLSD ? NS_CLOSED_NORMAL : NS_CLOSED_ERROR);
 }
 
 static int want_flush(ns_flow *f);
@@ -537,6 +623,8 @@ static err_t on_accept(void *arg, struct tcp_pcb *newpcb, err_t err) {
     return ERR_OK;
 }
 
+static const struct tcp_ext_arg_callbacks ext_callbacks;
+
 static err_t on_passive_open(u8_t id, struct tcp_pcb_listen *lpcb, struct tcp_pcb *npcb) {
     (void)id; (void)lpcb;
     ns_flow *f = G.accepting;
@@ -547,10 +635,12 @@ static err_t on_passive_open(u8_t id, struct tcp_pcb_listen *lpcb, struct tcp_pc
     tcp_sent(npcb, on_sent);
     tcp_err(npcb, on_err);
     tcp_nagle_disable(npcb);
+    tcp_ext_arg_set_callbacks(npcb, G.ext_id, &ext_callbacks);
     return ERR_OK;
 }
 
-static const struct tcp_ext_arg_callbacks ext_callbacks = {NULL, on_passive_open};
+/* On listeners (passive_open) and on every accepted pcb (destroy: see orphan_mark). */
+static const struct tcp_ext_arg_callbacks ext_callbacks = {on_pcb_destroyed, on_passive_open};
 
 static struct tcp_pcb *listener_for(uint16_t port) {
     if (G.listeners[port]) return G.listeners[port];
@@ -756,8 +846,7 @@ static void input_tcp_segment(const uint8_t *pkt, const ns_ip *ip) {
     f->state = FLOW_PENDING;
     G.st.flows_pending++;
     hash_insert(f);
-    ns_event *e = push_event(NS_EV_TCP_CONNECT, f->id);
-    if (e) fill_addrs(e, &key);
+    flow_event(f, NS_EV_TCP_CONNECT, 0);
 }
 
 static void input_udp(const ns_ip *ip) {
@@ -831,12 +920,26 @@ void ns_timers(void) {
 }
 
 uint32_t ns_next_timer_ms(void) {
-    return sys_timeouts_sleeptime();
+    uint32_t ms = sys_timeouts_sleeptime();
+    /* Events waiting for room in the queue (see flow_event): the caller's next ns_events retries. */
+    return (G.lost && ms > NS_LOST_RETRY_MS) ? NS_LOST_RETRY_MS : ms;
+}
+
+void ns_test_freeze_events(int frozen) {
+    if (frozen && !G.events_frozen) {
+        G.frozen_cap = G.cap_events;
+        G.cap_events = G.nevents; /* full: the next event finds no room, as if realloc had failed */
+        G.events_frozen = 1;
+    } else if (!frozen && G.events_frozen) {
+        G.cap_events = G.frozen_cap;
+        G.events_frozen = 0;
+    }
 }
 
 /* ---- event and output queues ---- */
 
 size_t ns_events(const ns_event **events, const uint8_t **arena) {
+    if (G.lost) requeue_lost();
     *events = G.events;
     *arena = G.arena;
     return G.nevents;
@@ -880,6 +983,34 @@ static void drop_stale_pcb(const ns_tuple *k) {
     }
 }
 
+/* Whether lwIP may hold a pcb with this 4-tuple other than the one of the flow being accepted. The pcbs in
+ * lwIP's lists are the ones of flows (each in the 4-tuple hash, where a SYN for a new flow found none),
+ * orphans (counted by hash bucket: see orphan_mark) and TIME_WAIT pcbs (reaped after each input, so
+ * rarely any). */
+static int stale_pcb_possible(const ns_tuple *k) {
+    return tcp_tw_pcbs != NULL || G.hash_incomplete || G.orphans[tuple_hash(k) & (NS_ORPHAN_BUCKETS - 1)];
+}
+
+/* Feed a new flow's SYN to lwIP. tcp_input looks for the segment's pcb by walking every active pcb before
+ * it tries the listeners: with thousands of live flows that walk was most of an accept's cost, and it can
+ * find nothing when stale_pcb_possible says so. The list is then set aside while lwIP takes the SYN (it
+ * only registers the new pcb at the head; short of memory, tcp_alloc finds no pcb to kill and the accept
+ * fails with a RST, as it would anyway) and put back behind the new pcb. */
+static void feed_new_syn(ns_flow *f, const ns_ip *ip) {
+    if (stale_pcb_possible(&f->key)) {
+        drop_stale_pcb(&f->key);
+        lwip_feed(f->syn, ip);
+        return;
+    }
+    struct tcp_pcb *aside = tcp_active_pcbs;
+    tcp_active_pcbs = NULL;
+    lwip_feed(f->syn, ip);
+    struct tcp_pcb **tail = &tcp_active_pcbs;
+    while (*tail) tail = &(*tail)->next; /* (the new pcb, if any) */
+    *tail = aside;
+    G.st.syn_fast_path++;
+}
+
 int ns_tcp_accept(uint32_t id) {
     ns_flow *f = flow_get(id);
     if (!f) return NS_ENOFLOW;
@@ -892,9 +1023,8 @@ int ns_tcp_accept(uint32_t id) {
         send_rst_for(f->syn, &ip);
         goto fail;
     }
-    drop_stale_pcb(&f->key);
     G.accepting = f;
-    lwip_feed(f->syn, &ip);
+    feed_new_syn(f, &ip);
     G.accepting = NULL;
     if (!f->pcb) { /* lwIP could not take it (out of memory): the app gets a RST, not a hang */
         send_rst_for(f->syn, &ip);
@@ -908,8 +1038,7 @@ fail:
     f->syn = NULL;
     f->state = FLOW_CLOSED;
     hash_remove(f);
-    ns_event *e = push_event(NS_EV_TCP_CLOSED, f->id);
-    if (e) e->err = NS_CLOSED_ERROR;
+    flow_event(f, NS_EV_TCP_CLOSED, NS_CLOSED_ERROR);
     return NS_EMEM;
 }
 
@@ -973,8 +1102,7 @@ int ns_tcp_read(uint32_t id, uint8_t *buf, size_t maxlen) {
         f->flags &= (uint8_t)~F_READABLE_SENT;
         if (f->flags & F_CLOSE_DEFERRED) { /* the last bytes of a closed connection: now the close */
             f->flags &= (uint8_t)~F_CLOSE_DEFERRED;
-            ns_event *e = push_event(NS_EV_TCP_CLOSED, f->id);
-            if (e) e->err = NS_CLOSED_NORMAL;
+            flow_event(f, NS_EV_TCP_CLOSED, NS_CLOSED_NORMAL);
         }
     }
     return (int)n;
@@ -1335,6 +1463,7 @@ int ns_open(int mtu, int max_flows) {
 
 void ns_close(void) {
     if (!G.open) return;
+    ns_test_freeze_events(0);
     for (uint32_t i = 0; i < G.nslots; i++) {
         if (G.slots[i]) {
             ns_flow *f = G.slots[i];
@@ -1356,6 +1485,8 @@ void ns_close(void) {
     free(G.slots); free(G.free_idx); free(G.buckets);
     G.slots = NULL; G.free_idx = NULL; G.buckets = NULL;
     G.nslots = G.nfree = G.nbuckets = G.hcount = 0;
+    G.hash_incomplete = 0;
+    memset(G.orphans, 0, sizeof G.orphans); /* (already: every pcb was freed above, each counted out) */
     free(G.events); free(G.arena); free(G.out); free(G.pending_out); free(G.ack_owed);
     G.events = NULL; G.arena = NULL; G.out = NULL; G.pending_out = NULL; G.ack_owed = NULL;
     G.npending_out = G.cap_pending_out = G.nack_owed = G.cap_ack_owed = 0;

@@ -25,6 +25,11 @@
  * ACK of our FIN, after its own FIN) while bytes are unread, the flow keeps them without a pcb and
  * NS_EV_TCP_CLOSED (NORMAL) comes once ns_tcp_read has taken the last of them; a reset drops them.
  * Received bytes wait in a queue with its own size_t count (a pbuf chain's 16-bit tot_len would wrap).
+ * A flow's TCP events are never lost: one the queue has no room for (out of memory) waits on its flow and
+ * comes, in order, with a later ns_events. Accepts stay O(1) with many live flows: lwIP's walk of its
+ * active pcbs for a new SYN is skipped when no pcb can have the 4-tuple (released flows' pcbs are counted
+ * by 4-tuple hash through lwIP's pcb destroy hook); other segments still walk it (lwIP moves a found pcb
+ * to the front), as do lwIP's timers once per tick.
  *
  * All functions must be called from one thread. lwIP has global state: one stack per process.
  */
@@ -34,8 +39,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define NS_ABI_VERSION 4  /* bump when the C interface changes (2: ICMP, buffer accounting, flush; 3: acks;
-                           * 4: held acks) */
+#define NS_ABI_VERSION 5  /* bump when the C interface changes (2: ICMP, buffer accounting, flush; 3: acks;
+                           * 4: held acks; 5: events_deferred, syn_fast_path, ns_test_freeze_events) */
 
 enum ns_event_type {
     NS_EV_TCP_CONNECT = 1,  /* a new SYN waits for ns_tcp_accept / ns_tcp_refuse; addresses filled */
@@ -85,6 +90,8 @@ typedef struct {
     uint64_t dropped_malformed, dropped_checksum, dropped_fragment, dropped_icmp, dropped_other;
     uint64_t dropped_output, udp_in, udp_out, tcp_refused, tcp_over_limit;
     uint64_t flows_live, flows_pending, pcbs_active, pcbs_time_wait, listeners, mem_in_use;
+    uint64_t events_deferred; /* TCP events that found the queue full (out of memory) and came later */
+    uint64_t syn_fast_path;   /* accepts whose SYN skipped lwIP's walk of the active pcbs (ns_tcp_accept) */
 } ns_stats;
 
 int ns_version(void);
@@ -103,8 +110,14 @@ int ns_pump(int fd, int max_packets);
 void ns_timers(void);
 uint32_t ns_next_timer_ms(void);
 
+/* The events queued since ns_events_clear. A flow's TCP events are never lost: one that finds no room
+ * (out of memory) waits on its flow, in order, and comes with a later call (ns_next_timer_ms is then at
+ * most 10 ms). UDP and ICMP events that find no room are dropped and counted (dropped_other): the app's
+ * retransmission recovers them. */
 size_t ns_events(const ns_event **events, const uint8_t **arena);
 void ns_events_clear(void);
+/* Tests only: while frozen, the event queue behaves as full and unable to grow (as when realloc fails). */
+void ns_test_freeze_events(int frozen);
 /* Queued output (sans-IO mode): a buffer of [u32 length][bytes] records, valid until ns_out_clear. */
 size_t ns_out_take(const uint8_t **buf);
 void ns_out_clear(void);
