@@ -260,6 +260,13 @@ def _seal_chunks(conn: Any, enc: Any, send_chan: int, view: memoryview, pktsize:
         sealed_bytes += 10 + n + padlen
         count += 1
         start += n
+    _sealed(conn, cipher, iv, count, sealed_bytes, parts)
+    return start
+
+
+def _sealed(conn: Any, cipher: Any, iv: bytes, count: int, sealed_bytes: int, parts: list[bytes]) -> None:
+    """Book `count` packets sealed in a row (the cipher's next IV, sequence number, rekey byte count) and
+    hand their parts to the connection's send, in one call when `coalesce_sends` wraps it."""
     cipher._iv = iv
     conn._send_seq = (conn._send_seq + count) & 0xFFFFFFFF
     conn._rekey_bytes_sent += sealed_bytes
@@ -270,7 +277,6 @@ def _seal_chunks(conn: Any, enc: Any, send_chan: int, view: memoryview, pktsize:
     else:
         for part in parts:
             send(part)
-    return start
 
 
 # -- A socket read straight into the next packets: no joined copy per packet --
@@ -359,16 +365,7 @@ def send_read_buffers(conn: Any, send_chan: int, pktsize: int, n: int) -> None:
             sealed_bytes += 10 + m + padlen
             done += m
             index += 1
-        cipher._iv = iv
-        conn._send_seq = (conn._send_seq + index) & 0xFFFFFFFF
-        conn._rekey_bytes_sent += sealed_bytes
-        send = conn._send
-        many = getattr(send, "many", None)
-        if many is not None:
-            many(parts)
-        else:
-            for part in parts:
-                send(part)
+        _sealed(conn, cipher, iv, index, sealed_bytes, parts)
     while done < n:  # a rekey fell due: asyncssh's path, with the bytes copied out of the arena
         m = min(pktsize, n - done)
         base = index * slot + _SLOT_HEAD
