@@ -44,9 +44,7 @@ def empty_reads(monkeypatch):
 @pytest.mark.parametrize("together", [False, True])
 def test_eof_after_the_bytes_without_an_empty_read(wired, empty_reads, together):
     async def run() -> None:
-        tun, peer, proto = await _connected(*wired)
-        proto.__class__ = EofRecorder
-        proto.log = []
+        tun, peer, proto = await _connected(*wired, protocol=EofRecorder)
         wire = wired[1]
         try:
             if together:  # one segment: the bytes, PSH and FIN
@@ -67,9 +65,7 @@ def test_eof_after_the_bytes_without_an_empty_read(wired, empty_reads, together)
 
 def test_eof_waits_for_the_bytes_while_reading_is_paused(wired):
     async def run() -> None:
-        tun, peer, proto = await _connected(*wired)
-        proto.__class__ = EofRecorder
-        proto.log = []
+        tun, peer, proto = await _connected(*wired, protocol=EofRecorder)
         wire = wired[1]
         try:
             proto.transport.pause_reading()

@@ -41,12 +41,15 @@ async def exchange(wire: Wire, peer: TcpPeer, rounds: int = 5) -> list[bytes]:
 
 
 async def _connected(
-    ours: socket.socket, wire: Wire, ack_hold: float = StackConfig.ack_hold
+    ours: socket.socket,
+    wire: Wire,
+    ack_hold: float = StackConfig.ack_hold,
+    protocol: type[Recorder] = Recorder,
 ) -> tuple[TunStack, TcpPeer, Recorder]:
     protocols: list[Recorder] = []
 
     def on_tcp(flow: TcpFlow) -> None:
-        protocols.append(Recorder())
+        protocols.append(protocol())
         tun.accept(flow, lambda: protocols[-1])
 
     tun = TunStack(ours.fileno(), config=StackConfig(mtu=16000, ack_hold=ack_hold), on_tcp=on_tcp)
