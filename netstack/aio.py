@@ -477,28 +477,35 @@ class TunStack:
         if self._port_queues:
             self.port.write_batch(self.stack)
 
-    def _owe_acks(self, owed: int) -> None:
-        """Schedule the bare ACKs that `Stack.flush` says are still owed (held ones as owed now when the
-        stack holds none: `StackConfig.ack_hold` 0)."""
+    def _owe_acks(self, owed: int, now: bool = False) -> None:
+        """Send or schedule the bare ACKs that `Stack.flush` says are still owed (held ones as owed now
+        when the stack holds none: `StackConfig.ack_hold` 0). `now`: at the end of a batch, whose way
+        upstream (an SSH connection's packets, through `defer`) has already gone."""
         if owed & ACKS_HELD and self._hold_acks:
             if self._held_acks is None:
                 self._held_acks = self._loop.call_later(self.stack.config.ack_hold, self._flush_held_acks)
             owed &= ~ACKS_HELD
-        if owed and not self._acks_scheduled:
+        if not owed:
+            return
+        if now:
+            self._send_owed_acks()
+        elif not self._acks_scheduled:
             self._acks_scheduled = True
             self._loop.call_soon(self._flush_acks)
 
     def _flush_acks(self) -> None:
-        # A turn after the batch that owed them: the bytes' way upstream went first (an SSH connection's
-        # packets at the end of the batch through `defer`, another consumer's send at the end of the turn),
-        # so the bare ACK is off the request's path. Held ones (new connections' requests) wait for their
-        # answer, up to ack_hold.
+        # A turn after the answer that owed them (outside a batch: other consumers' sends of this turn
+        # go first, so the bare ACK is off their way upstream).
         self._acks_scheduled = False
         if not self.stack._closed:
-            if self.stack.flush_acks(held=not self._hold_acks) and self._held_acks is None:
-                self._held_acks = self._loop.call_later(self.stack.config.ack_hold, self._flush_held_acks)
+            self._send_owed_acks()
             if self._port_queues:
                 self.port.write_batch(self.stack)
+
+    def _send_owed_acks(self) -> None:
+        # Held ones (new connections' requests) wait for their answer, up to ack_hold.
+        if self.stack.flush_acks(held=not self._hold_acks) and self._held_acks is None:
+            self._held_acks = self._loop.call_later(self.stack.config.ack_hold, self._flush_held_acks)
 
     def _flush_held_acks(self) -> None:
         # The held ACKs whose answer did not come within ack_hold (one timer for all: an ACK owed later
@@ -548,7 +555,7 @@ class TunStack:
                 self._run_deferred()
         owed = stack.flush()  # what was written leaves now, a FIN with the data
         if owed:
-            self._owe_acks(owed)
+            self._owe_acks(owed, now=True)
         if self._port_queues:  # (an fd port: it already left)
             self.port.write_batch(stack)
         self._check_budget()

@@ -1,8 +1,8 @@
 """Loop turns on the netstack's side of a request/response (netstack.aio on a socketpair standing in for the
 TUN device): an interactive answer leaves at once, a one-request connection's answer and FIN share a
-segment, the bare ACK for a request waits until the request's own way upstream had its turn (for a new
-connection's first request, until its answer carries the ACK, or ack_hold), and a batch schedules no extra
-turn for itself."""
+segment, the bare ACK for a request leaves after the request's own way upstream, at the end of the same batch
+(for a new connection's first request, when its answer carries the ACK, or after ack_hold), and a batch
+schedules no extra turn for itself."""
 
 from __future__ import annotations
 
@@ -105,10 +105,10 @@ def test_a_first_answer_and_its_fin_share_one_segment(wired):
     asyncio.run(run())
 
 
-def test_the_bare_ack_waits_for_the_requests_way_upstream(wired):
-    """The consumer's upstream send runs at the end of the turn (as the SSH side's coalesced send does);
-    the ACK for the request is written after it, not before. (The flow's second request: the first one's
-    ACK is held, see below.)"""
+def test_the_bare_ack_follows_the_requests_way_upstream_in_the_same_turn(wired):
+    """The consumer's upstream send runs at the end of the batch (`defer`, as the SSH side's coalesced send
+    does); the ACK for the request is written after it, and before the loop's next turn: no turn of its
+    own. (The flow's second request: the first one's ACK is held, see below.)"""
 
     async def run() -> None:
         tun, peer, proto = await _connected(*wired, ack_hold=0.001)
@@ -118,16 +118,27 @@ def test_the_bare_ack_waits_for_the_requests_way_upstream(wired):
         peer.send(b"first request", push=True)
         await exchange(wire, peer, rounds=20)
 
-        def upstream_send() -> None:
-            acks = [raw for raw in wire.packets() if IP(raw)[TCP].ack == peer.seq]
-            order.append("ack" if acks else "upstream")
+        early: list[bytes] = []  # what the stack wrote before the loop let `exchange` see it
 
-        proto.on_data = lambda: loop.call_soon(upstream_send)
+        def acked() -> bool:
+            early.extend(wire.packets())
+            return any(IP(raw)[TCP].ack == peer.seq for raw in early)
+
+        def upstream_send() -> None:
+            order.append("ack" if acked() else "upstream")
+            loop.call_soon(lambda: order.append("ack" if acked() else "no ack yet"))
+
+        proto.on_data = lambda: tun.defer(upstream_send)
         try:
             peer.auto_ack = False
             peer.send(b"request", push=True)
-            segments = [IP(raw)[TCP] for raw in await exchange(wire, peer)]
-            assert order == ["upstream"], "the bare ACK went before the request's send upstream"
+            later = await exchange(wire, peer)
+            for raw in early:
+                peer.handle(raw)
+            segments = [IP(raw)[TCP] for raw in early + later]
+            assert order == ["upstream", "ack"], (
+                "the bare ACK went before the request's send upstream, or a turn late"
+            )
             assert [seg.ack for seg in segments] == [peer.seq], "then exactly one ACK"
         finally:
             tun.close()
@@ -198,7 +209,7 @@ def test_an_unanswered_first_request_is_acknowledged_after_ack_hold(wired):
 
 def test_by_default_a_first_request_is_acknowledged_without_a_hold(wired):
     """StackConfig's default holds no ACK: over a real network no answer comes within any sensible hold,
-    so an app with Nagle on would only wait longer. The bare ACK follows a turn of the loop later."""
+    so an app with Nagle on would only wait longer. The bare ACK leaves at the end of the batch."""
 
     async def run() -> None:
         tun, peer, _proto = await _connected(*wired)
