@@ -27,6 +27,17 @@ def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _cpu_list(text: str) -> set[int]:
+    try:
+        cpus = {int(item) for item in _csv(text)}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of CPU numbers: {text!r}") from None
+    available = os.sched_getaffinity(0)
+    if not cpus or not cpus <= available:
+        raise argparse.ArgumentTypeError(f"CPUs {sorted(cpus)} not all available (have {sorted(available)})")
+    return cpus
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     scenario_names = [s.name for s in all_scenarios()]
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
@@ -42,6 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"from: {', '.join(ALL_TRANSPORTS)} (default: all)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="override the number of repeats")
+    parser.add_argument(
+        "--cpus",
+        type=_cpu_list,
+        default=None,
+        metavar="N[,..]",
+        help="run the whole lab (clients, transports, sshd, servers) on these CPUs only, e.g. 1: one core "
+        "makes request/response latency a measure of CPU per round trip, not of the scheduler's placement",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory [{DEFAULT_OUT}]")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -70,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         console.print("[red]the benchmark needs root (it builds network namespaces)[/red]")
         return 2
+    if args.cpus is not None:
+        os.sched_setaffinity(0, args.cpus)  # before the lab exists: everything it starts inherits it
     settings = Settings.quick() if args.quick else Settings.full()
     if args.repeats is not None:
         settings = Settings(**{**settings.__dict__, "repeats": args.repeats})

@@ -43,6 +43,7 @@ def machine_info() -> dict[str, object]:
     return {
         "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
+        "cpus_used": sorted(os.sched_getaffinity(0)),  # `--cpus`: every lab process inherits this set
         "kernel": platform.release(),
         "platform": platform.platform(),
         "versions": {
