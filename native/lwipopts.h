@@ -89,7 +89,9 @@ void *ns_mem_calloc(size_t count, size_t size);
 #define LWIP_CHECKSUM_ON_COPY           1
 
 /* Checksums: generate everything (the kernel verifies what we write to the TUN). The IP header check is
- * done by the glue; TCP's is kept so a corrupted segment can never become payload. */
+ * done by the glue; TCP's is kept so a corrupted segment can never become payload, unless the owner says
+ * the packets come from the local kernel (ns_set_verify_checksums: per netif, hence the control below). */
+#define LWIP_CHECKSUM_CTRL_PER_NETIF    1
 #define CHECKSUM_GEN_IP                 1
 #define CHECKSUM_GEN_TCP                1
 #define CHECKSUM_CHECK_IP               0

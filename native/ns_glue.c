@@ -83,6 +83,7 @@ typedef struct ns_flow {
 
 static struct {
     int open, lwip_ready, out_fd, manual_clock, max_flows;
+    int verify_checksums;           /* see ns_set_verify_checksums */
     uint64_t now_ms;
     uint8_t ext_id;
     struct netif netif;
@@ -826,7 +827,10 @@ static void input_tcp_segment(const uint8_t *pkt, const ns_ip *ip) {
     uint8_t flags = th[13];
     if (rd16(th) == 0 || rd16(th + 2) == 0) { G.st.dropped_malformed++; return; }
     if ((flags & 0x16) != 0x02) { lwip_feed(pkt, ip); return; } /* not a bare SYN: lwIP decides */
-    if (l4_csum(ip->family, ip->src, ip->dst, 6, th, ip->l4len) != 0) { G.st.dropped_checksum++; return; }
+    if (G.verify_checksums && l4_csum(ip->family, ip->src, ip->dst, 6, th, ip->l4len) != 0) {
+        G.st.dropped_checksum++;
+        return;
+    }
     ns_tuple key;
     tuple_from(ip, rd16(th), rd16(th + 2), &key);
     ns_flow *f = hash_find(&key);
@@ -856,7 +860,7 @@ static void input_udp(const ns_ip *ip) {
     if (ulen < 8 || ulen > ip->l4len) { G.st.dropped_malformed++; return; }
     uint16_t ck = rd16(u + 6);
     if (ip->family == 6 && ck == 0) { G.st.dropped_checksum++; return; } /* mandatory in IPv6 */
-    if (ck != 0 && l4_csum(ip->family, ip->src, ip->dst, 17, u, ulen) != 0) {
+    if (ck != 0 && G.verify_checksums && l4_csum(ip->family, ip->src, ip->dst, 17, u, ulen) != 0) {
         G.st.dropped_checksum++;
         return;
     }
@@ -1432,6 +1436,13 @@ void ns_get_icmp_stats(ns_icmp_stats *s) { *s = icmp_st; }
 
 int ns_version(void) { return NS_ABI_VERSION; }
 
+void ns_set_verify_checksums(int on) {
+    G.verify_checksums = on ? 1 : 0;
+    /* lwIP checks TCP (the glue checks SYNs and UDP itself); generation stays on for everything. */
+    NETIF_SET_CHECKSUM_CTRL(&G.netif, on ? NETIF_CHECKSUM_ENABLE_ALL
+                                         : (u16_t)(NETIF_CHECKSUM_ENABLE_ALL & ~NETIF_CHECKSUM_CHECK_TCP));
+}
+
 int ns_open(int mtu, int max_flows) {
     if (G.open) return NS_ESTATE;
     if (mtu < 1280 || mtu > NS_MAX_PACKET || max_flows < 1) return NS_EINVAL;
@@ -1457,6 +1468,7 @@ int ns_open(int mtu, int max_flows) {
     netif_set_default(&G.netif);
     netif_set_link_up(&G.netif);
     netif_set_up(&G.netif);
+    ns_set_verify_checksums(1);
     G.open = 1;
     return NS_OK;
 }

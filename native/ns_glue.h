@@ -39,8 +39,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define NS_ABI_VERSION 5  /* bump when the C interface changes (2: ICMP, buffer accounting, flush; 3: acks;
-                           * 4: held acks; 5: events_deferred, syn_fast_path, ns_test_freeze_events) */
+#define NS_ABI_VERSION 6  /* bump when the C interface changes (2: ICMP, buffer accounting, flush; 3: acks;
+                           * 4: held acks; 5: events_deferred, syn_fast_path, ns_test_freeze_events;
+                           * 6: ns_set_verify_checksums) */
 
 enum ns_event_type {
     NS_EV_TCP_CONNECT = 1,  /* a new SYN waits for ns_tcp_accept / ns_tcp_refuse; addresses filled */
@@ -100,6 +101,10 @@ int ns_open(int mtu, int max_flows);
 void ns_close(void);
 /* -1: queue output for ns_out_take; otherwise write every output packet to this fd. */
 void ns_set_output_fd(int fd);
+/* Whether TCP and UDP checksums of input packets are verified (1, the default after ns_open). 0 when every
+ * packet comes from the local kernel (a TUN device), which computed them over the same memory: a second
+ * pass over every byte buys nothing there. Malformed headers are still dropped either way. */
+void ns_set_verify_checksums(int on);
 /* Manual clock for deterministic tests: when set, lwIP's time is now_ms instead of CLOCK_MONOTONIC. */
 void ns_set_clock(int manual, uint64_t now_ms);
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-EXPECTED_ABI = 5
+EXPECTED_ABI = 6
 BUILD_HINT = (
     "reinstall x2ssh (the wheel carries the core; the sdist builds it with a C compiler), or from a "
     "checkout run `pip install -e .` (or `make build`), which fetches the pinned lwIP 2.1.3 source itself"

@@ -125,7 +125,11 @@ class VpnSession:
         self.tun = await self.host.open_tun()
         self.tun_stack = TunStack(
             self.tun.packet_port(),  # a TUN fd on Linux, the Wintun port on Windows
-            config=StackConfig(mtu=self.tun.mtu, buffer_budget=self.settings.vpn_buffer_budget << 20),
+            config=StackConfig(
+                mtu=self.tun.mtu,
+                buffer_budget=self.settings.vpn_buffer_budget << 20,
+                verify_checksums=False,  # the TUN's packets come from this machine's kernel
+            ),
             on_tcp=self.bridge.on_tcp,
             on_udp=self._on_udp,
             on_icmp=self._on_icmp,
