@@ -24,6 +24,7 @@ async def forward(args: argparse.Namespace) -> None:
         client_keys=[args.key],
         known_hosts=args.known_hosts,
         config=[],
+        encryption_algs=[args.cipher] if args.cipher else (),
     ) as conn:
         for spec in args.forward:
             listen_host, listen_port, dest_host, dest_port = spec.rsplit(":", 3)
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--user", default="root")
     parser.add_argument("--key", required=True)
     parser.add_argument("--known-hosts", required=True)
+    parser.add_argument("--cipher", default=None, help="the only cipher to offer (default: asyncssh's list)")
     parser.add_argument("--forward", action="append", default=[], help="LHOST:LPORT:DHOST:DPORT")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):

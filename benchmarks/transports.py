@@ -36,6 +36,12 @@ TCP, UDP, LOSS, SCALE = "tcp", "udp", "loss", "scale"
 FORWARDED_PORTS = {"http": 18080, "echo": 18007, "iperf3": 15201}
 
 
+# x2ssh's first choice (x2ssh.ssh.connect). Every SSH baseline is given it too (OpenSSH's default is
+# chacha20-poly1305, which costs OpenSSH about twice the CPU per byte here), so a ratio compares the
+# implementations, not the ciphers.
+BASELINE_CIPHER = "aes128-gcm@openssh.com"
+
+
 class TransportUnavailable(RuntimeError):
     """This transport cannot run on this machine or did not come up; the message says why."""
 
@@ -172,11 +178,11 @@ class _PortForwarding(Transport):
 
 class SshLocalForward(_PortForwarding):
     name = "ssh-L"
-    description = "OpenSSH ssh -N -L"
+    description = f"OpenSSH ssh -N -L (-c {BASELINE_CIPHER})"
 
     def start(self, env: BenchEnv) -> None:
         super().start(env)
-        args = ["-N", "-o", "ExitOnForwardFailure=yes"]
+        args = ["-N", "-c", BASELINE_CIPHER, "-o", "ExitOnForwardFailure=yes"]
         for spec in self._forward_specs():
             args += ["-L", spec]
         self._spawn_ssh(args)
@@ -193,6 +199,7 @@ class AsyncsshLocalForward(_PortForwarding):
         argv = [
             sys.executable, str(FORWARD_SCRIPT), "--host", sshd.host, "--port", str(sshd.port),
             "--user", sshd.user, "--key", str(sshd.client_key), "--known-hosts", str(sshd.known_hosts),
+            "--cipher", BASELINE_CIPHER,
         ]  # fmt: skip
         for spec in self._forward_specs():
             argv += ["--forward", spec]
@@ -202,11 +209,11 @@ class AsyncsshLocalForward(_PortForwarding):
 class Sshuttle(Transport):
     name = "sshuttle"
     capabilities = frozenset({TCP, LOSS})
-    description = "sshuttle (nat method), TCP only"
+    description = f"sshuttle (nat method, ssh -c {BASELINE_CIPHER}), TCP only"
 
     def start(self, env: BenchEnv) -> None:
         super().start(env)
-        ssh_cmd = shlex.join(["ssh", *env.sshd.ssh_options()])
+        ssh_cmd = shlex.join(["ssh", *env.sshd.ssh_options(), "-c", BASELINE_CIPHER])
         argv = ["sshuttle", "-r", env.sshd.destination, "198.19.0.0/24", "--ssh-cmd", ssh_cmd]
         self._spawn_watched(argv, r"Connected to server")
 
@@ -218,7 +225,7 @@ class SshTun(Transport):
 
     name = "ssh-w"
     capabilities = frozenset({LOSS})
-    description = "OpenSSH ssh -w (tun, TCP over TCP)"
+    description = f"OpenSSH ssh -w (tun, TCP over TCP, -c {BASELINE_CIPHER})"
     tun = "tun0"
     client_tun_addr = "198.18.1.2"
     server_tun_addr = "198.18.1.1"
@@ -227,7 +234,17 @@ class SshTun(Transport):
     def start(self, env: BenchEnv) -> None:
         super().start(env)
         lab = env.lab
-        args = ["-N", "-w", "0:0", "-o", "Tunnel=point-to-point", "-o", "ExitOnForwardFailure=yes"]
+        args = [
+            "-N",
+            "-c",
+            BASELINE_CIPHER,
+            "-w",
+            "0:0",
+            "-o",
+            "Tunnel=point-to-point",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ]
         log_file = open(self._log_path(), "ab")  # noqa: SIM115 - handed to the child process
         self.proc = lab.popen(lab.client, env.sshd.ssh_command(*args), stdout=log_file, stderr=log_file)
         log_file.close()
@@ -303,7 +320,6 @@ class X2ssh(Transport):
 # -- SOCKS5 proxies (`ssh -D`, `x2ssh -D`) ----------------------------------------------------------------
 
 SOCKS_PORT = 11080
-SOCKS_CIPHER = "aes128-gcm@openssh.com"  # x2ssh's first choice (x2ssh.ssh.connect), so both use the same
 
 
 class _SocksProxy(Transport):
@@ -346,12 +362,12 @@ class _SocksProxy(Transport):
 
 class SshDynamic(_SocksProxy):
     name = "ssh-D"
-    description = f"OpenSSH ssh -N -D (SOCKS5, -c {SOCKS_CIPHER}) via proxychains"
+    description = f"OpenSSH ssh -N -D (SOCKS5, -c {BASELINE_CIPHER}) via proxychains"
 
     def start(self, env: BenchEnv) -> None:
         super().start(env)
         self._spawn_ssh(
-            ["-N", "-c", SOCKS_CIPHER, "-o", "ExitOnForwardFailure=yes", "-D", f"127.0.0.1:{SOCKS_PORT}"]
+            ["-N", "-c", BASELINE_CIPHER, "-o", "ExitOnForwardFailure=yes", "-D", f"127.0.0.1:{SOCKS_PORT}"]
         )
         self._wait_proxy()
 
