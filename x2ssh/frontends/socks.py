@@ -57,7 +57,7 @@ from x2ssh.frontends.socks_protocol import (
     describe_reply,
 )
 from x2ssh.frontends.socks_udp import UdpAssociation
-from x2ssh.frontends.stream import SocketStream, StreamListener, listen, supports_streams
+from x2ssh.frontends.stream import SocketStream, StreamListener, TurnBatch, listen, supports_streams
 from x2ssh.settings import parse_listen
 from x2ssh.ssh.tcp_channel import TcpChannel as SshTcpChannel
 from x2ssh.ssh.tuning import write_gathered
@@ -144,15 +144,20 @@ class SocksServer:
         self.handshakes: Deadlines[_Client] | None = None
         self.opens: Deadlines[_Client] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop it serves on (set in start())
+        # The calls its clients defer to the next turn (writes to the client, the lean streams'
+        # connection_lost): one loop callback per turn for all of them (set in start()).
+        self.batch: TurnBatch | None = None
 
     async def start(self) -> None:
         """Check the bind address (`ProxyBindRefused`), then listen. OSError if the port is taken."""
         check_bind(self.host, self.credentials, self.allow_lan)
         self.loop = loop = asyncio.get_running_loop()
+        self.batch = TurnBatch(loop)
         self.handshakes = Deadlines(loop, self.settings.handshake_timeout, _Client.too_slow)
         self.opens = Deadlines(loop, self.settings.open_timeout, _Client.open_too_slow)
         if self.lean and supports_streams(loop):
-            listener = StreamListener(loop, listen(self.host or None, self.port), lambda: _Client(self))
+            sockets = listen(self.host or None, self.port)
+            listener = StreamListener(loop, sockets, lambda: _Client(self), self.batch)
             listener.start()
             self._listeners.append(listener)
         else:
@@ -552,7 +557,11 @@ class _Client(asyncio.Protocol):
         self.stats.bytes_down += len(data)
         pending = self._pending
         if not pending:
-            self._loop.call_soon(self._flush_to_client)
+            batch = self.server.batch
+            if batch is not None:
+                batch.call_soon(_Client._flush_to_client, self)
+            else:
+                self._loop.call_soon(self._flush_to_client)
         pending.append(data)
 
     def _flush_to_client(self) -> None:
