@@ -730,3 +730,51 @@ def test_channel_data_for_many_clients_in_one_turn_costs_one_loop_callback(
         await server.close()
 
     run(test)
+
+
+@pytest.mark.parametrize("inherited", [True, False], ids=["inherited", "not-inherited"])
+def test_accepted_sockets_have_nodelay_without_a_setsockopt_each_where_it_is_inherited(
+    monkeypatch: pytest.MonkeyPatch, inherited: bool
+) -> None:
+    calls: list[tuple[int, int]] = []
+    real_setsockopt, real_getsockopt = socket.socket.setsockopt, socket.socket.getsockopt
+
+    def setsockopt(self: socket.socket, level: int, option: int, *value: Any) -> None:
+        calls.append((self.fileno(), option))
+        real_setsockopt(self, level, option, *value)
+
+    def getsockopt(self: socket.socket, level: int, option: int, *size: Any) -> Any:
+        if option == socket.TCP_NODELAY and not inherited and self.fileno() not in listening:
+            return 0  # as where accepted sockets do not inherit it
+        return real_getsockopt(self, level, option, *size)
+
+    listening: set[int] = set()
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        echoes: list[Echo] = []
+        socks = listen("127.0.0.1", 0)
+        listening.update(sock.fileno() for sock in socks)
+        monkeypatch.setattr(socket.socket, "setsockopt", setsockopt)
+        monkeypatch.setattr(socket.socket, "getsockopt", getsockopt)
+        listener = StreamListener(loop, socks, lambda: echoes.append(Echo()) or echoes[-1])
+        listener.start()
+        writers = []
+        for i in range(3):
+            reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname()[:2])
+            writer.write(b"%d" % i)
+            assert await reader.readexactly(3) == b"%d|%d" % (i, i)
+            writers.append(writer)
+        served = {echo.transport.get_extra_info("socket").fileno() for echo in echoes}
+        for echo in echoes:
+            assert real_getsockopt(
+                echo.transport.get_extra_info("socket"), socket.IPPROTO_TCP, socket.TCP_NODELAY
+            )
+        # (asyncio's client sockets in this test set it too: only the served ones count)
+        per_socket = [fd for fd, option in calls if option == socket.TCP_NODELAY and fd in served]
+        assert len(per_socket) == (0 if inherited else 3)
+        for writer in writers:
+            writer.close()
+        listener.close()
+
+    run(test)

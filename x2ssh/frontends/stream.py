@@ -501,6 +501,15 @@ class StreamListener:
         self._serving = False
         self._retry: asyncio.TimerHandle | None = None
         self._tcp = {sock.fileno(): sock.family in _TCP_FAMILIES for sock in socks}  # TCP_NODELAY or not
+        # TCP_NODELAY is set on the listening sockets too: where accepted sockets inherit it (Linux, the
+        # BSDs), the first accepted socket shows it and no later one needs a setsockopt call of its own.
+        self._nodelay_inherited: bool | None = None  # None: not known yet
+        for sock in socks:
+            if self._tcp[sock.fileno()]:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    self._nodelay_inherited = False
         self._kinds = {sock.fileno(): (int(sock.family), int(sock.type), sock.proto) for sock in socks}
 
     def start(self) -> None:
@@ -548,8 +557,11 @@ class StreamListener:
     def _serve(self, sock: socket.socket, peer: Any, tcp: bool) -> None:
         try:
             sock.setblocking(False)
-            if tcp:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tcp and not self._nodelay_inherited:
+                if self._nodelay_inherited is None:  # the first accepted socket: did it inherit it?
+                    self._nodelay_inherited = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                if not self._nodelay_inherited:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             log.debug("proxy: accepted socket from %s failed at once: %s", peer, exc)
             sock.close()
