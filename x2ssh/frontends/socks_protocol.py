@@ -418,6 +418,8 @@ class ServerConnection:
 
     def data_to_send(self) -> bytes:
         """Handshake bytes to write to the client now (method selection, auth status)."""
+        if not self._out:
+            return b""
         out = bytes(self._out)
         self._out.clear()
         return out
