@@ -3,8 +3,8 @@
     python -m benchmarks.profile_socks [--only tcp-up,tcp-down,http-rate] [--seconds 8] [--native]
     python -m benchmarks.profile_socks --compare TREE[,TREE..] [--ssh] [--rounds 3]
     python -m benchmarks.profile_socks --frontend [--seconds 3] [--rounds 3]
-    python -m benchmarks.profile_socks --syscalls [--only tcp-up] [--ssh]
-    python -m benchmarks.profile_socks --cprofile --only tcp-up
+    python -m benchmarks.profile_socks --syscalls [--only tcp-up,http-rate] [--ssh]
+    python -m benchmarks.profile_socks --cprofile --only tcp-up|http-rate
 
 Profile mode starts `x2ssh -D` (the harness's `x2ssh-D` transport) and, for each scenario, records it with
 py-spy (raw collapsed stacks) while the scenario runs, then prints the top functions by own and inclusive
@@ -15,7 +15,7 @@ and whether a change helps, not the benchmark (that is `python -m benchmarks`).
 
 Syscalls mode counts the proxy's system calls per GB moved (perf's syscall tracepoints: no ptrace, so the
 proxy runs at full speed and its reads are as large as in the benchmark), for x2ssh -D and with `--ssh`
-ssh -D in the same lab, with bytes per read and per write call.
+ssh -D in the same lab, with bytes per read and per write call; for http-rate, per connection.
 
 Frontend mode measures the proxy's own share of a new connection, without SSH: `SocksServer` in this
 process with a backend whose channels open at once and answer a short HTTP response, and a client process
@@ -45,7 +45,7 @@ from benchmarks.env import BenchEnv, build_env
 from benchmarks.lab import Lab, cleanup_stale
 from benchmarks.procstat import ResourceMeter
 from benchmarks.profile_connect import summarize
-from benchmarks.scenarios import HttpRate, IperfTcp, Scenario, Settings
+from benchmarks.scenarios import HttpRate, IperfTcp, Scenario, Settings, _server_pids
 from benchmarks.transports import SOCKS_PORT, SshDynamic, Transport, X2sshDynamic, _SocksProxy
 
 
@@ -99,10 +99,15 @@ def _run_metered(
         server = float(values[f"{scenario.name}-cpu-server"][0] or 0.0)
         print(f"    {transport.name} {scenario.name}: server side CPU {server:.3f} s/GB", flush=True)
         return float(values[scenario.name][0] or 0.0), float(values[f"{scenario.name}-cpu-client"][0] or 0.0)
-    with ResourceMeter(transport.client_pids) as meter:
+    with (
+        ResourceMeter(transport.client_pids) as meter,
+        ResourceMeter(lambda: _server_pids(env)) as server_meter,
+    ):
         values = scenario.run(env, transport, settings)
     rate, extra = values["http-rate"]
     requests = extra["requests"] or 1
+    server_cpu = server_meter.cpu_seconds / requests * 1e3
+    print(f"    {transport.name} http-rate: server side CPU {server_cpu:.3f} s per 1k conn", flush=True)
     return float(rate or 0.0), meter.cpu_seconds / requests * 1e3
 
 
@@ -149,7 +154,8 @@ def compare(
 
 SYSCALLS = (
     "recvfrom", "recvmsg", "read", "readv", "writev", "write", "sendto", "sendmsg", "epoll_wait", "epoll_ctl",
-    "poll", "ppoll", "pselect6", "select", "getrandom",
+    "poll", "ppoll", "pselect6", "select", "getrandom", "accept", "accept4", "setsockopt", "getsockopt",
+    "ioctl", "fcntl", "shutdown", "close", "getpid", "getsockname", "getpeername",
 )  # fmt: skip
 _READS = ("recvfrom", "recvmsg", "read", "readv")
 _WRITES = ("writev", "write", "sendto", "sendmsg")
@@ -176,8 +182,19 @@ def _count_syscalls(pid: int, seconds: int, run: Any) -> tuple[Any, dict[str, in
     return result, counts
 
 
+def _print_per_connection(round_no: int, name: str, values: Any, counts: dict[str, int]) -> None:
+    """The http-rate line of `syscalls`: system calls per connection (one request each)."""
+    requests = max(1, values["http-rate"][1]["requests"])
+    total = sum(counts.values()) / requests
+    print(f"round {round_no + 1} {name:>8} http-rate: {values['http-rate'][0]:.0f} req/s; "
+          f"{total:.1f} system calls per connection")  # fmt: skip
+    per = {k: v / requests for k, v in counts.items() if v}
+    print("   per connection: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items())))
+
+
 def syscalls(only: list[str], ssh: bool, rounds: int, settings: Settings, out: Path) -> int:
-    """Print system calls per GB of x2ssh -D (and ssh -D) for each iperf scenario of `only`."""
+    """Print system calls per GB of x2ssh -D (and ssh -D) for each iperf scenario of `only`, and per
+    connection for http-rate."""
     cleanup_stale()
     with Lab() as lab:
         env = build_env(lab, out / "logs", 1024 * 1024)
@@ -189,6 +206,9 @@ def syscalls(only: list[str], ssh: bool, rounds: int, settings: Settings, out: P
                     for key in only:
                         run = functools.partial(SCENARIOS[key].run, env, transport, settings)
                         values, counts = _count_syscalls(pid, settings.iperf_seconds, run)
+                        if key == "http-rate":
+                            _print_per_connection(round_no, transport.name, values, counts)
+                            continue
                         moved = values[key][1]["bytes"] / 1e9
                         per_gb = {k: v / moved for k, v in counts.items() if v}
                         reads = sum(counts.get(k, 0) for k in _READS)
@@ -206,7 +226,8 @@ def syscalls(only: list[str], ssh: bool, rounds: int, settings: Settings, out: P
 
 
 def cprofile(key: str, settings: Settings, top: int, out: Path) -> int:
-    """cProfile (CPU time) of x2ssh -D over one iperf scenario: calls per GB and time per function."""
+    """cProfile (CPU time) of x2ssh -D over one scenario: calls and time per function, per GB moved (iperf) or
+    per 1,000 connections (http-rate)."""
     import pstats
 
     cleanup_stale()
@@ -220,11 +241,17 @@ def cprofile(key: str, settings: Settings, top: int, out: Path) -> int:
             values = SCENARIOS[key].run(env, transport, settings)
         finally:
             transport.stop()
-    moved = values[key][1]["bytes"] / 1e9
-    print(f"== {key}: {values[key][0]:.0f} Mbit/s (under cProfile), {moved:.2f} GB moved")
+    if key == "http-rate":  # per 1,000 connections
+        moved = values[key][1]["requests"] / 1e3
+        print(f"== {key}: {values[key][0]:.0f} req/s (under cProfile), {moved * 1e3:.0f} connections")
+        unit = "1kc"
+    else:
+        moved = values[key][1]["bytes"] / 1e9
+        print(f"== {key}: {values[key][0]:.0f} Mbit/s (under cProfile), {moved:.2f} GB moved")
+        unit = "GB"
     table = pstats.Stats(str(stats)).stats  # type: ignore[attr-defined]
     rows = sorted(table.items(), key=lambda item: -item[1][2])[:top]
-    print(f"{'calls/GB':>10} {'own s/GB':>9} {'incl s/GB':>9}  function")
+    print(f"{'calls/' + unit:>10} {'own s/' + unit:>9} {'incl s/' + unit:>9}  function")
     for (path, line, name), (_, calls, own, incl, _) in rows:
         where = f"{Path(path).name}:{line}" if line else path
         print(f"{calls / moved:10.0f} {own / moved:9.3f} {incl / moved:9.3f}  {name} ({where})")
@@ -409,7 +436,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--trees-only", action="store_true", help="compare: not this checkout")
     parser.add_argument("--frontend", action="store_true", help="the proxy without SSH (no root needed)")
-    parser.add_argument("--cprofile", action="store_true", help="cProfile: calls per GB (first of --only)")
+    parser.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="cProfile: calls per GB or per 1k connections (first of --only)",
+    )
     parser.add_argument("--syscalls", action="store_true", help="system calls per GB (perf tracepoints)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "x2ssh-profile-socks")
     args = parser.parse_args()
@@ -424,7 +455,7 @@ def main() -> int:
     if args.cprofile:
         return cprofile(only[0], settings, args.top, args.out)
     if args.syscalls:
-        return syscalls([k for k in only if k != "http-rate"], args.ssh, args.rounds, settings, args.out)
+        return syscalls(only, args.ssh, args.rounds, settings, args.out)
     if args.perf and args.compare is None:
         return profile(only, settings, args.native, args.perf, args.top, args.out, args.ssh)
     if args.compare is not None or args.ssh:

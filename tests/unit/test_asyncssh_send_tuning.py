@@ -281,3 +281,39 @@ def test_read_buffers_keep_to_the_window_and_stay_off_other_ciphers() -> None:
     assert tuning.channel_read_buffers(conn, 32768, 0) is None  # no window: read into bytes, buffer there
     conn._rekey_bytes_sent = conn._rekey_bytes  # a rekey is due: asyncssh's path
     assert tuning.channel_read_buffers(conn, 32768, 1 << 20) is None
+
+
+def test_the_direct_paths_step_the_iv_inline_as_asyncssh_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct send and receive paths step the GCM IV themselves (no `_update_iv` call per packet), to
+    the IV asyncssh's own step gives (`_next_iv`, held to it here), so the connection stays in step."""
+    from asyncssh.crypto.cipher import GCMCipher
+
+    from tests.unit.test_tcp_channel_flow import _open
+
+    for iv in (bytes(12), b"\x01\x02\x03\x04" + bytes(7) + b"\xfe", b"\xaa" * 4 + b"\xff" * 8):
+        cipher = GCMCipher("aes128-gcm", bytes(16), iv)
+        cipher._update_iv()
+        assert tuning._next_iv(iv) == cipher._iv
+
+    async def scenario(lab_: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        conn = lab_["conn"]
+        ours = {id(conn._send_encryption._cipher), id(conn._recv_encryption._cipher)}
+        steps: list[Any] = []  # by the client connection's ciphers (the lab's server is in this process)
+        real = GCMCipher._update_iv
+
+        def update_iv(self: GCMCipher) -> None:
+            if id(self) in ours:
+                steps.append(self)
+            real(self)
+
+        monkeypatch.setattr(GCMCipher, "_update_iv", update_iv)
+        chan, session = await _open(conn, lab_["echo"])  # a TcpChannel: open, data, EOF, close both ways
+        chan.write(b"in step" * 1000)
+        chan.write_eof()
+        await asyncio.wait_for(session.closed, 10)
+        ours.clear()  # (the DISCONNECT as the lab closes takes asyncssh's path, as it should)
+        return steps, session.events
+
+    steps, events = asyncio.run(_in_lab(scenario))
+    assert events[0] == b"in step" * 1000  # the server opened what was sealed, and the reverse
+    assert steps == []

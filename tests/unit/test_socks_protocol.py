@@ -408,3 +408,60 @@ def test_a_request_builds_no_reply_and_calls_no_enum(monkeypatch: pytest.MonkeyP
         assert request.command is command
         assert (request.host, request.port, request.address_type) == ("127.0.0.1", 80, AddressType.IPV4)
     assert made == []
+
+
+@pytest.mark.parametrize("credentials", [None, Credentials("u", "p")], ids=["no-auth", "user-pass"])
+def test_the_usual_greeting_and_ipv4_connect_skip_the_parser_loop_with_the_same_outcome(
+    monkeypatch: pytest.MonkeyPatch, credentials: Credentials | None
+) -> None:
+    greeting = b"\x05\x01\x02" if credentials else b"\x05\x01\x00"
+    auth = b"\x01\x01u\x01p" if credentials else b""
+    request = b"\x05\x01\x00\x01\xc6\x12\x00\x01\x01\xbb"  # CONNECT 198.18.0.1:443
+    slow = ServerConnection(credentials)
+    for byte in greeting + auth + request:  # byte by byte: always the full parser
+        slow.receive_data(bytes([byte]))
+    expected_out, expected_event = slow.data_to_send(), slow.next_event()
+
+    fast = ServerConnection(credentials)
+    calls: list[str] = []
+    real_advance = ServerConnection._advance
+    monkeypatch.setattr(
+        ServerConnection, "_advance", lambda self: calls.append(self.state) or real_advance(self)
+    )
+    for message in (greeting, auth, request):
+        if message:
+            fast.receive_data(message)
+    assert fast.data_to_send() == expected_out
+    assert (
+        fast.next_event()
+        == expected_event
+        == Request(
+            Flavor.SOCKS5, Command.CONNECT, "198.18.0.1", 443, AddressType.IPV4, "u" if credentials else None
+        )
+    )
+    assert fast.state == slow.state == "await reply"
+    # the no-auth greeting and the IPv4 CONNECT, each in its own read, took the short path; the
+    # username/password greeting and sub-negotiation the parser
+    assert calls == (["start", "auth"] if credentials else [])
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"\x05\x01\x00\x01\xc6\x12\x00",
+        b"\x05\x02\x00\x01\xc6\x12\x00\x01\x01\xbb",
+        b"\x05\x01\x00\x03\x01a\x00\x50",
+    ],
+    ids=["short", "bind", "domain"],
+)
+def test_other_requests_take_the_full_parser(message: bytes) -> None:
+    conn = ServerConnection()
+    conn.receive_data(b"\x05\x01\x00")
+    conn.receive_data(message)
+    event = conn.next_event()
+    if message.startswith(b"\x05\x02"):
+        assert isinstance(event, Request) and event.command is Command.BIND
+    elif len(message) == 7:
+        assert event is NEED_DATA and conn.buffered == 7
+    else:
+        assert isinstance(event, Request) and event.host == "a" and event.port == 80

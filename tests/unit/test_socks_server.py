@@ -584,3 +584,16 @@ def test_server_refuses_to_start_on_all_interfaces_without_credentials() -> None
         assert server.addresses == []
 
     run(test)
+
+
+def test_a_client_is_a_slotted_object() -> None:
+    """One per connection: slots (no per-instance dict); a typo'd attribute fails at once."""
+    from x2ssh.frontends.socks import _Client
+
+    async def main() -> None:
+        client = _Client(SocksServer(FakeBackend()))
+        assert not hasattr(client, "__dict__")
+        with pytest.raises(AttributeError):
+            client.splcied = True  # type: ignore[attr-defined]
+
+    asyncio.run(main())

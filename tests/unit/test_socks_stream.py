@@ -628,3 +628,153 @@ def test_a_spliced_client_s_bytes_are_read_into_the_channel_s_packets(
         await server.close()
 
     run(test)
+
+
+class _CountingCallSoon:
+    """Counts the loop's call_soon calls (the loop callbacks a turn's deferred work costs), but not a task's
+    own steps (an `await asyncio.sleep(0)` of the test)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = loop.call_soon
+
+        def call_soon(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
+            if not isinstance(getattr(callback, "__self__", None), asyncio.Task):
+                self.count += 1
+            return real(callback, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "call_soon", call_soon)
+
+
+def test_turn_batch_runs_in_order_in_one_callback_and_isolates_failures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    errors: list[dict[str, Any]] = []
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: errors.append(context))
+        counter = _CountingCallSoon(loop, monkeypatch)
+        batch = stream_module.TurnBatch(loop)
+        ran: list[Any] = []
+
+        def fail(arg: Any) -> None:
+            raise RuntimeError(arg)
+
+        def again(arg: Any) -> None:
+            ran.append(arg)
+            batch.call_soon(ran.append, "next turn")  # made while the batch runs: not in this run
+
+        for arg in ("a", "b"):
+            batch.call_soon(ran.append, arg)
+        batch.call_soon(fail, "boom")
+        batch.call_soon(again, "c")
+        assert counter.count == 1 and ran == []  # deferred: nothing runs within the call
+        await asyncio.sleep(0)
+        assert ran == ["a", "b", "c"]
+        assert counter.count == 2  # one more loop callback, for the call made during the run
+        await asyncio.sleep(0)
+        assert ran == ["a", "b", "c", "next turn"]
+
+    asyncio.run(test())
+    assert len(errors) == 1 and isinstance(errors[0]["exception"], RuntimeError)
+
+
+def test_streams_closed_in_one_turn_cost_one_loop_callback(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        batch = stream_module.TurnBatch(loop)
+        pairs = [socket.socketpair() for _ in range(3)]
+        sinks = [Echo() for _ in pairs]
+        streams = []
+        for (ours, _), sink in zip(pairs, sinks, strict=True):
+            ours.setblocking(False)
+            streams.append(SocketStream(loop, ours, sink, batch=batch))
+            streams[-1].start()
+        counter = _CountingCallSoon(loop, monkeypatch)
+        streams[0].close()
+        streams[1].abort()
+        streams[2].close()
+        assert counter.count == 1  # one callback for all three connection_lost
+        assert all(not sink.lost for sink in sinks)  # in a later turn, not within close()
+        await asyncio.sleep(0)
+        assert [sink.lost for sink in sinks] == [[None], [None], [None]]
+        assert all(ours.fileno() == -1 for ours, _ in pairs)  # each socket closed with its connection_lost
+        for _, theirs in pairs:
+            theirs.close()
+
+    run(test)
+
+
+def test_channel_data_for_many_clients_in_one_turn_costs_one_loop_callback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        backend = FakeBackend()
+        server, port = await lean_server(backend)
+        clients = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(GREETING + CONNECT)
+            assert await reader.readexactly(12) == b"\x05\x00" + SUCCESS
+            clients.append((reader, writer))
+        counter = _CountingCallSoon(loop, monkeypatch)
+        for i, channel in enumerate(backend.channels):  # as packets for three channels in one SSH read
+            channel.session.data_received(b"to %d;" % i, None)
+            channel.session.data_received(b"more", None)
+        assert counter.count == 1
+        for i, (reader, writer) in enumerate(clients):
+            assert await reader.readexactly(9) == b"to %d;more" % i
+            writer.close()
+        await server.close()
+
+    run(test)
+
+
+@pytest.mark.parametrize("inherited", [True, False], ids=["inherited", "not-inherited"])
+def test_accepted_sockets_have_nodelay_without_a_setsockopt_each_where_it_is_inherited(
+    monkeypatch: pytest.MonkeyPatch, inherited: bool
+) -> None:
+    calls: list[tuple[int, int]] = []
+    real_setsockopt, real_getsockopt = socket.socket.setsockopt, socket.socket.getsockopt
+
+    def setsockopt(self: socket.socket, level: int, option: int, *value: Any) -> None:
+        calls.append((self.fileno(), option))
+        real_setsockopt(self, level, option, *value)
+
+    def getsockopt(self: socket.socket, level: int, option: int, *size: Any) -> Any:
+        if option == socket.TCP_NODELAY and not inherited and self.fileno() not in listening:
+            return 0  # as where accepted sockets do not inherit it
+        return real_getsockopt(self, level, option, *size)
+
+    listening: set[int] = set()
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        echoes: list[Echo] = []
+        socks = listen("127.0.0.1", 0)
+        listening.update(sock.fileno() for sock in socks)
+        monkeypatch.setattr(socket.socket, "setsockopt", setsockopt)
+        monkeypatch.setattr(socket.socket, "getsockopt", getsockopt)
+        listener = StreamListener(loop, socks, lambda: echoes.append(Echo()) or echoes[-1])
+        listener.start()
+        writers = []
+        for i in range(3):
+            reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname()[:2])
+            writer.write(b"%d" % i)
+            assert await reader.readexactly(3) == b"%d|%d" % (i, i)
+            writers.append(writer)
+        served = {echo.transport.get_extra_info("socket").fileno() for echo in echoes}
+        for echo in echoes:
+            assert real_getsockopt(
+                echo.transport.get_extra_info("socket"), socket.IPPROTO_TCP, socket.TCP_NODELAY
+            )
+        # (asyncio's client sockets in this test set it too: only the served ones count)
+        per_socket = [fd for fd, option in calls if option == socket.TCP_NODELAY and fd in served]
+        assert len(per_socket) == (0 if inherited else 3)
+        for writer in writers:
+            writer.close()
+        listener.close()
+
+    run(test)

@@ -57,7 +57,7 @@ from x2ssh.frontends.socks_protocol import (
     describe_reply,
 )
 from x2ssh.frontends.socks_udp import UdpAssociation
-from x2ssh.frontends.stream import SocketStream, StreamListener, listen, supports_streams
+from x2ssh.frontends.stream import SocketStream, StreamListener, TurnBatch, listen, supports_streams
 from x2ssh.settings import parse_listen
 from x2ssh.ssh.tcp_channel import TcpChannel as SshTcpChannel
 from x2ssh.ssh.tuning import write_gathered
@@ -81,6 +81,7 @@ MAX_ADDRESSES_TRIED = 4  # of a resolved name, in the resolver's order
 
 
 _REQUEST_KEYS: dict[tuple[Flavor, Command], str] = {}
+_REPLY_NAMES: dict[Reply, str] = {code: code.name for code in Reply}  # (an enum's .name is a property call)
 
 
 def _request_key(request: Request) -> str:
@@ -144,15 +145,20 @@ class SocksServer:
         self.handshakes: Deadlines[_Client] | None = None
         self.opens: Deadlines[_Client] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop it serves on (set in start())
+        # The calls its clients defer to the next turn (writes to the client, the lean streams'
+        # connection_lost): one loop callback per turn for all of them (set in start()).
+        self.batch: TurnBatch | None = None
 
     async def start(self) -> None:
         """Check the bind address (`ProxyBindRefused`), then listen. OSError if the port is taken."""
         check_bind(self.host, self.credentials, self.allow_lan)
         self.loop = loop = asyncio.get_running_loop()
+        self.batch = TurnBatch(loop)
         self.handshakes = Deadlines(loop, self.settings.handshake_timeout, _Client.too_slow)
         self.opens = Deadlines(loop, self.settings.open_timeout, _Client.open_too_slow)
         if self.lean and supports_streams(loop):
-            listener = StreamListener(loop, listen(self.host or None, self.port), lambda: _Client(self))
+            sockets = listen(self.host or None, self.port)
+            listener = StreamListener(loop, sockets, lambda: _Client(self), self.batch)
             listener.start()
             self._listeners.append(listener)
         else:
@@ -232,6 +238,13 @@ class _ChannelSide(asyncssh.SSHTCPSession):
 
 class _Client(asyncio.Protocol):
     """One client connection: handshake, then a splice to a channel (or the control of a UDP association)."""
+
+    # (One per connection: slots make it cheaper to build and its attributes quicker to reach.)
+    __slots__ = (
+        "__weakref__", "_channel_eof", "_channel_full", "_client_full", "_deadline", "_held", "_loop",
+        "_opening", "_pending", "_request", "_task", "association", "channel", "closed", "conn", "early",
+        "peer", "server", "spliced", "stats", "transport",
+    )  # fmt: skip
 
     def __init__(self, server: SocksServer) -> None:
         self.server = server
@@ -446,7 +459,7 @@ class _Client(asyncio.Protocol):
 
     def _answer(self, code: Reply, request: Request, bound: Address = ("0.0.0.0", 0)) -> None:
         """Write the reply; an error reply closes the client."""
-        self.stats.replies[code.name] += 1
+        self.stats.replies[_REPLY_NAMES[code]] += 1
         if code != Reply.SUCCEEDED:
             log.info(
                 "proxy client %s: %s %s:%d: %s",
@@ -552,7 +565,11 @@ class _Client(asyncio.Protocol):
         self.stats.bytes_down += len(data)
         pending = self._pending
         if not pending:
-            self._loop.call_soon(self._flush_to_client)
+            batch = self.server.batch
+            if batch is not None:
+                batch.call_soon(_Client._flush_to_client, self)
+            else:
+                self._loop.call_soon(self._flush_to_client)
         pending.append(data)
 
     def _flush_to_client(self) -> None:

@@ -9,12 +9,13 @@ callback, until EAGAIN, and hands each socket to a `SocketStream` whose protocol
 `SocketStream` is an `asyncio.Transport` with asyncio's semantics for what the proxy uses: writes go to the
 socket first and the rest is buffered (write-buffer limits call the protocol's pause_writing/resume_writing),
 `writelines` is one `writev`, `write_eof` after the buffer, `close` after the buffer, `abort` at once,
-`connection_lost` once, in a later turn. Two differences, both invisible to a protocol: pausing reading is
-lazy (the reader stays registered until data actually comes while paused, so a pause/resume around a
-channel open costs no epoll change when the client sends nothing meanwhile), and the peer's address comes
-from accept() instead of a getpeername call. (TCP_DEFER_ACCEPT, so that the first bytes could be read with
-the accept, was measured: no gain in CPU per connection, and a silent client would go unseen by the client
-limit; not used.)
+`connection_lost` once, in a later turn (the listener's streams through one `TurnBatch`: one loop callback
+per turn for all the connections that ended in it). Two differences, both invisible to a protocol:
+pausing reading is lazy (the reader stays registered until data actually comes while paused, so a
+pause/resume around a channel open costs no epoll change when the client sends nothing meanwhile), and the
+peer's address comes from accept() instead of a getpeername call. (TCP_DEFER_ACCEPT, so that the first
+bytes could be read with the accept, was measured: no gain in CPU per connection, and a silent client
+would go unseen by the client limit; not used.)
 
 Only for loops with `add_reader` on sockets (`supports_streams`); elsewhere (Windows' proactor loop, other
 loops) the caller uses `loop.create_server`.
@@ -69,6 +70,40 @@ def supports_streams(loop: asyncio.AbstractEventLoop) -> bool:
     return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
 
 
+class TurnBatch:
+    """Calls for the loop's next turn, all of them run by one loop callback.
+
+    Why. `loop.call_soon` costs a Handle, a context run and a trip through the loop's ready queue per call.
+    The proxy's short connections each defer two calls (the write of the channel's bytes gathered in a turn,
+    and connection_lost after the close); under the connection-rate benchmark one loop turn serves many
+    connections, so one callback per turn runs them all. Calls keep their order; a call made while the batch
+    runs goes to the next turn, as with call_soon; a call that raises is reported to the loop's exception
+    handler (as a failing callback is) and the others still run."""
+
+    __slots__ = ("_calls", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._calls: list[tuple[Callable[[Any], None], Any]] = []
+
+    def call_soon(self, callback: Callable[[Any], None], arg: Any) -> None:
+        """`callback(arg)` on the loop's next turn, after the calls already batched."""
+        calls = self._calls
+        if not calls:
+            self._loop.call_soon(self._run)
+        calls.append((callback, arg))
+
+    def _run(self) -> None:
+        calls, self._calls = self._calls, []
+        for callback, arg in calls:
+            try:
+                callback(arg)
+            except Exception as exc:
+                self._loop.call_exception_handler(
+                    {"message": f"Exception in callback {callback!r}", "exception": exc}
+                )
+
+
 class SocketStream(asyncio.Transport):
     """A connected non-blocking socket as an asyncio transport (see the module docstring)."""
 
@@ -78,9 +113,13 @@ class SocketStream(asyncio.Transport):
         sock: socket.socket,
         protocol: asyncio.Protocol,
         peername: Any = None,
+        batch: TurnBatch | None = None,
     ) -> None:
+        """`batch`: where connection_lost is deferred to (one loop callback for many streams); None: the
+        loop's call_soon."""
         super().__init__()
         self._loop = loop
+        self._batch = batch
         self._sock = sock
         self._fd = sock.fileno()
         self._protocol = protocol
@@ -98,6 +137,7 @@ class SocketStream(asyncio.Transport):
         self._lost = False
         self._into: ReadInto | None = None  # reads go into its buffers when it has some (see read_into)
         self._bulk = False  # the last read was large: the next one goes into `_into`'s buffers
+        self._exc: Exception | None = None  # for connection_lost, when it goes through `_batch`
 
     # -- start --
 
@@ -371,7 +411,14 @@ class SocketStream(asyncio.Transport):
         if self._lost:
             return
         self._lost = True
-        self._loop.call_soon(self._connection_lost, exc)
+        if self._batch is not None:
+            self._exc = exc
+            self._batch.call_soon(SocketStream._batched_connection_lost, self)
+        else:
+            self._loop.call_soon(self._connection_lost, exc)
+
+    def _batched_connection_lost(self) -> None:
+        self._connection_lost(self._exc)
 
     def _connection_lost(self, exc: Exception | None) -> None:
         try:
@@ -443,13 +490,26 @@ class StreamListener:
         loop: asyncio.AbstractEventLoop,
         socks: list[socket.socket],
         factory: ProtocolFactory,
+        batch: TurnBatch | None = None,
     ) -> None:
+        """`batch`: the accepted streams defer connection_lost there (see `TurnBatch`); None: a batch of
+        this listener's own."""
         self._loop = loop
         self.sockets = socks
         self._factory = factory
+        self._batch = batch if batch is not None else TurnBatch(loop)
         self._serving = False
         self._retry: asyncio.TimerHandle | None = None
         self._tcp = {sock.fileno(): sock.family in _TCP_FAMILIES for sock in socks}  # TCP_NODELAY or not
+        # TCP_NODELAY is set on the listening sockets too: where accepted sockets inherit it (Linux, the
+        # BSDs), the first accepted socket shows it and no later one needs a setsockopt call of its own.
+        self._nodelay_inherited: bool | None = None  # None: not known yet
+        for sock in socks:
+            if self._tcp[sock.fileno()]:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    self._nodelay_inherited = False
         self._kinds = {sock.fileno(): (int(sock.family), int(sock.type), sock.proto) for sock in socks}
 
     def start(self) -> None:
@@ -497,8 +557,11 @@ class StreamListener:
     def _serve(self, sock: socket.socket, peer: Any, tcp: bool) -> None:
         try:
             sock.setblocking(False)
-            if tcp:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tcp and not self._nodelay_inherited:
+                if self._nodelay_inherited is None:  # the first accepted socket: did it inherit it?
+                    self._nodelay_inherited = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                if not self._nodelay_inherited:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             log.debug("proxy: accepted socket from %s failed at once: %s", peer, exc)
             sock.close()
@@ -509,7 +572,7 @@ class StreamListener:
             log.exception("proxy: protocol factory failed")
             sock.close()
             return
-        SocketStream(self._loop, sock, protocol, peer).start()
+        SocketStream(self._loop, sock, protocol, peer, self._batch).start()
 
     def _pause_accepting(self) -> None:
         for sock in self.sockets:
