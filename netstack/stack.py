@@ -168,7 +168,7 @@ class StackConfig:
     ``buffer_budget`` caps the bytes buffered for all flows together (in the stack and in the asyncio
     adapter's write buffers); beyond it the adapter stops reading, it never drops (see ``netstack.aio``).
     ``ack_hold`` (seconds) lets a flow's first owed ACK wait that long for an answer to carry it (see
-    ``Stack.flush``); 0, the default, holds none: every owed ACK leaves a turn of the caller's loop later.
+    ``Stack.flush``); 0, the default, holds none: every owed ACK leaves when the caller's batch ends.
     A hold saves a packet each way through the TUN only when the answer comes within it (a server a
     fraction of a millisecond away: a lab, a local upstream); over a real network the answer takes longer
     than any sensible hold, and an app that writes twice with Nagle on and then waits for the answer waits
