@@ -824,7 +824,7 @@ def _open_packets(self: SSHConnection, enc: Any, buf: bytes, pos: int = 0) -> tu
     blocksize = self._recv_blocksize
     max_pktlen = self._max_recv_pktlen
     cipher = enc._cipher
-    aead = cipher.__dict__.get("_x2ssh_aead") or _aead(cipher)
+    aead = _aead(cipher)
     pkthdr = self._recv_pkthdr
     while (
         n - pos >= blocksize
