@@ -68,11 +68,15 @@ class SshSession:
         tunnel_dns: frozenset[str] = frozenset(),
         on_attach: Callable[[], None] = lambda: None,
         on_detach: Callable[[], None] = lambda: None,
+        on_connection: Callable[[asyncssh.SSHClientConnection], None] = lambda conn: None,
     ) -> None:
+        """`on_connection` sees every SSH connection made (the first, reconnects, the pool's extra ones) as
+        soon as it is up, before anything is sent on it."""
         self.settings = settings
         self._socket_factory = socket_factory
         self._on_attach = on_attach
         self._on_detach = on_detach
+        self._on_connection = on_connection
         self._tunnel_dns = tunnel_dns
         self.conn: asyncssh.SSHClientConnection | None = None
         self.pool = ConnectionPool(
@@ -116,12 +120,14 @@ class SshSession:
         if self.proxy is None:
             self.proxy = proxy_settings(self.settings)  # refuses ProxyCommand before anything changes
         try:
-            return await connect_ssh(self.settings, endpoint, self._socket_factory, self.proxy)
+            conn = await connect_ssh(self.settings, endpoint, self._socket_factory, self.proxy)
         except SshAuthFailed as exc:
             hint = agent_hint()
             if hint:
                 raise SshAuthFailed(f"{exc.message}. {hint}") from None
             raise
+        self._on_connection(conn)
+        return conn
 
     def attach(self, conn: asyncssh.SSHClientConnection) -> None:
         """Carry flows over `conn` from now on; start (or re-attach) the agent on it."""

@@ -29,9 +29,6 @@ class Channel:
     def abort(self) -> None:
         self.calls.append("abort")
 
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return default  # no SSH connection behind it
-
 
 class Flow:
     """The netstack flow while its SYN is held."""
@@ -66,9 +63,6 @@ class App:
 
 
 class Tun:
-    def defer(self, callback: Any) -> None:
-        raise AssertionError("nothing to defer: no SSH connection")
-
     def accept(self, flow: Any, factory: Any) -> App:
         app = App()
         app.protocol = factory()
@@ -183,27 +177,3 @@ def test_a_finished_flow_leaves_no_reference_cycle() -> None:
             assert gc.collect() == 0
     finally:
         gc.enable()
-
-
-def test_the_channels_connection_sends_at_the_end_of_the_netstacks_batch() -> None:
-    """What the app sends is written to the channel during a netstack batch: the accept hands the channel's
-    SSH connection the stack's `defer`, so its gathered packets leave with the batch."""
-    deferred: list[Any] = []
-
-    class Connection:
-        def _x2ssh_set_defer(self, defer: Any) -> None:  # what tuning.coalesce_sends installs
-            deferred.append(defer)
-
-    class DeferringTun(Tun):
-        def defer(self, callback: Any) -> None:
-            pass
-
-    class ConnectedChannel(Channel):
-        def get_extra_info(self, name: str, default: object = None) -> object:
-            return conn if name == "connection" else default
-
-    conn = Connection()
-    tun = DeferringTun()
-    flow = _Flow(TcpBridge(lambda: tun), Flow(), 0)  # type: ignore[arg-type, return-value]
-    flow.open_done(ConnectedChannel(), None)
-    assert deferred == [tun.defer]

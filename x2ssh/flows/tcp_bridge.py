@@ -39,7 +39,6 @@ import asyncssh
 
 from netstack import TcpFlow
 from netstack.aio import TcpTransport, TunStack
-from x2ssh.ssh.tuning import flush_sends_with
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +141,13 @@ class _Flow:
         stats.opened += 1
         stats.active += 1
         try:
-            tun = self.bridge._tun()
-            self.app = app = tun.accept(flow, partial(_AppSide, self))
+            self.app = app = self.bridge._tun().accept(flow, partial(_AppSide, self))
         except Exception as exc:  # the flow vanished between the check and the accept
             log.debug("accept failed for %r: %s", flow, exc)
             channel.abort()
             self.done = True
             stats.active -= 1
             return
-        # What the app sends is written to the channel while the netstack delivers a batch: the SSH
-        # connection's gathered packets leave at the end of that batch, not a loop turn later.
-        flush_sends_with(channel.get_extra_info("connection"), tun.defer)
         early = self.early
         if early is not None:  # the server spoke (or even finished) before the app's handshake
             self.early = None

@@ -43,6 +43,7 @@ from x2ssh.sd_notify import Notifier, watchdog_loop
 from x2ssh.session import Address, SshSession
 from x2ssh.settings import Settings
 from x2ssh.ssh.connect import bypass_addresses
+from x2ssh.ssh.tuning import flush_sends_with
 from x2ssh.status import Snapshot, StatusView
 from x2ssh.status_report import status_line
 
@@ -96,6 +97,7 @@ class VpnSession:
             tunnel_dns=frozenset(tunnel_dns) if remote_dns else frozenset(),
             on_attach=self._on_attach,
             on_detach=self._on_detach,
+            on_connection=self._on_connection,
         )
         self.bridge = TcpBridge(self._stack, rewrite=self.ssh.real_dns)
         self.proxy = ProxyPort(settings, self.ssh) if settings.dynamic is not None else None
@@ -134,6 +136,7 @@ class VpnSession:
             on_udp=self._on_udp,
             on_icmp=self._on_icmp,
         )
+        self._on_connection(conn)  # (made before the stack existed)
         self.tun_stack.start()
         assert self.ssh.proxy is not None
         bypass = await bypass_addresses(s, conn, self.ssh.proxy.jump)  # type: ignore[arg-type]
@@ -204,6 +207,13 @@ class VpnSession:
 
     def _on_icmp(self, request: IcmpEchoRequest) -> None:
         self.ssh.relay.echo_from_app(request.src, request.dst, request.ident, request.seq, request.payload)
+
+    def _on_connection(self, conn: object) -> None:
+        # What apps send is written to the channels while the netstack delivers a batch: each SSH
+        # connection's gathered packets leave at the end of that batch, not a loop turn later. Set once per
+        # connection (the bridge's flows need not ask).
+        if self.tun_stack is not None:
+            flush_sends_with(conn, self.tun_stack.defer)
 
     def _on_attach(self) -> None:
         self.bridge.set_connection(self.ssh.pool)  # type: ignore[arg-type]
