@@ -9,6 +9,8 @@ a due rekey must take asyncssh's path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from typing import Any
 
 import asyncssh
@@ -29,7 +31,8 @@ tuning.install()  # as x2ssh runs (importing x2ssh.ssh.connect does the same)
 
 
 class _CountingRandom:
-    """`os` for asyncssh.connection with predictable padding, so two builds can be compared."""
+    """`os` for asyncssh.connection with predictable padding, so two builds can be compared: a stream of
+    counting bytes, so one call for several packets' padding gives what a call per packet gives."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -39,8 +42,8 @@ class _CountingRandom:
         return getattr(self._real, name)
 
     def urandom(self, n: int) -> bytes:
-        self.n += 1
-        return bytes((self.n + i) & 0xFF for i in range(n))
+        self.n += n
+        return bytes((self.n - n + i) * 7 & 0xFF for i in range(n))
 
 
 def _state(conn: Any) -> tuple[Any, ...]:
@@ -146,12 +149,24 @@ def test_chunks_are_the_packets_of_send_channel_data_per_chunk(rekey_after: int 
 
     for n, (per_chunk, chunked, read_into) in zip(sizes, asyncio.run(_in_lab(scenario)), strict=True):
         assert chunked == per_chunk, n
-        assert read_into == per_chunk, n
+        # (sealed from the read's slots, a packet's length field and body are one buffer: compare the bytes)
+        assert (_wire(read_into[0]), *read_into[1:]) == (_wire(per_chunk[0]), *per_chunk[1:]), n
         parts = per_chunk[0]
         if rekey_after is not None and n > rekey_after * 32768:
             assert parts.index("KEXINIT") == 2 * rekey_after  # after two packets (length, sealed body each)
         else:
             assert "KEXINIT" not in parts and len(parts) == 2 * -(-n // 32768)
+
+
+def _wire(parts: list[Any]) -> list[Any]:
+    """The bytes sent, joined between the points where a rekey would start."""
+    runs: list[Any] = [b""]
+    for part in parts:
+        if isinstance(part, str):
+            runs += [part, b""]
+        else:
+            runs[-1] += part
+    return runs
 
 
 def _build_data(conn: Any, send: Any, data: bytes) -> tuple[Any, ...]:
@@ -251,9 +266,9 @@ def test_a_write_s_packets_reach_the_coalesced_send_in_one_call() -> None:
                 tuning.coalesce_sends(conn)
                 many = conn._send.many  # type: ignore[attr-defined]
 
-                def counting(parts: list[bytes]) -> None:
+                def counting(parts: list[bytes], arena: Any = None) -> None:
                     calls.append(len(parts))
-                    many(parts)
+                    many(parts, arena)
 
                 conn._send.many = counting  # type: ignore[attr-defined]
             tuning.send_channel_chunks(conn, 3, data, 32768)
@@ -317,3 +332,74 @@ def test_the_direct_paths_step_the_iv_inline_as_asyncssh_does(monkeypatch: pytes
     steps, events = asyncio.run(_in_lab(scenario))
     assert events[0] == b"in step" * 1000  # the server opened what was sealed, and the reverse
     assert steps == []
+
+
+@pytest.mark.parametrize("seal_into", [True, False])
+def test_packets_sealed_from_a_read_survive_the_next_read_and_a_full_socket(
+    seal_into: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packets sealed from a read stay in the connection's slots until the coalesced send has written them.
+    A second read on the same connection in the same loop turn (another channel) sends them first, and what
+    the socket did not take is handed on as bytes: the next read reuses the slots, and a transport may keep
+    what it is given. The bytes on the wire are those of sending each read's packets at once; also with a
+    cryptography that cannot seal into a given buffer (new objects per packet, as before)."""
+    monkeypatch.setattr(tuning, "_SEAL_INTO", seal_into and tuning._SEAL_INTO)
+    key, iv = bytes(range(16)), bytes(range(12))
+    reads = [(5, bytes(range(256)) * 640 + b"one"), (7, bytes(range(255, -1, -1)) * 512)]
+    reads += [(5, b"three" * 9000), (5, b"four" * 10000), (5, b"five" * 2**17), (9, b"six" * 2000)]
+
+    def read_into(conn: Any, chan: int, data: bytes) -> None:
+        buffers = tuning.channel_read_buffers(conn, 32768, 1 << 30)
+        assert buffers is not None
+        at = 0
+        for buffer in buffers:
+            piece = data[at : at + len(buffer)]
+            buffer[: len(piece)] = piece
+            at += len(piece)
+        tuning.send_read_buffers(conn, chan, 32768, len(data))
+
+    def expected() -> bytes:
+        conn = _GcmConnection(key, iv)  # the packets of each read's bytes, sent as a write
+        for chan, data in reads:
+            tuning.send_channel_chunks(conn, chan, data, 32768)
+        return b"".join(conn.writes)
+
+    async def coalesced(size: int) -> tuple[bytes, list[Any]]:
+        ours, theirs = socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)  # the socket takes only part of a read
+        theirs.setblocking(False)
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+        conn = _GcmConnection(key, iv)
+        handed: list[Any] = []
+
+        def send(data: Any) -> None:  # asyncssh's own send: the transport's write
+            handed.append(data)
+            transport.write(data)
+
+        conn._send, conn._transport = send, transport  # type: ignore[method-assign]
+        tuning.coalesce_sends(conn)
+        for chan, data in reads:  # all in one loop turn
+            read_into(conn, chan, data)
+        wire = bytearray()
+        for _ in range(100_000):  # the loop's turns write the rest as the reader makes room
+            if len(wire) >= size:
+                break
+            await asyncio.sleep(0)
+            with contextlib.suppress(BlockingIOError):
+                wire += theirs.recv(1 << 20)
+        transport.close()
+        theirs.close()
+        return bytes(wire), handed
+
+    real_os = asyncssh_connection.os
+    asyncssh_connection.os = _CountingRandom(real_os)  # type: ignore[attr-defined]
+    try:
+        want = expected()
+        asyncssh_connection.os = _CountingRandom(real_os)  # type: ignore[attr-defined]
+        wire, handed = asyncio.run(coalesced(len(want)))
+    finally:
+        asyncssh_connection.os = real_os  # type: ignore[attr-defined]
+    assert handed, "the socket took everything: the case under test did not happen"
+    assert all(type(part) is bytes or type(part.obj) is bytes for part in handed)  # nothing of the slots
+    assert wire == want
