@@ -5,6 +5,7 @@
     python -m benchmarks.profile_socks --frontend [--seconds 3] [--rounds 3]
     python -m benchmarks.profile_socks --syscalls [--only tcp-up,http-rate] [--ssh]
     python -m benchmarks.profile_socks --cprofile --only tcp-up|http-rate
+    python -m benchmarks.profile_socks --callgrind [--only tcp-up,http-rate] [--compare TREE[,..]] [--ssh]
 
 Profile mode starts `x2ssh -D` (the harness's `x2ssh-D` transport) and, for each scenario, records it with
 py-spy (raw collapsed stacks) while the scenario runs, then prints the top functions by own and inclusive
@@ -22,6 +23,11 @@ process with a backend whose channels open at once and answer a short HTTP respo
 doing SOCKS5 CONNECT + request on a new connection each (as the http-rate scenario's clients do). It
 alternates the lean accept path and asyncio's `create_server` and prints CPU per connection of each (no
 root needed, loopback only).
+
+Callgrind mode counts the proxy's user-space instructions per GB moved or per connection (valgrind's
+callgrind, switched on for the scenario only): the same from run to run, where wall-clock A/Bs on this VM
+do not resolve differences under ~10 %. memset/memcpy/memmove are shown apart (valgrind counts a
+`rep movsb` per byte). The kernel's share is not in it (see syscalls mode).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import asyncio
 import functools
 import multiprocessing
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -81,6 +88,42 @@ class _X2sshDynamicUnderCProfile(X2sshDynamic):
             "-F", str(sshd.ssh_config), "-i", str(sshd.client_key), "-p", str(sshd.port), sshd.destination,
         ]  # fmt: skip
         self._spawn_watched(argv, r"proxy up", cwd=str(Path(__file__).resolve().parent.parent))
+
+
+def _under_callgrind(argv: list[str], out: Path) -> list[str]:
+    """`argv` under callgrind, counting nothing until `callgrind_control -i on` (see `callgrind`)."""
+    return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *argv]
+
+
+class _X2sshDynamicUnderCallgrind(_X2sshDynamicFromTree):
+    """The harness's `x2ssh -D` from the checkout `tree`, under callgrind (counts written to `out`)."""
+
+    def __init__(self, tree: str, out: Path) -> None:
+        super().__init__(tree)
+        self.out = out
+
+    def start(self, env: BenchEnv) -> None:
+        _SocksProxy.start(self, env)
+        sshd = env.sshd
+        argv = [
+            sys.executable, "-m", "x2ssh", "-D", f"127.0.0.1:{SOCKS_PORT}", "-F", str(sshd.ssh_config),
+            "-i", str(sshd.client_key), "-p", str(sshd.port), sshd.destination,
+        ]  # fmt: skip
+        self._spawn_watched(_under_callgrind(argv, self.out), r"proxy up", cwd=self.tree)
+
+
+class _SshDynamicUnderCallgrind(SshDynamic):
+    """The harness's `ssh -D` under callgrind (counts written to `out`)."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__()
+        self.out = out
+
+    def _spawn_ssh(self, args: list[str]) -> None:
+        env = self._env()
+        with open(self._log_path(), "ab") as log_file:
+            argv = _under_callgrind(env.sshd.ssh_command(*args), self.out)
+            self.proc = env.lab.popen(env.lab.client, argv, stdout=log_file, stderr=log_file)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -222,6 +265,81 @@ def syscalls(only: list[str], ssh: bool, rounds: int, settings: Settings, out: P
                         print("   per GB: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(per_gb.items())))
                 finally:
                     transport.stop()
+    return 0
+
+
+_MEM_OPS = re.compile(r":__(memset|memcpy|memmove|mempcpy)\w*|:(memset|memcpy|memmove)\b")
+
+
+def _callgrind_counts(out: Path) -> tuple[int, int]:
+    """(all instructions, those in memset/memcpy/memmove) of the dump of a callgrind run taken after the
+    scenario (the largest of the files `out` and `out.N`; the one written at exit holds next to nothing).
+
+    The memory functions are told apart because valgrind counts each step of a `rep movsb`/`rep stosb`,
+    which glibc uses for large blocks, as an instruction: a byte each, where the CPU does a cache line."""
+    dumps: list[tuple[int, Path]] = []
+    for path in out.parent.glob(out.name + "*"):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("totals:"):
+                dumps.append((int(line.split()[1]), path))
+    if not dumps:
+        return 0, 0
+    total, path = max(dumps)
+    listing = subprocess.run(
+        ["callgrind_annotate", "--threshold=100", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    mem = 0
+    for line in listing.splitlines():
+        fields = line.split()
+        if fields and fields[0][:1].isdigit() and _MEM_OPS.search(line):
+            mem += int(fields[0].replace(",", ""))
+    return total, mem
+
+
+def callgrind(only: list[str], trees: list[str], ssh: bool, settings: Settings, out: Path) -> int:
+    """User-space instructions of the proxy process per GB moved (iperf) or per connection (http-rate),
+    counted by callgrind for this checkout, each of `trees` and with `ssh` ssh -D.
+
+    Why. Wall-clock A/Bs on this 2-core VM do not resolve differences under ~10 %; instruction counts are
+    the same from run to run whatever the neighbours do. They leave out the kernel (system calls and
+    copies: `--syscalls` counts those) and weigh an AES-NI instruction like a move, so they compare the
+    user-space work of the two proxies, not their speed. Under valgrind the proxy runs ~50x slower, so its
+    reads are full, as in the benchmark's bulk runs."""
+    import benchmarks.transports as transports
+
+    cleanup_stale()
+    out.mkdir(parents=True, exist_ok=True)
+    transports.START_TIMEOUT = 300.0  # Python's imports and the key exchange under valgrind
+    names = ["this", *trees] + (["ssh-D"] if ssh else [])
+    with Lab() as lab:
+        env = build_env(lab, out / "logs", 1024 * 1024)
+        for name in names:
+            for key in only:
+                dump = out / f"callgrind.{len(list(out.glob('callgrind.*')))}.{key}"
+                if name == "ssh-D":
+                    transport: Transport = _SshDynamicUnderCallgrind(dump)
+                else:
+                    tree = str(Path(__file__).resolve().parent.parent) if name == "this" else name
+                    transport = _X2sshDynamicUnderCallgrind(tree, dump)
+                transport.start(env)
+                try:
+                    pid = str(transport.proc.pid)  # (ip netns exec execs valgrind: the same process)
+                    subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
+                    values = SCENARIOS[key].run(env, transport, settings)
+                    subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+                    subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
+                finally:
+                    transport.stop()
+                total, mem = _callgrind_counts(dump)
+                if key == "http-rate":
+                    done = max(1, values[key][1]["requests"])
+                    print(f"{name:>30} {key}: {done} connections; instructions per connection "
+                          f"{(total - mem) / done:,.0f} + memset/memcpy {mem / done:,.0f}")  # fmt: skip
+                else:
+                    moved = max(1, values[key][1]["bytes"])
+                    rate = values[key][0]
+                    print(f"{name:>30} {key}: {moved / 1e6:.0f} MB at {rate:.0f} Mbit/s; G instr. per GB "
+                          f"{(total - mem) / moved:.2f} + memset/memcpy {mem / moved:.2f}")  # fmt: skip
     return 0
 
 
@@ -442,6 +560,11 @@ def main() -> int:
         help="cProfile: calls per GB or per 1k connections (first of --only)",
     )
     parser.add_argument("--syscalls", action="store_true", help="system calls per GB (perf tracepoints)")
+    parser.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="user-space instructions per GB or connection (callgrind; with --compare TREEs, --ssh)",
+    )
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "x2ssh-profile-socks")
     args = parser.parse_args()
     if args.frontend:
@@ -454,6 +577,9 @@ def main() -> int:
                            "http_seconds": float(args.seconds)})  # fmt: skip
     if args.cprofile:
         return cprofile(only[0], settings, args.top, args.out)
+    if args.callgrind:
+        trees = [t for t in (args.compare or "").split(",") if t]
+        return callgrind(only, trees, args.ssh, settings, args.out)
     if args.syscalls:
         return syscalls(only, args.ssh, args.rounds, settings, args.out)
     if args.perf and args.compare is None:
