@@ -334,6 +334,69 @@ def test_stream_half_close_writelines_and_one_connection_lost(keep_open: bool) -
     run(test)
 
 
+def test_a_client_s_reader_and_writer_come_and_go_without_asyncio_s_transport_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stream adds and removes its socket's reader and writer with the selector loop's own methods:
+    asyncio's public ones first check that no asyncio transport owns the fd, which for our sockets raises
+    and catches a KeyError each time. The selector ends up as it was, the echo and the FIN intact."""
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        checks: list[int] = []
+        real_check = loop._ensure_fd_no_transport  # type: ignore[attr-defined]
+
+        def check(fd: Any) -> None:
+            checks.append(fd)
+            real_check(fd)
+
+        monkeypatch.setattr(loop, "_ensure_fd_no_transport", check)
+        writers: list[int] = []
+        real_add_writer = loop._add_writer  # type: ignore[attr-defined]
+
+        def add_writer(fd: int, *args: Any) -> Any:
+            writers.append(fd)
+            return real_add_writer(fd, *args)
+
+        monkeypatch.setattr(loop, "_add_writer", add_writer)
+        echoes: list[Echo] = []
+
+        class SmallSendBuffer(Echo):
+            def connection_made(self, transport: Any) -> None:
+                super().connection_made(transport)
+                transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+        def factory() -> Echo:
+            echoes.append(SmallSendBuffer(keep_open=False))
+            return echoes[-1]
+
+        listener = StreamListener(loop, listen("127.0.0.1", 0), factory)
+        listener.start()
+        before = registrations()
+        client = socket.create_connection(listener.sockets[0].getsockname()[:2])
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.setblocking(False)
+        big = bytes(b for b in range(256) if b != ord("|")) * 4096  # 1 MB in, 2 out: the writer waits
+        await loop.sock_sendall(client, big)
+        client.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while True:
+            chunk = await loop.sock_recv(client, 1 << 16)
+            if not chunk:
+                break
+            got += chunk
+        assert got.endswith(b"bye") and len(got) - 3 - got.count(b"|") == 2 * len(big)  # each read, twice
+        await until(lambda: bool(echoes[0].lost))
+        client.close()
+        assert registrations() == before
+        stream_fds = {echo.transport._fd for echo in echoes}
+        assert not stream_fds & set(checks), "asyncio's check ran for the stream's socket"
+        assert stream_fds & set(writers), "the client took everything at once: the writer never waited"
+        listener.close()
+
+    run(test)
+
+
 def test_a_protocol_bug_closes_only_that_connection(caplog: pytest.LogCaptureFixture) -> None:
     async def test() -> None:
         loop = asyncio.get_running_loop()

@@ -119,6 +119,11 @@ class SocketStream(asyncio.Transport):
         loop's call_soon."""
         super().__init__()
         self._loop = loop
+        # The selector loop's own add/remove of readers and writers, without the public methods' check
+        # that the fd belongs to none of asyncio's transports: ours never does, and for a socket asyncio
+        # has not seen that check raises and catches a KeyError (through weakref's Python-level lookup),
+        # once per client as its reader is removed, more in bulk as the writer comes and goes.
+        self._selector_loop: Any = loop
         self._batch = batch
         self._sock = sock
         self._fd = sock.fileno()
@@ -157,12 +162,12 @@ class SocketStream(asyncio.Transport):
     def _add_reader(self) -> None:
         if not self._reader_on:
             self._reader_on = True
-            self._loop.add_reader(self._fd, self._read_ready)
+            self._selector_loop._add_reader(self._fd, self._read_ready)
 
     def _remove_reader(self) -> None:
         if self._reader_on:
             self._reader_on = False
-            self._loop.remove_reader(self._fd)
+            self._selector_loop._remove_reader(self._fd)
 
     def read_into(self, target: ReadInto | None) -> None:
         """Read into `target`'s buffers whenever it offers some (`read_buffers`), reporting the count
@@ -297,7 +302,7 @@ class SocketStream(asyncio.Transport):
         self._buffered += len(data)
         if not self._writer_on:
             self._writer_on = True
-            self._loop.add_writer(self._fd, self._write_ready)
+            self._selector_loop._add_writer(self._fd, self._write_ready)
         if not self._writing_paused and self._buffered > self._high:
             self._writing_paused = True
             try:
@@ -331,7 +336,7 @@ class SocketStream(asyncio.Transport):
         if buffer:
             return
         self._writer_on = False
-        self._loop.remove_writer(self._fd)
+        self._selector_loop._remove_writer(self._fd)
         if self._closing:
             self._lose(None)
         elif self._eof_pending:
@@ -401,7 +406,7 @@ class SocketStream(asyncio.Transport):
         self._remove_reader()
         if self._writer_on:
             self._writer_on = False
-            self._loop.remove_writer(self._fd)
+            self._selector_loop._remove_writer(self._fd)
         self._buffer.clear()
         self._buffered = 0
         self._closing = True
