@@ -106,7 +106,7 @@ class Recorder(asyncssh.SSHTCPSession):
         if self.events and isinstance(self.events[-1], bytes):
             self.events[-1] += data
         else:
-            self.events.append(data)
+            self.events.append(bytes(data))  # (a long payload comes as a view of its packet)
 
     def eof_received(self) -> bool:
         self.events.append("eof")

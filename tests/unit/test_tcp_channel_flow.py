@@ -382,3 +382,31 @@ async def _lost_connection() -> None:
     assert session.events == [("lost", "ConnectionResetError")]
     assert chan.is_closing()
     assert conn._channels == {}
+
+
+def test_long_payloads_reach_the_session_as_views_of_their_packet_short_ones_as_bytes() -> None:
+    """With the tuning on, a long DATA payload is handed over without a copy (a read-only view of the
+    opened packet), a short one as bytes; either way the bytes are the server's, in order."""
+    kinds: list[tuple[type, int]] = []
+
+    async def scenario(lab_: dict[str, Any]) -> Any:
+        chan, session = await _open(lab_["conn"], lab_["echo"])
+        record = session.data_received
+
+        def data_received(data: Any, datatype: Any) -> None:
+            kinds.append((type(data), len(data)))
+            record(data, datatype)
+
+        session.data_received = data_received  # type: ignore[method-assign]
+        chan.write(b"short")
+        await _until(lambda: bool(kinds))
+        payload = os.urandom(100_000)
+        chan.write(payload)
+        chan.write_eof()
+        await asyncio.wait_for(session.closed, 30)
+        return session.events[0] == b"short" + payload
+
+    with tuned(True):
+        assert _run(scenario)
+    assert kinds[0] == (bytes, 5)
+    assert (memoryview, PKT) in kinds, kinds  # a full packet's payload, not copied

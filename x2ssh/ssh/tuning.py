@@ -485,7 +485,7 @@ class DirectDataHandler:
     __slots__ = ()
 
     def receive_data(self, data: bytes) -> None:
-        """A CHANNEL_DATA payload."""
+        """A CHANNEL_DATA payload: bytes, or for a long one a read-only memoryview of the opened packet."""
         raise NotImplementedError
 
     def receive_open_confirmation(self, send_chan: int, send_window: int, send_pktsize: int) -> None:
@@ -640,6 +640,8 @@ def _direct_data_channel(self: SSHConnection, data: bytes, end: int) -> DirectDa
         return chan
     return None
 
+
+_VIEW_MIN = 2048  # payloads from this size on reach `DirectDataHandler.receive_data` as a memoryview
 
 # By message type, the payload length of each other message a `DirectDataHandler` takes straight (type and
 # channel, the adjust's byte count, the confirmation's three numbers), 0 for the rest: another length goes
@@ -950,7 +952,12 @@ def _open_packets(self: SSHConnection, enc: Any, buf: bytes, pos: int = 0) -> tu
         if chan is not None:
             seq = self._recv_seq
             if pkttype == MSG_CHANNEL_DATA:
-                chan.receive_data(data[10:payload_end])
+                # A bulk payload is handed over as a view of the opened packet, not sliced into a copy
+                # (32 KiB per packet on a download); a short one as bytes (a view costs more than it saves).
+                if payload_end >= _VIEW_MIN:
+                    chan.receive_data(memoryview(data)[10:payload_end])
+                else:
+                    chan.receive_data(data[10:payload_end])
             else:
                 chan.receive_window_adjust(int.from_bytes(data[6:10], "big"))
             # asyncssh's _finish_recv_packet, inline (see the note before _direct_data_channel)
