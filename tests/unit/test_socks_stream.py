@@ -5,6 +5,7 @@ selector registration left behind after many connections, and flow control when 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import socket
@@ -839,5 +840,42 @@ def test_accepted_sockets_have_nodelay_without_a_setsockopt_each_where_it_is_inh
         for writer in writers:
             writer.close()
         listener.close()
+
+    run(test)
+
+
+def test_what_the_socket_does_not_take_is_kept_without_a_copy_unless_it_could_change() -> None:
+    """Bytes and views of bytes (a channel's payload is a view of its opened packet) wait in the buffer as
+    they are; a bytearray or a view of one is copied, as the caller may reuse it. All arrive in order."""
+
+    async def test() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ours.setblocking(False)
+        stream = SocketStream(loop, ours, asyncio.Protocol())
+        stream.start()
+        packet = os.urandom(200_000)
+        view = memoryview(packet)[10:150_000]
+        scratch = bytearray(os.urandom(100_000))
+        stream.writelines([view, packet])
+        stream.write(memoryview(scratch)[:50_000])
+        stream.write(scratch)
+        expected = bytes(view) + packet + bytes(scratch[:50_000]) + bytes(scratch)
+        kept = list(stream._buffer)
+        assert any(part is packet for part in kept)  # (the view may be cut where the socket stopped)
+        assert any(type(part) is memoryview and part.obj is packet for part in kept)
+        assert not any(isinstance(part, memoryview) and part.obj is scratch for part in kept)
+        assert not any(part is scratch for part in kept)
+        scratch[:] = bytes(len(scratch))  # the caller reuses its buffer
+        theirs.setblocking(False)
+        got = bytearray()
+        while len(got) < len(expected):
+            await asyncio.sleep(0)
+            with contextlib.suppress(BlockingIOError):
+                got += theirs.recv(1 << 20)
+        assert bytes(got) == expected
+        stream.abort()
+        theirs.close()
 
     run(test)

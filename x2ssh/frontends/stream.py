@@ -65,6 +65,12 @@ class ReadInto(Protocol):
         """The last read put `n` bytes (> 0) into the buffers `read_buffers` returned."""
 
 
+def _immutable(data: Any) -> bool:
+    """Whether `data` can be kept as it is until sent: bytes, or a view of bytes (a channel's payload is a
+    view of its opened packet: copying it would double the memory a turn's packets hold)."""
+    return type(data) is bytes or (type(data) is memoryview and type(data.obj) is bytes)
+
+
 def supports_streams(loop: asyncio.AbstractEventLoop) -> bool:
     """Whether `loop` can run a `StreamListener` (a selector loop: add_reader/add_writer on sockets)."""
     return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
@@ -129,7 +135,7 @@ class SocketStream(asyncio.Transport):
         self._fd = sock.fileno()
         self._protocol = protocol
         self._peername = peername
-        self._buffer: collections.deque[bytes] = collections.deque()  # unsent, in order
+        self._buffer: collections.deque[bytes | memoryview] = collections.deque()  # unsent, immutable
         self._buffered = 0
         self._high = 64 * 1024
         self._low = 16 * 1024
@@ -268,14 +274,14 @@ class SocketStream(asyncio.Transport):
                 return
             if sent == len(data):
                 return
-            data = bytes(data[sent:])
-        else:
+            data = data[sent:] if _immutable(data) else bytes(data[sent:])
+        elif not _immutable(data):
             data = bytes(data)
         self._queue(data)
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         """Send the parts with one writev when nothing is buffered (no joined copy); buffer the rest."""
-        parts = [bytes(p) if not isinstance(p, bytes) else p for p in list_of_data if p]
+        parts = [p if type(p) is bytes or _immutable(p) else bytes(p) for p in list_of_data if p]
         if not parts or self._closing or self._eof_pending:
             return
         if self._buffer or _writev is None or len(parts) == 1:
@@ -297,7 +303,7 @@ class SocketStream(asyncio.Transport):
                 return
             sent -= len(part)
 
-    def _queue(self, data: bytes) -> None:
+    def _queue(self, data: bytes | memoryview) -> None:
         self._buffer.append(data)
         self._buffered += len(data)
         if not self._writer_on:
