@@ -65,12 +65,14 @@ class _X2sshDynamicFromTree(X2sshDynamic):
 
     def start(self, env: BenchEnv) -> None:
         _SocksProxy.start(self, env)  # the proxychains configuration
+        self._spawn_watched(self._argv(env), r"proxy up", cwd=self.tree)
+
+    def _argv(self, env: BenchEnv) -> list[str]:
         sshd = env.sshd
-        argv = [
+        return [
             sys.executable, "-m", "x2ssh", "-D", f"127.0.0.1:{SOCKS_PORT}", "-F", str(sshd.ssh_config),
             "-i", str(sshd.client_key), "-p", str(sshd.port), sshd.destination,
         ]  # fmt: skip
-        self._spawn_watched(argv, r"proxy up", cwd=self.tree)
 
 
 class _X2sshDynamicUnderCProfile(X2sshDynamic):
@@ -102,14 +104,8 @@ class _X2sshDynamicUnderCallgrind(_X2sshDynamicFromTree):
         super().__init__(tree)
         self.out = out
 
-    def start(self, env: BenchEnv) -> None:
-        _SocksProxy.start(self, env)
-        sshd = env.sshd
-        argv = [
-            sys.executable, "-m", "x2ssh", "-D", f"127.0.0.1:{SOCKS_PORT}", "-F", str(sshd.ssh_config),
-            "-i", str(sshd.client_key), "-p", str(sshd.port), sshd.destination,
-        ]  # fmt: skip
-        self._spawn_watched(_under_callgrind(argv, self.out), r"proxy up", cwd=self.tree)
+    def _argv(self, env: BenchEnv) -> list[str]:
+        return _under_callgrind(super()._argv(env), self.out)
 
 
 class _SshDynamicUnderCallgrind(SshDynamic):
@@ -313,9 +309,13 @@ def callgrind(only: list[str], trees: list[str], ssh: bool, settings: Settings, 
     names = ["this", *trees] + (["ssh-D"] if ssh else [])
     with Lab() as lab:
         env = build_env(lab, out / "logs", 1024 * 1024)
+        runs = 0
         for name in names:
             for key in only:
-                dump = out / f"callgrind.{len(list(out.glob('callgrind.*')))}.{key}"
+                runs += 1
+                dump = out / f"callgrind.{runs}.{key}"
+                for stale in out.glob(dump.name + "*"):  # an earlier invocation's dumps
+                    stale.unlink()
                 if name == "ssh-D":
                     transport: Transport = _SshDynamicUnderCallgrind(dump)
                 else:

@@ -124,12 +124,12 @@ class SocketStream(asyncio.Transport):
         """`batch`: where connection_lost is deferred to (one loop callback for many streams); None: the
         loop's call_soon."""
         super().__init__()
-        self._loop = loop
-        # The selector loop's own add/remove of readers and writers, without the public methods' check
-        # that the fd belongs to none of asyncio's transports: ours never does, and for a socket asyncio
-        # has not seen that check raises and catches a KeyError (through weakref's Python-level lookup),
-        # once per client as its reader is removed, more in bulk as the writer comes and goes.
-        self._selector_loop: Any = loop
+        # A selector loop (`supports_streams`): the stream adds and removes its reader and writer with the
+        # loop's own `_add_reader` & co., without the public methods' check that the fd belongs to none of
+        # asyncio's transports: ours never does, and for a socket asyncio has not seen that check raises and
+        # catches a KeyError (through weakref's Python-level lookup), once per client as its reader is
+        # removed, more in bulk as the writer comes and goes.
+        self._loop: Any = loop
         self._batch = batch
         self._sock = sock
         self._fd = sock.fileno()
@@ -168,12 +168,12 @@ class SocketStream(asyncio.Transport):
     def _add_reader(self) -> None:
         if not self._reader_on:
             self._reader_on = True
-            self._selector_loop._add_reader(self._fd, self._read_ready)
+            self._loop._add_reader(self._fd, self._read_ready)
 
     def _remove_reader(self) -> None:
         if self._reader_on:
             self._reader_on = False
-            self._selector_loop._remove_reader(self._fd)
+            self._loop._remove_reader(self._fd)
 
     def read_into(self, target: ReadInto | None) -> None:
         """Read into `target`'s buffers whenever it offers some (`read_buffers`), reporting the count
@@ -281,7 +281,7 @@ class SocketStream(asyncio.Transport):
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         """Send the parts with one writev when nothing is buffered (no joined copy); buffer the rest."""
-        parts = [p if type(p) is bytes or _immutable(p) else bytes(p) for p in list_of_data if p]
+        parts = [p if _immutable(p) else bytes(p) for p in list_of_data if p]
         if not parts or self._closing or self._eof_pending:
             return
         if self._buffer or _writev is None or len(parts) == 1:
@@ -308,7 +308,7 @@ class SocketStream(asyncio.Transport):
         self._buffered += len(data)
         if not self._writer_on:
             self._writer_on = True
-            self._selector_loop._add_writer(self._fd, self._write_ready)
+            self._loop._add_writer(self._fd, self._write_ready)
         if not self._writing_paused and self._buffered > self._high:
             self._writing_paused = True
             try:
@@ -342,7 +342,7 @@ class SocketStream(asyncio.Transport):
         if buffer:
             return
         self._writer_on = False
-        self._selector_loop._remove_writer(self._fd)
+        self._loop._remove_writer(self._fd)
         if self._closing:
             self._lose(None)
         elif self._eof_pending:
@@ -412,7 +412,7 @@ class SocketStream(asyncio.Transport):
         self._remove_reader()
         if self._writer_on:
             self._writer_on = False
-            self._selector_loop._remove_writer(self._fd)
+            self._loop._remove_writer(self._fd)
         self._buffer.clear()
         self._buffered = 0
         self._closing = True

@@ -193,12 +193,16 @@ def _direct_send(conn: Any, enc: Any) -> bool:
     return _installed and _fast_send_ok(conn, enc) and SSHLogger._debug_level < PACKET_DEBUG_LEVEL
 
 
-def _seal_data(conn: Any, enc: Any, send_chan: int, data: Any) -> None:
-    n = len(data)
+def _data_padlen(conn: Any, n: int) -> int:
+    """The padding of a CHANNEL_DATA packet carrying `n` bytes (asyncssh's rule)."""
     blocksize = conn._send_blocksize
     padlen = -(conn._send_enchdrlen + 9 + n) % blocksize
-    if padlen < 4:
-        padlen += blocksize
+    return padlen + blocksize if padlen < 4 else padlen
+
+
+def _seal_data(conn: Any, enc: Any, send_chan: int, data: Any) -> None:
+    n = len(data)
+    padlen = _data_padlen(conn, n)
     _seal_and_send(conn, enc, _DATA_HEAD(padlen, MSG_CHANNEL_DATA, send_chan, n), data, padlen)
 
 
@@ -248,7 +252,6 @@ def _seal_chunks(conn: Any, enc: Any, send_chan: int, view: memoryview, pktsize:
     iv = cipher._iv
     fixed, counter = iv[:4], int.from_bytes(iv[4:], "big")
     urandom = _asyncssh_connection.os.urandom
-    blocksize, enchdrlen = conn._send_blocksize, conn._send_enchdrlen
     room = conn._rekey_bytes - conn._rekey_bytes_sent  # bytes sealed before a rekey falls due
     parts: list[bytes] = []
     append = parts.append
@@ -260,9 +263,7 @@ def _seal_chunks(conn: Any, enc: Any, send_chan: int, view: memoryview, pktsize:
         n = len(chunk)
         if n != size:  # the head, padding length and length field are the same for every full chunk
             size = n
-            padlen = -(enchdrlen + 9 + n) % blocksize
-            if padlen < 4:
-                padlen += blocksize
+            padlen = _data_padlen(conn, n)
             head = _DATA_HEAD(padlen, MSG_CHANNEL_DATA, send_chan, n)
             header = (10 + n + padlen).to_bytes(4, "big")
         append(header)
@@ -315,13 +316,6 @@ _GCM_TAG = 16
 READ_INTO_MAX = 512 * 1024  # bytes per read into the arena (as frontends.stream.MAX_READ; see there)
 _DATA_HEAD_INTO = struct.Struct(">BBII").pack_into
 _SEAL_INTO = hasattr(AESGCM, "encrypt_into")  # cryptography >= 45
-
-
-def _data_padlen(conn: Any, n: int) -> int:
-    """The padding of a CHANNEL_DATA packet carrying `n` bytes (asyncssh's rule)."""
-    blocksize = conn._send_blocksize
-    padlen = -(conn._send_enchdrlen + 9 + n) % blocksize
-    return padlen + blocksize if padlen < 4 else padlen
 
 
 class _Arena:
@@ -1062,8 +1056,8 @@ def coalesce_sends(conn: Any) -> None:
         if len(parts) > 1 and transport is not None:
             rest = write_gathered(transport, parts)
             if rest is not None:
-                for part in rest:  # (a lent slot is copied: the transport may keep what it is given)
-                    send(part if not lent or type(part) is bytes else bytes(part))
+                for part in rest:  # (a view of a lent slot is copied: the transport may keep what it gets)
+                    send(bytes(part) if type(part) is memoryview and type(part.obj) is not bytes else part)
                 return
         send(b"".join(parts))
 
