@@ -61,6 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the whole lab (clients, transports, sshd, servers) on these CPUs only, e.g. 1: one core "
         "makes request/response latency a measure of CPU per round trip, not of the scheduler's placement",
     )
+    parser.add_argument(
+        "--server-cpus",
+        type=_cpu_list,
+        default=None,
+        metavar="N[,..]",
+        help="with --cpus: sshd and the target's services run on these CPUs instead, the clients and the "
+        "transports' client processes on --cpus, as on two machines (a tunnel's server is not on the "
+        "laptop), e.g. --cpus 1 --server-cpus 0",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory [{DEFAULT_OUT}]")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -71,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [n for n in args.only if n not in scenario_names]
         if unknown:
             parser.error(f"unknown scenario(s) {unknown}; choose from {scenario_names}")
+    if args.server_cpus is not None and args.cpus is None:
+        parser.error("--server-cpus needs --cpus (the client side's CPUs)")
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
@@ -96,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**{**settings.__dict__, "repeats": args.repeats})
     scenarios = [s for s in all_scenarios() if args.only is None or s.name in args.only]
     command = ["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)]
-    run = BenchmarkRun(scenarios, args.transports, settings, args.out, console, command)
+    run = BenchmarkRun(scenarios, args.transports, settings, args.out, console, command, args.server_cpus)
     try:
         run.execute()
     except (KeyboardInterrupt, SystemExit):

@@ -318,6 +318,20 @@ class Lab:
     def link_up(self, ns: str, dev: str) -> None:
         _ip("-n", self._check_ns(ns), "link", "set", dev, "up")
 
+    def pin_remote(self, cpus: set[int]) -> int:
+        """Move every thread now running in the server and target namespaces (sshd and its sessions, the
+        target's services) onto `cpus`; returns how many threads moved. What they fork later inherits it,
+        so calling this before each measurement also covers a restarted service. The client side keeps the
+        CPUs it was started on: two CPU sets stand for the two machines a real tunnel joins."""
+        moved = 0
+        for ns in (self.server, self.target):
+            for pid in _namespace_pids(ns):
+                for task in Path(f"/proc/{pid}/task").glob("*"):
+                    with contextlib.suppress(ProcessLookupError, FileNotFoundError, ValueError):
+                        os.sched_setaffinity(int(task.name), cpus)
+                        moved += 1
+        return moved
+
     # -- internals -----------------------------------------------------------------------------------------
 
     def _check_ns(self, ns: str) -> str:

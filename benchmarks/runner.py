@@ -41,8 +41,11 @@ class BenchmarkRun:
         out_dir: Path,
         console: Console,
         command: list[str],
+        server_cpus: set[int] | None = None,
     ) -> None:
+        """`server_cpus`: the server and target namespaces' processes run there (`Lab.pin_remote`)."""
         self.scenarios = scenarios
+        self.server_cpus = server_cpus
         self.transports: list[Transport] = [ALL_TRANSPORTS[name]() for name in transport_names]
         self.settings = settings
         self.console = console
@@ -87,6 +90,8 @@ class BenchmarkRun:
                         for scenario in scenarios:
                             desc = f"repeat {repeat + 1}: {scenario.name} via {transport.name}"
                             progress.update(task, description=desc)
+                            if self.server_cpus is not None:
+                                lab.pin_remote(self.server_cpus)
                             self._measure(env, transport, scenario, repeat)
                             progress.advance(task)
                     finally:
@@ -150,7 +155,7 @@ class BenchmarkRun:
             "started": self.started.isoformat(),
             "finished": datetime.now(UTC).isoformat(),
             "interrupted": self.interrupted,
-            "machine": machine_info(),
+            "machine": {**machine_info(), "server_cpus_used": sorted(self.server_cpus or []) or None},
             "netem_backend": self.netem_backend,
             "settings": asdict(self.settings),
             "scenarios": [{"name": s.name, "description": s.description} for s in self.scenarios],

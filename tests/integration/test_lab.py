@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,53 @@ def test_a_lab_that_fails_to_build_leaves_a_namespace_of_the_same_name_alone() -
         subprocess.run(["ip", "netns", "del", taken], capture_output=True, timeout=30)
         (NETNS_ETC / taken / "resolv.conf").unlink(missing_ok=True)
         (NETNS_ETC / taken).rmdir()
+
+
+def _affinity_of_each_thread(pid: int) -> list[set[int]]:
+    return [os.sched_getaffinity(int(task.name)) for task in Path(f"/proc/{pid}/task").glob("*")]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to tell the two sides apart")
+def test_pin_remote_moves_the_server_and_target_side_and_what_they_fork_later(lab: Lab) -> None:
+    client_cpus = os.sched_getaffinity(0)
+    remote = {max(client_cpus)}
+    # A threaded process on the target side (all its threads move) and a parent on the server side whose
+    # child, forked after the pinning, inherits it (as sshd's sessions do).
+    threaded = lab.popen(lab.target, [sys.executable, "-c", THREADS_THEN_WAIT], stdout=subprocess.PIPE)
+    parent = lab.popen(lab.server, [sys.executable, "-c", FORK_ON_INPUT], stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, text=True)  # fmt: skip
+    client = lab.popen(lab.client, ["sleep", "60"])
+    try:
+        assert threaded.stdout is not None and threaded.stdout.readline()  # its threads are up
+        assert lab.pin_remote(remote) >= 3
+        assert all(cpus == remote for cpus in _affinity_of_each_thread(threaded.pid))
+        assert os.sched_getaffinity(parent.pid) == remote
+        assert parent.stdin is not None and parent.stdout is not None
+        parent.stdin.write("fork\n")
+        parent.stdin.flush()
+        child = int(parent.stdout.readline())
+        assert os.sched_getaffinity(child) == remote
+        assert os.sched_getaffinity(client.pid) == client_cpus  # the client side is not touched
+    finally:
+        for proc in (threaded, parent, client):
+            lab.kill(proc)
+
+
+THREADS_THEN_WAIT = """
+import threading, time
+for _ in range(2):
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+print("up", flush=True)
+time.sleep(60)
+"""
+
+FORK_ON_INPUT = """
+import os, sys, time
+sys.stdin.readline()
+pid = os.fork()
+if pid == 0:
+    time.sleep(60)
+    os._exit(0)
+print(pid, flush=True)
+time.sleep(60)
+"""
