@@ -381,6 +381,10 @@ def profile(
 ) -> int:
     """py-spy (or with `perf` perf record) of x2ssh -D for each scenario; with `ssh` and `perf`, of ssh -D."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not perf and not Path(spy).exists():  # not a dependency of the project: a tool for this mode only
+        hint = "`.venv/bin/pip install py-spy`, or use --perf, --cprofile or --callgrind"
+        print(f"py-spy is not installed: {hint}", file=sys.stderr)
+        return 2
     cleanup_stale()
     out.mkdir(parents=True, exist_ok=True)
     with Lab() as lab:
