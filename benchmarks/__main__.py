@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 
+from benchmarks.machine import cpu_list
 from benchmarks.runner import BenchmarkRun
 from benchmarks.scenarios import Settings, all_scenarios
 from benchmarks.transports import ALL_TRANSPORTS
@@ -25,17 +26,6 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 def _csv(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _cpu_list(text: str) -> set[int]:
-    try:
-        cpus = {int(item) for item in _csv(text)}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of CPU numbers: {text!r}") from None
-    available = os.sched_getaffinity(0)
-    if not cpus or not cpus <= available:
-        raise argparse.ArgumentTypeError(f"CPUs {sorted(cpus)} not all available (have {sorted(available)})")
-    return cpus
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="override the number of repeats")
     parser.add_argument(
         "--cpus",
-        type=_cpu_list,
+        type=cpu_list,
         default=None,
         metavar="N[,..]",
         help="run the whole lab (clients, transports, sshd, servers) on these CPUs only, e.g. 1: one core "
@@ -63,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--server-cpus",
-        type=_cpu_list,
+        type=cpu_list,
         default=None,
         metavar="N[,..]",
         help="with --cpus: sshd and the target's services run on these CPUs instead, the clients and the "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -26,6 +27,18 @@ def _package_version(name: str) -> str:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def cpu_list(text: str) -> set[int]:
+    """An argparse type: "0,1" -> {0, 1}, each CPU one this process may run on."""
+    try:
+        cpus = {int(item) for item in text.split(",") if item.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of CPU numbers: {text!r}") from None
+    available = os.sched_getaffinity(0)
+    if not cpus or not cpus <= available:
+        raise argparse.ArgumentTypeError(f"CPUs {sorted(cpus)} not all available (have {sorted(available)})")
+    return cpus
 
 
 def cpu_model() -> str:

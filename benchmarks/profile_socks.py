@@ -6,6 +6,7 @@
     python -m benchmarks.profile_socks --syscalls [--only tcp-up,http-rate] [--ssh]
     python -m benchmarks.profile_socks --cprofile --only tcp-up|http-rate
     python -m benchmarks.profile_socks --callgrind [--only tcp-up,http-rate] [--compare TREE[,..]] [--ssh]
+    (any of these with --cpus 1 [--server-cpus 0]: the lab on CPU 1, or its server side on CPU 0)
 
 Profile mode starts `x2ssh -D` (the harness's `x2ssh-D` transport) and, for each scenario, records it with
 py-spy (raw collapsed stacks) while the scenario runs, then prints the top functions by own and inclusive
@@ -50,10 +51,22 @@ from typing import Any
 
 from benchmarks.env import BenchEnv, build_env
 from benchmarks.lab import Lab, cleanup_stale
+from benchmarks.machine import cpu_list
 from benchmarks.procstat import ResourceMeter
 from benchmarks.profile_connect import summarize
 from benchmarks.scenarios import HttpRate, IperfTcp, Scenario, Settings, _server_pids
 from benchmarks.transports import SOCKS_PORT, SshDynamic, Transport, X2sshDynamic, _SocksProxy
+
+_SERVER_CPUS: set[int] | None = None  # --server-cpus: where the server and target namespaces' processes run
+
+
+def _lab_env(lab: Lab, out: Path) -> BenchEnv:
+    """The benchmark environment in `lab`, its remote side moved to `--server-cpus` if given (sshd's
+    sessions, forked later, inherit it)."""
+    env = build_env(lab, out / "logs", 1024 * 1024)
+    if _SERVER_CPUS is not None:
+        lab.pin_remote(_SERVER_CPUS)
+    return env
 
 
 class _X2sshDynamicFromTree(X2sshDynamic):
@@ -160,7 +173,7 @@ def compare(
         names.insert(0, "this")
     results: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with Lab() as lab:
-        env = build_env(lab, out / "logs", 1024 * 1024)
+        env = _lab_env(lab, out)
         for round_no in range(rounds):
             order = names if round_no % 2 == 0 else names[::-1]
             for name in order:
@@ -236,7 +249,7 @@ def syscalls(only: list[str], ssh: bool, rounds: int, settings: Settings, out: P
     connection for http-rate."""
     cleanup_stale()
     with Lab() as lab:
-        env = build_env(lab, out / "logs", 1024 * 1024)
+        env = _lab_env(lab, out)
         for round_no in range(rounds):
             for transport in [X2sshDynamic()] + ([SshDynamic()] if ssh else []):
                 transport.start(env)
@@ -308,7 +321,7 @@ def callgrind(only: list[str], trees: list[str], ssh: bool, settings: Settings, 
     transports.START_TIMEOUT = 300.0  # Python's imports and the key exchange under valgrind
     names = ["this", *trees] + (["ssh-D"] if ssh else [])
     with Lab() as lab:
-        env = build_env(lab, out / "logs", 1024 * 1024)
+        env = _lab_env(lab, out)
         runs = 0
         for name in names:
             for key in only:
@@ -352,7 +365,7 @@ def cprofile(key: str, settings: Settings, top: int, out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stats = out / f"{key}.pstats"
     with Lab() as lab:
-        env = build_env(lab, out / "logs", 1024 * 1024)
+        env = _lab_env(lab, out)
         transport = _X2sshDynamicUnderCProfile(stats)
         transport.start(env)
         try:
@@ -388,7 +401,7 @@ def profile(
     cleanup_stale()
     out.mkdir(parents=True, exist_ok=True)
     with Lab() as lab:
-        env = build_env(lab, out / "logs", 1024 * 1024)
+        env = _lab_env(lab, out)
         transport: Transport = SshDynamic() if ssh and perf else X2sshDynamic()
         transport.start(env)
         try:
@@ -569,8 +582,24 @@ def main() -> int:
         action="store_true",
         help="user-space instructions per GB or connection (callgrind; with --compare TREEs, --ssh)",
     )
+    parser.add_argument(
+        "--cpus", type=cpu_list, default=None, metavar="N[,..]", help="as `python -m benchmarks`"
+    )
+    parser.add_argument(
+        "--server-cpus",
+        type=cpu_list,
+        default=None,
+        metavar="N[,..]",
+        help="with --cpus: sshd and the target's services on these CPUs (as python -m benchmarks)",
+    )
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "x2ssh-profile-socks")
     args = parser.parse_args()
+    if args.server_cpus is not None and args.cpus is None:
+        parser.error("--server-cpus needs --cpus (the client side's CPUs)")
+    if args.cpus is not None:
+        os.sched_setaffinity(0, args.cpus)  # before the lab exists: everything it starts inherits it
+    global _SERVER_CPUS
+    _SERVER_CPUS = args.server_cpus
     if args.frontend:
         return frontend(float(args.seconds), args.rounds)
     if os.geteuid() != 0:
