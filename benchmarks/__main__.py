@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 
-from benchmarks.machine import cpu_list
+from benchmarks.machine import add_cpu_arguments, check_cpu_arguments, use_cpu_arguments
 from benchmarks.runner import BenchmarkRun
 from benchmarks.scenarios import Settings, all_scenarios
 from benchmarks.transports import ALL_TRANSPORTS
@@ -43,23 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"from: {', '.join(ALL_TRANSPORTS)} (default: all)",
     )
     parser.add_argument("--repeats", type=int, default=None, help="override the number of repeats")
-    parser.add_argument(
-        "--cpus",
-        type=cpu_list,
-        default=None,
-        metavar="N[,..]",
-        help="run the whole lab (clients, transports, sshd, servers) on these CPUs only, e.g. 1: one core "
-        "makes request/response latency a measure of CPU per round trip, not of the scheduler's placement",
-    )
-    parser.add_argument(
-        "--server-cpus",
-        type=cpu_list,
-        default=None,
-        metavar="N[,..]",
-        help="with --cpus: sshd and the target's services run on these CPUs instead, the clients and the "
-        "transports' client processes on --cpus, as on two machines (a tunnel's server is not on the "
-        "laptop), e.g. --cpus 1 --server-cpus 0",
-    )
+    add_cpu_arguments(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory [{DEFAULT_OUT}]")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -70,8 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [n for n in args.only if n not in scenario_names]
         if unknown:
             parser.error(f"unknown scenario(s) {unknown}; choose from {scenario_names}")
-    if args.server_cpus is not None and args.cpus is None:
-        parser.error("--server-cpus needs --cpus (the client side's CPUs)")
+    check_cpu_arguments(parser, args)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
@@ -90,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         console.print("[red]the benchmark needs root (it builds network namespaces)[/red]")
         return 2
-    if args.cpus is not None:
-        os.sched_setaffinity(0, args.cpus)  # before the lab exists: everything it starts inherits it
+    use_cpu_arguments(args)
     settings = Settings.quick() if args.quick else Settings.full()
     if args.repeats is not None:
         settings = Settings(**{**settings.__dict__, "repeats": args.repeats})

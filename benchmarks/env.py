@@ -31,18 +31,25 @@ class BenchEnv:
     download_file: str = ""
     download_size: int = 0
     download_sha256: str = ""
+    server_cpus: set[int] | None = None  # where the server and target side runs (`Lab.pin_remote`)
 
     def restart_iperf3(self) -> None:
         """iperf3's server can stay "busy" after a client died mid-test; a fresh one fixes that."""
         self.services["iperf3"].stop()
         self.services["iperf3"] = start_iperf3(self.lab, self.lab.target, self.lab.target_addr.v4)
+        self._pin_remote()
+
+    def _pin_remote(self) -> None:
+        if self.server_cpus is not None:
+            self.lab.pin_remote(self.server_cpus)  # what sshd forks later (its sessions) inherits it
 
 
-def build_env(lab: Lab, log_dir: Path, download_size: int) -> BenchEnv:
-    """Start sshd and the target's services inside an already built lab."""
+def build_env(lab: Lab, log_dir: Path, download_size: int, server_cpus: set[int] | None = None) -> BenchEnv:
+    """Start sshd and the target's services inside an already built lab; with `server_cpus`, on those CPUs
+    (the client side stays where the caller runs: two CPU sets stand for two machines)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     sshd = lab.sshd()
-    env = BenchEnv(lab=lab, sshd=sshd, log_dir=log_dir)
+    env = BenchEnv(lab=lab, sshd=sshd, log_dir=log_dir, server_cpus=server_cpus)
     download = f"{download_size // (1024 * 1024)}m.bin" if download_size >= 1024 * 1024 else "dl.bin"
     http = start_http(lab, lab.target, sizes={"1k.bin": 1024, download: download_size})
     env.services = {
@@ -57,4 +64,5 @@ def build_env(lab: Lab, log_dir: Path, download_size: int) -> BenchEnv:
     env.download_file = download
     env.download_size = download_size
     env.download_sha256 = http.files[download].sha256
+    env._pin_remote()
     return env

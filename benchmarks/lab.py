@@ -320,9 +320,9 @@ class Lab:
 
     def pin_remote(self, cpus: set[int]) -> int:
         """Move every thread now running in the server and target namespaces (sshd and its sessions, the
-        target's services) onto `cpus`; returns how many threads moved. What they fork later inherits it,
-        so calling this before each measurement also covers a restarted service. The client side keeps the
-        CPUs it was started on: two CPU sets stand for the two machines a real tunnel joins."""
+        target's services) onto `cpus`; returns how many threads moved. What they fork later inherits it
+        (sshd's sessions); a service started again must be moved again (`BenchEnv.restart_iperf3` does).
+        The client side keeps the CPUs it was started on: two CPU sets stand for two machines."""
         moved = 0
         for ns in (self.server, self.target):
             for pid in _namespace_pids(ns):

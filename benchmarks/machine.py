@@ -29,6 +29,40 @@ def _package_version(name: str) -> str:
         return "not installed"
 
 
+def add_cpu_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--cpus` and `--server-cpus`, for the harness and the profilers alike (see `use_cpu_arguments`)."""
+    parser.add_argument(
+        "--cpus",
+        type=cpu_list,
+        default=None,
+        metavar="N[,..]",
+        help="run the whole lab (clients, transports, sshd, servers) on these CPUs only, e.g. 1: one core "
+        "makes request/response latency a measure of CPU per round trip, not of the scheduler's placement",
+    )
+    parser.add_argument(
+        "--server-cpus",
+        type=cpu_list,
+        default=None,
+        metavar="N[,..]",
+        help="with --cpus: sshd and the target's services run on these CPUs instead, the clients and the "
+        "transports' client processes on --cpus, as on two machines (a tunnel's server is not on the "
+        "laptop), e.g. --cpus 1 --server-cpus 0",
+    )
+
+
+def check_cpu_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse `--server-cpus` without `--cpus` (the client side's CPUs)."""
+    if args.server_cpus is not None and args.cpus is None:
+        parser.error("--server-cpus needs --cpus (the client side's CPUs)")
+
+
+def use_cpu_arguments(args: argparse.Namespace) -> None:
+    """Move this process to `--cpus` before any lab exists, so everything it starts inherits them
+    (`--server-cpus` is applied by `build_env`)."""
+    if args.cpus is not None:
+        os.sched_setaffinity(0, args.cpus)
+
+
 def cpu_list(text: str) -> set[int]:
     """An argparse type: "0,1" -> {0, 1}, each CPU one this process may run on."""
     try:

@@ -3,7 +3,7 @@
     python -m benchmarks.profile_socks [--only tcp-up,tcp-down,http-rate] [--seconds 8] [--native]
     python -m benchmarks.profile_socks --compare TREE[,TREE..] [--ssh] [--rounds 3]
     python -m benchmarks.profile_socks --frontend [--seconds 3] [--rounds 3]
-    python -m benchmarks.profile_socks --syscalls [--only tcp-up,http-rate] [--ssh]
+    python -m benchmarks.profile_socks --syscalls [--only tcp-up,http-rate] [--ssh] [--sshd]
     python -m benchmarks.profile_socks --cprofile --only tcp-up|http-rate
     python -m benchmarks.profile_socks --callgrind [--only tcp-up,http-rate] [--compare TREE[,..]] [--ssh]
     (any of these with --cpus 1 [--server-cpus 0]: the lab on CPU 1, or its server side on CPU 0)
@@ -17,7 +17,9 @@ and whether a change helps, not the benchmark (that is `python -m benchmarks`).
 
 Syscalls mode counts the proxy's system calls per GB moved (perf's syscall tracepoints: no ptrace, so the
 proxy runs at full speed and its reads are as large as in the benchmark), for x2ssh -D and with `--ssh`
-ssh -D in the same lab, with bytes per read and per write call; for http-rate, per connection.
+ssh -D in the same lab, with bytes per read and per write call; for http-rate, per connection. With
+`--sshd`, of the sshd session serving the proxy instead, with its EVP_Cipher calls (a perf uprobe on
+libcrypto, added for the run and removed after it; one call per packet sealed or opened) and its CPU per GB.
 
 Frontend mode measures the proxy's own share of a new connection, without SSH: `SocksServer` in this
 process with a backend whose channels open at once and answer a short HTTP response, and a client process
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import multiprocessing
 import os
@@ -46,12 +49,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from benchmarks.env import BenchEnv, build_env
 from benchmarks.lab import Lab, cleanup_stale
-from benchmarks.machine import cpu_list
+from benchmarks.machine import add_cpu_arguments, check_cpu_arguments, use_cpu_arguments
 from benchmarks.procstat import ResourceMeter
 from benchmarks.profile_connect import summarize
 from benchmarks.scenarios import HttpRate, IperfTcp, Scenario, Settings, _server_pids
@@ -61,12 +65,8 @@ _SERVER_CPUS: set[int] | None = None  # --server-cpus: where the server and targ
 
 
 def _lab_env(lab: Lab, out: Path) -> BenchEnv:
-    """The benchmark environment in `lab`, its remote side moved to `--server-cpus` if given (sshd's
-    sessions, forked later, inherit it)."""
-    env = build_env(lab, out / "logs", 1024 * 1024)
-    if _SERVER_CPUS is not None:
-        lab.pin_remote(_SERVER_CPUS)
-    return env
+    """The benchmark environment in `lab`, its server side on `--server-cpus` if given."""
+    return build_env(lab, out / "logs", 1024 * 1024, _SERVER_CPUS)
 
 
 class _X2sshDynamicFromTree(X2sshDynamic):
@@ -213,11 +213,35 @@ _READS = ("recvfrom", "recvmsg", "read", "readv")
 _WRITES = ("writev", "write", "sendto", "sendmsg")
 
 
-def _count_syscalls(pid: int, seconds: int, run: Any) -> tuple[Any, dict[str, int]]:
-    """Run `run()` while perf counts `pid`'s system calls (all threads); (its result, counts by name)."""
-    events = ",".join(f"syscalls:sys_enter_{name}" for name in SYSCALLS)
+_CIPHER_PROBE = "probe_libcrypto:EVP_Cipher"  # OpenSSH seals and opens each packet through EVP_Cipher
+
+
+@contextlib.contextmanager
+def _cipher_probe() -> Iterator[list[str]]:
+    """A perf uprobe on libcrypto's EVP_Cipher while the block runs ([its event], or [] where it cannot be
+    added); removed afterwards."""
+    found = re.search(r"=> (\S*libcrypto\.so\.3)\b", subprocess.run(["ldconfig", "-p"], capture_output=True,
+                      text=True).stdout)  # fmt: skip
+    added = (
+        found is not None
+        and subprocess.run(
+            ["perf", "probe", "-q", "-x", found.group(1), "--add", "EVP_Cipher"], capture_output=True
+        ).returncode
+        == 0
+    )
+    try:
+        yield [_CIPHER_PROBE] if added else []
+    finally:
+        if added:
+            subprocess.run(["perf", "probe", "-q", "-d", f"{_CIPHER_PROBE}*"], capture_output=True)
+
+
+def _count_syscalls(pids: str, seconds: int, run: Any, extra: list[str]) -> tuple[Any, dict[str, int]]:
+    """Run `run()` while perf counts the system calls of `pids` (comma-separated; all threads) and the
+    `extra` events; (its result, counts by name)."""
+    events = ",".join([f"syscalls:sys_enter_{name}" for name in SYSCALLS] + extra)
     with tempfile.NamedTemporaryFile("r", suffix=".perf") as out:
-        cmd = ["perf", "stat", "-x", ",", "-e", events, "-p", str(pid), "-o", out.name]
+        cmd = ["perf", "stat", "-x", ",", "-e", events, "-p", pids, "-o", out.name]
         perf = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(0.5)  # attached before the flow starts
         try:
@@ -229,8 +253,11 @@ def _count_syscalls(pid: int, seconds: int, run: Any) -> tuple[Any, dict[str, in
         for line in Path(out.name).read_text().splitlines():
             fields = line.split(",")
             # (a count that is "<not counted>" is left out)
-            if len(fields) > 2 and fields[2].startswith("syscalls:sys_enter_") and fields[0].isdigit():
-                counts[fields[2].removeprefix("syscalls:sys_enter_")] = int(fields[0])
+            if len(fields) > 2 and fields[0].isdigit():
+                if fields[2].startswith("syscalls:sys_enter_"):
+                    counts[fields[2].removeprefix("syscalls:sys_enter_")] = int(fields[0])
+                elif fields[2] in extra:
+                    counts[fields[2].split(":")[1]] = int(fields[0])
     return result, counts
 
 
@@ -244,20 +271,26 @@ def _print_per_connection(round_no: int, name: str, values: Any, counts: dict[st
     print("   per connection: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items())))
 
 
-def syscalls(only: list[str], ssh: bool, rounds: int, settings: Settings, out: Path) -> int:
+def syscalls(
+    only: list[str], ssh: bool, rounds: int, settings: Settings, out: Path, sshd: bool = False
+) -> int:
     """Print system calls per GB of x2ssh -D (and ssh -D) for each iperf scenario of `only`, and per
-    connection for http-rate."""
+    connection for http-rate; with `sshd`, those of the sshd session that serves the proxy, with its
+    EVP_Cipher calls (one per packet sealed or opened) and its CPU per GB."""
     cleanup_stale()
-    with Lab() as lab:
+    with Lab() as lab, _cipher_probe() if sshd else contextlib.nullcontext([]) as extra:
         env = _lab_env(lab, out)
         for round_no in range(rounds):
             for transport in [X2sshDynamic()] + ([SshDynamic()] if ssh else []):
                 transport.start(env)
                 try:
-                    pid = transport.client_pids()[0]
+                    pids = _server_pids(env) if sshd else transport.client_pids()[:1]
+                    side = "server" if sshd else "client"
                     for key in only:
                         run = functools.partial(SCENARIOS[key].run, env, transport, settings)
-                        values, counts = _count_syscalls(pid, settings.iperf_seconds, run)
+                        values, counts = _count_syscalls(
+                            ",".join(map(str, pids)), settings.iperf_seconds, run, extra
+                        )
                         if key == "http-rate":
                             _print_per_connection(round_no, transport.name, values, counts)
                             continue
@@ -266,8 +299,10 @@ def syscalls(only: list[str], ssh: bool, rounds: int, settings: Settings, out: P
                         reads = sum(counts.get(k, 0) for k in _READS)
                         writes = sum(counts.get(k, 0) for k in _WRITES)
                         print(
-                            f"round {round_no + 1} {transport.name:>8} {key}: {values[key][0]:.0f} Mbit/s, "
-                            f"cpu {values[f'{key}-cpu-client'][0] or 0:.3f} s/GB; bytes moved per read call "
+                            f"round {round_no + 1} {transport.name:>8}{' sshd' if sshd else ''} {key}: "
+                            f"{values[key][0]:.0f} Mbit/s, cpu {values[f'{key}-cpu-{side}'][0] or 0:.3f} "
+                            "s/GB; "
+                            "bytes moved per read call "
                             f"{moved * 1e9 / max(reads, 1):.0f}, per write call "
                             f"{moved * 1e9 / max(writes, 1):.0f}"
                         )
@@ -578,26 +613,18 @@ def main() -> int:
     )
     parser.add_argument("--syscalls", action="store_true", help="system calls per GB (perf tracepoints)")
     parser.add_argument(
+        "--sshd", action="store_true", help="syscalls: of the sshd session, with EVP_Cipher calls"
+    )
+    parser.add_argument(
         "--callgrind",
         action="store_true",
         help="user-space instructions per GB or connection (callgrind; with --compare TREEs, --ssh)",
     )
-    parser.add_argument(
-        "--cpus", type=cpu_list, default=None, metavar="N[,..]", help="as `python -m benchmarks`"
-    )
-    parser.add_argument(
-        "--server-cpus",
-        type=cpu_list,
-        default=None,
-        metavar="N[,..]",
-        help="with --cpus: sshd and the target's services on these CPUs (as python -m benchmarks)",
-    )
+    add_cpu_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "x2ssh-profile-socks")
     args = parser.parse_args()
-    if args.server_cpus is not None and args.cpus is None:
-        parser.error("--server-cpus needs --cpus (the client side's CPUs)")
-    if args.cpus is not None:
-        os.sched_setaffinity(0, args.cpus)  # before the lab exists: everything it starts inherits it
+    check_cpu_arguments(parser, args)
+    use_cpu_arguments(args)
     global _SERVER_CPUS
     _SERVER_CPUS = args.server_cpus
     if args.frontend:
@@ -614,7 +641,7 @@ def main() -> int:
         trees = [t for t in (args.compare or "").split(",") if t]
         return callgrind(only, trees, args.ssh, settings, args.out)
     if args.syscalls:
-        return syscalls(only, args.ssh, args.rounds, settings, args.out)
+        return syscalls(only, args.ssh, args.rounds, settings, args.out, args.sshd)
     if args.perf and args.compare is None:
         return profile(only, settings, args.native, args.perf, args.top, args.out, args.ssh)
     if args.compare is not None or args.ssh:

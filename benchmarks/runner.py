@@ -43,7 +43,7 @@ class BenchmarkRun:
         command: list[str],
         server_cpus: set[int] | None = None,
     ) -> None:
-        """`server_cpus`: the server and target namespaces' processes run there (`Lab.pin_remote`)."""
+        """`server_cpus`: the server and target side runs there (see `build_env`)."""
         self.scenarios = scenarios
         self.server_cpus = server_cpus
         self.transports: list[Transport] = [ALL_TRANSPORTS[name]() for name in transport_names]
@@ -70,7 +70,7 @@ class BenchmarkRun:
         total = self.settings.repeats * sum(len(self._applicable(t)) for t in self.transports)
         with Lab() as lab, self._progress() as progress:
             task = progress.add_task("building lab", total=total)
-            env = build_env(lab, self.log_dir, self.settings.download_size)
+            env = build_env(lab, self.log_dir, self.settings.download_size, self.server_cpus)
             for repeat in range(self.settings.repeats):
                 shift = repeat % len(self.transports)
                 for transport in self.transports[shift:] + self.transports[:shift]:
@@ -90,8 +90,6 @@ class BenchmarkRun:
                         for scenario in scenarios:
                             desc = f"repeat {repeat + 1}: {scenario.name} via {transport.name}"
                             progress.update(task, description=desc)
-                            if self.server_cpus is not None:
-                                lab.pin_remote(self.server_cpus)
                             self._measure(env, transport, scenario, repeat)
                             progress.advance(task)
                     finally:
